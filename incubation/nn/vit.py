@@ -1,0 +1,363 @@
+"""Vision Transformer built only on `incubation.ops`, with timm's constructor arguments and
+state_dict keys identical to `timm.models.vision_transformer.VisionTransformer`.
+
+Fusions used in a block (pre-norm):
+    h         = layer_norm(x)                                   (norm1)
+    branch    = linear(attn(h), proj, layer_scale=ls1)          (bias + layer scale epilogue)
+    h, x      = add_layer_norm(drop_path(branch), x)            (residual add fused with norm2)
+    x         = linear(linear(h, fc1, "gelu"), fc2, layer_scale=ls2, residual=x)
+When dropout or drop-path is active the last residual add is done outside the kernel.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .. import ops
+
+__all__ = ["ViTConfig", "VisionTransformer", "Block", "Attention", "Mlp", "LayerScale",
+           "PatchEmbed", "LayerNorm", "DropPath"]
+
+POOLS = ("", "token", "avg", "avgmax", "max")
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@dataclass
+class ViTConfig:
+    """The constructor arguments of VisionTransformer (a subset of timm's), serialisable."""
+    img_size: Union[int, tuple] = 224
+    patch_size: Union[int, tuple] = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "token"
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    init_values: Optional[float] = None
+    class_token: bool = True
+    no_embed_class: bool = False
+    reg_tokens: int = 0
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: Optional[bool] = None
+    pool_include_prefix: bool = False
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        self.img_size, self.patch_size = _pair(self.img_size), _pair(self.patch_size)
+        errors = []
+        for name in ("in_chans", "embed_dim", "depth", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_classes < 0 or self.reg_tokens < 0:
+            errors.append("num_classes and reg_tokens must be >= 0")
+        if isinstance(self.embed_dim, int) and isinstance(self.num_heads, int) and self.num_heads > 0 \
+                and self.embed_dim % self.num_heads:
+            errors.append(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        for i, s in zip(self.img_size, self.patch_size):
+            if s < 1 or i < s or i % s:
+                errors.append(f"img_size {self.img_size} must be a positive multiple of patch_size {self.patch_size}")
+                break
+        if self.global_pool not in POOLS:
+            errors.append(f"global_pool must be one of {POOLS} (timm's 'map'/'prr' are not supported), "
+                          f"got {self.global_pool!r}")
+        if self.global_pool == "token" and not self.class_token:
+            errors.append("global_pool='token' needs class_token=True")
+        if self.mlp_ratio <= 0:
+            errors.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.attn_drop_rate:
+            errors.append("attn_drop_rate > 0 is not supported (the fused attention has no dropout)")
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if errors:
+            raise ValueError("invalid ViT config: " + "; ".join(errors))
+
+    @property
+    def use_fc_norm(self) -> bool:
+        return self.global_pool in ("avg", "avgmax", "max") if self.fc_norm is None else self.fc_norm
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.reg_tokens
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["img_size"], d["patch_size"] = list(self.img_size), list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys: {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ViTConfig":
+        return ViTConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    return nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
+
+
+def _init_linear(m: nn.Linear) -> None:
+    _trunc_normal_(m.weight)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm semantics: survivors scaled by 1/keep_prob)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters) computed by `ops.layer_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+    return ls.gamma if isinstance(ls, LayerScale) else None
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens. The conv with stride = kernel is a GEMM over
+    unfolded patches, so it runs through `ops.linear`; the weight keeps Conv2d's layout."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True):
+        super().__init__()
+        self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.proj.in_channels or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(f"expected images of shape (B, {self.proj.in_channels}, {self.img_size[0]}, "
+                             f"{self.img_size[1]}), got {tuple(x.shape)}")
+        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
+        patches = x.reshape(x.shape[0], x.shape[1], gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(x.shape[0], gh * gw, -1)
+        return ops.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, proj_bias: bool = True,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention up to (not including) the output projection: (B, N, C)."""
+        B, N, C = x.shape
+        qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_drop(ops.linear(self.attend(x), self.proj.weight, self.proj.bias))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop1(ops.linear(x, self.fc1.weight, self.fc1.bias, "gelu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(ops.linear(self.hidden(x), self.fc2.weight, self.fc2.bias))
+
+
+class Block(nn.Module):
+    """timm's pre-norm block: x + drop_path(ls1(attn(norm1(x)))), then the same with the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 proj_bias: bool = True, proj_drop: float = 0.0, init_values: Optional[float] = None,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, proj_drop=proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=proj_bias, drop=proj_drop)  # timm: proj_bias too
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def _stochastic(self) -> bool:
+        return self.training and (self.drop_path1.drop_prob > 0 or self.attn.proj_drop.p > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn, mlp = self.attn, self.mlp
+        branch = ops.linear(attn.attend(self.norm1(x)), attn.proj.weight, attn.proj.bias,
+                            layer_scale=_gamma(self.ls1))
+        h, x = ops.add_layer_norm(self.drop_path1(attn.proj_drop(branch)), x,
+                                  self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        hidden = mlp.hidden(h)
+        if self._stochastic():
+            out = ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2))
+            return x + self.drop_path2(mlp.drop2(out))
+        return ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2), residual=x)
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's arguments and state_dict keys (see `ViTConfig` for what is supported).
+
+    Stages, used by Deep Incubation to cut the model into modules:
+        embed(images) -> tokens (B, N, D); blocks (nn.Sequential); head(tokens) -> logits
+    """
+
+    def __init__(self, config: Optional[ViTConfig] = None, **kwargs):
+        super().__init__()
+        if config is not None and kwargs:
+            raise TypeError("pass either a ViTConfig or keyword arguments, not both")
+        if config is None:
+            unknown = sorted(set(kwargs) - {f.name for f in fields(ViTConfig)})
+            if unknown:
+                raise TypeError(f"VisionTransformer got unsupported arguments {unknown}; "
+                                f"supported: {[f.name for f in fields(ViTConfig)]}")
+            config = ViTConfig(**kwargs)
+        self.config = c = config
+        self.num_classes, self.embed_dim, self.global_pool = c.num_classes, c.embed_dim, c.global_pool
+        self.num_prefix_tokens = c.num_prefix_tokens
+
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim, bias=not c.pre_norm)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, c.reg_tokens, c.embed_dim)) if c.reg_tokens else None
+        embed_len = c.num_patches + (0 if c.no_embed_class else c.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, c.embed_dim))
+        self.pos_drop = nn.Dropout(c.pos_drop_rate)
+        self.norm_pre = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
+        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()  # timm's stochastic depth rule
+        self.blocks = nn.Sequential(*[
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.proj_bias, c.proj_drop_rate,
+                  c.init_values, rates[i], c.norm_eps) for i in range(c.depth)])
+        use_fc_norm = c.use_fc_norm
+        self.norm = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm and not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(c.drop_rate)
+        self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """timm's default ('') init: trunc-normal(0.02) linears and pos embed, tiny tokens."""
+        _trunc_normal_(self.pos_embed)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+            elif isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+            elif isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, m.init_values)
+
+    # -- stages -------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, prefix + patches, D), before the first block."""
+        x = self.patch_embed(x)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.config.no_embed_class:
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        return self.norm_pre(self.pos_drop(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.global_pool
+        if pool == "token":
+            return x[:, 0]
+        if pool:
+            x = x if self.config.pool_include_prefix else x[:, self.num_prefix_tokens:]
+            if pool == "avg":
+                return x.mean(dim=1)
+            if pool == "max":
+                return x.amax(dim=1)
+            return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax
+        return x
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block -> logits (final norm, pooling, fc_norm, head)."""
+        return self.forward_head(self.norm(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def flops_per_image(self) -> int:
+        """Multiply-adds x 2 of one forward pass (matmuls and attention only)."""
+        c = self.config
+        n = c.num_patches + c.num_prefix_tokens
+        d, h = c.embed_dim, c.mlp_hidden_dim
+        per_block = 2 * n * (3 * d * d + d * d + 2 * d * h) + 4 * n * n * d
+        stem = 2 * c.num_patches * d * c.in_chans * math.prod(c.patch_size)
+        return c.depth * per_block + stem + 2 * d * c.num_classes
