@@ -147,9 +147,7 @@ def _device_reason(backend: str, device_type: str, forced: bool) -> Optional[str
 def _why_not(op: str, backend: str, device_type: str, args: tuple, forced: bool) -> Optional[str]:
     if backend == "eager":
         return None
-    if backend in _backend_unavailable:
-        return _backend_unavailable[backend]
-    reason = _device_reason(backend, device_type, forced)
+    reason = _device_reason(backend, device_type, forced) or _backend_unavailable.get(backend)
     if reason:
         return reason
     if backend not in _impls[op]:

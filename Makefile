@@ -1,0 +1,44 @@
+# Two commands (see README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+# The default data set: the copy beside a checkout (CI, developers) if present; otherwise
+# incubation looks in the user cache, Debian's dataset-fashion-mnist, then downloads it.
+SHARED_DATA := $(wildcard $(CURDIR)/../shared/data/fashion-mnist)
+ifneq ($(SHARED_DATA),)
+export INCUBATION_DATA_DIR ?= $(SHARED_DATA)
+endif
+# nvcc on PATH may be a wrapper outside the toolkit; point torch at the toolkit itself.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+# CI builds the CUDA kernels for one arch (Hopper) to save time.
+ifeq ($(CI),true)
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+endif
+export MAX_JOBS ?= 2
+
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*.h)
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(PY) -m incubation.cli run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+# Re-runs only when the pins, the build files or the C++/CUDA sources change.
+$(STAMP): requirements.txt setup.py pyproject.toml $(EXT_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(PY) -c "import incubation; print(incubation.ops.format_backends('cpu'))"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build *.egg-info incubation/*.so

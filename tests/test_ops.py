@@ -1,0 +1,183 @@
+"""The dispatch layer: eager reference math, input validation, backend selection and reporting."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from incubation import ops
+
+
+def _ref_attention(q, k, v, scale):
+    p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1)
+    return p @ v.double()
+
+
+def _ref_layer_norm(x, w, b, eps):
+    x = x.double()
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    y = (x - mu) / torch.sqrt(var + eps)
+    return y * w.double() + b.double()
+
+
+def _ref_gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+@pytest.mark.parametrize("n, d", [(197, 64), (50, 32), (1, 80)])
+def test_attention_matches_float64(n, d):
+    q, k, v = (torch.randn(2, 3, n, d) for _ in range(3))
+    with ops.use_backend("eager"):
+        out = ops.attention(q, k, v)
+    torch.testing.assert_close(out.double(), _ref_attention(q, k, v, d ** -0.5), atol=1e-5, rtol=1e-5)
+    out2 = ops.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out2.double(), _ref_attention(q, k, v, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_and_add_layer_norm_match_float64():
+    x, r = torch.randn(5, 7, 192), torch.randn(5, 7, 192)
+    w, b = torch.randn(192), torch.randn(192)
+    with ops.use_backend("eager"):
+        y = ops.layer_norm(x, w, b, 1e-6)
+        normed, summed = ops.add_layer_norm(x, r, w, b, 1e-6)
+        normed_none, summed_none = ops.add_layer_norm(x, None, w, b, 1e-6)
+    torch.testing.assert_close(y.double(), _ref_layer_norm(x, w, b, 1e-6), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(summed, x + r)
+    torch.testing.assert_close(normed.double(), _ref_layer_norm(x + r, w, b, 1e-6), atol=1e-5, rtol=1e-5)
+    assert summed_none is x and torch.equal(normed_none, y)
+
+
+def test_layer_norm_keeps_input_dtype_with_fp32_weights():
+    x = torch.randn(4, 64).bfloat16()
+    y = ops.layer_norm(x, torch.ones(64), torch.zeros(64))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), _ref_layer_norm(x, torch.ones(64), torch.zeros(64), 1e-6),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_linear_epilogues_match_float64():
+    x, w, b = torch.randn(3, 5, 48), torch.randn(40, 48) * 0.1, torch.randn(40)
+    ls, res = torch.rand(40), torch.randn(3, 5, 40)
+    pre = x.double() @ w.double().T + b.double()
+    out = ops.linear(x, w, b, "gelu", layer_scale=ls, residual=res)
+    torch.testing.assert_close(out.double(), res.double() + ls.double() * _ref_gelu(pre), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.linear(x, w).double(), x.double() @ w.double().T, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_every_op():
+    x = torch.randn(2, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.attention(t, t * 0.5, t + 1), (x,))
+    y = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: ops.add_layer_norm(a, a * 2, c, d), (y, w, b))
+    W = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, m: ops.linear(a, m, None, "gelu", residual=a[:, :5]), (y, W))
+
+
+def test_linear_under_autocast_casts_like_f_linear():
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    res = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.linear(x, w, b, residual=res)
+        ref = res + F.linear(x, w, b)
+    assert out.dtype == ref.dtype == torch.float32  # bf16 GEMM, fp32 residual stream kept
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda: ops.attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)), ValueError, "q must have 4"),
+    (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)), ValueError, "head dim"),
+    (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 6, 4)), ValueError, "k and v"),
+    (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).half(), torch.randn(1, 2, 3, 4)), TypeError, "share a dtype"),
+    (lambda: ops.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), scale=-1), ValueError, "scale"),
+    (lambda: ops.attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)), TypeError, "q must be a torch.Tensor"),
+    (lambda: ops.layer_norm(torch.randn(3, 8), torch.ones(7), None), ValueError, "weight must have shape"),
+    (lambda: ops.layer_norm(torch.randn(3, 8), None, torch.ones(8, 1)), ValueError, "bias must have 1"),
+    (lambda: ops.layer_norm(torch.randn(3, 8), None, None, eps=0), ValueError, "eps"),
+    (lambda: ops.layer_norm(torch.arange(8), None, None), TypeError, "floating-point"),
+    (lambda: ops.add_layer_norm(torch.randn(3, 8), torch.randn(3, 9), None, None), ValueError, "residual must have"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 9)), ValueError, "in_features"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5)), ValueError, "bias must have shape"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8), activation="relu"), ValueError, "activation"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8), layer_scale=torch.randn(3)), ValueError, "layer_scale"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8), residual=torch.randn(3, 8)), ValueError, "residual must have shape"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8).double()), TypeError, "weight has dtype"),
+    (lambda: ops.linear(torch.randn(3, 8), torch.randn(4, 8, device="meta")), ValueError, "weight is on meta"),
+])
+def test_bad_input_names_the_argument(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_use_backend_and_environment(monkeypatch):
+    assert ops.current_backend() in ("auto",) + ops.BACKENDS
+    with ops.use_backend("eager"):
+        assert ops.current_backend() == "eager"
+        with ops.use_backend("auto"):
+            assert ops.current_backend() == "auto"
+    monkeypatch.setenv("INCUBATION_BACKEND", "eager")
+    assert ops.current_backend() == "eager"
+    monkeypatch.setenv("INCUBATION_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="INCUBATION_BACKEND='fastest'"):
+        ops.current_backend()
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.use_backend("numpy"):
+            pass
+
+
+def test_forced_backend_that_cannot_serve_raises():
+    x = torch.randn(2, 8)
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendError, match="'cuda' was forced.*CUDA"):
+        ops.layer_norm(x, None, None)
+
+
+def test_backends_report_every_op_with_reasons():
+    report = ops.backends("cpu")
+    assert set(report) == set(ops.OPS)
+    for op, entry in report.items():
+        assert entry["backend"] in ops.BACKENDS
+        assert "triton" in entry["refused"]  # auto mode never picks the interpreter on CPU
+        for reason in entry["refused"].values():
+            assert isinstance(reason, str) and reason
+    cuda = ops.backends("cuda")
+    if not torch.cuda.is_available():
+        assert all(e["refused"] for e in cuda.values())
+    text = ops.format_backends("cpu")
+    assert all(op in text for op in ops.OPS) and "refused" in text
+
+
+def test_runtime_refusal_is_recorded_and_falls_back():
+    calls = []
+
+    def picky(x, weight, bias, eps):
+        calls.append("picky")
+        return ops._eager_layer_norm(x, weight, bias, eps)
+
+    saved = (dict(ops._impls["layer_norm"]), dict(ops._checks["layer_norm"]), dict(ops._backend_unavailable))
+    try:
+        ops._load_backends()
+        ops._backend_unavailable.pop("cpp", None)
+        ops.register("layer_norm", "cpp", picky, check=lambda x, *a: "width 7 unsupported" if x.shape[-1] == 7 else None)
+        ops.layer_norm(torch.randn(2, 8), None, None)
+        assert calls == ["picky"]
+        y = ops.layer_norm(torch.randn(2, 7), None, None)
+        assert calls == ["picky"] and y.shape == (2, 7)
+        entry = ops.backends("cpu")["layer_norm"]
+        assert entry["backend"] == "cpp"  # it serves other shapes ...
+        assert entry["refused"]["cpp"] == "at run time: width 7 unsupported"  # ... and the refusal shows
+        with ops.use_backend("cpp"), pytest.raises(ops.BackendError, match="width 7 unsupported"):
+            ops.layer_norm(torch.randn(2, 7), None, None)
+    finally:
+        ops._impls["layer_norm"].clear(); ops._impls["layer_norm"].update(saved[0])
+        ops._checks["layer_norm"].clear(); ops._checks["layer_norm"].update(saved[1])
+        ops._backend_unavailable.clear(); ops._backend_unavailable.update(saved[2])
+        ops._runtime_refusals["layer_norm"].pop("cpp", None)
+
+
+def test_register_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown op"):
+        ops.register("softmax", "eager", lambda: None)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.register("linear", "tpu", lambda: None)
