@@ -1,0 +1,9 @@
+"""Test-session set-up shared by every test file."""
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors. Triton reads this
+# when a kernel is decorated, so it must be set before anything imports incubation.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
