@@ -104,6 +104,14 @@ class ViTConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
+    def flops_per_image(self) -> int:
+        """2 x multiply-adds of one forward pass (the matmuls and attention)."""
+        n = self.num_patches + self.num_prefix_tokens
+        d, h = self.embed_dim, self.mlp_hidden_dim
+        per_block = 2 * n * (3 * d * d + d * d + 2 * d * h) + 4 * n * n * d
+        stem = 2 * self.num_patches * d * self.in_chans * math.prod(self.patch_size)
+        return self.depth * per_block + stem + 2 * d * self.num_classes
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["img_size"], d["patch_size"] = list(self.img_size), list(self.patch_size)
@@ -354,10 +362,4 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def flops_per_image(self) -> int:
-        """Multiply-adds x 2 of one forward pass (matmuls and attention only)."""
-        c = self.config
-        n = c.num_patches + c.num_prefix_tokens
-        d, h = c.embed_dim, c.mlp_hidden_dim
-        per_block = 2 * n * (3 * d * d + d * d + 2 * d * h) + 4 * n * n * d
-        stem = 2 * c.num_patches * d * c.in_chans * math.prod(c.patch_size)
-        return c.depth * per_block + stem + 2 * d * c.num_classes
+        return self.config.flops_per_image()

@@ -1,0 +1,231 @@
+"""Apollo (Pan et al., AAAI 2024): progressive depth training of a ViT with shared blocks.
+
+Training runs in stages with N unique blocks (e.g. 1, 3, 6, 12) for a target of depth L:
+
+  * LVPS (low-value-prioritized sampling): every optimizer step draws x ~ U(1e-6, 1) and
+    y = m / (x + n), calibrated so y = r + 0.4 at x -> 0 and y = 0.6 at x = 1 (r = L / N):
+    n = 0.6 / (r - 0.2), m = (r + 0.4) * n. y is clipped to [1, r] and the step trains a
+    network of depth L' = floor(y * N), in [N, L], shallow depths being the most likely.
+  * Weight sharing: position t of the L' blocks runs unique block floor(t * N / L')
+    (consecutive repeats; the gradients of the repeats add up in the one shared tensor).
+  * Interpolation at a stage switch N_old -> N_new: new block j starts as a copy of old block
+    floor(j * N_old / N_new).
+  * Evaluation always runs the full depth L (with the current sharing).
+
+Parameters and the optimizer: `ApolloViT` wraps a VisionTransformer of the target depth L, so
+all L blocks are parameters from the start and the optimizer holds them all. The unique blocks
+live in `slots` (indices into vit.blocks), recorded in the persistent buffer `unique_slots` so
+checkpoints carry the stage. A slot not in use gets no gradient, so AdamW leaves it alone. At
+a switch every old block keeps its slot (and its optimizer moments) as the first of its
+copies, and the other copies go to never-used slots, which the optimizer starts fresh.
+
+Depths are drawn from a generator seeded by (seed, step), so a resumed run samples the same
+depths as an uninterrupted one. Under DDP, slots not in use get no gradient: wrap with
+find_unused_parameters=True while N < L.
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn.vit import ViTConfig, VisionTransformer
+
+__all__ = ["ApolloViT", "apollo_hook", "lvps_depth", "shared_blocks", "interpolation_sources",
+           "even_switch_steps"]
+
+LVPS_X_LOW = 1e-6  # x ~ U(1e-6, 1)
+
+
+# --------------------------------------------------------------------------------------
+# the three rules
+# --------------------------------------------------------------------------------------
+def lvps_depth(x: float, num_unique: int, depth: int) -> int:
+    """LVPS: the depth trained for a draw x in [1e-6, 1) with `num_unique` blocks of `depth`."""
+    r = depth / num_unique
+    if num_unique >= depth:
+        return depth
+    n = 0.6 / (r - 0.2)
+    m = (r + 0.4) * n
+    y = m / (x + n)
+    if y >= r:
+        return depth
+    if y <= 1.0:
+        return num_unique
+    return min(depth, max(num_unique, math.floor(y * num_unique)))
+
+
+def shared_blocks(num_unique: int, depth: int) -> list[int]:
+    """The unique block run at each of `depth` positions: floor(t * N / depth)."""
+    return [t * num_unique // depth for t in range(depth)]
+
+
+def interpolation_sources(n_old: int, n_new: int) -> list[int]:
+    """At a stage switch, new block j is initialised from old block floor(j * n_old / n_new)."""
+    return [j * n_old // n_new for j in range(n_new)]
+
+
+def even_switch_steps(total_steps: int, num_stages: int) -> list[int]:
+    """Switch steps giving every stage the same number of steps (for ApolloViT)."""
+    if num_stages < 1 or total_steps < num_stages:
+        raise ValueError(f"need total_steps ({total_steps}) >= num_stages ({num_stages}) >= 1")
+    return [round(i * total_steps / num_stages) for i in range(1, num_stages)]
+
+
+# --------------------------------------------------------------------------------------
+# the wrapper
+# --------------------------------------------------------------------------------------
+def _ints(name: str, values) -> tuple[int, ...]:
+    values = tuple(values)
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+        raise ValueError(f"{name} must be integers, got {values!r}")
+    values = tuple(int(v) for v in values)
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly increasing, got {values}")
+    return values
+
+
+def _vit_flops(config: ViTConfig, depth: int) -> int:
+    return config.replace(depth=depth).flops_per_image()
+
+
+class ApolloViT(nn.Module):
+    """Apollo training mode of a VisionTransformer of the target depth L.
+
+    stages: unique-block counts, strictly increasing, in [1, L] (e.g. (1, 3, 6, 12)).
+    switch_steps: the optimizer steps at which stages 2, 3, ... begin (len(stages) - 1 values).
+    Pass `apollo_hook` to the engine's hooks: before each optimizer step it grows the model at
+    stage switches and samples the step's depth. `export()` gives the plain depth-L ViT.
+    """
+
+    def __init__(self, model: VisionTransformer, stages: Sequence[int], switch_steps: Sequence[int],
+                 seed: int = 0):
+        super().__init__()
+        if not isinstance(model, VisionTransformer):
+            raise TypeError(f"ApolloViT wraps an incubation.VisionTransformer, got {type(model).__name__}")
+        depth = model.config.depth
+        stages, switch_steps = _ints("stages", stages), _ints("switch_steps", switch_steps)
+        if not stages or stages[0] < 1 or stages[-1] > depth:
+            raise ValueError(f"stages must be unique-block counts in [1, depth={depth}], got {stages}")
+        if len(switch_steps) != len(stages) - 1:
+            raise ValueError(f"switch_steps needs one step per stage switch ({len(stages) - 1}), "
+                             f"got {len(switch_steps)}")
+        if switch_steps and switch_steps[0] < 1:
+            raise ValueError(f"switch_steps must be positive, got {switch_steps}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.vit = model
+        self.stages, self.switch_steps, self.seed = stages, switch_steps, seed
+        slots = torch.full((depth,), -1, dtype=torch.long)
+        slots[:stages[0]] = torch.arange(stages[0])
+        self.register_buffer("unique_slots", slots)
+        self.depth: Optional[int] = None  # the sampled depth of the current training step
+        self._flops_steps, self._flops_sum = 0, 0  # forward flops of the steps prepared so far
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def full_depth(self) -> int:
+        return self.vit.config.depth
+
+    @property
+    def slots(self) -> list[int]:
+        """vit.blocks index of each unique block, in order."""
+        return [s for s in self.unique_slots.tolist() if s >= 0]
+
+    @property
+    def num_unique(self) -> int:
+        return len(self.slots)
+
+    def block_slots(self, depth: int) -> list[int]:
+        """vit.blocks index run at each position of a forward pass of `depth` blocks."""
+        slots = self.slots
+        return [slots[u] for u in shared_blocks(len(slots), depth)]
+
+    # -- schedule -----------------------------------------------------------------------
+    def stage_at(self, step: int) -> int:
+        """Unique-block count of the stage that `step` (0-based optimizer step) belongs to."""
+        return self.stages[bisect.bisect_right(self.switch_steps, step)]
+
+    def depth_at(self, step: int) -> int:
+        """The LVPS depth of `step`: a pure function of (seed, step), hence resumable."""
+        x = np.random.default_rng([self.seed, step]).uniform(LVPS_X_LOW, 1.0)
+        return lvps_depth(float(x), self.stage_at(step), self.full_depth)
+
+    def prepare_step(self, step: int) -> None:
+        """Grow to the stage of `step` if needed and sample its depth (what the hook does)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        n = self.stage_at(step)
+        if n != self.num_unique:
+            self.grow(n)
+        self.depth = self.depth_at(step)
+        if step + 1 != self._flops_steps:  # else: the same step prepared again, already counted
+            if step != self._flops_steps:  # resumed or restarted: recount the earlier steps
+                self._flops_sum = sum(_vit_flops(self.vit.config, self.depth_at(s)) for s in range(step))
+            self._flops_sum += _vit_flops(self.vit.config, self.depth)
+            self._flops_steps = step + 1
+
+    @torch.no_grad()
+    def grow(self, num_unique: int) -> None:
+        """Stage switch: new block j <- old block floor(j * N_old / N_new)."""
+        old = self.slots
+        if not len(old) <= num_unique <= self.full_depth:
+            raise ValueError(f"cannot grow from {len(old)} to {num_unique} unique blocks "
+                             f"(depth {self.full_depth}); Apollo only grows")
+        fresh = [s for s in range(self.full_depth) if s not in old]
+        new, taken = [], set()
+        for source in interpolation_sources(len(old), num_unique):
+            slot = old[source]
+            if slot in taken:  # a later copy of the same old block: a never-used slot
+                slot = fresh.pop(0)
+                self.vit.blocks[slot].load_state_dict(self.vit.blocks[old[source]].state_dict())
+            taken.add(slot)
+            new.append(slot)
+        self.unique_slots.fill_(-1)
+        self.unique_slots[:num_unique] = torch.tensor(new)
+
+    # -- model --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.depth is None:
+            raise RuntimeError("ApolloViT in training mode has no sampled depth: pass "
+                               "incubation.growth.apollo_hook to train(hooks=...) or call prepare_step(step)")
+        vit = self.vit
+        x = vit.embed(x)
+        for slot in self.block_slots(self.depth if self.training else self.full_depth):
+            x = vit.blocks[slot](x)
+        return vit.head_logits(x)
+
+    def flops_per_image(self) -> int:
+        """Forward FLOPs per training image averaged over the steps prepared so far (the depth
+        varies per step); the full model's before training."""
+        if not self._flops_steps:
+            return self.vit.flops_per_image()
+        return round(self._flops_sum / self._flops_steps)
+
+    def export(self) -> VisionTransformer:
+        """The grown model as a plain VisionTransformer of depth L (a copy; eval-mode function
+        identical to this wrapper's)."""
+        state = {k: v for k, v in self.vit.state_dict().items() if not k.startswith("blocks.")}
+        for t, slot in enumerate(self.block_slots(self.full_depth)):
+            for key, value in self.vit.blocks[slot].state_dict().items():
+                state[f"blocks.{t}.{key}"] = value
+        out = copy.deepcopy(self.vit)
+        out.load_state_dict(state)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"stages={self.stages}, switch_steps={self.switch_steps}, seed={self.seed}, "
+                f"num_unique={self.num_unique}")
+
+
+def apollo_hook(step: int, model: nn.Module) -> None:
+    """Engine hook (train(hooks=[apollo_hook])): grow at stage switches, sample the depth."""
+    target = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if not isinstance(target, ApolloViT):
+        raise TypeError(f"apollo_hook needs an ApolloViT model, got {type(target).__name__}")
+    target.prepare_step(step)

@@ -1,0 +1,7 @@
+"""The one training engine for every stage (see engine.py) and its checkpoints (checkpoint.py)."""
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .engine import TrainConfig, TrainResult, evaluate, train
+from .schedule import lr_at
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_at", "save_checkpoint", "load_checkpoint",
+           "CheckpointError"]

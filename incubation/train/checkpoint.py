@@ -1,0 +1,216 @@
+"""Checkpoints: safetensors weights + JSON metadata (+ an optional torch side file), written
+atomically as one set.
+
+A checkpoint `<prefix>` is
+    <prefix>.safetensors   the tensors; tensors shared by several keys (tied weights) stored once
+    <prefix>.json          {"metadata": ..., "sha256": <of .safetensors>, "files": {suffix: sha256},
+                            "aliases": {key: key it shares storage with}}
+    <prefix>.state.pt      optional side file (optimizer, RNG, step, EMA), torch.save format
+
+Commit protocol (a crash at any instant leaves the old or the new set, never a mix): every file
+is written to `<file>.tmp` and fsynced; then `<prefix>.json.pending`, which names the files and
+their hashes, appears atomically (this is the commit point); then the temporaries are renamed
+into place and the pending record becomes `<prefix>.json`. `recover_checkpoint` finishes a
+commit whose pending record exists and drops the temporaries of one that never reached it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
+           "CheckpointError", "atomic_write"]
+
+FORMAT = "incubation-checkpoint/1"
+WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
+TMP, PENDING = ".tmp", ".json.pending"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupt, or does not match what was expected."""
+
+
+def _prefix(path: str) -> str:
+    path = os.fspath(path)
+    for suffix in (WEIGHTS, META, STATE):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a part."""
+    tmp = path + TMP
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unique_tensors(state_dict: dict) -> tuple[dict, dict]:
+    """(tensors to store, {alias key: stored key}). Keys naming the very same tensor view are
+    stored once; a partial overlap of one storage (rare) is stored as a copy."""
+    tensors, aliases, seen, storages = {}, {}, {}, set()
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.numel() == 0:
+            tensors[key] = t.cpu().clone()
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        if view in seen:
+            aliases[key] = seen[view]
+            continue
+        seen[view] = key
+        t = t.cpu()
+        tensors[key] = t.clone() if ptr in storages or not t.is_contiguous() else t
+        storages.add(ptr)
+    return tensors, aliases
+
+
+def _tmp_files(prefix: str) -> list[str]:
+    return [prefix + s + TMP for s in (WEIGHTS, STATE, META)] + [prefix + PENDING + TMP]
+
+
+def _finish_commit(prefix: str) -> None:
+    with open(prefix + PENDING) as f:
+        record = json.load(f)
+    for suffix in record["files"]:
+        if os.path.exists(prefix + suffix + TMP):
+            os.replace(prefix + suffix + TMP, prefix + suffix)
+    _fsync_dir(prefix)
+    os.replace(prefix + PENDING, prefix + META)
+    _fsync_dir(prefix)
+
+
+def recover_checkpoint(path_prefix: str) -> None:
+    """Finish or discard a write of checkpoint `path_prefix` that a crash interrupted.
+    Call it from one process only (it renames files)."""
+    prefix = _prefix(path_prefix)
+    if os.path.exists(prefix + PENDING):
+        try:
+            _finish_commit(prefix)
+        except (OSError, ValueError, KeyError):  # unreadable record: the commit never happened
+            os.remove(prefix + PENDING)
+    for tmp in _tmp_files(prefix):
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path_prefix: str, state_dict: dict, metadata: Optional[dict] = None, *,
+                    state: Optional[dict] = None) -> str:
+    """Write `<prefix>.safetensors` and `<prefix>.json` (and `<prefix>.state.pt` from `state`)
+    atomically as one set; returns the .safetensors path. `metadata` must be JSON-able."""
+    prefix = _prefix(path_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"checkpoint metadata for {prefix} must be JSON-serialisable: {exc}") from exc
+    recover_checkpoint(prefix)
+    tensors, aliases = _unique_tensors(state_dict)
+    save_file(tensors, prefix + WEIGHTS + TMP)
+    _fsync_file(prefix + WEIGHTS + TMP)
+    files = {WEIGHTS: _sha256(prefix + WEIGHTS + TMP)}
+    if state is not None:
+        with open(prefix + STATE + TMP, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files[STATE] = _sha256(prefix + STATE + TMP)
+    record = {"format": FORMAT, "metadata": metadata or {}, "sha256": files[WEIGHTS], "files": files,
+              "aliases": aliases}
+    atomic_write(prefix + PENDING, json.dumps(record, indent=1, sort_keys=True).encode())  # commit point
+    _finish_commit(prefix)
+    return prefix + WEIGHTS
+
+
+def _read_record(prefix: str) -> dict:
+    path = prefix + META
+    if not os.path.exists(path):
+        hint = " (an interrupted write is pending: see recover_checkpoint)" if os.path.exists(prefix + PENDING) else ""
+        raise CheckpointError(f"checkpoint metadata {path} does not exist{hint}")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint metadata {path} is unreadable: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != FORMAT or WEIGHTS not in record.get("files", {}):
+        raise CheckpointError(f"{path} is not an incubation checkpoint record (format {FORMAT})")
+    return record
+
+
+def _verified(prefix: str, suffix: str, record: dict) -> str:
+    path = prefix + suffix
+    expected = record["files"].get(suffix)
+    if expected is None:
+        raise CheckpointError(f"checkpoint {prefix + META} lists no {suffix} file")
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if _sha256(path) != expected:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: its sha256 does not match {prefix + META}")
+    return path
+
+
+def load_checkpoint(path_prefix: str, expect: Optional[dict] = None) -> tuple[dict, dict]:
+    """(state_dict on CPU, metadata) of checkpoint `path_prefix` (prefix, .safetensors or .json).
+    Verifies the sha256 and that metadata[k] == v for every item of `expect`."""
+    prefix = _prefix(path_prefix)
+    record = _read_record(prefix)
+    metadata = record["metadata"]
+    for key, value in (expect or {}).items():
+        if key not in metadata:
+            raise CheckpointError(f"checkpoint {prefix + META} has no metadata {key!r} (expected {value!r})")
+        if metadata[key] != value:
+            raise CheckpointError(f"checkpoint {prefix + META} has {key}={metadata[key]!r}, expected {value!r}")
+    path = _verified(prefix, WEIGHTS, record)
+    try:
+        state_dict = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {path} is unreadable: {exc}") from exc
+    for alias, key in record["aliases"].items():
+        if key not in state_dict:
+            raise CheckpointError(f"checkpoint {prefix + META}: alias {alias!r} names missing key {key!r}")
+        state_dict[alias] = state_dict[key]
+    return state_dict, metadata
+
+
+def load_checkpoint_state(path_prefix: str) -> dict:
+    """The side file `<prefix>.state.pt`, verified against `<prefix>.json`."""
+    prefix = _prefix(path_prefix)
+    path = _verified(prefix, STATE, _read_record(prefix))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint file {path} is unreadable: {exc}") from exc

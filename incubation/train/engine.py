@@ -1,0 +1,651 @@
+"""The one training engine used by every stage (plain training, meta model, incubation,
+assembly, growth).
+
+Determinism: the data order is a pure function of (seed, epoch) and every step reseeds the
+random generators from (seed, step), so a run resumed from a checkpoint replays exactly the
+steps an uninterrupted run takes: on CPU the final weights are bit-identical. Hooks run under
+a rank-independent seed (all DDP ranks sample the same depth); augmentation and dropout under
+a per-rank seed. Datasets with random transforms are only replayed exactly with
+num_workers=0 (worker processes have their own generators).
+
+Global batch: every optimizer step consumes `batch_size` samples, cut into
+world_size x accum_steps equal micro-batches; the loss is the mean over the global batch
+whatever the split, so DDP and accumulation give the same step as one big batch.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_checkpoint_state,
+                         recover_checkpoint, save_checkpoint)
+from .schedule import lr_at
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate"]
+
+NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
+# Config fields that do not change the trajectory: they may differ between a run and its resume.
+_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0            # total length; `steps` overrides when set
+    steps: Optional[int] = None    # optimizer steps
+    batch_size: int = 128          # global batch per optimizer step (all ranks, all micro-batches)
+    accum_steps: int = 1           # gradient accumulation micro-batches per step
+    lr: float = 5e-4               # peak lr, absolute
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05     # AdamW; none on 1-D params (biases, norms, layer scale) and tokens
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # cosine length after warmup; default total - warmup
+    clip_grad: Optional[float] = None  # max global grad norm of the trained params
+    label_smoothing: float = 0.1
+    mixup: float = 0.0             # mixup alpha (0 = off)
+    cutmix: float = 0.0            # cutmix alpha (0 = off)
+    amp: bool = True               # bf16 autocast on CUDA; ignored on CPU
+    ema_decay: Optional[float] = None
+    seed: int = 0
+    eval_every: int = 0            # steps between evaluations (0 = at the end only)
+    checkpoint_every: int = 0      # steps between checkpoints (0 = end of each epoch and at the end)
+    num_workers: int = 0
+    device: str = "auto"           # auto -> cuda if available else cpu
+    progress: bool = True          # tqdm bar with loss / acc / img/s
+
+    def __post_init__(self):
+        errors = []
+
+        def need(ok, msg):
+            if not ok:
+                errors.append(msg)
+
+        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.steps is None or (isinstance(self.steps, int) and self.steps > 0),
+             f"steps must be a positive integer or None, got {self.steps!r}")
+        for name in ("batch_size", "accum_steps"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 0),
+             f"decay_steps must be an integer >= 0 or None, got {self.decay_steps!r}")
+        need(0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or None, got {self.clip_grad}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.mixup >= 0 and self.cutmix >= 0, f"mixup/cutmix alphas must be >= 0, got {self.mixup}, {self.cutmix}")
+        need(self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+             f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    train_loss: float              # mean train loss over the last logging window
+    eval_acc: Optional[float]      # top-1 %, None without an eval set
+    eval_loss: Optional[float]
+    steps: int
+    images_seen: int
+    wall_seconds: float            # summed over the run and the runs it resumed
+    train_flops: Optional[float]   # 3 x forward FLOPs x images, if model.flops_per_image exists
+    checkpoint_path: str           # final.safetensors
+    metrics_path: str              # metrics.jsonl
+
+
+# --------------------------------------------------------------------------------------
+# seeds, data order, distribution
+# --------------------------------------------------------------------------------------
+def _derived_seed(*parts) -> int:
+    """A 63-bit seed from integers, independent streams for different `parts`."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            # this process's device only: touching every GPU would open a context on each
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate wants the nested tuples that a save/load round trip may make lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass
+class _Plan:
+    steps_per_epoch: int
+    total_steps: int
+    micro_batch: int
+    decay_steps: int
+
+
+def _plan(num_samples: int, cfg: TrainConfig, world: int) -> _Plan:
+    parts = world * cfg.accum_steps
+    if cfg.batch_size % parts:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world_size x accum_steps "
+                         f"= {world} x {cfg.accum_steps}")
+    if num_samples < cfg.batch_size:
+        raise ValueError(f"the training set has {num_samples} samples, fewer than one batch of {cfg.batch_size}")
+    per_epoch = num_samples // cfg.batch_size  # incomplete last batch dropped: every step sees a full batch
+    total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    decay = cfg.decay_steps if cfg.decay_steps is not None else max(0, total - cfg.warmup_steps)
+    return _Plan(per_epoch, total, cfg.batch_size // parts, decay)
+
+
+class _StepBatches(Sampler):
+    """Index lists of this rank's micro-batches for steps [start, total), in order.
+    Epoch e shuffles with a generator seeded from (seed, e); step s takes global batch
+    s mod steps_per_epoch of it; micro-batch m of rank r is slice m x world + r."""
+
+    def __init__(self, num_samples, plan: _Plan, cfg: TrainConfig, rank, world, start):
+        self.n, self.plan, self.cfg, self.rank, self.world, self.start = num_samples, plan, cfg, rank, world, start
+
+    def __len__(self):
+        return (self.plan.total_steps - self.start) * self.cfg.accum_steps
+
+    def __iter__(self):
+        plan, batch, mb = self.plan, self.cfg.batch_size, self.plan.micro_batch
+        epoch, order = None, None
+        for step in range(self.start, plan.total_steps):
+            e, i = divmod(step, plan.steps_per_epoch)
+            if e != epoch:
+                epoch = e
+                g = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, "epoch", e))
+                order = torch.randperm(self.n, generator=g)
+            global_batch = order[i * batch:(i + 1) * batch]
+            for m in range(self.cfg.accum_steps):
+                j = m * self.world + self.rank
+                yield global_batch[j * mb:(j + 1) * mb].tolist()
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the torchrun process group if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_nccl = torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    atexit.register(dist.destroy_process_group)  # kept for later train() calls of the same process
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def _device(name: str, world: int, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+        if name == "cuda":
+            name = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
+    return torch.device(name)
+
+
+def _all_sum(values: list[float], world: int, device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
+# loss, mixing, evaluation
+# --------------------------------------------------------------------------------------
+def _mix(x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
+    """Mixup or cutmix (one of them per micro-batch when both are on) of x with x.flip(0).
+    Returns the images and lambda, the weight of the original labels."""
+    modes = [m for m, alpha in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if alpha > 0]
+    if not modes or x.shape[0] < 2:
+        return x, 1.0
+    mode = modes[int(torch.randint(len(modes), ()))]
+    alpha = cfg.mixup if mode == "mixup" else cfg.cutmix
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    other = x.flip(0)
+    if mode == "mixup":
+        return x * lam + other * (1 - lam), lam
+    h, w = x.shape[-2:]  # cutmix: paste a box of area (1 - lam) from the partner image
+    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    top, left = int(torch.randint(h - bh + 1, ())), int(torch.randint(w - bw + 1, ()))
+    x = x.clone()
+    x[..., top:top + bh, left:left + bw] = other[..., top:top + bh, left:left + bw]
+    return x, 1 - bh * bw / (h * w)
+
+
+def _soft_targets(y: torch.Tensor, num_classes: int, lam: float, smoothing: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    def smooth(labels):
+        return F.one_hot(labels, num_classes).to(dtype) * (1 - smoothing) + smoothing / num_classes
+    t = smooth(y)
+    return t if lam == 1.0 else lam * t + (1 - lam) * smooth(y.flip(0))
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 under bf16 autocast; a float64 model keeps float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, amp: bool,
+              rank: int = 0, world: int = 1) -> dict:
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    lo, hi = n * rank // world, n * (rank + 1) // world  # contiguous shard per rank
+    indices = list(range(lo, hi))
+    loader = DataLoader(dataset, batch_sampler=[indices[i:i + batch_size] for i in range(0, len(indices), batch_size)],
+                        pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0.0, 0.0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, amp):
+                logits = model(x)
+            logits = _at_least_fp32(logits)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += float((logits.argmax(-1) == y).sum())
+    finally:
+        model.train(was_training)
+    correct, loss_sum = _all_sum([correct, loss_sum], world, device)
+    return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=None, *, amp: bool = False) -> dict:
+    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset` (this process only).
+    `device`: default the model's. `amp`: bf16 autocast when on CUDA."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    return _evaluate(model, dataset, batch_size, torch.device(device), amp)
+
+
+# --------------------------------------------------------------------------------------
+# parameters, optimizer, EMA
+# --------------------------------------------------------------------------------------
+def _trained_parameters(model: nn.Module, params) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    else:
+        params = list(params)
+        names = {id(p): n for n, p in named}
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(f"params[{missing[0]}] (and {len(missing) - 1} more) are not parameters of the model")
+        wanted = {id(p) for p in params}
+        chosen = [(n, p) for n, p in named if id(p) in wanted]  # model order: deterministic groups
+    if not chosen:
+        raise ValueError("there are no parameters to train (params is empty or nothing requires grad)")
+    return chosen
+
+
+def _adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    def no_decay(name, p):
+        return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+class _EMA:
+    """Exponential moving average (float32) of the trained parameters."""
+
+    def __init__(self, named, decay: float):
+        self.decay = decay
+        self.named = named
+        self.shadow = {n: p.detach().float().clone() for n, p in named}
+
+    @torch.no_grad()
+    def update(self):
+        for n, p in self.named:
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily put the averaged weights into the model."""
+        saved = {n: p.detach().clone() for n, p in self.named}
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.named:
+                    p.copy_(saved[n])
+
+
+# --------------------------------------------------------------------------------------
+# metrics log
+# --------------------------------------------------------------------------------------
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint (and any torn line)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    atomic_write(path, "".join(kept).encode())
+
+
+# --------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------
+def _trajectory(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS}
+
+
+def _check_save_keys(model, save_keys, trained) -> list[str]:
+    state_keys = list(model.state_dict().keys())
+    if save_keys is None:
+        return state_keys
+    save_keys = list(save_keys)
+    unknown = sorted(set(save_keys) - set(state_keys))
+    if unknown:
+        raise ValueError(f"save_keys not in the model's state_dict: {unknown[:5]}")
+    unsaved = [n for n, _ in trained if n not in set(save_keys)]
+    if unsaved:
+        raise ValueError(f"trained parameters missing from save_keys (resume would lose them): {unsaved[:5]}")
+    return save_keys
+
+
+def _resume(prefix, stage, cfg, model, optimizer, ema, save_keys, rank, world) -> tuple[int, dict]:
+    """Load the checkpoint of this stage into model/optimizer/EMA; (start step, saved counters)."""
+    if rank == 0:
+        recover_checkpoint(prefix)
+    _barrier(world)
+    if not os.path.exists(prefix + ".json"):
+        return 0, {}
+    state_dict, meta = load_checkpoint(prefix)
+    if meta.get("stage") != stage:
+        warnings.warn(f"{prefix}.json belongs to stage {meta.get('stage')!r}, not {stage!r}: starting afresh")
+        return 0, {}
+    state = load_checkpoint_state(prefix)
+    if state["trajectory"] != _trajectory(cfg):
+        diff = sorted(k for k in state["trajectory"] if state["trajectory"].get(k) != _trajectory(cfg).get(k))
+        raise CheckpointError(f"checkpoint {prefix}.json was written with a different config ({diff}); "
+                              f"use resume=False or another out_dir")
+    if sorted(state_dict) != sorted(save_keys):
+        raise CheckpointError(f"checkpoint {prefix}.safetensors holds other keys than save_keys")
+    model.load_state_dict(state_dict, strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise CheckpointError(f"checkpoint {prefix}.state.pt has no EMA state but ema_decay is set")
+        ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
+    _set_rng_state(state["rng"])
+    return state["step"], state["counters"]
+
+
+def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg: TrainConfig, out_dir: str, *,
+          stage: str = "train", params: Optional[Iterable[nn.Parameter]] = None,
+          save_keys: Optional[Sequence[str]] = None, metadata: Optional[dict] = None,
+          hooks: Sequence[Callable[[int, nn.Module], None]] = (), resume: bool = True) -> TrainResult:
+    """Train `model` with AdamW + warmup-cosine on `train_set`; returns a TrainResult.
+
+    params: what the optimizer holds (default: every parameter that requires grad); the others
+        are frozen for the run (requires_grad restored afterwards) and never change.
+    save_keys: state_dict keys written to checkpoints (default all); must cover `params`.
+    metadata: JSON-able, stored in every checkpoint's metadata together with stage and step.
+    hooks: hook(step, model) is called at the start of every optimizer step, before its
+        forward passes, under a seed shared by all ranks.
+    resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
+        written with a different trajectory config raises CheckpointError.
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, final.{safetensors,json}
+    (and final_ema.* with ema_decay); only rank 0 writes.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    if metadata is not None and metadata.get("stage", stage) != stage:
+        raise ValueError(f"metadata['stage']={metadata['stage']!r} contradicts stage={stage!r}")
+    rank, world, local_rank = _distributed()
+    device = _device(cfg.device, world, local_rank)
+    plan = _plan(len(train_set), cfg, world)
+    model.to(device)
+    trained = _trained_parameters(model, params)
+    save_keys = _check_save_keys(model, save_keys, trained)
+    meta = {**(metadata or {}), "stage": stage}
+    out_dir = os.fspath(out_dir)
+    prefix = os.path.join(out_dir, "checkpoint")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    # asked at every log line: Apollo's cost per image changes with the sampled depth
+    flops = model.flops_per_image if callable(getattr(model, "flops_per_image", None)) else None
+
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    trained_ids = {id(p) for _, p in trained}
+    try:
+        for p in model.parameters():  # frozen parameters get no gradients (and DDP ignores them)
+            p.requires_grad_(id(p) in trained_ids)
+        optimizer = _adamw(trained, cfg)
+        ema = _EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
+        start, counters = 0, {}
+        if resume:
+            start, counters = _resume(prefix, stage, cfg, model, optimizer, ema, save_keys, rank, world)
+        if rank == 0:
+            _truncate_metrics(metrics_path, start)
+        runner = _Runner(model, train_set, eval_set, cfg, plan, device, rank, world, trained, optimizer, ema,
+                         hooks, flops, counters)
+        return runner.run(start, prefix, metrics_path, save_keys, meta, stage, out_dir)
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+
+
+class _Runner:
+    """The training loop and its bookkeeping (one object so the loop reads top to bottom)."""
+
+    def __init__(self, model, train_set, eval_set, cfg, plan, device, rank, world, trained, optimizer, ema,
+                 hooks, flops, counters):
+        self.model, self.train_set, self.eval_set, self.cfg, self.plan = model, train_set, eval_set, cfg, plan
+        self.device, self.rank, self.world = device, rank, world
+        self.trained, self.optimizer, self.ema, self.hooks, self.flops = trained, optimizer, ema, hooks, flops
+        self.wall_before = counters.get("wall_seconds", 0.0)
+        self.last_loss = counters.get("train_loss", float("nan"))
+        self.last_eval = counters.get("eval", {})
+
+    def _net(self):
+        if self.world == 1:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # hooks may switch parts of the model off (Apollo's sampled depth): let DDP look for them
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                   find_unused_parameters=bool(self.hooks))
+
+    def _evaluate_all(self) -> dict:
+        result = {}
+        if self.eval_set is None:
+            return result
+        ev = _evaluate(self.model, self.eval_set, max(256, self.plan.micro_batch), self.device, self.cfg.amp,
+                       self.rank, self.world)
+        result.update(eval_acc=ev["acc"], eval_loss=ev["loss"])
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ev = _evaluate(self.model, self.eval_set, max(256, self.plan.micro_batch), self.device,
+                               self.cfg.amp, self.rank, self.world)
+            result.update(ema_eval_acc=ev["acc"], ema_eval_loss=ev["loss"])
+        return result
+
+    def _save(self, prefix, step, save_keys, meta):
+        sd = self.model.state_dict()
+        state = {"step": step, "optimizer": self.optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
+                 "ema": self.ema.shadow if self.ema else None, "rng": _rng_state(),
+                 "counters": {"wall_seconds": self.wall_before + time.time() - self.t0,
+                              "train_loss": self.last_loss, "eval": self.last_eval}}
+        save_checkpoint(prefix, {k: sd[k] for k in save_keys}, {**meta, "step": step}, state=state)
+
+    def _step(self, step: int, net: nn.Module, batches, window: torch.Tensor):
+        """One optimizer step over accum_steps micro-batches; adds (loss sum, correct) to
+        `window`; returns (lr, grad norm before clipping or None)."""
+        cfg, device = self.cfg, self.device
+        _seed_all(_derived_seed(cfg.seed, "step", step))  # same on every rank: hooks agree
+        for hook in self.hooks:
+            hook(step, self.model)
+        _seed_all(_derived_seed(cfg.seed, "step", step, "rank", self.rank))
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                   decay_steps=self.plan.decay_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.accum_steps):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, lam = _mix(x, cfg)
+            last = micro == cfg.accum_steps - 1
+            with contextlib.nullcontext() if (self.world == 1 or last) else net.no_sync():
+                with _autocast(device, cfg.amp):
+                    logits = net(x)
+                logits = _at_least_fp32(logits)
+                loss = F.cross_entropy(logits, _soft_targets(y, logits.shape[-1], lam, cfg.label_smoothing,
+                                                             logits.dtype))
+                (loss / cfg.accum_steps).backward()
+            with torch.no_grad():
+                window += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
+        grad_norm = None
+        if cfg.clip_grad is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        return lr, grad_norm
+
+    def run(self, start, prefix, metrics_path, save_keys, meta, stage, out_dir) -> TrainResult:
+        cfg, plan, device, world = self.cfg, self.plan, self.device, self.world
+        total = plan.total_steps
+        self.t0 = time.time()
+        net = self._net()
+        loader = DataLoader(self.train_set, batch_sampler=_StepBatches(len(self.train_set), plan, cfg, self.rank,
+                                                                       world, start),
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed))  # keeps global RNG untouched
+        batches = iter(loader)
+        log_every = max(1, total // 100)
+        window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct (no sync per step)
+        window_t, window_images = time.time(), 0
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
+        self.model.train()
+        try:
+            for step in range(start, total):
+                lr, grad_norm = self._step(step, net, batches, window)
+                done = step + 1
+                window_images += cfg.batch_size
+                if bar is not None:
+                    bar.update(1)
+                evaluated = done == total or (cfg.eval_every and done % cfg.eval_every == 0)
+                if evaluated or done % log_every == 0:
+                    now = time.time()
+                    line = {"step": done, "epoch": done / plan.steps_per_epoch, "lr": lr,
+                            "img_per_s": window_images / max(now - window_t, 1e-9),
+                            "wall_s": self.wall_before + now - self.t0, "images": done * cfg.batch_size}
+                    loss_sum, correct = _all_sum(window.tolist(), world, device)
+                    self.last_loss = line["loss"] = loss_sum / window_images
+                    line["acc"] = 100.0 * correct / window_images
+                    if grad_norm is not None:
+                        line["grad_norm"] = float(grad_norm)
+                    if self.flops is not None:
+                        line["flops"] = 3.0 * self.flops() * done * cfg.batch_size
+                    if evaluated:
+                        self.last_eval = self._evaluate_all()
+                        line.update(self.last_eval)
+                    if self.rank == 0:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(line) + "\n")
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['acc']:.1f}",
+                                            img_s=f"{line['img_per_s']:.0f}")
+                    window.zero_()
+                    window_t, window_images = time.time(), 0
+                if self.rank == 0 and (done % (cfg.checkpoint_every or plan.steps_per_epoch) == 0 or done == total):
+                    self._save(prefix, done, save_keys, meta)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if start == total and not self.last_eval and self.eval_set is not None:
+            self.last_eval = self._evaluate_all()  # resumed a finished run whose eval was not recorded
+        wall = self.wall_before + time.time() - self.t0
+        final = os.path.join(out_dir, "final")
+        if self.rank == 0:
+            sd = self.model.state_dict()
+            summary = {**meta, "step": total, "train_loss": self.last_loss, **self.last_eval}
+            save_checkpoint(final, {k: sd[k] for k in save_keys}, summary)
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    sd = self.model.state_dict()
+                    save_checkpoint(os.path.join(out_dir, "final_ema"), {k: sd[k] for k in save_keys},
+                                    {**summary, "ema_decay": cfg.ema_decay})
+        _barrier(world)
+        images = total * cfg.batch_size
+        return TrainResult(train_loss=self.last_loss, eval_acc=self.last_eval.get("eval_acc"),
+                           eval_loss=self.last_eval.get("eval_loss"), steps=total, images_seen=images,
+                           wall_seconds=wall, train_flops=3.0 * self.flops() * images if self.flops else None,
+                           checkpoint_path=final + ".safetensors", metrics_path=metrics_path)
