@@ -14,9 +14,10 @@ endif
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
-# CI builds the CUDA kernels for one arch (Hopper) to save time.
+# CI builds the CUDA kernels for one arch (Hopper) to save time, and a failed compile fails it.
 ifeq ($(CI),true)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
+export INCUBATION_REQUIRE_EXTENSION ?= 1
 endif
 export MAX_JOBS ?= 2
 

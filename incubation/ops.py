@@ -16,7 +16,9 @@ Each call picks a backend by the device of its tensors:
                   forced: the interpreter is for testing, not for speed)
 
 `INCUBATION_BACKEND=eager|triton|cuda|cpp|auto` or the context manager `use_backend(name)`
-forces a choice; a forced backend that cannot serve a call raises `BackendError`. In `auto`
+forces a choice; a forced backend that cannot serve a call raises `BackendError` (an op the
+forced backend does not implement at all, like attention in the compiled extension, runs
+eager, so a whole model can run under a forced backend). In `auto`
 mode a refused backend falls back to the next one and the reason is recorded:
 `backends()` reports, for every op, the backend chosen and why each faster one was refused.
 
@@ -27,7 +29,6 @@ backend is the reference: exactly timm's math (exact erf GELU, SDPA attention).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib
 import numbers
 import os
@@ -60,7 +61,9 @@ _checks: dict[str, dict[str, Optional[Callable]]] = {op: {} for op in OPS}
 _backend_unavailable: dict[str, str] = {}  # backend -> why it cannot serve anything
 _runtime_refusals: dict[str, dict[str, str]] = {op: {} for op in OPS}  # last reason seen per call
 _loaded = False
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("incubation_backend", default=None)
+# set by use_backend(); a plain global rather than a ContextVar so torch.compile can trace
+# the dispatch (the forced choice is process-wide, not per thread)
+_forced: Optional[str] = None
 
 
 def register(op: str, backend: str, fn: Callable, check: Optional[Callable] = None) -> None:
@@ -110,7 +113,7 @@ def mark_unavailable(backend: str, reason: str) -> None:
 # --------------------------------------------------------------------------------------
 def current_backend() -> str:
     """The forced backend (`use_backend`, else INCUBATION_BACKEND), or 'auto'."""
-    name = _forced.get() or os.environ.get("INCUBATION_BACKEND", "auto") or "auto"
+    name = _forced or os.environ.get("INCUBATION_BACKEND", "auto") or "auto"
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"INCUBATION_BACKEND={name!r} is not one of {('auto',) + BACKENDS}")
     return name
@@ -121,11 +124,12 @@ def use_backend(name: str):
     """Force `name` ('auto' restores automatic choice) for the ops called inside the block."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    token = _forced.set(name)
+    global _forced
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def _device_reason(backend: str, device_type: str, forced: bool) -> Optional[str]:
@@ -161,10 +165,14 @@ def _select(op: str, device_type: str, args: tuple) -> Callable:
     forced = current_backend()
     if forced != "auto":
         reason = _why_not(op, forced, device_type, args, forced=True)
-        if reason:
-            raise BackendError(f"incubation.ops.{op}: backend {forced!r} was forced "
-                               f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
-        return _impls[op]["eager"] if forced == "eager" else _impls[op][forced]
+        if reason is None:
+            return _impls[op][forced]
+        usable = forced not in _backend_unavailable and not _device_reason(forced, device_type, True)
+        if usable and forced not in _impls[op]:  # e.g. attention under "cpp": the rest of the model still runs forced
+            _runtime_refusals[op][forced] = f"no {forced} implementation of {op} (ran eager)"
+            return _impls[op]["eager"]
+        raise BackendError(f"incubation.ops.{op}: backend {forced!r} was forced "
+                           f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
     for backend in _PREFERENCE.get(device_type, ("eager",)):
         reason = _why_not(op, backend, device_type, args, forced=False)
         if reason is None:

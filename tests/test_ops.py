@@ -181,3 +181,23 @@ def test_register_rejects_unknown_names():
         ops.register("softmax", "eager", lambda: None)
     with pytest.raises(ValueError, match="unknown backend"):
         ops.register("linear", "tpu", lambda: None)
+
+
+def test_forced_backend_runs_ops_it_lacks_eager_but_raises_when_unavailable():
+    ops._load_backends()
+    saved_unavailable = dict(ops._backend_unavailable)
+    saved_attention = dict(ops._impls["attention"])
+    try:
+        ops._backend_unavailable.pop("cpp", None)
+        ops._impls["attention"].pop("cpp", None)
+        q = torch.randn(1, 2, 5, 8)
+        with ops.use_backend("cpp"):
+            torch.testing.assert_close(ops.attention(q, q, q), ops._eager_attention(q, q, q, 8 ** -0.5))
+        assert "no cpp implementation of attention" in ops._runtime_refusals["attention"]["cpp"]
+        ops._backend_unavailable["cpp"] = "not built"
+        with ops.use_backend("cpp"), pytest.raises(ops.BackendError, match="not built"):
+            ops.attention(q, q, q)
+    finally:
+        ops._backend_unavailable.clear(); ops._backend_unavailable.update(saved_unavailable)
+        ops._impls["attention"].clear(); ops._impls["attention"].update(saved_attention)
+        ops._runtime_refusals["attention"].pop("cpp", None)

@@ -1,0 +1,239 @@
+"""The "cpp" (CPU tensors) and "cuda" (CUDA tensors) backends of `incubation.ops`, on the
+compiled extension `incubation._C`.
+
+The operators live in `torch.ops.incubation` (schemas in csrc/ops.cpp, kernels in csrc/cpu/
+and csrc/cuda/; the dispatcher picks the kernel by device). This module gives them what
+autograd and torch.compile need, through `torch.library`: fake (meta) kernels and autograd
+formulas. It then registers into `incubation.ops`:
+
+    layer_norm, add_layer_norm -> incubation::layer_norm_fwd / add_layer_norm_fwd
+                                  (backward: incubation::layer_norm_bwd)
+    linear                     -> the GEMM by F.linear, then incubation::linear_epilogue_fwd
+                                  for bias + GELU / layer scale / residual
+                                  (backward: incubation::linear_epilogue_bwd, fused dGELU)
+
+attention is not in the extension (the Triton and eager backends serve it).
+
+Importing this module raises ImportError when incubation._C is missing or cannot run on
+this machine; incubation.ops reports the reason in `backends()`.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+__all__ = ["DTYPES", "CUDA_MAX_FEATURES", "with_cuda"]
+
+# dtypes the kernels are compiled for, per device type (float64 on CPU: exact reference tests)
+DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+# the CUDA LayerNorm backward keeps each warp's column sums (2 x features fp32) in 48 KiB
+# of shared memory
+CUDA_MAX_FEATURES = 6144
+
+
+def _cpu_has_avx2() -> bool:
+    probe = getattr(torch.cpu, "_is_avx2_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _import_compiled():
+    if platform.machine().lower() in ("x86_64", "amd64") and not _cpu_has_avx2():
+        raise ImportError("incubation._C is compiled for x86-64 CPUs with AVX2 and this CPU has no AVX2")
+    try:
+        return importlib.import_module("incubation._C")
+    except ImportError as exc:
+        raise ImportError(f"the compiled extension incubation._C is not built or cannot be loaded ({exc}); "
+                          "build it with `pip install --no-build-isolation -e .` (see setup.py)") from exc
+
+
+_C = _import_compiled()
+with_cuda: bool = bool(_C.with_cuda)
+_lib = torch.ops.incubation
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _optional_output(like: torch.Tensor, size: int, wanted: bool) -> torch.Tensor:
+    return like.new_empty((size if wanted else 0,))
+
+
+# --------------------------------------------------------------------------------------
+# fake kernels: output shapes and dtypes, for FakeTensor / torch.compile
+# --------------------------------------------------------------------------------------
+@torch.library.register_fake("incubation::layer_norm_fwd")
+def _layer_norm_fwd_fake(x, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("incubation::add_layer_norm_fwd")
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("incubation::layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_out, grad_input_extra, input, mean, rstd, weight, weight_grad, bias_grad):
+    n = input.shape[-1]
+    return (input.new_empty(input.shape), _optional_output(input, n, weight_grad),
+            _optional_output(input, n, bias_grad))
+
+
+@torch.library.register_fake("incubation::linear_epilogue_fwd")
+def _linear_epilogue_fwd_fake(y, bias, layer_scale, residual, gelu):
+    return y.new_empty(y.shape)
+
+
+@torch.library.register_fake("incubation::linear_epilogue_bwd")
+def _linear_epilogue_bwd_fake(grad, y, bias, layer_scale, gelu, bias_grad, scale_grad):
+    n = y.shape[-1]
+    return y.new_empty(y.shape), _optional_output(y, n, bias_grad), _optional_output(y, n, scale_grad)
+
+
+# --------------------------------------------------------------------------------------
+# autograd formulas
+# --------------------------------------------------------------------------------------
+def _layer_norm_grads(grad_out, grad_extra, input, mean, rstd, weight, need_weight, need_bias):
+    """(d input, d weight, d bias) of LayerNorm(input); grad_extra reached `input` directly."""
+    if grad_out is None:
+        return grad_extra, None, None
+    dx, dw, db = _lib.layer_norm_bwd(grad_out.contiguous(), None if grad_extra is None else grad_extra.contiguous(),
+                                     input, mean, rstd, weight, need_weight, need_bias)
+    return dx, (dw if need_weight else None), (db if need_bias else None)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, mean, rstd, weight)
+
+
+def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, mean, rstd, weight = ctx.saved_tensors
+    _, need_weight, need_bias, _ = ctx.needs_input_grad
+    dx, dw, db = _layer_norm_grads(grad_out, None, x, mean, rstd, weight, need_weight, need_bias)
+    return dx, dw, db, None
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    _, _, weight, _, _ = inputs
+    _, summed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(summed, mean, rstd, weight)
+
+
+def _add_layer_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd):
+    summed, mean, rstd, weight = ctx.saved_tensors
+    _, _, need_weight, need_bias, _ = ctx.needs_input_grad
+    d_sum, dw, db = _layer_norm_grads(grad_out, grad_summed, summed, mean, rstd, weight, need_weight, need_bias)
+    return d_sum, d_sum, dw, db, None   # summed = x + residual: both get d_sum
+
+
+def _linear_epilogue_setup(ctx, inputs, output):
+    y, bias, layer_scale, _, gelu = inputs
+    ctx.gelu = gelu
+    ctx.fused_backward = gelu or layer_scale is not None   # else d y = grad
+    ctx.save_for_backward(y if ctx.fused_backward else None, bias, layer_scale)
+
+
+def _linear_epilogue_backward(ctx, grad):
+    y, bias, layer_scale = ctx.saved_tensors
+    need_y, need_bias, need_scale, need_residual, _ = ctx.needs_input_grad
+    grad = grad.contiguous()
+    if ctx.fused_backward:
+        dy, dbias, dscale = _lib.linear_epilogue_bwd(grad, y, bias, layer_scale, ctx.gelu, need_bias, need_scale)
+    else:
+        dy, dscale = grad, None
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
+    return (dy if need_y else None, dbias if need_bias else None, dscale if need_scale else None,
+            grad if need_residual else None, None)
+
+
+torch.library.register_autograd("incubation::layer_norm_fwd", _layer_norm_backward,
+                                setup_context=_layer_norm_setup)
+torch.library.register_autograd("incubation::add_layer_norm_fwd", _add_layer_norm_backward,
+                                setup_context=_add_layer_norm_setup)
+torch.library.register_autograd("incubation::linear_epilogue_fwd", _linear_epilogue_backward,
+                                setup_context=_linear_epilogue_setup)
+
+
+# --------------------------------------------------------------------------------------
+# incubation.ops backends
+# --------------------------------------------------------------------------------------
+def _prepared(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """An optional parameter in the kernels' dtype, contiguous (differentiable casts)."""
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _layer_norm(x, weight, bias, eps):
+    return _lib.layer_norm_fwd(x.contiguous(), _prepared(weight, x.dtype), _prepared(bias, x.dtype), eps)[0]
+
+
+def _add_layer_norm(x, residual, weight, bias, eps):
+    if residual is None:
+        return _layer_norm(x, weight, bias, eps), x
+    out, summed, _, _ = _lib.add_layer_norm_fwd(x.contiguous(), residual.contiguous(), _prepared(weight, x.dtype),
+                                                _prepared(bias, x.dtype), eps)
+    return out, summed
+
+
+def _linear(x, weight, bias, activation, layer_scale, residual):
+    gelu = activation == "gelu"
+    if not gelu and layer_scale is None and residual is None:
+        return F.linear(x, weight, bias)   # nothing to fuse beyond the GEMM's own bias add
+    y = F.linear(x, weight).contiguous()
+    return _lib.linear_epilogue_fwd(y, _prepared(bias, y.dtype), _prepared(layer_scale, y.dtype),
+                                    None if residual is None else residual.contiguous(), gelu)
+
+
+def _unsupported(x: torch.Tensor, residual: Optional[torch.Tensor], features: int,
+                 norm: bool = False) -> Optional[str]:
+    """Why the kernels cannot take x (and residual), or None."""
+    allowed = DTYPES.get(x.device.type, ())
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed) or "none"
+        return f"dtype {x.dtype} is not supported on {x.device.type} (supported: {names})"
+    if residual is not None and residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} differs from x dtype {x.dtype}"
+    if features == 0:
+        return "the feature dimension is empty"
+    if norm and x.device.type == "cuda" and features > CUDA_MAX_FEATURES:
+        return f"{features} features exceed the CUDA LayerNorm kernels' limit of {CUDA_MAX_FEATURES}"
+    return None
+
+
+def _check_layer_norm(x, weight, bias, eps):
+    return _unsupported(x, None, x.shape[-1], norm=True)
+
+
+def _check_add_layer_norm(x, residual, weight, bias, eps):
+    return _unsupported(x, residual, x.shape[-1], norm=True)
+
+
+def _check_linear(x, weight, bias, activation, layer_scale, residual):
+    return _unsupported(x, residual, weight.shape[0])
+
+
+for _backend in ("cpp", "cuda") if with_cuda else ("cpp",):
+    ops.register("layer_norm", _backend, _layer_norm, _check_layer_norm)
+    ops.register("add_layer_norm", _backend, _add_layer_norm, _check_add_layer_norm)
+    ops.register("linear", _backend, _linear, _check_linear)
+if not with_cuda:
+    ops.mark_unavailable("cuda", "incubation._C was built without its CUDA kernels (no nvcc or CUDA torch at "
+                                 "build time, or INCUBATION_SKIP_CUDA_BUILD=1)")

@@ -1,0 +1,486 @@
+"""The compiled extension incubation._C: the "cpp" (CPU) and "cuda" backends of incubation.ops.
+
+Every kernel is checked against a float64 eager reference with the tolerance rule of
+DESIGN.md (error at most 2x eager's error in the same dtype, plus an atol for rounding),
+outputs and every gradient, on odd shapes, with outputs poisoned (NaN) before the call.
+CUDA twins of the CPU tests run when a GPU and a CUDA build are present.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from incubation import ops
+from incubation.nn import VisionTransformer
+
+try:
+    from incubation import extension
+except ImportError as exc:  # the extension is optional: CI builds it, a pure-Python install lacks it
+    pytest.skip(f"incubation._C is not available: {exc}", allow_module_level=True)
+
+L = torch.ops.incubation
+HAS_CUDA = torch.cuda.is_available() and extension.with_cuda
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device and incubation._C built with its CUDA kernels"))]
+BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+ROWS = (1, 197 * 3)
+WIDTHS = (50, 192, 384, 768, 1000)   # 50: not a multiple of any SIMD / 16-byte pack width
+EPS = 1e-6
+
+
+def device_dtype_params():
+    """(device, dtype) pairs: float64 on CPU only (the CUDA kernels have no float64)."""
+    params = []
+    for device in DEVICES:
+        name = device if isinstance(device, str) else device.values[0]
+        marks = () if isinstance(device, str) else device.marks
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            if name == "cuda" and dtype == torch.float64:
+                continue
+            params.append(pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}"))
+    return params
+
+
+@pytest.fixture
+def poisoned():
+    """Uninitialised memory (torch.empty, and at::empty in the kernels) comes back as NaN, so an
+    output element a kernel forgot to write shows up."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.empty(8).isnan().all(), "poisoning is not active"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # warn_only: eager ops without a deterministic variant
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+# --------------------------------------------------------------------------------------
+# tolerance rule
+# --------------------------------------------------------------------------------------
+def assert_within_rule(ours, eager, ref, what):
+    """|ours - ref| <= 2 |eager - ref| + atol, with ref in float64 and atol a few ulps of
+    ours' dtype at the scale of ref."""
+    assert ours.shape == ref.shape and ours.dtype == eager.dtype, f"{what}: shape/dtype differs from eager"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values (an unwritten output element?)"
+    ref = ref.double()
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    atol = 8 * torch.finfo(ours.dtype).eps * scale
+    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_eager = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= 2 * err_eager + atol, f"{what}: error {err:.3g} > 2 x eager's {err_eager:.3g} + {atol:.3g}"
+
+
+def _forward(fn, inputs, backend):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    with ops.use_backend(backend):
+        outs = fn(*leaves)
+    return (outs if isinstance(outs, tuple) else (outs,)), leaves
+
+
+def _grads(outs, leaves, grads_out):
+    wrt = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(outs, wrt, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def check_against_reference(fn, inputs, backend):
+    """fn's outputs and the gradients of all inputs on `backend` against eager in the same dtypes
+    and eager in float64, for output gradients drawn in the inputs' dtype."""
+    dtype = inputs[0].dtype
+    ref_outs, ref_leaves = _forward(fn, [None if t is None else t.double() for t in inputs], "eager")
+    grads_out = [torch.randn_like(o).to(dtype).double() for o in ref_outs]
+    reference = _grads(ref_outs, ref_leaves, grads_out)
+    eager = _grads(*_forward(fn, inputs, "eager"), grads_out)
+    ours = _grads(*_forward(fn, inputs, backend), grads_out)
+    names = [f"output {i}" for i in range(len(ref_outs))] + [f"grad {i}" for i in range(len(reference) - len(ref_outs))]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, f"{backend} {name}")
+
+
+def make(shape, dtype, device, scale=1.0, shift=0.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm and add + LayerNorm
+# --------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add_ln"])
+def test_layer_norm_matches_reference(device, dtype, rows, width, residual):
+    torch.manual_seed(rows * 7 + width)
+    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)   # non-zero mean stresses the variance
+    w = make((width,), dtype, device, scale=0.2, shift=1.0)
+    b = make((width,), dtype, device, scale=0.2)
+    if residual:
+        r = make((rows, width), dtype, device)
+        check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b],
+                                BACKEND[device])
+    else:
+        check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b], BACKEND[device])
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_optional_affine_3d(device, affine):
+    torch.manual_seed(1)
+    x = make((3, 197, 384), torch.float32, device, scale=3.0, shift=-1.0)
+    r = make((3, 197, 384), torch.float32, device)
+    w = make((384,), torch.float32, device, shift=1.0) if affine == "weight" else None
+    b = make((384,), torch.float32, device) if affine == "bias" else None
+    params = [t for t in (w, b) if t is not None]
+
+    def affine_args(params):
+        return (params[0] if w is not None else None), (params[-1] if b is not None else None)
+
+    backend = BACKEND[device]
+    check_against_reference(lambda x, *p: ops.layer_norm(x, *affine_args(p), EPS), [x, *params], backend)
+    check_against_reference(lambda x, r, *p: ops.add_layer_norm(x, r, *affine_args(p), 1e-5), [x, r, *params],
+                            backend)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_norm_casts_parameters_and_takes_any_strides(device):
+    """bf16 activations with fp32 parameters (as eager: parameters cast to x's dtype, gradients
+    back to fp32); a transposed x and a view whose data is not 16-byte aligned."""
+    torch.manual_seed(2)
+    x = make((768, 197), torch.bfloat16, device, shift=0.3).t()           # (197, 768), not contiguous
+    w = make((768,), torch.float32, device, shift=1.0)
+    b = make((768,), torch.float32, device)
+    check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b], BACKEND[device])
+    flat = make((197 * 768 + 1,), torch.float32, device)
+    shifted = flat[1:].view(197, 768)                                       # contiguous, 4-byte offset
+    r = make((197, 768), torch.float32, device)
+    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, None, None, EPS), [shifted, r], BACKEND[device])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_without_residual_returns_x(device):
+    x = make((5, 64), torch.float32, device)
+    with ops.use_backend(BACKEND[device]):
+        normed, summed = ops.add_layer_norm(x, None, None, None, EPS)
+    assert summed is x
+    torch.testing.assert_close(normed, torch.nn.functional.layer_norm(x, (64,), eps=EPS))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    x = torch.zeros(0, 64, device=device, requires_grad=True)
+    w = torch.ones(64, device=device, requires_grad=True)
+    b = torch.zeros(64, device=device, requires_grad=True)
+    with ops.use_backend(BACKEND[device]):
+        out = ops.layer_norm(x, w, b, EPS)
+        lin = ops.linear(x, torch.ones(32, 64, device=device), None, "gelu", layer_scale=w[:32])
+    assert out.shape == (0, 64) and lin.shape == (0, 32)
+    dw, db = torch.autograd.grad(out.sum(), (w, b))
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_gradcheck_float64(residual):
+    torch.manual_seed(3)
+    x = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 37, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(37, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend("cpp"):
+        if residual:
+            assert torch.autograd.gradcheck(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, 1e-5), (x, r, w, b))
+        else:
+            assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), (x, w, b))
+
+
+# --------------------------------------------------------------------------------------
+# linear: GEMM + fused epilogue
+# --------------------------------------------------------------------------------------
+EPILOGUES = {   # name: (activation, bias, layer_scale, residual), as the ViT uses them
+    "fc1_bias_gelu": ("gelu", True, False, False),
+    "proj_bias_scale": (None, True, True, False),
+    "fc2_bias_scale_residual": (None, True, True, True),
+    "gelu_scale_residual": ("gelu", False, True, True),
+    "residual_only": (None, False, False, True),
+}
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+def test_linear_epilogue_matches_reference(device, dtype, rows, width, epilogue):
+    activation, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
+    torch.manual_seed(rows + width)
+    in_features = 96
+    x = make((rows, in_features), dtype, device)
+    weight = make((width, in_features), dtype, device, scale=in_features ** -0.5)
+    inputs = [x, weight]
+    if has_bias:
+        inputs.append(make((width,), dtype, device, scale=0.5))
+    if has_scale:
+        inputs.append(make((width,), dtype, device, scale=0.5, shift=0.5))
+    if has_residual:
+        inputs.append(make((rows, width), dtype, device))
+
+    def fn(x, weight, *rest):
+        rest = list(rest)
+        bias = rest.pop(0) if has_bias else None
+        scale = rest.pop(0) if has_scale else None
+        residual = rest.pop(0) if has_residual else None
+        return ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
+
+    check_against_reference(fn, inputs, BACKEND[device])
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16(device):
+    """float16 shares bfloat16's code path (converted rows on CPU, packs of 8 on CUDA): one
+    shape per op (eager float16 is slow on CPU)."""
+    torch.manual_seed(8)
+    x, r = make((197, 384), torch.float16, device, shift=0.5), make((197, 384), torch.float16, device)
+    w, b = make((384,), torch.float16, device, shift=1.0), make((384,), torch.float16, device)
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b], BACKEND[device])
+    weight = make((384, 384), torch.float16, device, scale=384 ** -0.5)
+    check_against_reference(lambda x, w, b, s, r: ops.linear(x, w, b, "gelu", layer_scale=s, residual=r),
+                            [x, weight, b, w, r], BACKEND[device])
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_linear_gradcheck_float64(activation):
+    torch.manual_seed(4)
+    args = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+            for shape in ((2, 5, 12), (9, 12), (9,), (9,), (2, 5, 9))]
+    with ops.use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, s, r: ops.linear(x, w, b, activation, layer_scale=s, residual=r), args)
+
+
+# --------------------------------------------------------------------------------------
+# the raw operators: torch.library registrations and input validation
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_all_ops(device):
+    """Schemas, fake kernels, autograd registration and AOT dispatch (torch.compile's path)."""
+    torch.manual_seed(5)
+    x = make((7, 40), torch.float32, device).requires_grad_()
+    r = make((7, 40), torch.float32, device).requires_grad_()
+    w = make((40,), torch.float32, device).requires_grad_()
+    b = make((40,), torch.float32, device).requires_grad_()
+    _, mean, rstd = L.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
+    g = make((7, 40), torch.float32, device)
+    cases = [
+        (L.layer_norm_fwd, (x, w, b, EPS)),
+        (L.layer_norm_fwd, (x, None, None, EPS)),
+        (L.add_layer_norm_fwd, (x, r, w, b, EPS)),
+        (L.layer_norm_bwd, (g, g, x.detach(), mean, rstd, w.detach(), True, True)),
+        (L.layer_norm_bwd, (g, None, x.detach(), mean, rstd, None, False, False)),
+        (L.linear_epilogue_fwd, (x, b, w, r, True)),
+        (L.linear_epilogue_fwd, (x, None, None, r, False)),
+        (L.linear_epilogue_bwd, (g, x.detach(), b.detach(), w.detach(), True, True, True)),
+    ]
+    for op, args in cases:
+        results = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in results.values()), f"{op}: {results}"
+
+
+def _error_cases(device):
+    f32 = dict(device=device, dtype=torch.float32)
+    x, w = torch.randn(4, 8, **f32), torch.randn(8, **f32)
+    _, mean, rstd = L.layer_norm_fwd(x, w, None, EPS)
+    cases = [
+        (L.layer_norm_fwd, (x.to(torch.int32), None, None, EPS), "x must be float32, bfloat16 or float16"),
+        (L.layer_norm_fwd, (torch.randn(8, 4, **f32).t(), None, None, EPS), "x must be contiguous"),
+        (L.layer_norm_fwd, (torch.tensor(1.0, **f32), None, None, EPS), "x must have at least one dimension"),
+        (L.layer_norm_fwd, (torch.randn(4, 0, **f32), None, None, EPS), "x's last dimension must be non-empty"),
+        (L.layer_norm_fwd, (x, torch.randn(7, **f32), None, EPS), r"weight must have shape \(8,\)"),
+        (L.layer_norm_fwd, (x, None, w.double(), EPS), "bias has dtype Double but x has Float"),
+        (L.layer_norm_fwd, (x, None, None, 0.0), "eps must be a positive finite number"),
+        (L.layer_norm_fwd, (x, None, None, float("nan")), "eps must be a positive finite number"),
+        (L.add_layer_norm_fwd, (x, torch.randn(4, 7, **f32), None, None, EPS), "residual must have x's shape"),
+        (L.add_layer_norm_fwd, (x, x.bfloat16(), None, None, EPS), "residual has dtype BFloat16 but x has Float"),
+        (L.layer_norm_bwd, (x, None, x, mean.double(), rstd, None, False, False), "mean must have dtype Float"),
+        (L.layer_norm_bwd, (x, None, x, mean, rstd[:3], None, False, False), "rstd must hold one value per row"),
+        (L.layer_norm_bwd, (x[:2], None, x, mean, rstd, None, False, False), "grad_out must have input's shape"),
+        (L.layer_norm_bwd, (x, None, x, mean, rstd, None, True, False), "weight_grad=True needs a weight"),
+        (L.linear_epilogue_fwd, (x, torch.randn(3, **f32), None, None, True), r"bias must have shape \(8,\)"),
+        (L.linear_epilogue_fwd, (x, None, None, x.double(), False), "residual has dtype Double but y has Float"),
+        (L.linear_epilogue_bwd, (x, x, None, None, True, False, True), "scale_grad=True needs a layer_scale"),
+        (L.linear_epilogue_bwd, (x.t(), x, None, None, True, False, False), "grad must have y's shape"),
+    ]
+    if device == "cuda":
+        cases += [
+            (L.layer_norm_fwd, (x, w.cpu(), None, EPS), "weight is on cpu but x is on cuda"),
+            (L.layer_norm_fwd, (x.double(), None, None, EPS), r"float64 on CPU only\), got Double on cuda"),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_raw_ops_reject_bad_input_with_clear_errors(device):
+    for op, args, message in _error_cases(device):
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
+# --------------------------------------------------------------------------------------
+# dispatch: what incubation.ops picks and refuses
+# --------------------------------------------------------------------------------------
+def test_backends_report_cpp_on_cpu():
+    with ops.use_backend("auto"):
+        report = ops.backends("cpu")
+    for op in ("layer_norm", "add_layer_norm", "linear"):
+        assert report[op]["backend"] == "cpp", report[op]
+    assert report["attention"]["backend"] != "cpp"
+    if not extension.with_cuda:
+        with ops.use_backend("cuda"):
+            assert "without its CUDA kernels" in ops.backends("cuda")["layer_norm"]["refused"]["cuda"]
+
+
+def test_check_refuses_mixed_dtypes_and_auto_falls_back():
+    x, r = torch.randn(4, 16), torch.randn(4, 16, dtype=torch.float64)
+    with ops.use_backend("cpp"), pytest.raises(ops.BackendError, match="residual dtype torch.float64 differs"):
+        ops.add_layer_norm(x, r, None, None, EPS)
+    with ops.use_backend("auto"):
+        normed, summed = ops.add_layer_norm(x, r, None, None, EPS)   # eager serves it
+        assert "residual dtype" in ops.backends("cpu")["add_layer_norm"]["refused"]["cpp"]
+    assert summed.dtype == torch.float64
+    torch.testing.assert_close(normed, torch.nn.functional.layer_norm(x + r, (16,), eps=EPS))
+    with ops.use_backend("cpp"), pytest.raises(ops.BackendError, match="residual dtype"):
+        ops.linear(x, torch.randn(16, 16), residual=r)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and incubation._C built with its CUDA kernels")
+def test_cuda_check_refuses_float64_and_wide_rows():
+    x = torch.randn(2, 8, device="cuda", dtype=torch.float64)
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendError, match="float64 is not supported on cuda"):
+        ops.layer_norm(x, None, None, EPS)
+    wide = torch.randn(2, extension.CUDA_MAX_FEATURES + 1, device="cuda")
+    with ops.use_backend("cuda"), pytest.raises(ops.BackendError, match="exceed"):
+        ops.layer_norm(wide, None, None, EPS)
+
+
+def test_check_on_cpu_refuses_nothing_it_supports():
+    for dtype in extension.DTYPES["cpu"]:
+        x = torch.randn(2, 8, dtype=dtype)
+        assert extension._check_layer_norm(x, None, None, EPS) is None
+
+
+def test_missing_extension_raises_import_error_with_instructions(monkeypatch):
+    real_import = importlib.import_module
+
+    def fail(name, *args):
+        if name == "incubation._C":
+            raise ImportError("no module named incubation._C")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fail)
+    with pytest.raises(ImportError, match="pip install --no-build-isolation"):
+        extension._import_compiled()
+
+
+# --------------------------------------------------------------------------------------
+# the small ViT on the extension's kernels
+# --------------------------------------------------------------------------------------
+VIT = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+@contextlib.contextmanager
+def on_extension(device, monkeypatch):
+    """Run on the extension where it serves, counting the calls it serves. Attention stays
+    eager (the extension has none, so use_backend('cpp') would refuse it): on CPU auto mode
+    prefers cpp; on CUDA Triton comes first, so it is taken out of the preference."""
+    if device == "cuda":
+        monkeypatch.setitem(ops._PREFERENCE, "cuda", ("cuda", "eager"))
+    backend, calls = BACKEND[device], collections.Counter()
+    served = {"layer_norm": (extension._layer_norm, extension._check_layer_norm),
+              "add_layer_norm": (extension._add_layer_norm, extension._check_add_layer_norm),
+              "linear": (extension._linear, extension._check_linear)}
+
+    def counted(op, fn):
+        def call(*args):
+            calls[op] += 1
+            return fn(*args)
+        return call
+
+    for op, (fn, check) in served.items():
+        ops.register(op, backend, counted(op, fn), check)
+    try:
+        with ops.use_backend("auto"):
+            yield
+    finally:
+        for op, (fn, check) in served.items():
+            ops.register(op, backend, fn, check)
+    assert all(calls[op] > 0 for op in served), f"the {backend} kernels served only {dict(calls)}"
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("init_values", [None, 0.5], ids=["no_layer_scale", "layer_scale"])
+def test_vit_matches_eager_logits_and_gradients(device, init_values, monkeypatch):
+    torch.manual_seed(6)
+    model = VisionTransformer(**VIT, init_values=init_values).to(device)
+    images = torch.randn(4, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (4,), device=device)
+
+    def run(m, x, context):
+        m.zero_grad()
+        with context:
+            logits = m(x)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        return [logits.detach()] + [p.grad.detach().clone() for p in m.parameters()]
+
+    reference = run(_double(model), images.double(), ops.use_backend("eager"))
+    eager = run(model, images, ops.use_backend("eager"))
+    ours = run(model, images, on_extension(device, monkeypatch))
+    names = ["logits"] + [name for name, _ in model.named_parameters()]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, name)
+
+
+def _double(model):
+    twin = VisionTransformer(model.config).to(next(model.parameters()).device).double()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vit_trains_on_extension(device, monkeypatch):
+    """A few AdamW steps: the loss falls, along eager's trajectory from the same start."""
+    torch.manual_seed(7)
+    start = VisionTransformer(**VIT, init_values=0.1).state_dict()
+    images = torch.randn(16, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (16,), device=device)
+
+    def train(context):
+        model = VisionTransformer(**VIT, init_values=0.1).to(device)
+        model.load_state_dict(start)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        with context:
+            for _ in range(10):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        return torch.tensor(losses)
+
+    ours = train(on_extension(device, monkeypatch))
+    eager = train(ops.use_backend("eager"))
+    assert torch.isfinite(ours).all() and ours[-1] < 0.8 * ours[0], ours
+    torch.testing.assert_close(ours, eager, rtol=1e-3, atol=1e-3)
