@@ -133,6 +133,8 @@ def use_backend(name: str):
 
 
 def _device_reason(backend: str, device_type: str, forced: bool) -> Optional[str]:
+    if device_type == "cuda" and backend != "eager" and not torch.cuda.is_available():
+        return "no CUDA device is available on this machine"
     if backend == "triton":
         if device_type == "cuda":
             return None

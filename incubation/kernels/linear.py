@@ -1,0 +1,218 @@
+"""out = residual + layer_scale * act(x @ weight^T + bias): one GEMM with a fused epilogue.
+
+Forward: a tiled GEMM (fp32 accumulation, grouped tile order for L2 reuse) whose epilogue adds
+the bias, applies exact erf GELU, multiplies by the layer scale and adds the residual, all in
+fp32, then rounds once to the output dtype. The pre-activation is stored (x's dtype) only when
+the backward needs it: for GELU's derivative, or for the layer scale's gradient.
+
+Backward: one elementwise kernel turns the output gradient into the pre-activation gradient
+(g * layer_scale * gelu'(pre)) and keeps per-program column sums for dbias and dlayer_scale
+(a second reduction adds them up); dx and dweight are then two matmuls (cuBLAS).
+
+x, weight and residual are read through their strides (x and residual viewed as rows); the
+output dtype follows PyTorch's promotion of x and residual (an fp32 residual stream stays fp32
+under autocast), as the eager `residual + out` does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import INTERPRET, autotune, dot_precision, unsupported, upcast_dots
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# (larger tiles, 128x256 or 128x128 with 4 warps, spill registers with the full epilogue on sm_90)
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5)]
+]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+
+
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M", "N", "K", "PRECISION", "GELU", "HAS_RESIDUAL", "STORE_PRE"],
+          fp32_tile=64 * 64)
+@triton.jit
+def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn,
+                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M consecutive row tiles walk the column tiles together, so the
+    # weight tiles they share stay in L2
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(W + ks[:, None] * swk + cols[None, :] * swn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    dense = rows[:, None] * N + cols[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(PRE + dense, acc.to(PRE.dtype.element_ty), mask=mask)
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+    if HAS_LS:
+        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(RES + rows[:, None] * srm + cols[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + dense, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sgn, rows_per_program,
+                              GELU: tl.constexpr, HAS_LS: tl.constexpr, WANT_DB: tl.constexpr,
+                              WANT_DLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dpre = g * layer_scale * gelu'(pre); column partial sums of dpre (dbias) and g * act(pre)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if HAS_LS:
+        ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dls = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    first = pid_m * rows_per_program
+    for offset in range(0, rows_per_program, BLOCK_M):  # rows_per_program is a multiple of BLOCK_M
+        rows = first + offset + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        g = tl.load(G + rows64 * sgm + cols[None, :] * sgn, mask=mask, other=0.0).to(tl.float32)
+        dpre = g
+        if HAS_LS:
+            dpre = g * ls
+        if GELU or WANT_DLS:
+            pre = tl.load(PRE + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            act = pre
+            if GELU:
+                cdf = 0.5 * (1.0 + tl.erf(pre * _SQRT1_2))
+                act = pre * cdf
+                dpre *= cdf + pre * tl.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
+            if WANT_DLS:
+                dls += g * act
+        tl.store(DPRE + rows64 * N + cols[None, :], dpre.to(DPRE.dtype.element_ty), mask=mask)
+        if WANT_DB:
+            db += dpre
+    if WANT_DB:
+        tl.store(DB_PART + pid_m * N + cols, tl.sum(db, 0), mask=col_ok)
+    if WANT_DLS:
+        tl.store(DLS_PART + pid_m * N + cols, tl.sum(dls, 0), mask=col_ok)
+
+
+def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
+    """t as (rows, features) (a view when the strides allow it)."""
+    return t.reshape(-1, features)
+
+
+def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
+    """(dpre, dbias or None, dlayer_scale or None), the sums in fp32."""
+    M, N = g2.shape
+    block_m, block_n = 32, min(128, max(16, triton.next_power_of_2(N)))
+    tiles_n = triton.cdiv(N, block_n)
+    if INTERPRET or g2.device.type != "cuda":
+        programs_m = min(triton.cdiv(M, block_m), 2)
+    else:
+        sms = torch.cuda.get_device_properties(g2.device).multi_processor_count
+        programs_m = min(triton.cdiv(M, block_m), 4 * sms // tiles_n)
+    programs_m = max(1, programs_m)  # one program row writes zero sums when M == 0
+    rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, programs_m), block_m) * block_m)
+    programs_m = max(1, triton.cdiv(M, rows_per_program))
+    dpre = torch.empty((M, N), dtype=dtype, device=g2.device)
+    part = lambda want: torch.empty((programs_m, N), dtype=torch.float32, device=g2.device) if want else None  # noqa: E731
+    db_part, dls_part = part(want_db), part(want_dls)
+    _epilogue_backward_kernel[(programs_m, tiles_n)](
+        g2, pre, layer_scale, dpre, db_part, dls_part, M, N, g2.stride(0), g2.stride(1), rows_per_program,
+        GELU=gelu, HAS_LS=layer_scale is not None, WANT_DB=want_db, WANT_DLS=want_dls,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, layer_scale, residual):
+        N, K = weight.shape
+        x2 = _rows(x, K)
+        M = x2.shape[0]
+        r2 = None if residual is None else _rows(residual, N)
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        gelu = activation == "gelu"
+        # (grad mode is off inside forward; needs_input_grad tells what backward will want)
+        needs = ctx.needs_input_grad
+        store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
+        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        if M > 0:  # (an empty batch would only key a needless autotuning run)
+            _forward_kernel[grid](
+                x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
+                *(r2.stride() if r2 is not None else (0, 0)),
+                HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
+                HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
+                UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
+        ctx.save_for_backward(x2, weight, layer_scale, pre)
+        ctx.gelu, ctx.x_shape = gelu, x.shape
+        ctx.has_bias = bias is not None
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out.view(*x.shape[:-1], N)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x2, weight, layer_scale, pre = ctx.saved_tensors
+        N = weight.shape[0]
+        g2 = _rows(grad, N)
+        want_dx, want_dw, want_db, _, want_dls, want_dres = ctx.needs_input_grad
+        want_db = want_db and ctx.has_bias
+        want_dls = want_dls and layer_scale is not None
+        dpre = db = dls = None
+        if (want_dx or want_dw or want_db or want_dls) and (ctx.gelu or layer_scale is not None):
+            dpre, db, dls = _epilogue_backward(g2, pre, layer_scale, ctx.gelu, want_db, want_dls, x2.dtype)
+        elif want_dx or want_dw or want_db:
+            dpre = g2.to(x2.dtype)
+            db = g2.sum(0, dtype=torch.float32) if want_db else None
+        dx = (dpre @ weight).view(ctx.x_shape) if want_dx else None
+        dw = dpre.t() @ x2 if want_dw else None
+        dres = grad.to(ctx.residual_dtype) if want_dres else None
+        return (dx, dw, None if db is None else db.to(weight.dtype), None,
+                None if dls is None else dls.to(layer_scale.dtype), dres)
+
+
+def linear(x, weight, bias, activation, layer_scale, residual):
+    return _Linear.apply(x, weight, bias, activation, layer_scale, residual)
+
+
+def check(x, weight, bias, activation, layer_scale, residual) -> Optional[str]:
+    reason = unsupported(x=x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
+    if reason:
+        return reason
+    for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
+        if t is not None and t.dtype != x.dtype:
+            return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
+    if x.shape[-1] == 0 or weight.shape[0] == 0:
+        return f"empty GEMM dimension (x {tuple(x.shape)}, weight {tuple(weight.shape)})"
+    rows = x.numel() // x.shape[-1]
+    if rows * weight.shape[0] >= 2 ** 31:
+        return f"the output has {rows * weight.shape[0]} elements; the kernels index with 32-bit offsets"
+    return None

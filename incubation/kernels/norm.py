@@ -1,0 +1,199 @@
+"""LayerNorm over the last dimension, optionally fused with the residual add before it.
+
+Forward, one pass per tile of rows: summed = x + residual (fp32), stored in x's dtype, then
+its mean / rstd (fp32, saved) and the normalised, affine output in x's dtype. Backward: each
+program walks its own range of rows, writes dx (+ the gradient of `summed`, which is also dx
+for the residual) and keeps fp32 column sums of dy * xhat and dy; a second reduction over the
+programs' partial sums gives dweight and dbias, so no atomics and any width is cheap.
+
+Inputs are viewed as rows (reshape) and copied only when their last dimension is strided.
+weight and bias may have another float dtype than x (they are read in fp32).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import INTERPRET, unsupported
+
+MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
+
+
+@triton.jit
+def _forward_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, C, sx, sr, eps,
+                    HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok, col_ok = rows < M, cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    s = tl.load(X + rows64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(R + rows64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(S + rows64 * C + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
+    mean = tl.sum(s, 1) / C
+    centred = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / C + eps)
+    y = centred * rstd[:, None]
+    if HAS_W:
+        y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64 * C + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _backward_kernel(DY, DS, S, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, C, sdy, sds, ss, rows_per_program,
+                     HAS_DS: tl.constexpr, HAS_W: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    first = pid * rows_per_program
+    for offset in range(0, rows_per_program, BLOCK_M):  # rows_per_program is a multiple of BLOCK_M
+        rows = first + offset + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        s = tl.load(S + rows64 * ss + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w
+        # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat))
+        mean_wdy = tl.sum(wdy, 1) / C
+        mean_wdy_xhat = tl.sum(wdy * xhat, 1) / C
+        dx = (wdy - mean_wdy[:, None] - xhat * mean_wdy_xhat[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * sds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if WANT_DW:
+            dw += dy * xhat
+        if WANT_DB:
+            db += dy
+    if WANT_DW:
+        tl.store(DW_PART + pid * C + cols, tl.sum(dw, 0), mask=col_ok)
+    if WANT_DB:
+        tl.store(DB_PART + pid * C + cols, tl.sum(db, 0), mask=col_ok)
+
+
+def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
+    """t as (rows, features) with unit column stride (a view when possible)."""
+    t = t.reshape(-1, features)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _tiling(features: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, forward warps, backward warps): whole rows per tile, several when
+    they are narrow; the backward holds about twice the live values, so gets twice the warps
+    (sm_90: <= ~130 registers a thread, no spills, up to 8192 features)."""
+    block_c = triton.next_power_of_2(features)
+    block_m = max(1, min(16, 4096 // block_c))
+    tile = block_m * block_c
+    return block_m, block_c, min(16, max(4, tile // 1024)), min(16, max(8, tile // 512))
+
+
+def _programs(rows: int, block_m: int, device: torch.device) -> int:
+    """Backward programs: enough to fill the GPU, each with many rows to sum over."""
+    if INTERPRET or device.type != "cuda":
+        return min(triton.cdiv(rows, block_m), 4)
+    return min(triton.cdiv(rows, block_m), 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """(x [+ residual]) -> LayerNorm; returns (normed, summed) with a residual, else normed."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        C = x.shape[-1]
+        x2 = _rows(x, C)
+        M = x2.shape[0]
+        r2 = None if residual is None else _rows(residual, C)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        mean = torch.empty(M, dtype=torch.float32, device=x.device)
+        rstd = torch.empty_like(mean)
+        block_m, block_c, warps, _ = _tiling(C)
+        _forward_kernel[(triton.cdiv(M, block_m),)](
+            x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
+            0 if r2 is None else r2.stride(0), eps,
+            HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        ctx.save_for_backward(x2 if summed is None else summed, weight, mean, rstd)
+        ctx.shape = x.shape
+        ctx.has_residual = residual is not None
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)
+        return y if summed is None else (y, summed)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dsummed=None):
+        s, weight, mean, rstd = ctx.saved_tensors
+        M, C = mean.shape[0], ctx.shape[-1]
+        s2 = _rows(s, C)
+        if dy is None:
+            dy = torch.zeros((M, C), dtype=s.dtype, device=s.device)
+        dy2 = _rows(dy, C)
+        ds2 = None if dsummed is None else _rows(dsummed, C)
+        want_dw = weight is not None and ctx.needs_input_grad[2]
+        want_db = ctx.has_bias and ctx.needs_input_grad[3]
+        block_m, block_c, _, warps = _tiling(C)
+        programs = max(1, _programs(M, block_m, s.device))  # one program writes zero sums when M == 0
+        rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, programs), block_m) * block_m)
+        programs = max(1, triton.cdiv(M, rows_per_program))
+        dx = torch.empty((M, C), dtype=s.dtype, device=s.device)
+        dw_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_dw else None
+        db_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_db else None
+        _backward_kernel[(programs,)](
+            dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
+            0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
+            HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        dx = dx.view(ctx.shape)
+        dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
+        db = db_part.sum(0).to(ctx.bias_dtype) if want_db else None
+        dresidual = dx if ctx.has_residual else None
+        return dx, dresidual, dw, db, None
+
+
+def layer_norm(x, weight, bias, eps):
+    return _AddLayerNorm.apply(x, None, weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    if residual is None:
+        return layer_norm(x, weight, bias, eps), x
+    return _AddLayerNorm.apply(x, residual, weight, bias, eps)
+
+
+def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:
+    reason = unsupported(x=x, residual=residual, weight=weight, bias=bias)
+    if reason:
+        return reason
+    if residual is not None and residual.dtype != x.dtype:
+        return f"residual dtype {residual.dtype} differs from x dtype {x.dtype}"
+    if x.shape[-1] == 0:
+        return "the feature dimension is empty"
+    if x.shape[-1] > MAX_FEATURES:
+        return f"{x.shape[-1]} features exceed the Triton LayerNorm's limit of {MAX_FEATURES}"
+    return None
+
+
+def check_layer_norm(x, weight, bias, eps) -> Optional[str]:
+    return check_add_layer_norm(x, None, weight, bias, eps)

@@ -1,0 +1,479 @@
+"""The Triton backend of incubation.ops (incubation/kernels): attention, (add +) LayerNorm, linear.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (fp32 and fp16;
+bf16 in one test of the interpreter's workarounds); with one, the same tests run on CUDA with
+bf16 too, and TestCUDA adds ViT sizes. Every output and every gradient is checked against float64
+with DESIGN.md's rule: error at most 2x eager's error in the same dtype, plus an atol for
+rounding; outputs are poisoned (NaN) before the call so unwritten elements show.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+# Triton fixes interpreted-or-compiled when a kernel is decorated: the flag must be in the
+# environment before incubation.kernels is imported (tests/conftest.py sets it too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from incubation import ops  # noqa: E402
+from incubation.nn import VisionTransformer  # noqa: E402
+
+kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
+from incubation.kernels import attention as triton_attention, linear as triton_linear, norm as triton_norm  # noqa: E402,I001
+
+HAS_CUDA = torch.cuda.is_available()
+GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not kernels.INTERPRET, reason="the kernels were compiled for the GPU (TRITON_INTERPRET unset)")),
+    pytest.param("cuda", marks=GPU_MARKS),
+]
+
+
+def on_gpu(test):
+    for mark in GPU_MARKS:
+        test = mark(test)
+    return test
+LOW = (torch.float16, torch.bfloat16)
+EPS = 1e-6
+
+
+def device_dtypes():
+    """(device, dtype) pairs: bf16 only on CUDA, since the interpreter truncates fp32 -> bf16
+    casts instead of rounding them (test_bf16_under_the_interpreter covers that path)."""
+    params = []
+    for device in DEVICES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if device.values[0] == "cpu" and dtype == torch.bfloat16:
+                continue
+            params.append(pytest.param(device.values[0], dtype, marks=device.marks,
+                                       id=f"{device.values[0]}-{str(dtype)[6:]}"))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    """torch.empty (the kernels' outputs) returns NaN, so an element a kernel did not write shows."""
+    was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(8).isnan().all(), "poisoning is not active"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+def make(shape, dtype, device, scale=1.0, shift=0.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the tolerance rule
+# --------------------------------------------------------------------------------------
+def assert_within_rule(ours, eager, ref, what, factor=2.0):
+    """|ours - ref| <= factor |eager - ref| + atol; ref in float64, atol a few ulps of fp32 at ref's scale."""
+    assert ours.shape == eager.shape and ours.dtype == eager.dtype, \
+        f"{what}: {tuple(ours.shape)} {ours.dtype} vs eager's {tuple(eager.shape)} {eager.dtype}"
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values (an unwritten output element?)"
+    ref = ref.double()
+    atol = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
+    err = (ours.double() - ref).abs().max().item()
+    err_eager = (eager.double() - ref).abs().max().item()
+    assert err <= factor * err_eager + atol, \
+        f"{what}: error {err:.3g} > {factor} x eager's {err_eager:.3g} + {atol:.3g}"
+
+
+def _run(fn, inputs, backend, grads_out=None):
+    """fn's outputs on `backend`, then (with grads_out) the gradients of every tensor input."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with ops.use_backend(backend):
+        outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    if grads_out is None:
+        return outs
+    grads = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
+    return [o.detach() for o in outs] + list(grads)
+
+
+def check_against_reference(fn, inputs, factor=2.0):
+    """Triton vs eager (same dtypes) vs eager in float64: outputs and every input's gradient."""
+    ref_outs = _run(fn, [t.double() for t in inputs], "eager")
+    dtype = inputs[0].dtype
+    grads_out = [torch.randn_like(o).to(dtype).double() for o in ref_outs]
+    reference = _run(fn, [t.double() for t in inputs], "eager", grads_out)
+    eager = _run(fn, inputs, "eager", grads_out)
+    ours = _run(fn, inputs, "triton", grads_out)
+    names = [f"output {i}" for i in range(len(ref_outs))] + [f"grad of input {i}" for i in range(len(inputs))]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, name, factor)
+
+
+# --------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------
+def attention_case(device, dtype, batch, heads, n_q, n_kv, head_dim, scale=None):
+    q = make((batch, heads, n_q, head_dim), dtype, device)
+    k = make((batch, heads, n_kv, head_dim), dtype, device)
+    v = make((batch, heads, n_kv, head_dim), dtype, device)
+    check_against_reference(lambda q, k, v: ops.attention(q, k, v, scale), [q, k, v])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("batch, heads, n, head_dim", [
+    (2, 2, 50, 32),    # the ViT test model: ragged second key block
+    (1, 1, 197, 64),   # ViT-B/16 at 224: 7 ragged blocks
+    (1, 2, 65, 80),    # head dim padded to 128
+    (2, 1, 1, 128),    # one token
+    (1, 1, 33, 96),
+])
+def test_attention_matches_reference(device, dtype, batch, heads, n, head_dim):
+    torch.manual_seed(n + head_dim)
+    attention_case(device, dtype, batch, heads, n, n, head_dim)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_queries_and_keys_of_different_lengths_and_custom_scale(device):
+    torch.manual_seed(1)
+    attention_case(device, torch.float32, 1, 2, 33, 70, 64, scale=0.3)
+    attention_case(device, torch.float16, 1, 1, 70, 17, 32, scale=0.05)
+
+
+@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] != torch.bfloat16])
+def test_attention_reads_strided_qkv_views(device, dtype):
+    """q, k, v as the ViT makes them (views of one qkv tensor), the output gradient strided too."""
+    torch.manual_seed(2)
+    B, N, H, D = 2, 50, 2, 32
+    qkv = make((B, N, 3 * H * D), dtype, device)
+
+    def attend(qkv):
+        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        assert not q.is_contiguous()
+        return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+    check_against_reference(attend, [qkv])
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm and add + LayerNorm
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (7, 768), (3 * 197, 1000), (5, 50)])
+@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add_ln"])
+def test_layer_norm_matches_reference(device, dtype, rows, width, residual):
+    torch.manual_seed(rows + width)
+    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)  # a non-zero mean stresses the variance
+    w = make((width,), dtype, device, scale=0.2, shift=1.0)
+    b = make((width,), dtype, device, scale=0.2)
+    if residual:
+        r = make((rows, width), dtype, device)
+        check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
+    else:
+        check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_layer_norm_optional_affine_3d(device, affine):
+    torch.manual_seed(3)
+    x = make((2, 50, 192), torch.float32, device, scale=3.0, shift=-1.0)
+    r = make((2, 50, 192), torch.float32, device)
+    params = [make((192,), torch.float32, device, shift=1.0)] if affine != "none" else []
+
+    def split(p):
+        return (p[0], None) if affine == "weight" else (None, p[0]) if affine == "bias" else (None, None)
+
+    check_against_reference(lambda x, *p: ops.layer_norm(x, *split(p), EPS), [x, *params])
+    check_against_reference(lambda x, r, *p: ops.add_layer_norm(x, r, *split(p), 1e-5), [x, r, *params])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_norm_takes_fp32_parameters_and_strided_rows(device):
+    """bf16 activations with fp32 parameters (gradients come back fp32); a transposed x (copied)
+    and the class token of a (B, N, C) tensor (a strided row view, not copied)."""
+    torch.manual_seed(4)
+    x = make((384, 65), torch.bfloat16, device, shift=0.3).t()
+    w = make((384,), torch.float32, device, shift=1.0)
+    b = make((384,), torch.float32, device)
+    check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b])
+    tokens = make((3, 50, 192), torch.float32, device)
+    check_against_reference(lambda t: ops.layer_norm(t[:, 0], None, None, EPS), [tokens])
+    r = make((3, 192), torch.float32, device)
+    check_against_reference(lambda t, r: ops.add_layer_norm(t[:, 0], r, None, None, EPS), [tokens, r])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_gradient_of_only_one_output(device):
+    """Only `summed` or only `normed` feeds the loss: the other output's gradient is absent."""
+    torch.manual_seed(5)
+    x, r = make((6, 64), torch.float32, device), make((6, 64), torch.float32, device)
+    w, b = make((64,), torch.float32, device), make((64,), torch.float32, device)
+    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, w, b, EPS)[1] * 3, [x, r])
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS)[0], [x, r, w, b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_without_residual_and_empty_batch(device):
+    x = make((5, 64), torch.float32, device)
+    with ops.use_backend("triton"):
+        normed, summed = ops.add_layer_norm(x, None, None, None, EPS)
+        empty = torch.zeros(0, 64, device=device, requires_grad=True)
+        w = torch.ones(64, device=device, requires_grad=True)
+        out = ops.layer_norm(empty, w, None, EPS)
+    assert summed is x
+    torch.testing.assert_close(normed, torch.nn.functional.layer_norm(x, (64,), eps=EPS))
+    assert out.shape == (0, 64)
+    (dw,) = torch.autograd.grad(out.sum(), (w,))
+    assert torch.equal(dw, torch.zeros_like(dw))
+
+
+# --------------------------------------------------------------------------------------
+# linear: GEMM + fused epilogue
+# --------------------------------------------------------------------------------------
+EPILOGUES = {  # name: (activation, bias, layer_scale, residual), as the ViT uses them
+    "plain": (None, False, False, False),
+    "qkv_bias": (None, True, False, False),
+    "fc1_bias_gelu": ("gelu", True, False, False),
+    "proj_bias_scale": (None, True, True, False),
+    "fc2_bias_scale_residual": (None, True, True, True),
+    "gelu_scale_residual": ("gelu", False, True, True),
+}
+
+
+def linear_fn(activation, has_bias, has_scale, has_residual):
+    def fn(x, weight, *rest):
+        rest = list(rest)
+        bias = rest.pop(0) if has_bias else None
+        scale = rest.pop(0) if has_scale else None
+        residual = rest.pop(0) if has_residual else None
+        return ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
+    return fn
+
+
+def linear_case(device, dtype, rows, in_features, out_features, epilogue, residual_dtype=None, factor=2.0):
+    activation, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
+    x = make((rows, in_features), dtype, device)
+    inputs = [x, make((out_features, in_features), dtype, device, scale=in_features ** -0.5)]
+    if has_bias:
+        inputs.append(make((out_features,), dtype, device, scale=0.5))
+    if has_scale:
+        inputs.append(make((out_features,), dtype, device, scale=0.5, shift=0.5))
+    if has_residual:
+        inputs.append(make((rows, out_features), residual_dtype or dtype, device))
+    check_against_reference(linear_fn(*EPILOGUES[epilogue]), inputs, factor)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtypes())
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("rows, in_features, out_features", [(50, 64, 192), (7, 100, 1000), (1, 33, 50)])
+def test_linear_matches_reference(device, dtype, epilogue, rows, in_features, out_features):
+    torch.manual_seed(rows + out_features)
+    linear_case(device, dtype, rows, in_features, out_features, epilogue)
+
+
+@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] in LOW])
+def test_linear_low_precision_into_fp32_residual_stream(device, dtype):
+    """As under autocast: bf16/fp16 GEMM, fp32 residual; the output and its gradient stay fp32."""
+    torch.manual_seed(6)
+    linear_case(device, dtype, 37, 64, 48, "fc2_bias_scale_residual", residual_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_reads_strided_inputs(device):
+    """Transposed x, weight and residual, and a 3-D x: read through their strides."""
+    torch.manual_seed(7)
+    x = make((40, 2, 25), torch.float32, device).permute(1, 2, 0)           # (2, 25, 40), strided
+    w = make((40, 48), torch.float32, device, scale=40 ** -0.5).t()         # (48, 40), transposed
+    b, s = make((48,), torch.float32, device), make((48,), torch.float32, device)
+    r = make((48, 2, 25), torch.float32, device).permute(1, 2, 0)
+    check_against_reference(linear_fn("gelu", True, True, True), [x, w, b, s, r])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_gradient_of_only_some_inputs(device):
+    """Frozen weights (the meta model's layers): no pre-activation is kept, grads still right."""
+    torch.manual_seed(8)
+    x, w = make((9, 32), torch.float32, device), make((24, 32), torch.float32, device)
+    b, s, r = (make((24,), torch.float32, device), make((24,), torch.float32, device),
+               make((9, 24), torch.float32, device))
+    with ops.use_backend("triton"):
+        xs = x.clone().requires_grad_()
+        out = ops.linear(xs, w, b, "gelu", layer_scale=s, residual=r)
+        (dx,) = torch.autograd.grad(out.sum(), (xs,))
+        rs = r.clone().requires_grad_()
+        (dr,) = torch.autograd.grad(ops.linear(x, w, b, "gelu", layer_scale=s, residual=rs).sum(), (rs,))
+    x64 = x.double().requires_grad_()
+    out64 = r.double() + s.double() * torch.nn.functional.gelu(x64 @ w.double().T + b.double())
+    (dx64,) = torch.autograd.grad(out64.sum(), (x64,))
+    torch.testing.assert_close(out.double(), out64.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-5, rtol=1e-5)
+    assert torch.equal(dr, torch.ones_like(r))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_empty_batch(device):
+    x = torch.zeros(0, 16, device=device, requires_grad=True)
+    w = torch.ones(8, 16, device=device, requires_grad=True)
+    s = torch.ones(8, device=device, requires_grad=True)
+    with ops.use_backend("triton"):
+        out = ops.linear(x, w, None, "gelu", layer_scale=s)
+    assert out.shape == (0, 8)
+    dw, ds = torch.autograd.grad(out.sum(), (w, s))
+    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(ds, torch.zeros_like(ds))
+
+
+# --------------------------------------------------------------------------------------
+# what the backend refuses
+# --------------------------------------------------------------------------------------
+def refused_calls(device):
+    """Calls the Triton kernels cannot serve: (op, args for ops.<op>, args for the check,
+    the check, words its reason must contain)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    big_head = torch.randn(1, 1, 4, 160, **f32)
+    x64 = torch.randn(4, 8, device=device, dtype=torch.float64)
+    x16, r32 = torch.randn(4, 8, device=device, dtype=torch.float16), torch.randn(4, 8, **f32)
+    wide = torch.randn(2, triton_norm.MAX_FEATURES + 1, **f32)
+    return [
+        ("attention", (big_head, big_head, big_head), (big_head, big_head, big_head, 0.1), triton_attention.check,
+         "head dim 160"),
+        ("attention", (x64[None, None],) * 3, (x64[None, None],) * 3 + (0.1,), triton_attention.check, "float64"),
+        ("add_layer_norm", (x16, r32, None, None), (x16, r32, None, None, EPS), triton_norm.check_add_layer_norm,
+         "residual dtype"),
+        ("layer_norm", (wide, None, None), (wide, None, None, EPS), triton_norm.check_layer_norm, "features exceed"),
+        ("linear", (x64, torch.randn(3, 8, device=device, dtype=torch.float64)),
+         (x64, torch.randn(3, 8, device=device, dtype=torch.float64), None, None, None, None), triton_linear.check,
+         "float64"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_gives_a_reason_and_forced_triton_raises(device):
+    for op, args, check_args, check, words in refused_calls(device):
+        reason = check(*check_args)
+        assert reason and words in reason, (op, reason)
+        with ops.use_backend("triton"), pytest.raises(ops.BackendError, match=words):
+            getattr(ops, op)(*args)
+
+
+def test_check_refuses_cpu_tensors_for_compiled_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    assert "built for the GPU" in triton_norm.check_layer_norm(torch.randn(2, 8), None, None, EPS)
+
+
+@on_gpu
+def test_auto_falls_back_to_eager_and_reports_why():
+    for op, args, _, _, words in refused_calls("cuda"):
+        with ops.use_backend("auto"):
+            outs = getattr(ops, op)(*args)
+        with ops.use_backend("eager"):
+            expected = getattr(ops, op)(*args)
+        for o, e in zip(outs if isinstance(outs, tuple) else (outs,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            torch.testing.assert_close(o, e)
+        assert words in ops.backends("cuda")[op]["refused"]["triton"], op
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="checks the interpreter's bf16 path")
+def test_bf16_under_the_interpreter():
+    """The interpreter's bf16 tl.dot is wrong, so the kernels cast dot operands to fp32 there.
+    Its fp32 -> bf16 casts truncate (up to an ulp, where rounding errs by half of one), hence
+    4x eager's error here; the 2x rule for bf16 is checked on CUDA."""
+    torch.manual_seed(11)
+    bf16 = torch.bfloat16
+    q, k, v = (make((1, 2, 50, 32), bf16, "cpu") for _ in range(3))
+    check_against_reference(lambda q, k, v: ops.attention(q, k, v), [q, k, v], factor=4.0)
+    x, r = make((7, 192), bf16, "cpu"), make((7, 192), bf16, "cpu")
+    w, b = make((192,), bf16, "cpu", shift=1.0), make((192,), bf16, "cpu")
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b], factor=4.0)
+    linear_case("cpu", bf16, 50, 64, 192, "gelu_scale_residual", factor=4.0)
+
+
+def test_interpreter_flag_matches_the_machine():
+    """Without CUDA the kernels must have been built interpreted, even when the whole test
+    directory was collected first (other test files import incubation before this one)."""
+    assert kernels.INTERPRET == (os.environ.get("TRITON_INTERPRET") == "1")
+    if not HAS_CUDA:
+        assert kernels.INTERPRET
+
+
+# --------------------------------------------------------------------------------------
+# the ViT on the Triton kernels
+# --------------------------------------------------------------------------------------
+VIT = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def _double(model):
+    twin = VisionTransformer(model.config).to(next(model.parameters()).device).double()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def vit_case(device, config, batch, autocast_dtype=None):
+    """Logits and every parameter gradient of the ViT on Triton vs eager vs eager float64."""
+    torch.manual_seed(9)
+    model = VisionTransformer(**config).to(device)
+    images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    labels = torch.randint(0, config["num_classes"], (batch,), device=device)
+
+    def run(m, x, backend, amp=None):
+        m.zero_grad()
+        with ops.use_backend(backend), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = m(x)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return [logits.detach()] + [p.grad.detach().clone() for p in m.parameters()]
+
+    reference = run(_double(model), images.double(), "eager")
+    eager = run(model, images, "eager", autocast_dtype)
+    ours = run(model, images, "triton", autocast_dtype)
+    names = ["logits"] + [name for name, _ in model.named_parameters()]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("init_values", [None, 0.5], ids=["no_layer_scale", "layer_scale"])
+def test_vit_matches_eager_logits_and_gradients(device, init_values):
+    vit_case(device, {**VIT, "init_values": init_values}, batch=2)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA: bf16 and ViT sizes (compiled kernels, autotuned configs)
+# --------------------------------------------------------------------------------------
+@on_gpu
+class TestCUDA:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("n, head_dim", [(197, 64), (257, 64), (50, 32), (65, 80), (197, 128), (1, 64)])
+    def test_attention_vit_sizes(self, dtype, n, head_dim):
+        torch.manual_seed(n)
+        attention_case("cuda", dtype, 8, 6, n, n, head_dim)
+
+    def test_attention_long_sequence_bf16(self):
+        torch.manual_seed(10)
+        attention_case("cuda", torch.bfloat16, 2, 4, 1025, 1025, 64)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("width", [192, 384, 768, 1000, 1280])
+    def test_add_layer_norm_vit_sizes(self, dtype, width):
+        torch.manual_seed(width)
+        x, r = make((64 * 197, width), dtype, "cuda"), make((64 * 197, width), dtype, "cuda")
+        w, b = make((width,), torch.float32, "cuda", shift=1.0), make((width,), torch.float32, "cuda")
+        check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("epilogue", list(EPILOGUES))
+    @pytest.mark.parametrize("in_features, out_features", [(384, 1536), (1536, 384), (768, 1000)])
+    def test_linear_vit_sizes(self, dtype, epilogue, in_features, out_features):
+        torch.manual_seed(in_features)
+        linear_case("cuda", dtype, 16 * 197, in_features, out_features, epilogue)
+
+    @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
+    def test_vit_small(self, amp):
+        vit_case("cuda", dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6,
+                              num_classes=100, init_values=0.1), batch=4, autocast_dtype=amp)
