@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "attention", "layer_norm", "add_layer_norm", "linear",
-    "backends", "format_backends", "use_backend", "current_backend", "register", "BackendError",
+    "backends", "format_backends", "implements", "use_backend", "current_backend", "register", "BackendError",
     "OPS", "BACKENDS",
 ]
 
@@ -181,6 +181,12 @@ def _select(op: str, device_type: str, args: tuple) -> Callable:
             return _impls[op][backend]
         _runtime_refusals[op][backend] = reason
     return _impls[op]["eager"]
+
+
+def implements(op: str, backend: str) -> bool:
+    """Whether `backend` has a kernel for `op` at all (it may still refuse some calls)."""
+    _load_backends()
+    return backend not in _backend_unavailable and backend in _impls.get(op, {})
 
 
 def backends(device: str | torch.device = "cpu") -> dict[str, dict]:

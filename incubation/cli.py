@@ -1,0 +1,477 @@
+"""The `incubation` command.
+
+    incubation run                       meta + K incubations + assembly, the E2E baseline at the
+                                         same training FLOPs, then the report (`make demo`)
+    incubation meta                      stage 1: the meta model          -> <out>/meta/
+    incubation incubate --module i       stage 2: one module (K independent jobs, e.g. on K machines)
+    incubation incubate --all [--parallel N]   all modules, one after another or N processes at once
+    incubation assemble                  stage 3: assemble the modules + fine-tune -> <out>/assemble/
+    incubation e2e                       the baseline: the target trained directly -> <out>/e2e/
+    incubation report                    report.md, report.json and plots of <out>
+    incubation expand CKPT -o OUT ...    LEMON: a larger, function-preserving model from a checkpoint
+    incubation grow                      Apollo: progressive depth training of the target
+    incubation bench [ops|train] ...     the microbenchmarks (benchmarks/) on this machine
+    incubation backends                  which kernel backend serves each op, and why
+
+Stages find the previous stage's outputs in the run dir (--out, default runs/<preset>):
+<out>/meta/final.safetensors, <out>/incubate-<i>/final.safetensors, <out>/assemble/..., and
+resume an interrupted stage from its checkpoint. The training engine draws the progress bars
+and writes <stage dir>/metrics.jsonl. A stage uses its preset recipe (incubation.presets);
+--epochs / --batch-size / --lr override it (for `run`: every stage; the E2E baseline always gets
+the pipeline's FLOPs there). --lr is the base rate for a batch of 512 (peak = lr x batch / 512).
+
+New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser), handler(args)).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+from . import deep, ops
+from .presets import PRESETS, Recipe, get_preset
+from .report import pipeline_cost, read_stage, stage_dir, write_report
+
+__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "build_parser"]
+
+
+# ----------------------------------------------------------------------------------------------
+# common arguments and the run context
+# ----------------------------------------------------------------------------------------------
+# (flag, dest) of the common options that take a value: a child process gets them back verbatim
+_VALUE_OPTIONS = (("--data", "data"), ("--data-dir", "data_dir"), ("--out", "out"), ("--preset", "preset"),
+                  ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"), ("--seed", "seed"),
+                  ("--device", "device"), ("--accum-steps", "accum_steps"), ("--num-workers", "num_workers"),
+                  ("--modules", "modules"), ("--split", "split"), ("--limit-train", "limit_train"),
+                  ("--img-size", "img_size"), ("--limit-eval", "limit_eval"))
+
+
+def _split_arg(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split wants comma-separated block counts like 3,3,3,3, got {text!r}")
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every training subcommand shares."""
+    g = p.add_argument_group("common options")
+    g.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (default) or 'folder:<path>' "
+                   "(ImageFolder with train/ and val/)")
+    g.add_argument("--data-dir", default=None, help="where the data set files are (default: discovered)")
+    g.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)")
+    g.add_argument("--epochs", type=float, default=None, help="epochs of the stage (default: the preset's)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)")
+    g.add_argument("--img-size", type=int, default=None, help="resize images to this size (default: the "
+                   "preset's, else the data set's own)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    g.add_argument("--modules", type=int, default=None, help="K, the number of modules (meta stage; "
+                   "later stages read it from the meta checkpoint)")
+    g.add_argument("--split", type=_split_arg, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)")
+    # for tests and quick looks: train / evaluate on a fixed random subset
+    g.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--limit-eval", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _common_argv(args) -> list[str]:
+    argv = []
+    for flag, dest in _VALUE_OPTIONS:
+        value = getattr(args, dest)
+        if value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv + (["--no-progress"] if args.no_progress else [])
+
+
+def _subset(dataset, limit: Optional[int], seed: int):
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"--limit-train/--limit-eval must be >= 1, got {limit}")
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    return torch.utils.data.Subset(dataset, keep.tolist())
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything a stage needs, resolved once from the arguments."""
+    args: argparse.Namespace
+    preset: object
+    run_dir: str
+    train_set: object
+    eval_set: object
+    target: object   # ViTConfig without drop-path (each stage sets its own)
+
+    def recipe(self, stage: str) -> Recipe:
+        changes = {k: v for k, v in (("epochs", self.args.epochs), ("batch_size", self.args.batch_size),
+                                     ("lr", self.args.lr)) if v is not None}
+        return dataclasses.replace(self.preset.recipe(stage), **changes)
+
+    def target_for(self, recipe: Recipe):
+        return self.target.replace(drop_path_rate=recipe.drop_path)
+
+    def split(self) -> tuple[int, Optional[list]]:
+        """(K, sizes): from the meta checkpoint when there is one, else the options / preset."""
+        meta = read_stage(stage_dir(self.run_dir, "meta"))
+        if meta is not None:
+            if (self.args.modules not in (None, meta["K"])) or (self.args.split not in (None, meta["sizes"])):
+                raise ValueError(f"{meta['dir']} holds a meta model for K={meta['K']} modules of {meta['sizes']} "
+                                 f"blocks; --modules/--split disagree (use another --out for another split)")
+            return meta["K"], meta["sizes"]
+        sizes = self.args.split or (list(self.preset.sizes) if self.preset.sizes else None)
+        K = self.args.modules or (len(sizes) if sizes else self.preset.K)
+        return K, sizes
+
+    def train_config(self, recipe: Recipe, steps: Optional[int] = None):
+        from .train import TrainConfig
+        n = len(self.train_set)
+        steps = steps or recipe.steps(n)
+        evals = recipe.evals or max(1, round(steps * recipe.batch_size / n))  # default: every epoch
+        peak = recipe.peak_lr
+        return TrainConfig(
+            steps=steps, batch_size=recipe.batch_size, accum_steps=self.args.accum_steps, lr=peak,
+            min_lr=min(recipe.min_lr, peak), weight_decay=recipe.weight_decay,
+            warmup_steps=min(round(recipe.warmup_epochs * n / recipe.batch_size), steps - 1),
+            clip_grad=recipe.clip_grad, label_smoothing=recipe.label_smoothing, mixup=recipe.mixup,
+            cutmix=recipe.cutmix, seed=self.args.seed, eval_every=math.ceil(steps / evals),
+            num_workers=self.args.num_workers, device=self.args.device, progress=not self.args.no_progress)
+
+
+def _context(args) -> _Run:
+    from .data import load_dataset
+    preset = get_preset(args.preset)
+    if args.out is None:
+        args.out = os.path.join("runs", preset.name)
+    img_size = args.img_size or preset.img_size
+    train_set = load_dataset(args.data, "train", args.data_dir, img_size=img_size)
+    eval_set = load_dataset(args.data, "test", args.data_dir, img_size=img_size)
+    target = preset.target_config(train_set.in_chans, train_set.num_classes, train_set.img_size)
+    return _Run(args, preset, args.out, _subset(train_set, args.limit_train, args.seed),
+                _subset(eval_set, args.limit_eval, args.seed), target)
+
+
+def _say(args, text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
+def _done(args, name: str, result) -> None:
+    acc = "-" if result.eval_acc is None else f"{result.eval_acc:.2f}%"
+    _say(args, f"{name}: eval acc {acc}, {result.steps} steps, {result.wall_seconds:.1f} s "
+               f"-> {result.checkpoint_path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------
+def _final(run: _Run, stage: str, module: Optional[int] = None) -> str:
+    return os.path.join(stage_dir(run.run_dir, stage, module), "final")
+
+
+def _meta(run: _Run):
+    recipe = run.recipe("meta")
+    K, sizes = run.split()
+    result = deep.train_meta(run.target, K, run.train_set, run.eval_set, run.train_config(recipe),
+                             stage_dir(run.run_dir, "meta"), sizes=sizes, drop_path_rate=recipe.drop_path)
+    _done(run.args, "meta", result)
+    return result
+
+
+def _incubate(run: _Run, module: int, init: str):
+    meta = _final(run, "meta")
+    if not os.path.exists(meta + ".json"):
+        raise FileNotFoundError(f"incubation needs the meta model {meta}.safetensors: run `incubation meta` first")
+    run.split()  # --modules / --split must agree with the meta model's
+    recipe = run.recipe("incubate")
+    cfg = run.train_config(recipe)
+    if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, faster decay
+        from .growth.lemon import lemon_schedule
+        cfg = dataclasses.replace(cfg, **lemon_schedule(cfg.steps, warmup_steps=cfg.warmup_steps))
+    result = deep.train_module(meta, run.target_for(recipe), module, run.train_set, run.eval_set, cfg,
+                               stage_dir(run.run_dir, "incubate", module), init=init)
+    _done(run.args, f"incubate-{module}", result)
+    return result
+
+
+def _incubate_all(run: _Run, init: str, parallel: int) -> None:
+    K, _ = run.split()
+    if parallel <= 1:
+        for i in range(K):
+            _incubate(run, i, init)
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--parallel starts its own processes: do not combine it with torchrun")
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    waiting, running, failed = list(range(K)), {}, []
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            i = waiting.pop(0)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            os.makedirs(stage_dir(run.run_dir, "incubate", i), exist_ok=True)
+            log_path = os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt")
+            cmd = [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i), "--init", init,
+                   *_common_argv(run.args), "--no-progress"]
+            log = open(log_path, "w")
+            running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, log_path)
+            _say(run.args, f"incubate-{i}: started (log {log_path})")
+        time.sleep(0.2)
+        for i, (proc, log, log_path) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[i]
+                if proc.returncode:
+                    failed.append(f"module {i} (exit {proc.returncode}, see {log_path})")
+                else:
+                    _say(run.args, f"incubate-{i}: finished")
+    if failed:
+        raise RuntimeError("incubation failed for " + "; ".join(failed))
+
+
+def _assemble(run: _Run):
+    K, sizes = run.split()
+    meta = _final(run, "meta")
+    recipe = run.recipe("assemble")
+    result = deep.train_assembled(run.target_for(recipe), [_final(run, "incubate", i) for i in range(K)],
+                                  run.train_set, run.eval_set, run.train_config(recipe),
+                                  stage_dir(run.run_dir, "assemble"), sizes=sizes,
+                                  meta_checkpoint=meta if os.path.exists(meta + ".json") else None)
+    _done(run.args, "assemble", result)
+    return result
+
+
+def _e2e(run: _Run, matched: bool):
+    recipe = run.recipe("e2e")
+    target = run.target_for(recipe)
+    steps, cost = None, pipeline_cost(run.run_dir) if matched else None
+    if matched and cost is None:
+        raise FileNotFoundError(f"{run.run_dir} has no finished meta + incubate + assemble stages to match")
+    if cost is not None:  # the same training FLOPs as the whole Deep Incubation pipeline
+        steps = max(1, round(cost["flops"] / (3.0 * deep.flops_per_image(target) * recipe.batch_size)))
+        _say(run.args, f"e2e: {steps} steps of {recipe.batch_size} images = the pipeline's "
+                       f"{cost['flops'] / 1e12:.2f} TFLOP")
+    result = deep.train_e2e(target, run.train_set, run.eval_set, run.train_config(recipe, steps),
+                            stage_dir(run.run_dir, "e2e"))
+    _done(run.args, "e2e", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# subcommands
+# ----------------------------------------------------------------------------------------------
+def _cmd_meta(args):
+    _meta(_context(args))
+
+
+def _cmd_incubate(args):
+    run = _context(args)
+    if args.all:
+        _incubate_all(run, args.init, args.parallel)
+    else:
+        if args.parallel != 1:
+            raise ValueError("--parallel needs --all")
+        _incubate(run, args.module, args.init)
+
+
+def _cmd_assemble(args):
+    _assemble(_context(args))
+
+
+def _cmd_e2e(args):
+    run = _context(args)
+    matched = args.epochs is None and pipeline_cost(run.run_dir) is not None
+    if not matched:
+        _say(args, f"e2e: {run.recipe('e2e').epochs:g} epochs (give none with a finished pipeline in "
+                   f"{run.run_dir} to match its FLOPs)")
+    _e2e(run, matched)
+
+
+def _cmd_run(args):
+    run = _context(args)
+    _meta(run)
+    _incubate_all(run, args.init, args.parallel)
+    _assemble(run)
+    _e2e(run, matched=True)
+    _cmd_report(args)
+
+
+def _cmd_report(args):
+    run_dir = args.out or os.path.join("runs", args.preset)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    report = write_report(run_dir)
+    for name, s in report["summary"].items():
+        print(f"{name}: eval acc {s['acc']:.2f}%, {s['flops'] / 1e12:.2f} TFLOP, {s['wall_s']:.1f} s")
+    print(f"report: {os.path.join(run_dir, 'report.md')}")
+
+
+def _cmd_backends(args):
+    print(ops.format_backends("cpu"))
+    if torch.cuda.is_available():
+        print()
+        print(ops.format_backends("cuda"))
+
+
+def _add_incubate(p):
+    add_common_arguments(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--module", type=int, help="the module to incubate (0..K-1)")
+    which.add_argument("--all", action="store_true", help="incubate every module")
+    _add_incubation_options(p)
+
+
+def _add_incubation_options(p):
+    p.add_argument("--parallel", type=int, default=1, help="with --all: modules trained at once, as processes")
+    p.add_argument("--init", choices=("random", "lemon"), default="random",
+                   help="module init: random (the paper) or lemon (LEMON expansion of the meta block)")
+
+
+def _add_run(p):
+    add_common_arguments(p)
+    _add_incubation_options(p)
+
+
+def _add_report(p):
+    p.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+
+
+# ----------------------------------------------------------------------------------------------
+# model growth: LEMON expansion and Apollo progressive training
+# ----------------------------------------------------------------------------------------------
+def _model_config(path: str, md: dict):
+    """The config of the whole model stored in a checkpoint (meta model or target)."""
+    from .nn import ViTConfig
+    key = "meta_config" if md.get("stage") == "meta" else "target_config"
+    if key not in md or md.get("stage") == "incubate":
+        raise ValueError(f"{path} holds no whole model (stage {md.get('stage')!r}); expand takes a meta, "
+                         "assemble, e2e, grow or expand checkpoint")
+    return ViTConfig.from_dict(md[key])
+
+
+def _cmd_expand(args):
+    from .growth import lemon_expand
+    from .nn import VisionTransformer
+    from .train.checkpoint import load_checkpoint, save_checkpoint
+    state, md = load_checkpoint(args.checkpoint)
+    source = VisionTransformer(_model_config(args.checkpoint, md))
+    source.load_state_dict(state)
+    source.double().eval()  # expand and check in float64, store in float32
+    big = lemon_expand(source, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+                       mlp_ratio=args.mlp_ratio, seed=args.seed).eval()
+    c = source.config
+    torch.manual_seed(args.seed)
+    x = torch.randn(8, c.in_chans, *c.img_size, dtype=torch.float64)
+    with torch.no_grad(), ops.use_backend("eager"):
+        diff = (source(x) - big(x)).abs().max().item()
+    big.float()
+    metadata = {"stage": "expand", "target_config": big.config.to_dict(), "source": os.path.abspath(args.checkpoint),
+                "max_abs_logit_diff_float64": diff}
+    path = save_checkpoint(args.output, big.state_dict(), metadata)
+    _say(args, f"expanded {c.embed_dim}x{c.depth} -> {big.config.embed_dim}x{big.config.depth} "
+               f"({sum(p.numel() for p in big.parameters()) / 1e6:.2f} M params) -> {path}\n"
+               f"max |logit difference| on random inputs (float64): {diff:.3e}")
+
+
+def _cmd_grow(args):
+    from .growth import ApolloViT, apollo_hook, even_switch_steps
+    from .nn import VisionTransformer
+    from .train import train
+    from .train.checkpoint import save_checkpoint
+    run = _context(args)
+    recipe = run.recipe("e2e")
+    target = run.target_for(recipe)
+    stages = args.stages or sorted({max(1, target.depth // 2 ** k) for k in range(3)})
+    cfg = run.train_config(recipe)
+    torch.manual_seed(cfg.seed)
+    model = ApolloViT(VisionTransformer(target), stages, even_switch_steps(cfg.steps, len(stages)), seed=cfg.seed)
+    out_dir = stage_dir(run.run_dir, "grow")
+    result = train(model, run.train_set, run.eval_set, cfg, out_dir, stage="grow", hooks=[apollo_hook],
+                   metadata={"stage": "grow", "stages": list(stages), "target_config": target.to_dict()})
+    path = save_checkpoint(os.path.join(out_dir, "model"), model.export().state_dict(),
+                           {"stage": "grow", "target_config": target.to_dict(), "eval_acc": result.eval_acc})
+    _done(args, "grow (Apollo)", result)
+    _say(args, f"grown model (plain VisionTransformer, depth {target.depth}) -> {path}")
+
+
+def _add_expand(p):
+    p.add_argument("checkpoint", help="a whole-model checkpoint (.safetensors or its prefix)")
+    p.add_argument("-o", "--output", required=True, help="output prefix: writes <output>.safetensors/.json")
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--mlp-ratio", type=float)
+    p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking splits")
+
+
+def _add_grow(p):
+    add_common_arguments(p)
+    p.add_argument("--stages", type=_split_arg, default=None,
+                   help="unique-block counts per stage, e.g. 1,3,6,12 (default: depth/4, depth/2, depth)")
+
+
+def _cmd_bench(args):
+    from . import bench
+    code = bench.main(args.bench_args)
+    if code:
+        raise SystemExit(code)
+
+
+def _add_bench(p):
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="ops|train and their options (incubation bench ops --help)")
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "run": ("the whole pipeline, the E2E baseline at matched FLOPs, and the report", _add_run, _cmd_run),
+    "meta": ("stage 1: train the meta model", add_common_arguments, _cmd_meta),
+    "incubate": ("stage 2: incubate one module (--module i) or all (--all)", _add_incubate, _cmd_incubate),
+    "assemble": ("stage 3: assemble the incubated modules and fine-tune", add_common_arguments, _cmd_assemble),
+    "e2e": ("the baseline: train the target end to end", add_common_arguments, _cmd_e2e),
+    "report": ("write report.md / report.json / plots for a run dir", _add_report, _cmd_report),
+    "expand": ("LEMON: expand a checkpoint losslessly to a larger ViT", _add_expand, _cmd_expand),
+    "grow": ("Apollo: progressive depth training of the target", _add_grow, _cmd_grow),
+    "bench": ("kernel / train-step microbenchmarks on this machine", _add_bench, _cmd_bench),
+    "backends": ("show which backend serves each op (cpu, and cuda if present)", lambda p: None, _cmd_backends),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="incubation", description="Deep Incubation: train a large ViT as independently incubated modules.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DatasetError
+    from .train.checkpoint import CheckpointError
+    try:
+        args.handler(args)
+    except (ValueError, FileNotFoundError, CheckpointError, DatasetError, ops.BackendError) as exc:
+        print(f"incubation {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Named recipes for the CLI: a target ViT, its split into K modules, and one training recipe
+per stage (meta, incubate, assemble, e2e).
+
+- "tiny" (default): Fashion-MNIST on a CPU; the whole `incubation run` (meta + K incubations +
+  assembly + the E2E baseline) is sized to finish in about 10 minutes on 2 cores.
+- "vit-b", "vit-l", "vit-h": the official Deep Incubation recipe on ImageNet-sized data
+  (authors' DeiT-based scripts: global batch 2048, lr 5e-4 x batch/512, 20 warmup epochs,
+  min lr 1e-5, mixup 0.8 / cutmix 1.0, label smoothing 0.1; meta model 300 epochs without
+  drop-path; each module 100 epochs with drop-path 0.1; assembly 100 epochs, no warmup,
+  grad clip 1.0, drop-path 0.1 / 0.5 / 0.6). The E2E baseline uses the assembly's drop-path
+  with the meta recipe's schedule; `incubation run` gives it the pipeline's training FLOPs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .nn import ViTConfig
+
+__all__ = ["Recipe", "Preset", "PRESETS", "STAGES", "get_preset"]
+
+STAGES = ("meta", "incubate", "assemble", "e2e")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one stage trains. `lr` is the base rate for a batch of 512: the peak lr given to the
+    engine is lr x batch_size / 512 (the DeiT rule)."""
+    epochs: float
+    batch_size: int = 2048
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_epochs: float = 20.0
+    weight_decay: float = 0.05
+    clip_grad: Optional[float] = None
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    drop_path: float = 0.0
+    evals: int = 0  # evaluations spread over the stage for the accuracy curves (0 = every epoch)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 512
+
+    def steps(self, num_train: int) -> int:
+        """Optimizer steps of `epochs` passes over `num_train` images (at least 1)."""
+        return max(1, round(self.epochs * num_train / self.batch_size))
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    model: dict                        # ViTConfig fields; in_chans / num_classes come from the data
+    meta: Recipe
+    incubate: Recipe
+    assemble: Recipe
+    e2e: Recipe
+    K: int = 4
+    sizes: Optional[tuple] = None      # blocks per module (None: even split)
+    img_size: Optional[int] = None     # images are resized to this (None: the data set's own size)
+
+    def recipe(self, stage: str) -> Recipe:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
+        return getattr(self, stage)
+
+    def target_config(self, in_chans: int, num_classes: int, img_size: int) -> ViTConfig:
+        """The target ViT for a data set of this kind (images already at `img_size`)."""
+        return ViTConfig(**{**self.model, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
+
+
+def _official(name: str, model: dict, drop_path: float) -> Preset:
+    meta = Recipe(epochs=300, drop_path=0.0)
+    return Preset(
+        name=name, description=f"{name.upper()} with the official Deep Incubation recipe (GPU, ImageNet-sized data)",
+        model=model, img_size=224, meta=meta,
+        incubate=replace(meta, epochs=100, drop_path=0.1),
+        assemble=replace(meta, epochs=100, warmup_epochs=0.0, clip_grad=1.0, drop_path=drop_path),
+        e2e=replace(meta, drop_path=drop_path))
+
+
+_TINY = Recipe(epochs=2.0, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_epochs=0.1, mixup=0.0, cutmix=0.0,
+               evals=2)
+
+PRESETS = {
+    "tiny": Preset(
+        name="tiny", description="an 8-block, 64-wide ViT (patch 7) for Fashion-MNIST on a CPU",
+        model=dict(patch_size=7, embed_dim=64, depth=8, num_heads=4),
+        meta=_TINY, incubate=replace(_TINY, epochs=1.0, evals=1),
+        assemble=replace(_TINY, epochs=1.0, warmup_epochs=0.0, clip_grad=1.0, evals=4),
+        e2e=replace(_TINY, evals=4)),
+    "vit-b": _official("vit-b", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), 0.1),
+    "vit-l": _official("vit-l", dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), 0.5),
+    "vit-h": _official("vit-h", dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16), 0.6),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: one of {sorted(PRESETS)}")
+    return PRESETS[name]

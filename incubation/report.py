@@ -1,0 +1,197 @@
+"""Run reports: report.md + report.json + PNG plots from the files the stages left in a run dir.
+
+Everything is read back from disk (each stage's final.json and metrics.jsonl), so a report can
+be written for a run whose stages ran in other processes or on other machines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from .train.checkpoint import atomic_write
+
+__all__ = ["stage_dir", "read_stage", "pipeline_cost", "write_report"]
+
+PLOTS = ("acc_vs_flops.png", "acc_vs_time.png", "stage_time.png")
+
+
+def stage_dir(run_dir: str, stage: str, module: Optional[int] = None) -> str:
+    """The directory of one stage in a run dir: meta, incubate-<i>, assemble, e2e, grow."""
+    if stage == "incubate":
+        if module is None:
+            raise ValueError("the incubate stage needs a module index")
+        return os.path.join(run_dir, f"incubate-{module}")
+    if stage not in ("meta", "assemble", "e2e", "grow"):
+        raise ValueError(f"unknown stage {stage!r}")
+    return os.path.join(run_dir, stage)
+
+
+def read_stage(directory: str) -> Optional[dict]:
+    """The record of a finished stage (None if it has no final checkpoint): its final metadata,
+    cost so far (wall seconds, train FLOPs, images, steps) and evaluation points."""
+    if not os.path.exists(os.path.join(directory, "final.json")):
+        return None
+    with open(os.path.join(directory, "final.json")) as f:
+        final = json.load(f).get("metadata", {})
+    lines = []
+    metrics = os.path.join(directory, "metrics.jsonl")
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    last = lines[-1] if lines else {}
+    evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
+              "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
+    return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),
+            "sizes": final.get("sizes"), "target_config": final.get("target_config"),
+            "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"),
+            "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
+            "flops": last.get("flops", 0.0), "images": last.get("images", 0), "evals": evals}
+
+
+def _incubations(run_dir: str) -> list[dict]:
+    found, i = [], 0
+    while os.path.isdir(stage_dir(run_dir, "incubate", i)):
+        found.append(read_stage(stage_dir(run_dir, "incubate", i)))
+        i += 1
+    return found
+
+
+def pipeline_cost(run_dir: str) -> Optional[dict]:
+    """Training cost of meta + incubations + assembly (None unless all of them finished)."""
+    meta = read_stage(stage_dir(run_dir, "meta"))
+    if meta is None:
+        return None
+    incubations = [read_stage(stage_dir(run_dir, "incubate", i)) for i in range(meta["K"])]
+    assemble = read_stage(stage_dir(run_dir, "assemble"))
+    stages = [meta, *incubations, assemble]
+    if any(s is None for s in stages):
+        return None
+    return {"flops": sum(s["flops"] for s in stages), "wall_s": sum(s["wall_s"] for s in stages),
+            "images": sum(s["images"] for s in stages)}
+
+
+def _curve(stage: dict, flops0: float = 0.0, wall0: float = 0.0) -> list[dict]:
+    return [{"flops": flops0 + (e["flops"] or 0.0), "wall_s": wall0 + (e["wall_s"] or 0.0), "acc": e["acc"]}
+            for e in stage["evals"]]
+
+
+def _summarise(run_dir: str) -> dict:
+    meta = read_stage(stage_dir(run_dir, "meta"))
+    incubations = [s for s in _incubations(run_dir) if s is not None]
+    assemble = read_stage(stage_dir(run_dir, "assemble"))
+    e2e = read_stage(stage_dir(run_dir, "e2e"))
+    stages = {"meta": meta, **{f"incubate-{s['module']}": s for s in incubations}, "assemble": assemble, "e2e": e2e}
+    stages = {k: v for k, v in stages.items() if v is not None}
+    curves, summary = {}, {}
+    before = [s for s in (meta, *incubations) if s is not None]
+    flops0, wall0 = sum(s["flops"] for s in before), sum(s["wall_s"] for s in before)
+    if meta is not None:
+        curves["meta model"] = _curve(meta)
+    if incubations:  # each hybrid at the cumulative cost after it (stages run one after another)
+        points, f, w = [], meta["flops"] if meta else 0.0, meta["wall_s"] if meta else 0.0
+        for s in incubations:
+            f, w = f + s["flops"], w + s["wall_s"]
+            if s["eval_acc"] is not None:
+                points.append({"flops": f, "wall_s": w, "acc": s["eval_acc"]})
+        curves["hybrids"] = points
+    if assemble is not None:
+        curves["deep incubation"] = _curve(assemble, flops0, wall0)
+        summary["deep incubation"] = {"acc": assemble["eval_acc"], "flops": flops0 + assemble["flops"],
+                                      "wall_s": wall0 + assemble["wall_s"],
+                                      "wall_s_parallel": (meta["wall_s"] if meta else 0.0) + assemble["wall_s"] +
+                                      max((s["wall_s"] for s in incubations), default=0.0)}
+    if e2e is not None:
+        curves["end to end"] = _curve(e2e)
+        summary["end to end"] = {"acc": e2e["eval_acc"], "flops": e2e["flops"], "wall_s": e2e["wall_s"]}
+    return {"run_dir": os.path.abspath(run_dir), "stages": stages, "curves": curves, "summary": summary}
+
+
+def _flop_unit(report: dict) -> tuple[float, str]:
+    """(scale, name) of the largest unit in which the biggest stage cost is at least 1."""
+    biggest = max([s["flops"] for s in report["stages"].values()] +
+                  [s["flops"] for s in report["summary"].values()] + [0.0])
+    scale, name = 1e9, "GFLOP"
+    for candidate in ((1e12, "TFLOP"), (1e15, "PFLOP"), (1e18, "EFLOP")):
+        if biggest >= candidate[0]:
+            scale, name = candidate
+    return scale, name
+
+
+def _plot(report: dict, run_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written, (unit, unit_name) = [], _flop_unit(report)
+    for axis, fname, label, scale in (("flops", PLOTS[0], f"training cost ({unit_name})", 1.0 / unit),
+                                      ("wall_s", PLOTS[1], "training time (s, stages one after another)", 1.0)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name, points in report["curves"].items():
+            if not points:
+                continue
+            style = {"hybrids": dict(ls="none", marker="x"), "meta model": dict(ls=":", marker=".")}.get(
+                name, dict(marker="o"))
+            ax.plot([p[axis] * scale for p in points], [p["acc"] for p in points], label=name, **style)
+        ax.set_xlabel(label)
+        ax.set_ylabel("eval top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, fname), dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    names = list(report["stages"])
+    ax.barh(names, [report["stages"][n]["wall_s"] for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time (s)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, PLOTS[2]), dpi=110)
+    plt.close(fig)
+    return written + [PLOTS[2]]
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    unit, unit_name = _flop_unit(report)
+    lines = ["# Deep Incubation run report", "", f"Run dir: `{report['run_dir']}`", ""]
+    stages = list(report["stages"].values())
+    target = next((s["target_config"] for s in stages if s.get("target_config")), None)
+    split = next((s["sizes"] for s in stages if s.get("sizes")), None)
+    if target:
+        lines += [f"Target ViT: depth {target['depth']}, width {target['embed_dim']}, {target['num_heads']} heads, "
+                  f"patch {target['patch_size'][0]}, image {target['img_size'][0]}, {target['num_classes']} classes"
+                  + (f"; K = {len(split)} modules of {split} blocks." if split else "."), ""]
+    lines += [
+             f"| stage | steps | images | train {unit_name} | wall s | eval acc % | eval loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in report["stages"].items():
+        lines.append(f"| {name} | {_fmt(s['steps'], 'd')} | {_fmt(s['images'], 'd')} | {s['flops'] / unit:.3f} | "
+                     f"{s['wall_s']:.1f} | {_fmt(s['eval_acc'], '.2f')} | {_fmt(s['eval_loss'], '.4f')} |")
+    summary = report["summary"]
+    if summary:
+        lines += ["", f"| method | eval acc % | train {unit_name} | wall s (sequential) |", "|---|---:|---:|---:|"]
+        for name, s in summary.items():
+            lines.append(f"| {name} | {_fmt(s['acc'], '.2f')} | {s['flops'] / unit:.3f} | {s['wall_s']:.1f} |")
+        if "deep incubation" in summary:
+            lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
+                          f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
+    lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images (a hybrid's frozen meta parts "
+                  "are counted as if they were trained).", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str) -> dict:
+    """Write report.json, report.md and the plots into `run_dir`; returns the report dict."""
+    report = _summarise(run_dir)
+    if not report["stages"]:
+        raise FileNotFoundError(f"{run_dir} has no finished stage (no */final.json) to report on")
+    plots = _plot(report, run_dir)
+    atomic_write(os.path.join(run_dir, "report.json"), json.dumps(report, indent=1).encode())
+    atomic_write(os.path.join(run_dir, "report.md"), _markdown(report, plots).encode())
+    return report

@@ -1,0 +1,135 @@
+"""The benchmark harnesses (benchmarks/ops.py, benchmarks/train_step.py) in their quickest mode
+on tiny shapes: the JSON they write has the expected fields and self-consistent numbers.
+No timing is asserted (performance claims come from benchmarks/ only)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from incubation import bench
+
+OK_STATUSES = {"ok", "skipped", "failed"}
+TARGET_STATUSES = {"met", "missed", "not measured"}
+
+
+@pytest.fixture(scope="module")
+def ops_bench():
+    return bench.load_benchmark("ops")
+
+
+@pytest.fixture(scope="module")
+def ops_payload(ops_bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ops")
+    payload = ops_bench.run_op_benchmarks(
+        device="cpu", models=["Ti"], seqs=[5], batch=1, dtypes=["fp32"], quick=True, out_dir=str(out),
+        providers=["eager", "sdpa", "triton", "cpp"], log=lambda *_: None)
+    return payload, out
+
+
+def test_ops_json_fields(ops_bench, ops_payload):
+    _, out = ops_payload
+    with open(out / "ops.json") as f:
+        written = json.load(f)
+    assert written["benchmark"] == "ops"
+    for key in ("date", "commit", "device", "device_name", "torch", "triton", "timm", "backends"):
+        assert key in written["environment"], key
+    assert written["environment"]["device"] == "cpu"
+    ceilings = written["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"]["fp32"] > 0
+    assert written["config"]["seqs"] == [5] and written["config"]["batch"] == 1
+    records = written["results"]
+    assert {r["status"] for r in records} <= OK_STATUSES
+    for r in records:
+        for key in ("op", "mode", "provider", "kind", "model", "batch", "seq", "dtype", "status"):
+            assert key in r, key
+        if r["status"] != "ok":
+            assert r["reason"], r
+    # every op and mode was timed on eager, and eager is its own baseline
+    eager = {(r["op"], r["mode"]): r for r in records if r["provider"] == "eager"}
+    expected = {(op.name, m) for op in ops_bench.OPS.values() for m in op.modes}
+    assert set(eager) == expected
+    for r in eager.values():
+        assert r["status"] == "ok" and r["ms"] > 0 and r["x_eager"] == pytest.approx(1.0)
+        assert r["max_abs_diff"] == 0.0
+    assert (out / "ops.md").read_text().startswith("## Op benchmark, CPU")
+    assert os.path.exists(out / "ops.png")
+    assert {t["status"] for t in written["targets"]} <= TARGET_STATUSES
+    assert any("cpp add_layer_norm" in t["name"] for t in written["targets"])
+
+
+def test_ops_work_and_correctness(ops_payload):
+    """FLOPs / bytes behind TFLOP/s and GB/s follow the documented formulas; every provider that
+    ran agrees with eager."""
+    payload, _ = ops_payload
+    B, N, C, H, D = 1, 5, 192, 3, 64
+    fwd_work = {"attention": 4 * B * H * N * N * D, "linear_gelu": 2 * B * N * C * 4 * C,
+                "linear_residual": 2 * B * N * 4 * C * C, "add_layer_norm": 4 * B * N * C * 4}
+    factor = {"attention": {"fwd": 1, "fwd+bwd": 3.5}, "linear_gelu": {"fwd": 1, "fwd+bwd": 3},
+              "linear_residual": {"fwd": 1, "fwd+bwd": 3}, "add_layer_norm": {"fwd": 1, "bwd": 1, "fwd+bwd": 2}}
+    for r in payload["results"]:
+        if r["status"] != "ok":
+            continue
+        work = fwd_work[r["op"]] * factor[r["op"]][r["mode"]]
+        measured = r["gbps"] * 1e9 if r["op"] == "add_layer_norm" else r["tflops"] * 1e12
+        assert measured * r["ms"] * 1e-3 == pytest.approx(work, rel=1e-9), r
+        assert r["max_abs_diff"] < 1e-4, r
+        assert math.isfinite(r["pct_ceiling"]) and r["pct_ceiling"] > 0
+
+
+def test_ops_skips_are_recorded(ops_payload):
+    records = ops_payload[0]["results"]
+    triton = [r for r in records if r["provider"] == "triton"]
+    assert triton and all(r["status"] == "skipped" and "interpreter" in r["reason"] for r in triton)
+    cpp = [r for r in records if r["provider"] == "cpp"]
+    # attention has no cpp kernel: the forced backend refuses and the refusal is recorded
+    assert all(r["status"] == "skipped" and "BackendError" in r["reason"] for r in cpp if r["op"] == "attention")
+    assert not any(r["provider"] == "sdpa" for r in records if r["op"] != "attention")
+
+
+def test_ops_bad_arguments(ops_bench, capsys):
+    with pytest.raises(ValueError, match="unknown model"):
+        ops_bench.run_op_benchmarks(device="cpu", models=["XL"], log=lambda *_: None)
+    with pytest.raises(ValueError, match="unknown provider"):
+        ops_bench.run_op_benchmarks(device="cpu", providers=["cudnn"], log=lambda *_: None)
+    with pytest.raises(ValueError, match="must be positive"):
+        ops_bench.run_op_benchmarks(device="cpu", batch=0, log=lambda *_: None)
+    assert ops_bench.main(["--device", "cpu", "--seq", "0"]) == 2
+    assert "--seq must be positive" in capsys.readouterr().err
+    assert bench.main(["nope"]) == 2
+    if not torch.cuda.is_available():
+        assert ops_bench.main(["--device", "cuda"]) == 2
+    train = bench.load_benchmark("train")
+    for kwargs, match in ((dict(warmup=0), "must be positive"), (dict(amp="fp8"), "amp must be one of"),
+                          (dict(providers=["ours-fast"]), "unknown provider")):
+        with pytest.raises(ValueError, match=match):
+            train.run_train_benchmarks(device="cpu", log=lambda *_: None, **kwargs)
+
+
+def test_train_step_json(tmp_path):
+    train = bench.load_benchmark("train")
+    payload = train.run_train_benchmarks(
+        device="cpu", models=["Ti"], batch=1, providers=["ours-eager", "ours-triton", "timm"], quick=True,
+        warmup=1, out_dir=str(tmp_path), plot=False, log=lambda *_: None)
+    with open(tmp_path / "train_step.json") as f:
+        written = json.load(f)
+    assert written["benchmark"] == "train_step" and written["environment"]["device"] == "cpu"
+    by_provider = {r["provider"]: r for r in written["results"]}
+    assert set(by_provider) == {"ours-eager", "ours-triton", "timm"}
+    assert by_provider["ours-triton"]["status"] == "skipped"
+    flops = 3 * train.build_model("Ti", "cpu").flops_per_image()
+    for name in ("ours-eager", "timm"):
+        r = by_provider[name]
+        assert r["status"] == "ok", r
+        assert r["images_per_s"] == pytest.approx(1 / (r["ms"] * 1e-3))
+        assert r["tflops"] * 1e12 * r["ms"] * 1e-3 == pytest.approx(flops)
+        assert r["peak_mem_gb"] is None or r["peak_mem_gb"] >= 0
+        assert math.isfinite(r["loss_first_step"])
+    # same weights and batch: both start from the same loss
+    assert by_provider["ours-eager"]["loss_first_step"] == pytest.approx(by_provider["timm"]["loss_first_step"],
+                                                                         rel=1e-4)
+    assert by_provider["timm"]["x_timm"] == pytest.approx(1.0)
+    assert {t["status"] for t in written["targets"]} <= TARGET_STATUSES
+    assert (tmp_path / "train_step.md").read_text().startswith("## Train-step benchmark, CPU")
+    assert payload["config"]["batch"] == 1

@@ -1,0 +1,160 @@
+"""The `incubation` command end to end on a tiny synthetic ImageFolder data set."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from incubation import cli
+from incubation.train.checkpoint import load_checkpoint
+
+pytest.importorskip("torchvision")
+Image = pytest.importorskip("PIL.Image")
+
+TINY = ["--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """root/{train,val}/<class>/*.png: three classes told apart by which half is bright."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6)):
+        for c in range(3):
+            os.makedirs(root / split / f"class{c}")
+            for j in range(n):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                img[:, c * 5:(c + 1) * 5] += 150
+                Image.fromarray(img).save(root / split / f"class{c}" / f"{j}.png")
+    return f"folder:{root}"
+
+
+def _cli(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("run", "--data", folder, "--out", out, *TINY) == 0
+    stages = ["meta", *[f"incubate-{i}" for i in range(4)], "assemble", "e2e"]
+    for stage in stages:
+        state, md = load_checkpoint(out / stage / "final")
+        assert md["stage"] == stage.split("-")[0]
+        assert (out / stage / "metrics.jsonl").exists()
+    state, md = load_checkpoint(out / "incubate-2" / "final")
+    assert md["module"] == 2 and md["K"] == 4 and md["sizes"] == [2, 2, 2, 2]
+    assert sorted({k.split(".")[2] for k in state if k.startswith("module.blocks.")}) == ["4", "5"]
+    # the baseline got the pipeline's training FLOPs (to within one step)
+    report = json.loads((out / "report.json").read_text())
+    pipeline = report["summary"]["deep incubation"]["flops"]
+    e2e = report["summary"]["end to end"]["flops"]
+    one_step = e2e / report["stages"]["e2e"]["steps"]
+    assert abs(e2e - pipeline) <= one_step / 2 + 1
+    assert set(report["stages"]) == set(stages)
+    for name in ("report.md", "acc_vs_flops.png", "acc_vs_time.png", "stage_time.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| assemble |" in (out / "report.md").read_text()
+    printed = capsys.readouterr().out
+    assert "deep incubation: eval acc" in printed and "end to end: eval acc" in printed
+
+    # a second run resumes every finished stage instead of training again: same weights
+    before = {s: json.loads((out / s / "final.json").read_text())["sha256"] for s in stages}
+    assert _cli("run", "--data", folder, "--out", out, *TINY) == 0
+    assert before == {s: json.loads((out / s / "final.json").read_text())["sha256"] for s in stages}
+
+
+def test_stages_one_by_one(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
+    assert _cli("incubate", "--module", "0", *common) == 2  # no meta model yet
+    assert "run `incubation meta` first" in capsys.readouterr().err
+    assert _cli("meta", *common) == 0
+    assert _cli("incubate", "--module", "1", *common[:-len(TINY)], "--modules", "3", *TINY) == 2
+    assert "K=2 modules of [4, 4] blocks; --modules/--split disagree" in capsys.readouterr().err
+    assert _cli("incubate", "--module", "1", "--init", "lemon", *common) == 0
+    _, md = load_checkpoint(out / "incubate-1" / "final")
+    assert md["init"] == "lemon" and md["K"] == 2
+    assert _cli("assemble", *common) == 2  # module 0 is missing
+    assert "incubate-0/final.json does not exist" in capsys.readouterr().err
+    assert _cli("incubate", "--module", "0", *common) == 0
+    assert _cli("assemble", *common) == 0
+    assert _cli("e2e", *common) == 0
+    assert "the pipeline's" in capsys.readouterr().out  # matched budget when the pipeline exists
+    assert _cli("report", "--out", out) == 0
+    assert (out / "report.md").exists()
+
+
+def test_bad_module_file_is_named(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
+    assert _cli("meta", *common) == 0
+    assert _cli("incubate", "--all", *common) == 0
+    with open(out / "incubate-1" / "final.safetensors", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    assert _cli("assemble", *common) == 2
+    err = capsys.readouterr().err
+    assert "incubate-1/final.safetensors is corrupt" in err
+
+
+@pytest.mark.slow
+def test_incubate_all_in_parallel_processes(folder, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
+    assert _cli("meta", *common) == 0
+    assert _cli("incubate", "--all", "--parallel", "2", *common) == 0
+    for i in range(2):
+        _, md = load_checkpoint(out / f"incubate-{i}" / "final")
+        assert md["module"] == i
+        assert "Traceback" not in (out / f"incubate-{i}" / "log.txt").read_text()
+    # the same module trained in this process gives the same weights (same seed, same data; the
+    # child ran with fewer threads, so equal up to float rounding)
+    os.makedirs(tmp_path / "again")
+    os.symlink(out / "meta", tmp_path / "again" / "meta")
+    assert _cli("incubate", "--module", "1", "--data", folder, "--out", tmp_path / "again", *TINY) == 0
+    a, _ = load_checkpoint(out / "incubate-1" / "final")
+    b, _ = load_checkpoint(tmp_path / "again" / "incubate-1" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_argument_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["incubate"])  # --module or --all is required
+    with pytest.raises(SystemExit):
+        cli.main(["incubate", "--module", "0", "--all"])
+    with pytest.raises(SystemExit):
+        cli.main(["meta", "--preset", "vit-z"])
+    with pytest.raises(SystemExit):
+        cli.main(["meta", "--split", "3,x"])
+    assert cli.main(["incubate", "--module", "0", "--parallel", "2", "--data", "nope"]) == 2
+    assert "unknown data set 'nope'" in capsys.readouterr().err
+
+
+def test_backends_lists_every_op(capsys):
+    assert cli.main(["backends"]) == 0
+    printed = capsys.readouterr().out
+    for op in ("attention", "layer_norm", "add_layer_norm", "linear"):
+        assert op in printed
+
+
+def test_subcommand_table_is_the_parser():
+    parser = cli.build_parser()
+    choices = parser._subparsers._group_actions[0].choices
+    assert set(choices) == set(cli.SUBCOMMANDS) >= {"run", "meta", "incubate", "assemble", "e2e", "backends"}
+
+
+def test_presets_build_the_paper_models():
+    from incubation import VisionTransformer, deep
+    from incubation.presets import PRESETS
+    vit_b = VisionTransformer(PRESETS["vit-b"].target_config(3, 1000, 224))
+    assert sum(p.numel() for p in vit_b.parameters()) == 86_567_656  # timm vit_base_patch16_224
+    expected = {"tiny": [2, 2, 2, 2], "vit-b": [3, 3, 3, 3], "vit-l": [6, 6, 6, 6], "vit-h": [8, 8, 8, 8]}
+    for name, preset in PRESETS.items():
+        target = preset.target_config(3, 1000, preset.img_size or 28)
+        assert [len(s) for s in deep.split_modules(target, preset.K, preset.sizes)] == expected[name]
+        assert preset.assemble.clip_grad == 1.0 and preset.assemble.warmup_epochs == 0
+    assert [PRESETS[n].assemble.drop_path for n in ("vit-b", "vit-l", "vit-h")] == [0.1, 0.5, 0.6]
+    assert PRESETS["vit-b"].meta.peak_lr == pytest.approx(2e-3)  # 5e-4 x 2048 / 512
