@@ -13,7 +13,6 @@ Every file is checked against its sha256 before use; a corrupt or truncated file
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import struct
@@ -24,6 +23,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from ..utils import file_sha256 as _sha256
 
 __all__ = ["FILES", "CLASSES", "DatasetError", "find_fashion_mnist", "read_idx", "load_fashion_mnist_arrays"]
 
@@ -52,12 +53,6 @@ def cache_dir() -> Path:
     return Path(base) / "incubation" / "fashion-mnist"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _complete(d: Path) -> bool:

@@ -15,7 +15,6 @@ commit whose pending record exists and drops the temporaries of one that never r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Optional
@@ -23,6 +22,8 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..utils import file_sha256 as _sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
            "CheckpointError", "atomic_write"]
@@ -68,12 +69,6 @@ def atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(path)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unique_tensors(state_dict: dict) -> tuple[dict, dict]:
