@@ -10,13 +10,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import importlib
-import warnings
 
 import pytest
 import torch
 
 from incubation import ops
 from incubation.nn import VisionTransformer
+from kernel_rule import assert_within_rule, check_against_reference, make, poisoned_memory
 
 try:
     from incubation import extension
@@ -48,68 +48,8 @@ def device_dtype_params():
 
 @pytest.fixture
 def poisoned():
-    """Uninitialised memory (torch.empty, and at::empty in the kernels) comes back as NaN, so an
-    output element a kernel forgot to write shows up."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.empty(8).isnan().all(), "poisoning is not active"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # warn_only: eager ops without a deterministic variant
-            yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
-# --------------------------------------------------------------------------------------
-# tolerance rule
-# --------------------------------------------------------------------------------------
-def assert_within_rule(ours, eager, ref, what):
-    """|ours - ref| <= 2 |eager - ref| + atol, with ref in float64 and atol a few ulps of
-    ours' dtype at the scale of ref."""
-    assert ours.shape == ref.shape and ours.dtype == eager.dtype, f"{what}: shape/dtype differs from eager"
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values (an unwritten output element?)"
-    ref = ref.double()
-    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
-    atol = 8 * torch.finfo(ours.dtype).eps * scale
-    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
-    err_eager = (eager.double() - ref).abs().max().item() if ref.numel() else 0.0
-    assert err <= 2 * err_eager + atol, f"{what}: error {err:.3g} > 2 x eager's {err_eager:.3g} + {atol:.3g}"
-
-
-def _forward(fn, inputs, backend):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
-    with ops.use_backend(backend):
-        outs = fn(*leaves)
-    return (outs if isinstance(outs, tuple) else (outs,)), leaves
-
-
-def _grads(outs, leaves, grads_out):
-    wrt = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(outs, wrt, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
-    return [o.detach() for o in outs] + list(grads)
-
-
-def check_against_reference(fn, inputs, backend):
-    """fn's outputs and the gradients of all inputs on `backend` against eager in the same dtypes
-    and eager in float64, for output gradients drawn in the inputs' dtype."""
-    dtype = inputs[0].dtype
-    ref_outs, ref_leaves = _forward(fn, [None if t is None else t.double() for t in inputs], "eager")
-    grads_out = [torch.randn_like(o).to(dtype).double() for o in ref_outs]
-    reference = _grads(ref_outs, ref_leaves, grads_out)
-    eager = _grads(*_forward(fn, inputs, "eager"), grads_out)
-    ours = _grads(*_forward(fn, inputs, backend), grads_out)
-    names = [f"output {i}" for i in range(len(ref_outs))] + [f"grad {i}" for i in range(len(reference) - len(ref_outs))]
-    for name, o, e, r in zip(names, ours, eager, reference):
-        assert_within_rule(o, e, r, f"{backend} {name}")
-
-
-def make(shape, dtype, device, scale=1.0, shift=0.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
+    with poisoned_memory():
+        yield
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ rounding; outputs are poisoned (NaN) before the call so unwritten elements show.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
@@ -22,6 +21,8 @@ import pytest  # noqa: E402
 
 from incubation import ops  # noqa: E402
 from incubation.nn import VisionTransformer  # noqa: E402
+import kernel_rule  # noqa: E402
+from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
 
 kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
 from incubation.kernels import attention as triton_attention, linear as triton_linear, norm as triton_norm  # noqa: E402,I001
@@ -58,62 +59,12 @@ def device_dtypes():
 
 @pytest.fixture(autouse=True)
 def poisoned():
-    """torch.empty (the kernels' outputs) returns NaN, so an element a kernel did not write shows."""
-    was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    was_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.empty(8).isnan().all(), "poisoning is not active"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with poisoned_memory():
         yield
-    torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
-    torch.utils.deterministic.fill_uninitialized_memory = was_fill
-
-
-def make(shape, dtype, device, scale=1.0, shift=0.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(device=device, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------
-# the tolerance rule
-# --------------------------------------------------------------------------------------
-def assert_within_rule(ours, eager, ref, what, factor=2.0):
-    """|ours - ref| <= factor |eager - ref| + atol; ref in float64, atol a few ulps of fp32 at ref's scale."""
-    assert ours.shape == eager.shape and ours.dtype == eager.dtype, \
-        f"{what}: {tuple(ours.shape)} {ours.dtype} vs eager's {tuple(eager.shape)} {eager.dtype}"
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values (an unwritten output element?)"
-    ref = ref.double()
-    atol = 8 * torch.finfo(torch.float32).eps * max(1.0, ref.abs().max().item())
-    err = (ours.double() - ref).abs().max().item()
-    err_eager = (eager.double() - ref).abs().max().item()
-    assert err <= factor * err_eager + atol, \
-        f"{what}: error {err:.3g} > {factor} x eager's {err_eager:.3g} + {atol:.3g}"
-
-
-def _run(fn, inputs, backend, grads_out=None):
-    """fn's outputs on `backend`, then (with grads_out) the gradients of every tensor input."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    with ops.use_backend(backend):
-        outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    if grads_out is None:
-        return outs
-    grads = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
-    return [o.detach() for o in outs] + list(grads)
 
 
 def check_against_reference(fn, inputs, factor=2.0):
-    """Triton vs eager (same dtypes) vs eager in float64: outputs and every input's gradient."""
-    ref_outs = _run(fn, [t.double() for t in inputs], "eager")
-    dtype = inputs[0].dtype
-    grads_out = [torch.randn_like(o).to(dtype).double() for o in ref_outs]
-    reference = _run(fn, [t.double() for t in inputs], "eager", grads_out)
-    eager = _run(fn, inputs, "eager", grads_out)
-    ours = _run(fn, inputs, "triton", grads_out)
-    names = [f"output {i}" for i in range(len(ref_outs))] + [f"grad of input {i}" for i in range(len(inputs))]
-    for name, o, e, r in zip(names, ours, eager, reference):
-        assert_within_rule(o, e, r, name, factor)
+    kernel_rule.check_against_reference(fn, inputs, "triton", factor)
 
 
 # --------------------------------------------------------------------------------------
