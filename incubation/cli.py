@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import subprocess
 import sys
@@ -135,18 +134,9 @@ class _Run:
         return K, sizes
 
     def train_config(self, recipe: Recipe, steps: Optional[int] = None):
-        from .train import TrainConfig
-        n = len(self.train_set)
-        steps = steps or recipe.steps(n)
-        evals = recipe.evals or max(1, round(steps * recipe.batch_size / n))  # default: every epoch
-        peak = recipe.peak_lr
-        return TrainConfig(
-            steps=steps, batch_size=recipe.batch_size, accum_steps=self.args.accum_steps, lr=peak,
-            min_lr=min(recipe.min_lr, peak), weight_decay=recipe.weight_decay,
-            warmup_steps=min(round(recipe.warmup_epochs * n / recipe.batch_size), steps - 1),
-            clip_grad=recipe.clip_grad, label_smoothing=recipe.label_smoothing, mixup=recipe.mixup,
-            cutmix=recipe.cutmix, seed=self.args.seed, eval_every=math.ceil(steps / evals),
-            num_workers=self.args.num_workers, device=self.args.device, progress=not self.args.no_progress)
+        a = self.args
+        return recipe.train_config(len(self.train_set), steps, accum_steps=a.accum_steps, seed=a.seed,
+                                   num_workers=a.num_workers, device=a.device, progress=not a.no_progress)
 
 
 def _context(args) -> _Run:
@@ -388,14 +378,14 @@ def _cmd_expand(args):
 
 
 def _cmd_grow(args):
-    from .growth import ApolloViT, apollo_hook, even_switch_steps
+    from .growth import ApolloViT, apollo_hook, default_stages, even_switch_steps
     from .nn import VisionTransformer
     from .train import train
     from .train.checkpoint import save_checkpoint
     run = _context(args)
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
-    stages = args.stages or sorted({max(1, target.depth // 2 ** k) for k in range(3)})
+    stages = args.stages or default_stages(target.depth)
     cfg = run.train_config(recipe)
     torch.manual_seed(cfg.seed)
     model = ApolloViT(VisionTransformer(target), stages, even_switch_steps(cfg.steps, len(stages)), seed=cfg.seed)

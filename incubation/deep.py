@@ -204,6 +204,16 @@ class Hybrid(nn.Module):
         """Forward FLOPs: those of a ViT with the hybrid's depth (K - 1 + module blocks)."""
         return flops_per_image(self.meta.config.replace(depth=self.K - 1 + len(self.module.span)))
 
+    def train_flops_per_image(self) -> int:
+        """FLOPs of one training image: 3x forward, less the backward the frozen meta blocks skip.
+        Those before the module run forward only (nothing upstream trains); those after it
+        backpropagate input gradients but compute no weight gradients (1x forward instead of 2x).
+        The stem / head are counted as trained (a negligible overcount)."""
+        cfg = self.meta.config
+        block = flops_per_image(cfg.replace(depth=2)) - flops_per_image(cfg.replace(depth=1))
+        before, after = self.index, self.K - 1 - self.index
+        return 3 * self.flops_per_image() - block * (2 * before + after)
+
 
 def build_hybrid(meta: VisionTransformer, target_cfg: ViTConfig, index: int,
                  sizes: Optional[Sequence[int]] = None, init: str = "random") -> Hybrid:

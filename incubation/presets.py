@@ -12,6 +12,7 @@ per stage (meta, incubate, assemble, e2e).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -46,6 +47,18 @@ class Recipe:
     def steps(self, num_train: int) -> int:
         """Optimizer steps of `epochs` passes over `num_train` images (at least 1)."""
         return max(1, round(self.epochs * num_train / self.batch_size))
+
+    def train_config(self, num_train: int, steps: Optional[int] = None, **options):
+        """The engine's TrainConfig of this recipe on `num_train` images; `steps` overrides the
+        epochs; `options` are the TrainConfig fields a recipe leaves open (seed, device, ...)."""
+        from .train import TrainConfig
+        steps = steps or self.steps(num_train)
+        evals = self.evals or max(1, round(steps * self.batch_size / num_train))  # default: every epoch
+        return TrainConfig(
+            steps=steps, batch_size=self.batch_size, lr=self.peak_lr, min_lr=min(self.min_lr, self.peak_lr),
+            weight_decay=self.weight_decay, clip_grad=self.clip_grad, label_smoothing=self.label_smoothing,
+            warmup_steps=min(round(self.warmup_epochs * num_train / self.batch_size), steps - 1),
+            mixup=self.mixup, cutmix=self.cutmix, eval_every=math.ceil(steps / evals), **options)
 
 
 @dataclass(frozen=True)

@@ -180,8 +180,8 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
-    lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images (a hybrid's frozen meta parts "
-                  "are counted as if they were trained).", ""]
+    lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images, less the backward a hybrid's "
+                  "frozen meta blocks skip (no weight gradients; none at all before the module).", ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..nn.vit import ViTConfig, VisionTransformer
 
 __all__ = ["ApolloViT", "apollo_hook", "lvps_depth", "shared_blocks", "interpolation_sources",
-           "even_switch_steps"]
+           "even_switch_steps", "default_stages"]
 
 LVPS_X_LOW = 1e-6  # x ~ U(1e-6, 1)
 
@@ -68,6 +68,11 @@ def shared_blocks(num_unique: int, depth: int) -> list[int]:
 def interpolation_sources(n_old: int, n_new: int) -> list[int]:
     """At a stage switch, new block j is initialised from old block floor(j * n_old / n_new)."""
     return [j * n_old // n_new for j in range(n_new)]
+
+
+def default_stages(depth: int) -> list[int]:
+    """Unique-block counts of the stages when none are given: depth/4, depth/2, depth."""
+    return sorted({max(1, depth // 2 ** k) for k in range(3)})
 
 
 def even_switch_steps(total_steps: int, num_stages: int) -> list[int]:

@@ -110,7 +110,7 @@ class TrainResult:
     steps: int
     images_seen: int
     wall_seconds: float            # summed over the run and the runs it resumed
-    train_flops: Optional[float]   # 3 x forward FLOPs x images, if model.flops_per_image exists
+    train_flops: Optional[float]   # training FLOPs per image x images (see `_train_flops`), else None
     checkpoint_path: str           # final.safetensors
     metrics_path: str              # metrics.jsonl
 
@@ -400,6 +400,17 @@ def _trajectory(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS}
 
 
+def _train_flops(model: nn.Module) -> Optional[Callable[[], float]]:
+    """Training FLOPs per image, asked at every log line (Apollo's cost changes with the sampled
+    depth): model.train_flops_per_image() where the model knows better (a hybrid's frozen parts
+    skip the weight gradients), else 3 x model.flops_per_image() (forward + 2x backward)."""
+    if callable(getattr(model, "train_flops_per_image", None)):
+        return model.train_flops_per_image
+    if callable(getattr(model, "flops_per_image", None)):
+        return lambda: 3.0 * model.flops_per_image()
+    return None
+
+
 def _check_save_keys(model, save_keys, trained) -> list[str]:
     state_keys = list(model.state_dict().keys())
     if save_keys is None:
@@ -475,8 +486,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    # asked at every log line: Apollo's cost per image changes with the sampled depth
-    flops = model.flops_per_image if callable(getattr(model, "flops_per_image", None)) else None
+    flops = _train_flops(model)
 
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     trained_ids = {id(p) for _, p in trained}
@@ -612,7 +622,7 @@ class _Runner:
                     if grad_norm is not None:
                         line["grad_norm"] = float(grad_norm)
                     if self.flops is not None:
-                        line["flops"] = 3.0 * self.flops() * done * cfg.batch_size
+                        line["flops"] = self.flops() * done * cfg.batch_size
                     if evaluated:
                         self.last_eval = self._evaluate_all()
                         line.update(self.last_eval)
@@ -647,5 +657,5 @@ class _Runner:
         images = total * cfg.batch_size
         return TrainResult(train_loss=self.last_loss, eval_acc=self.last_eval.get("eval_acc"),
                            eval_loss=self.last_eval.get("eval_loss"), steps=total, images_seen=images,
-                           wall_seconds=wall, train_flops=3.0 * self.flops() * images if self.flops else None,
+                           wall_seconds=wall, train_flops=self.flops() * images if self.flops else None,
                            checkpoint_path=final + ".safetensors", metrics_path=metrics_path)

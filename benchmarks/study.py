@@ -1,0 +1,562 @@
+"""The study: E2E vs Deep Incubation vs LEMON vs Apollo vs growth-initialised incubation, at
+matched training budgets, on Fashion-MNIST (see docs/STUDY.md for the results).
+
+    python benchmarks/study.py run    [--out runs/study] [--budgets 0.5,1,2,4] [--seeds 3] [--parallel 2]
+    python benchmarks/study.py report [--out runs/study]
+    (or `incubation bench study run ...`)
+
+The target is a ViT of --depth blocks cut into K modules. A budget is counted in training FLOPs,
+in units of one E2E epoch (3 x forward FLOPs x the training images), and every method gets it:
+  e2e          the target trained end to end.
+  deep         Deep Incubation: meta model, K incubations, assembly; the stages' epochs keep the
+               paper's proportions (meta 3 : each module 1 : assembly 1) scaled to the budget.
+  deep-lemon   the same with each module initialised by LEMON depth expansion of its meta block
+               (`incubate --init lemon`), sharing the `deep` meta model.
+  lemon        a ViT of half the depth and width trained on LEMON_SMALL_SHARE of the budget,
+               expanded losslessly to the target, trained on the rest with LEMON's schedule.
+  apollo       progressive depth growth (LVPS, weight sharing, interpolation) over the budget.
+Every budget runs seed 0; the largest runs --seeds seeds (the final points, mean +- std).
+FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks without the
+backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
+cpu_count / parallel threads.
+
+Each stage of each method is one job, run as its own process (`_job`), which writes
+<out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
+resumes from its checkpoint (the engine's), so `run` can be repeated until everything is done;
+it refuses an --out made with other settings. It then writes <out>/study.json, study.md and
+study.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from incubation import ViTConfig, VisionTransformer, deep
+from incubation.growth import (ApolloViT, apollo_hook, default_stages, even_switch_steps, lemon_expand,
+                               lemon_schedule)
+from incubation.presets import get_preset
+from incubation.train.checkpoint import atomic_write, load_checkpoint
+
+METHODS = {"e2e": "E2E", "deep": "Deep Incubation", "deep-lemon": "Deep Incubation, LEMON init",
+           "lemon": "LEMON", "apollo": "Apollo"}
+DEEP_EPOCHS = {"meta": 3.0, "incubate": 1.0, "assemble": 1.0}  # the paper's 300 : 100 : 100
+LEMON_SMALL_SHARE = 0.25     # of the budget spent on training the small model
+CHECKPOINT_EVERY = 100       # steps: an interruption loses at most this much of a job
+
+
+@dataclass
+class StudyConfig:
+    depth: int = 12
+    width: int = 64
+    heads: int = 4
+    patch: int = 7
+    K: int = 4
+    budgets: list = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])  # E2E epochs of training FLOPs
+    seeds: int = 3
+    methods: list = field(default_factory=lambda: list(METHODS))
+    data_dir: Optional[str] = None
+    limit_train: Optional[int] = None  # for the CI miniature: train / evaluate on the first N images
+    limit_eval: Optional[int] = None
+
+    def __post_init__(self):
+        errors = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
+                  for name in ("depth", "width", "heads", "patch", "K", "seeds")
+                  if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+        if not self.budgets or any(not b > 0 for b in self.budgets):
+            errors.append(f"budgets must be positive numbers, got {self.budgets}")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown or not self.methods:
+            errors.append(f"methods must be some of {list(METHODS)}, got {self.methods}")
+        if self.depth % 2 or self.width % 2 or self.heads % 2:
+            errors.append(f"depth, width and heads must be even (LEMON starts from half of each), got "
+                          f"{self.depth}, {self.width}, {self.heads}")
+        if errors:
+            raise ValueError("invalid study settings: " + "; ".join(errors))
+        self.budgets = sorted(float(b) for b in self.budgets)
+
+    def target(self) -> ViTConfig:
+        return ViTConfig(img_size=28, patch_size=self.patch, in_chans=1, num_classes=10,
+                         embed_dim=self.width, depth=self.depth, num_heads=self.heads)
+
+    def runs(self) -> list[tuple[float, int]]:
+        """(budget, seed) of every point: seed 0 at each budget, all seeds at the largest."""
+        return [(b, 0) for b in self.budgets[:-1]] + [(self.budgets[-1], s) for s in range(self.seeds)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the jobs
+# ----------------------------------------------------------------------------------------------
+def _recipe(stage: str):
+    """The tiny preset's recipe of a stage (batch 128, AdamW, warmup-cosine), evaluated at the end."""
+    return dataclasses.replace(get_preset("tiny").recipe(stage), evals=1)
+
+
+def _epoch_steps(epochs: float, num_train: int, batch: int) -> int:
+    return max(1, round(epochs * num_train / batch))
+
+
+@dataclass
+class Job:
+    name: str               # <stage>/b<budget>-s<seed>: also its directory under --out
+    method: str             # the method whose cost it counts toward (meta: both deep methods)
+    stage: str              # e2e, meta, incubate-<init>-<i>, assemble-<init>, lemon-small, lemon, apollo
+    budget: float
+    seed: int
+    steps: int
+    needs: list             # names of the jobs whose outputs it reads
+
+
+def _small(target: ViTConfig) -> ViTConfig:
+    """LEMON's starting point: half the depth, width and heads (the paper's ViT(6,384) -> ViT(12,768))."""
+    return target.replace(depth=target.depth // 2, embed_dim=target.embed_dim // 2, num_heads=target.num_heads // 2)
+
+
+def _apollo(target: ViTConfig, steps: int, seed: int) -> ApolloViT:
+    stages = default_stages(target.depth)
+    return ApolloViT(VisionTransformer(target), stages, even_switch_steps(steps, len(stages)), seed=seed)
+
+
+def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int:
+    """The most Apollo steps whose training FLOPs stay within `flops` (its sampled depths are a
+    pure function of (seed, step), so the cost of a run is known before it starts)."""
+    per_depth = {d: 3.0 * batch * target.replace(depth=d).flops_per_image() for d in range(1, target.depth + 1)}
+
+    def cost(steps):
+        model = _apollo(target, steps, seed)
+        return sum(per_depth[model.depth_at(s)] for s in range(steps))
+
+    low, high = len(default_stages(target.depth)), 4 * math.ceil(flops / per_depth[target.depth])
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cost(mid) <= flops else (low, mid - 1)
+    return low
+
+
+def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
+    """Every job of the study, the long chains first."""
+    target, K, batch = cfg.target(), cfg.K, _recipe("e2e").batch_size
+    epoch = 3.0 * target.flops_per_image() * num_train  # the budget unit
+    meta = deep.build_meta_model(target, K)
+    deep_epoch = num_train * (DEEP_EPOCHS["meta"] * 3.0 * meta.flops_per_image()
+                              + DEEP_EPOCHS["incubate"] * sum(deep.build_hybrid(meta, target, i).train_flops_per_image()
+                                                              for i in range(K))
+                              + DEEP_EPOCHS["assemble"] * 3.0 * target.flops_per_image())
+    jobs = []
+    for budget, seed in cfg.runs():
+        flops, tag = budget * epoch, f"b{budget:g}-s{seed}"
+
+        def add(method, stage, steps, needs=()):
+            jobs.append(Job(f"{stage}/{tag}", method, stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
+            return stage
+
+        if {"deep", "deep-lemon"} & set(cfg.methods):
+            scale = flops / deep_epoch  # a stage's epochs: DEEP_EPOCHS x scale
+            steps = {k: _epoch_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
+            add("deep", "meta", steps["meta"])
+            for init, method in (("random", "deep"), ("lemon", "deep-lemon")):
+                if method in cfg.methods:
+                    modules = [add(method, f"incubate-{init}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
+                    add(method, f"assemble-{init}", steps["assemble"], ["meta", *modules])
+        if "lemon" in cfg.methods:
+            small = 3.0 * _small(target).flops_per_image() * batch
+            add("lemon", "lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
+            add("lemon", "lemon", max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / batch)), ["lemon-small"])
+        if "apollo" in cfg.methods:
+            add("apollo", "apollo", _apollo_steps(target, flops, batch, seed))
+        if "e2e" in cfg.methods:
+            add("e2e", "e2e", _epoch_steps(budget, num_train, batch))
+    return jobs
+
+
+def method_stages(method: str, K: int) -> list[str]:
+    """The stages whose costs add up to a method's (the last one gives its accuracy)."""
+    if method in ("deep", "deep-lemon"):
+        init = "random" if method == "deep" else "lemon"
+        return ["meta", *[f"incubate-{init}-{i}" for i in range(K)], f"assemble-{init}"]
+    return {"lemon": ["lemon-small", "lemon"]}.get(method, [method])
+
+
+def _datasets(cfg: StudyConfig):
+    from torch.utils.data import Subset
+    from incubation.data import load_dataset
+    sets = []
+    for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_eval)):
+        data = load_dataset("fashion-mnist", split, cfg.data_dir)
+        if limit is not None and limit < len(data):
+            keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
+            data = Subset(data, keep.tolist())
+        sets.append(data)
+    return sets
+
+
+def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
+    """Train one job (resuming its checkpoint if any); write and return its result.json."""
+    from incubation.train import train
+    train_set, eval_set = _datasets(cfg)
+    target, n, d = cfg.target(), len(train_set), os.path.join(out, job.name)
+    tag = job.name.split("/", 1)[1]
+
+    def final(stage):
+        return os.path.join(out, stage, tag, "final")
+
+    def config(stage, lemon=False):
+        c = _recipe(stage).train_config(n, job.steps, seed=job.seed, progress=False, checkpoint_every=CHECKPOINT_EVERY)
+        return dataclasses.replace(c, **lemon_schedule(c.steps, warmup_steps=c.warmup_steps)) if lemon else c
+
+    data = (train_set, eval_set)
+    if job.stage == "e2e":
+        result = deep.train_e2e(target, *data, config("e2e"), d)
+    elif job.stage == "meta":
+        result = deep.train_meta(target, cfg.K, *data, config("meta"), d)
+    elif job.stage.startswith("incubate-"):
+        _, init, i = job.stage.split("-")
+        result = deep.train_module(final("meta"), target, int(i), *data, config("incubate", init == "lemon"), d,
+                                   init=init)
+    elif job.stage.startswith("assemble-"):
+        init = job.stage.split("-")[1]
+        result = deep.train_assembled(target, [final(f"incubate-{init}-{i}") for i in range(cfg.K)], *data,
+                                      config("assemble"), d, meta_checkpoint=final("meta"))
+    elif job.stage == "lemon-small":
+        result = deep.train_e2e(_small(target), *data, config("e2e"), d)
+    elif job.stage == "lemon":
+        small = VisionTransformer(_small(target))
+        small.load_state_dict(load_checkpoint(final("lemon-small"))[0])
+        big = lemon_expand(small, embed_dim=target.embed_dim, depth=target.depth, num_heads=target.num_heads,
+                           seed=job.seed)
+        result = train(big, *data, config("e2e", lemon=True), d, stage="lemon",
+                       metadata={"stage": "lemon", "target_config": big.config.to_dict()})
+    elif job.stage == "apollo":
+        torch.manual_seed(job.seed)
+        model = _apollo(target, job.steps, job.seed)
+        result = train(model, *data, config("e2e"), d, stage="apollo", hooks=[apollo_hook],
+                       metadata={"stage": "apollo", "stages": list(model.stages), "target_config": target.to_dict()})
+    else:
+        raise ValueError(f"unknown stage {job.stage!r}")
+    summary = {"acc": result.eval_acc, "flops": result.train_flops, "wall_s": result.wall_seconds,
+               "steps": result.steps, "threads": torch.get_num_threads()}
+    atomic_write(os.path.join(d, "result.json"), json.dumps(summary).encode())
+    return summary
+
+
+def _result(out: str, job: Job) -> Optional[dict]:
+    path = os.path.join(out, job.name, "result.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# running: a process per job, --parallel at once, in dependency order
+# ----------------------------------------------------------------------------------------------
+def _load_config(out: str) -> StudyConfig:
+    path = os.path.join(out, "study_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: start the study with `study.py run --out {out}`")
+    return StudyConfig(**json.load(open(path)))
+
+
+def _claim(out: str, cfg: StudyConfig) -> None:
+    """Record the settings of `out`, or check that they are those it was started with."""
+    path = os.path.join(out, "study_config.json")
+    if os.path.exists(path):
+        old = _load_config(out)
+        diff = [f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in dataclasses.asdict(cfg)
+                if k != "data_dir" and getattr(old, k) != getattr(cfg, k)]  # (the data is sha256-checked)
+        if diff:
+            raise ValueError(f"{out} holds a study with other settings ({'; '.join(diff)}): resume it with "
+                             f"those, or choose another --out")
+        return
+    os.makedirs(out, exist_ok=True)
+    atomic_write(path, json.dumps(dataclasses.asdict(cfg), indent=1).encode())
+
+
+def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) -> dict:
+    """Run every unfinished job of the study, then write the report; returns study.json's dict."""
+    from tqdm import tqdm
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    _claim(out, cfg)
+    jobs = plan_jobs(cfg, len(_datasets(cfg)[0]))
+    done = {j.name for j in jobs if _result(out, j) is not None}
+    pending, running, failed = [j for j in jobs if j.name not in done], {}, {}
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.time()
+    bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress)
+    try:
+        while pending or running:
+            for job in list(pending):
+                if any(n in failed for n in job.needs):
+                    pending.remove(job)
+                    failed[job.name] = "a job it needs failed"
+                elif len(running) < parallel and all(n in done for n in job.needs):
+                    pending.remove(job)
+                    os.makedirs(os.path.join(out, job.name), exist_ok=True)
+                    log = open(os.path.join(out, job.name, "log.txt"), "a")
+                    cmd = [sys.executable, os.path.abspath(__file__), "_job", "--out", out, job.name]
+                    running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            time.sleep(0.2)
+            for name, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode:
+                    failed[name] = f"exit {proc.returncode}, see {os.path.join(out, name, 'log.txt')}"
+                else:
+                    done.add(name)
+                    bar.update(1)
+                    bar.set_postfix_str(name)
+    except BaseException:
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        print(f"study interrupted: run the same command again to resume ({len(done)}/{len(jobs)} jobs done)",
+              file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        _add_elapsed(out, time.time() - t0)
+    if failed:
+        raise RuntimeError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
+    return write_report(out)
+
+
+def _add_elapsed(out: str, seconds: float) -> None:
+    """The wall-clock of all `run` invocations on `out`, summed (a resumed study adds up)."""
+    path = os.path.join(out, "elapsed.json")
+    before = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
+    atomic_write(path, json.dumps({"seconds": before + seconds}).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# the report: study.json, study.md, study.png
+# ----------------------------------------------------------------------------------------------
+def collect(cfg: StudyConfig, out: str) -> list[dict]:
+    """One point per (method, budget, seed) whose jobs have all finished."""
+    points = []
+    for budget, seed in cfg.runs():
+        tag = f"b{budget:g}-s{seed}"
+        for method in cfg.methods:
+            stages = method_stages(method, cfg.K)
+            results = [_result(out, Job(f"{s}/{tag}", method, s, budget, seed, 0, [])) for s in stages]
+            if any(r is None for r in results):
+                continue
+            walls = dict(zip(stages, (r["wall_s"] for r in results)))
+            # K machines: the incubations run at once, so only the slowest counts
+            incubations = [w for s, w in walls.items() if s.startswith("incubate-")]
+            parallel = sum(walls.values()) - sum(incubations) + max(incubations, default=0.0)
+            points.append({"method": method, "budget": budget, "seed": seed, "acc": results[-1]["acc"],
+                           "flops": sum(r["flops"] for r in results), "wall_s": sum(walls.values()),
+                           "wall_s_k_machines": parallel})
+    return points
+
+
+def _mean_std(values: list) -> tuple[float, Optional[float]]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(cfg: StudyConfig, points: list[dict]) -> dict:
+    """Per method: mean (and std over seeds) at each budget, and the cost to reach E2E's final
+    accuracy (linear interpolation along its curve of mean accuracy vs mean cost)."""
+    table = {}
+    for method in cfg.methods:
+        rows = []
+        for budget in cfg.budgets:
+            mine = [p for p in points if p["method"] == method and p["budget"] == budget]
+            if not mine:
+                continue
+            acc, std = _mean_std([p["acc"] for p in mine])
+            rows.append({"budget": budget, "seeds": len(mine), "acc": acc, "acc_std": std,
+                         **{k: statistics.fmean(p[k] for p in mine) for k in ("flops", "wall_s", "wall_s_k_machines")}})
+        table[method] = {"curve": rows}
+    reference = table.get("e2e", {}).get("curve")
+    if reference and reference[-1]["budget"] == cfg.budgets[-1]:
+        goal = reference[-1]
+        for method, entry in table.items():
+            entry["to_e2e_acc"] = {key: _cost_to_reach(entry["curve"], goal["acc"], key, goal[key])
+                                   for key in ("flops", "wall_s", "wall_s_k_machines")}
+    return table
+
+
+def _cost_to_reach(curve: list, acc: float, key: str, reference_cost: float) -> Optional[dict]:
+    """{cost, speedup, bound}: the first cost where `curve` reaches `acc` (None if it never does);
+    bound "<=" when its cheapest point already does (the true cost may be lower)."""
+    for k, row in enumerate(curve):
+        if row["acc"] >= acc:
+            if k == 0:
+                cost, bound = row[key], "<="
+            else:
+                prev = curve[k - 1]
+                cost = prev[key] + (acc - prev["acc"]) / (row["acc"] - prev["acc"]) * (row[key] - prev[key])
+                bound = "="
+            return {"cost": cost, "speedup": reference_cost / cost, "bound": bound}
+    return None
+
+
+def _machine() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_report(out: str) -> dict:
+    """Write study.json, study.md and study.png of `out` from its finished jobs."""
+    cfg = _load_config(out)
+    points = collect(cfg, out)
+    if not points:
+        raise FileNotFoundError(f"{out} has no finished point yet: run the study first")
+    elapsed = os.path.join(out, "elapsed.json")
+    study = {"config": dataclasses.asdict(cfg), "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
+             "elapsed_s": json.load(open(elapsed))["seconds"] if os.path.exists(elapsed) else None,
+             "budget_unit_flops": 3.0 * cfg.target().flops_per_image() * len(_datasets(cfg)[0]),
+             "points": points, "summary": summarise(cfg, points)}
+    atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1).encode())
+    atomic_write(os.path.join(out, "study.md"), markdown(study).encode())
+    _plot(study, os.path.join(out, "study.png"))
+    return study
+
+
+def _fmt_acc(row: dict) -> str:
+    return f"{row['acc']:.2f}" + (f" ± {row['acc_std']:.2f}" if row["acc_std"] is not None else "")
+
+
+def _fmt_reach(entry: Optional[dict], unit: float, suffix: str) -> str:
+    if entry is None:
+        return "not reached"
+    return f"{entry['bound'].replace('=', '').strip()}{entry['cost'] / unit:.2f}{suffix} ({entry['speedup']:.2f}x)"
+
+
+def markdown(study: dict) -> str:
+    """The tables of study.md."""
+    cfg, summary = StudyConfig(**study["config"]), study["summary"]
+    top = cfg.budgets[-1]
+    lines = [f"Target: ViT depth {cfg.depth}, width {cfg.width}, {cfg.heads} heads, patch {cfg.patch}, K = {cfg.K}; "
+             f"budget unit = one E2E epoch = {study['budget_unit_flops'] / 1e12:.3f} TFLOP.", "",
+             f"At the largest budget ({top:g} E2E epochs, {cfg.seeds} seeds; mean ± std of top-1 %). "
+             "'To reach E2E' is the cost at which the method's curve reaches E2E's accuracy at this budget "
+             "(speedup = E2E's cost / that; '<=' when its cheapest point already does).", "",
+             "| method | top-1 % | TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | to reach E2E: wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for method, entry in summary.items():
+        row = entry["curve"][-1] if entry["curve"] and entry["curve"][-1]["budget"] == top else None
+        if row is None:
+            continue
+        reach = entry.get("to_e2e_acc", {})
+        lines.append(f"| {METHODS[method]} | {_fmt_acc(row)} | {row['flops'] / 1e12:.2f} | {row['wall_s']:.0f} | "
+                     f"{row['wall_s_k_machines']:.0f} | {_fmt_reach(reach.get('flops'), 1e12, '')} | "
+                     f"{_fmt_reach(reach.get('wall_s_k_machines'), 1, '')} |")
+    lines += ["", "Top-1 % at every budget (seed 0 below the largest budget):", "",
+              "| method | " + " | ".join(f"{b:g} ep" for b in cfg.budgets) + " |",
+              "|---|" + "---|" * len(cfg.budgets)]
+    for method, entry in summary.items():
+        by_budget = {r["budget"]: _fmt_acc(r) for r in entry["curve"]}
+        lines.append(f"| {METHODS[method]} | " + " | ".join(by_budget.get(b, "-") for b in cfg.budgets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(study: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, entry in study["summary"].items():
+        curve = entry["curve"]
+        acc = [r["acc"] for r in curve]
+        err = [r["acc_std"] or 0.0 for r in curve]
+        axes[0].errorbar([r["flops"] / 1e12 for r in curve], acc, yerr=err, marker="o", capsize=3, label=METHODS[method])
+        axes[1].errorbar([r["wall_s_k_machines"] / 60 for r in curve], acc, yerr=err, marker="o", capsize=3,
+                         label=METHODS[method])
+    axes[0].set_xlabel("training cost (TFLOP)")
+    axes[1].set_xlabel("wall-clock (min; Deep Incubation's modules on K machines at once)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Fashion-MNIST, accuracy vs training budget (error bars: std over seeds)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+def _floats(text: str) -> list:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated numbers like 1,2,4, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (or resume) the study, then write the report")
+    r.add_argument("--out", default=os.path.join("runs", "study"))
+    defaults = StudyConfig()
+    for name in ("depth", "width", "heads", "patch", "K", "seeds"):
+        r.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    r.add_argument("--budgets", type=_floats, default=defaults.budgets, help="in E2E epochs (default 0.5,1,2,4)")
+    r.add_argument("--methods", default=",".join(METHODS), help=f"some of {','.join(METHODS)}")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--parallel", type=int, default=2, help="jobs at once (default 2)")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--limit-eval", type=int, default=None, help=argparse.SUPPRESS)
+    rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs")
+    rep.add_argument("--out", default=os.path.join("runs", "study"))
+    job = sub.add_parser("_job", help=argparse.SUPPRESS)
+    job.add_argument("--out", required=True)
+    job.add_argument("name")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            cfg = StudyConfig(depth=args.depth, width=args.width, heads=args.heads, patch=args.patch, K=args.K,
+                              budgets=args.budgets, seeds=args.seeds, methods=args.methods.split(","),
+                              data_dir=args.data_dir, limit_train=args.limit_train, limit_eval=args.limit_eval)
+            study = run(cfg, args.out, args.parallel, progress=not args.no_progress)
+        elif args.command == "report":
+            study = write_report(args.out)
+        else:
+            cfg = _load_config(args.out)
+            jobs = {j.name: j for j in plan_jobs(cfg, len(_datasets(cfg)[0]))}
+            if args.name not in jobs:
+                raise ValueError(f"no job {args.name!r} in the study of {args.out}")
+            print(json.dumps(run_job(cfg, args.out, jobs[args.name])))
+            return 0
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"study: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(markdown(study))
+    print(f"report: {os.path.join(args.out, 'study.md')}, study.json, study.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
