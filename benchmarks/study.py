@@ -67,7 +67,7 @@ class StudyConfig:
     seeds: int = 3
     methods: list = field(default_factory=lambda: list(METHODS))
     data_dir: Optional[str] = None
-    limit_train: Optional[int] = None  # for the CI miniature: train / evaluate on the first N images
+    limit_train: Optional[int] = None  # for the CI miniature: train / evaluate on N random images
     limit_eval: Optional[int] = None
 
     def __post_init__(self):
@@ -110,7 +110,6 @@ def _epoch_steps(epochs: float, num_train: int, batch: int) -> int:
 @dataclass
 class Job:
     name: str               # <stage>/b<budget>-s<seed>: also its directory under --out
-    method: str             # the method whose cost it counts toward (meta: both deep methods)
     stage: str              # e2e, meta, incubate-<init>-<i>, assemble-<init>, lemon-small, lemon, apollo
     budget: float
     seed: int
@@ -145,7 +144,8 @@ def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int
 
 
 def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
-    """Every job of the study, the long chains first."""
+    """Every job of the study, in the order they start: the largest budgets first, so that the
+    small jobs fill the end of a parallel run; in a run, the longest chain (Deep Incubation) first."""
     target, K, batch = cfg.target(), cfg.K, _recipe("e2e").batch_size
     epoch = 3.0 * target.flops_per_image() * num_train  # the budget unit
     meta = deep.build_meta_model(target, K)
@@ -154,29 +154,29 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
                                                               for i in range(K))
                               + DEEP_EPOCHS["assemble"] * 3.0 * target.flops_per_image())
     jobs = []
-    for budget, seed in cfg.runs():
+    for budget, seed in reversed(cfg.runs()):
         flops, tag = budget * epoch, f"b{budget:g}-s{seed}"
 
-        def add(method, stage, steps, needs=()):
-            jobs.append(Job(f"{stage}/{tag}", method, stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
+        def add(stage, steps, needs=()):
+            jobs.append(Job(f"{stage}/{tag}", stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
             return stage
 
         if {"deep", "deep-lemon"} & set(cfg.methods):
             scale = flops / deep_epoch  # a stage's epochs: DEEP_EPOCHS x scale
             steps = {k: _epoch_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
-            add("deep", "meta", steps["meta"])
+            add("meta", steps["meta"])
             for init, method in (("random", "deep"), ("lemon", "deep-lemon")):
                 if method in cfg.methods:
-                    modules = [add(method, f"incubate-{init}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
-                    add(method, f"assemble-{init}", steps["assemble"], ["meta", *modules])
+                    modules = [add(f"incubate-{init}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
+                    add(f"assemble-{init}", steps["assemble"], ["meta", *modules])
         if "lemon" in cfg.methods:
             small = 3.0 * _small(target).flops_per_image() * batch
-            add("lemon", "lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
-            add("lemon", "lemon", max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / batch)), ["lemon-small"])
+            add("lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
+            add("lemon", max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / batch)), ["lemon-small"])
         if "apollo" in cfg.methods:
-            add("apollo", "apollo", _apollo_steps(target, flops, batch, seed))
+            add("apollo", _apollo_steps(target, flops, batch, seed))
         if "e2e" in cfg.methods:
-            add("e2e", "e2e", _epoch_steps(budget, num_train, batch))
+            add("e2e", _epoch_steps(budget, num_train, batch))
     return jobs
 
 
@@ -245,13 +245,13 @@ def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
     else:
         raise ValueError(f"unknown stage {job.stage!r}")
     summary = {"acc": result.eval_acc, "flops": result.train_flops, "wall_s": result.wall_seconds,
-               "steps": result.steps, "threads": torch.get_num_threads()}
+               "steps": result.steps, "threads": torch.get_num_threads(), "commit": _machine()["commit"]}
     atomic_write(os.path.join(d, "result.json"), json.dumps(summary).encode())
     return summary
 
 
-def _result(out: str, job: Job) -> Optional[dict]:
-    path = os.path.join(out, job.name, "result.json")
+def _result(out: str, name: str) -> Optional[dict]:
+    path = os.path.join(out, name, "result.json")
     return json.load(open(path)) if os.path.exists(path) else None
 
 
@@ -286,8 +286,10 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     _claim(out, cfg)
-    jobs = plan_jobs(cfg, len(_datasets(cfg)[0]))
-    done = {j.name for j in jobs if _result(out, j) is not None}
+    num_train = len(_datasets(cfg)[0])
+    _update_state(out, num_train=num_train)
+    jobs = plan_jobs(cfg, num_train)
+    done = {j.name for j in jobs if _result(out, j.name) is not None}
     pending, running, failed = [j for j in jobs if j.name not in done], {}, {}
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -327,17 +329,21 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
         raise
     finally:
         bar.close()
-        _add_elapsed(out, time.time() - t0)
+        _update_state(out, elapsed_s=_state(out).get("elapsed_s", 0.0) + time.time() - t0)
     if failed:
         raise RuntimeError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
     return write_report(out)
 
 
-def _add_elapsed(out: str, seconds: float) -> None:
-    """The wall-clock of all `run` invocations on `out`, summed (a resumed study adds up)."""
-    path = os.path.join(out, "elapsed.json")
-    before = json.load(open(path))["seconds"] if os.path.exists(path) else 0.0
-    atomic_write(path, json.dumps({"seconds": before + seconds}).encode())
+def _state(out: str) -> dict:
+    """<out>/state.json: the training-set size the plan was made for and the summed wall-clock
+    of every `run` on `out` (a resumed study adds up)."""
+    path = os.path.join(out, "state.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def _update_state(out: str, **values) -> None:
+    atomic_write(os.path.join(out, "state.json"), json.dumps({**_state(out), **values}).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +356,7 @@ def collect(cfg: StudyConfig, out: str) -> list[dict]:
         tag = f"b{budget:g}-s{seed}"
         for method in cfg.methods:
             stages = method_stages(method, cfg.K)
-            results = [_result(out, Job(f"{s}/{tag}", method, s, budget, seed, 0, [])) for s in stages]
+            results = [_result(out, f"{s}/{tag}") for s in stages]
             if any(r is None for r in results):
                 continue
             walls = dict(zip(stages, (r["wall_s"] for r in results)))
@@ -368,8 +374,10 @@ def _mean_std(values: list) -> tuple[float, Optional[float]]:
 
 
 def summarise(cfg: StudyConfig, points: list[dict]) -> dict:
-    """Per method: mean (and std over seeds) at each budget, and the cost to reach E2E's final
-    accuracy (linear interpolation along its curve of mean accuracy vs mean cost)."""
+    """Per method, at each budget: mean (and std over seeds) of accuracy and costs, and the
+    E2E FLOPs that reach the same accuracy; and the cost at which the method reaches E2E's
+    accuracy at the largest budget. Costs between budgets are interpolated linearly along the
+    curve of mean accuracy vs mean cost."""
     table = {}
     for method in cfg.methods:
         rows = []
@@ -384,24 +392,27 @@ def summarise(cfg: StudyConfig, points: list[dict]) -> dict:
     reference = table.get("e2e", {}).get("curve")
     if reference and reference[-1]["budget"] == cfg.budgets[-1]:
         goal = reference[-1]
-        for method, entry in table.items():
-            entry["to_e2e_acc"] = {key: _cost_to_reach(entry["curve"], goal["acc"], key, goal[key])
-                                   for key in ("flops", "wall_s", "wall_s_k_machines")}
+        for entry in table.values():
+            for row in entry["curve"]:  # > 1: the method got there cheaper than E2E
+                same = _cost_to_reach(reference, row["acc"], "flops")
+                row["e2e_flops_ratio"] = None if same is None else {**same, "ratio": same["cost"] / row["flops"]}
+            entry["to_e2e_acc"] = {}
+            for key in ("flops", "wall_s", "wall_s_k_machines"):
+                reach = _cost_to_reach(entry["curve"], goal["acc"], key)
+                entry["to_e2e_acc"][key] = None if reach is None else {**reach, "speedup": goal[key] / reach["cost"]}
     return table
 
 
-def _cost_to_reach(curve: list, acc: float, key: str, reference_cost: float) -> Optional[dict]:
-    """{cost, speedup, bound}: the first cost where `curve` reaches `acc` (None if it never does);
-    bound "<=" when its cheapest point already does (the true cost may be lower)."""
+def _cost_to_reach(curve: list, acc: float, key: str) -> Optional[dict]:
+    """{cost, bound}: the first cost (`key`) where `curve` reaches `acc`, None if it never does;
+    bound "<=" when its cheapest point already does (the true cost may be lower), else "="."""
     for k, row in enumerate(curve):
         if row["acc"] >= acc:
             if k == 0:
-                cost, bound = row[key], "<="
-            else:
-                prev = curve[k - 1]
-                cost = prev[key] + (acc - prev["acc"]) / (row["acc"] - prev["acc"]) * (row[key] - prev[key])
-                bound = "="
-            return {"cost": cost, "speedup": reference_cost / cost, "bound": bound}
+                return {"cost": row[key], "bound": "<="}
+            prev = curve[k - 1]
+            return {"cost": prev[key] + (acc - prev["acc"]) / (row["acc"] - prev["acc"]) * (row[key] - prev[key]),
+                    "bound": "="}
     return None
 
 
@@ -422,10 +433,10 @@ def write_report(out: str) -> dict:
     points = collect(cfg, out)
     if not points:
         raise FileNotFoundError(f"{out} has no finished point yet: run the study first")
-    elapsed = os.path.join(out, "elapsed.json")
+    state = _state(out)
     study = {"config": dataclasses.asdict(cfg), "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
-             "elapsed_s": json.load(open(elapsed))["seconds"] if os.path.exists(elapsed) else None,
-             "budget_unit_flops": 3.0 * cfg.target().flops_per_image() * len(_datasets(cfg)[0]),
+             "elapsed_s": state.get("elapsed_s"), "num_train": state["num_train"],
+             "budget_unit_flops": 3.0 * cfg.target().flops_per_image() * state["num_train"],
              "points": points, "summary": summarise(cfg, points)}
     atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1).encode())
     atomic_write(os.path.join(out, "study.md"), markdown(study).encode())
@@ -437,10 +448,16 @@ def _fmt_acc(row: dict) -> str:
     return f"{row['acc']:.2f}" + (f" ± {row['acc_std']:.2f}" if row["acc_std"] is not None else "")
 
 
-def _fmt_reach(entry: Optional[dict], unit: float, suffix: str) -> str:
+def _fmt_reach(entry: Optional[dict], unit: float) -> str:
     if entry is None:
         return "not reached"
-    return f"{entry['bound'].replace('=', '').strip()}{entry['cost'] / unit:.2f}{suffix} ({entry['speedup']:.2f}x)"
+    return f"{'<=' if entry['bound'] == '<=' else ''}{entry['cost'] / unit:.2f} ({entry['speedup']:.2f}x)"
+
+
+def _fmt_ratio(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "beyond E2E's curve"
+    return f"{'<=' if entry['bound'] == '<=' else ''}{entry['ratio']:.2f}x"
 
 
 def markdown(study: dict) -> str:
@@ -452,27 +469,30 @@ def markdown(study: dict) -> str:
              f"At the largest budget ({top:g} E2E epochs, {cfg.seeds} seeds; mean ± std of top-1 %). "
              "'To reach E2E' is the cost at which the method's curve reaches E2E's accuracy at this budget "
              "(speedup = E2E's cost / that; '<=' when its cheapest point already does).", "",
-             "| method | top-1 % | TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | to reach E2E: wall (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | top-1 % | TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | "
+             "to reach E2E: wall, K machines (s) |", "|---|---|---|---|---|---|---|"]
     for method, entry in summary.items():
         row = entry["curve"][-1] if entry["curve"] and entry["curve"][-1]["budget"] == top else None
         if row is None:
             continue
         reach = entry.get("to_e2e_acc", {})
         lines.append(f"| {METHODS[method]} | {_fmt_acc(row)} | {row['flops'] / 1e12:.2f} | {row['wall_s']:.0f} | "
-                     f"{row['wall_s_k_machines']:.0f} | {_fmt_reach(reach.get('flops'), 1e12, '')} | "
-                     f"{_fmt_reach(reach.get('wall_s_k_machines'), 1, '')} |")
-    lines += ["", "Top-1 % at every budget (seed 0 below the largest budget):", "",
+                     f"{row['wall_s_k_machines']:.0f} | {_fmt_reach(reach.get('flops'), 1e12)} | "
+                     f"{_fmt_reach(reach.get('wall_s_k_machines'), 1)} |")
+    lines += ["", "Top-1 % at every budget (seed 0 below the largest budget) and, in brackets, the FLOPs E2E needs "
+              "for the same accuracy divided by the method's (above 1x: the method is cheaper):", "",
               "| method | " + " | ".join(f"{b:g} ep" for b in cfg.budgets) + " |",
               "|---|" + "---|" * len(cfg.budgets)]
     for method, entry in summary.items():
-        by_budget = {r["budget"]: _fmt_acc(r) for r in entry["curve"]}
-        lines.append(f"| {METHODS[method]} | " + " | ".join(by_budget.get(b, "-") for b in cfg.budgets) + " |")
+        cells = {r["budget"]: _fmt_acc(r) + ("" if method == "e2e" or "e2e_flops_ratio" not in r
+                                             else f" ({_fmt_ratio(r['e2e_flops_ratio'])})") for r in entry["curve"]}
+        lines.append(f"| {METHODS[method]} | " + " | ".join(cells.get(b, "-") for b in cfg.budgets) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _plot(study: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -480,13 +500,16 @@ def _plot(study: dict, path: str) -> None:
         curve = entry["curve"]
         acc = [r["acc"] for r in curve]
         err = [r["acc_std"] or 0.0 for r in curve]
-        axes[0].errorbar([r["flops"] / 1e12 for r in curve], acc, yerr=err, marker="o", capsize=3, label=METHODS[method])
+        axes[0].errorbar([r["flops"] / 1e12 for r in curve], acc, yerr=err, marker="o", capsize=3,
+                         label=METHODS[method])
         axes[1].errorbar([r["wall_s_k_machines"] / 60 for r in curve], acc, yerr=err, marker="o", capsize=3,
                          label=METHODS[method])
     axes[0].set_xlabel("training cost (TFLOP)")
     axes[1].set_xlabel("wall-clock (min; Deep Incubation's modules on K machines at once)")
     for ax in axes:
-        ax.set_xscale("log")
+        ax.set_xscale("log", base=2)  # budgets double: evenly spaced points
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -543,7 +566,7 @@ def main(argv: Optional[list] = None) -> int:
             study = write_report(args.out)
         else:
             cfg = _load_config(args.out)
-            jobs = {j.name: j for j in plan_jobs(cfg, len(_datasets(cfg)[0]))}
+            jobs = {j.name: j for j in plan_jobs(cfg, _state(args.out)["num_train"])}
             if args.name not in jobs:
                 raise ValueError(f"no job {args.name!r} in the study of {args.out}")
             print(json.dumps(run_job(cfg, args.out, jobs[args.name])))

@@ -1,7 +1,8 @@
-"""`incubation bench [ops|train] [options]`: the benchmarks of a source checkout.
+"""`incubation bench [ops|train|study] [options]`: the benchmarks of a source checkout.
 
 The benchmarks live in the repository's benchmarks/ folder (benchmarks/ops.py,
-benchmarks/train_step.py, their shared benchmarks/common.py), beside this package when it is
+benchmarks/train_step.py, their shared benchmarks/common.py, and the method comparison
+benchmarks/study.py), beside this package when it is
 installed editable or run from the checkout; this module loads them by path and runs their
 `main(argv)`. `incubation bench ops --help` lists the options.
 """
@@ -15,12 +16,12 @@ from typing import Optional
 
 __all__ = ["BENCHMARKS", "load_benchmark", "main"]
 
-BENCHMARKS = {"ops": "ops.py", "train": "train_step.py"}
+BENCHMARKS = {"ops": "ops.py", "train": "train_step.py", "study": "study.py"}
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """The benchmark script `name` ('ops' or 'train') as a module."""
+    """The benchmark script `name` (a key of BENCHMARKS) as a module."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose from {list(BENCHMARKS)}")
     path = os.path.join(BENCHMARK_DIR, BENCHMARKS[name])
@@ -42,10 +43,11 @@ def load_benchmark(name: str) -> ModuleType:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`incubation bench [ops|train] [options]` (ops when no benchmark is named)."""
+    """`incubation bench [ops|train|study] [options]` (ops when no benchmark is named)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv.pop(0) if argv and argv[0] in BENCHMARKS else "ops"
-    if argv[:1] and not argv[0].startswith("-"):
+    named = bool(argv) and argv[0] in BENCHMARKS
+    name = argv.pop(0) if named else "ops"
+    if not named and argv[:1] and not argv[0].startswith("-"):
         print(f"incubation bench: error: unknown benchmark {argv[0]!r}; choose from {list(BENCHMARKS)}",
               file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@
     incubation report                    report.md, report.json and plots of <out>
     incubation expand CKPT -o OUT ...    LEMON: a larger, function-preserving model from a checkpoint
     incubation grow                      Apollo: progressive depth training of the target
-    incubation bench [ops|train] ...     the microbenchmarks (benchmarks/) on this machine
+    incubation bench ops|train|study     the benchmarks (benchmarks/) on this machine
     incubation backends                  which kernel backend serves each op, and why
 
 Stages find the previous stage's outputs in the run dir (--out, default runs/<preset>):
@@ -423,7 +423,7 @@ def _cmd_bench(args):
 
 def _add_bench(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="ops|train and their options (incubation bench ops --help)")
+                   help="ops|train|study and their options (incubation bench ops --help)")
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -435,7 +435,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "report": ("write report.md / report.json / plots for a run dir", _add_report, _cmd_report),
     "expand": ("LEMON: expand a checkpoint losslessly to a larger ViT", _add_expand, _cmd_expand),
     "grow": ("Apollo: progressive depth training of the target", _add_grow, _cmd_grow),
-    "bench": ("kernel / train-step microbenchmarks on this machine", _add_bench, _cmd_bench),
+    "bench": ("kernel / train-step microbenchmarks, or the method study, on this machine", _add_bench,
+              _cmd_bench),
     "backends": ("show which backend serves each op (cpu, and cuda if present)", lambda p: None, _cmd_backends),
 }
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from incubation import ViTConfig, VisionTransformer, deep
+from incubation import ViTConfig, VisionTransformer, deep, ops
 from incubation.train import TrainConfig, train
 from incubation.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -322,3 +322,31 @@ def test_uneven_split_survives_the_pipeline(tmp_path):
     deep.assemble(TARGET, paths, sizes=[1, 4])
     with pytest.raises(CheckpointError, match=r"split \[1, 4\], expected \[3, 2\]"):
         deep.assemble(TARGET, paths)
+
+
+def test_hybrid_training_flops_match_torch_flop_counter():
+    """train_flops_per_image / flops_per_image against torch's FLOP counter on a real training
+    step (counted backward / counted forward of the same-depth plain ViT): the frozen meta blocks
+    before the module run no backward, those after it no weight gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(model, x, backward):
+        with FlopCounterMode(display=False) as counter:
+            y = model(x)
+            if backward:
+                y.sum().backward()
+        return counter.get_total_flops() / len(x)
+
+    target = TARGET.replace(img_size=16, embed_dim=32, depth=6)  # blocks large beside the stem and head,
+    meta = deep.build_meta_model(target, 3)                     # which are counted as trained
+    x = torch.randn(2, 1, 16, 16)
+    ratios = []
+    with ops.use_backend("eager"):
+        for i in range(3):
+            hybrid = deep.build_hybrid(meta, target, i).train()
+            plain = VisionTransformer(target.replace(depth=4))  # the hybrid's depth: 2 meta + 2 module blocks
+            measured = counted(hybrid, x, True) / counted(plain, x, False)
+            ours = hybrid.train_flops_per_image() / hybrid.flops_per_image()
+            assert ours == pytest.approx(measured, abs=0.03), i
+            ratios.append(ours)
+    assert ratios[0] > ratios[1] > ratios[2] > 1.9  # the later the module, the less backward
