@@ -131,3 +131,21 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
 def test_incubation_bench_runs_the_study(tmp_path, capsys):
     assert bench.main(["study", "report", "--out", str(tmp_path / "none")]) == 2
     assert "study_config.json not found" in capsys.readouterr().err
+
+
+def test_a_failing_job_is_named_and_its_dependents_skipped(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    args = ["run", "--out", out, *MINI[:MINI.index("--budgets")], "--budgets", "1", "--seeds", "1",
+            "--methods", "deep", "--limit-train", "384", "--limit-eval", "128", "--no-progress"]
+    assert study.main(args) == 0
+    for job in ("incubate-random-0/b1-s0", "assemble-random/b1-s0"):
+        os.remove(os.path.join(out, job, "result.json"))
+    with open(os.path.join(out, "meta", "b1-s0", "final.safetensors"), "r+b") as f:
+        f.truncate(100)  # the meta model the incubation reads is damaged
+    capsys.readouterr()
+    assert study.main(args) == 2
+    err = capsys.readouterr().err
+    assert "study jobs failed: incubate-random-0/b1-s0 (exit 2, see " in err
+    assert "assemble-random/b1-s0 (a job it needs failed)" in err
+    log = open(os.path.join(out, "incubate-random-0", "b1-s0", "log.txt")).read()
+    assert "final.safetensors" in log  # the job's own error names the damaged file
