@@ -150,13 +150,17 @@ class TargetModule(VisionTransformer):
 
     def flops_per_image(self) -> int:
         """Forward FLOPs of the module's blocks alone (tokens -> tokens)."""
-        one_block = flops_per_image(self.config.replace(depth=2)) - flops_per_image(self.config.replace(depth=1))
-        return one_block * len(self.span)
+        return _block_flops(self.config) * len(self.span)
 
 
 def flops_per_image(cfg: ViTConfig) -> int:
     """Forward FLOPs per image of a whole model of config `cfg` (without building it)."""
     return cfg.flops_per_image()
+
+
+def _block_flops(cfg: ViTConfig) -> int:
+    """Forward FLOPs per image of one transformer block of config `cfg`."""
+    return flops_per_image(cfg.replace(depth=2)) - flops_per_image(cfg.replace(depth=1))
 
 
 class Hybrid(nn.Module):
@@ -209,10 +213,8 @@ class Hybrid(nn.Module):
         Those before the module run forward only (nothing upstream trains); those after it
         backpropagate input gradients but compute no weight gradients (1x forward instead of 2x).
         The stem / head are counted as trained (a negligible overcount)."""
-        cfg = self.meta.config
-        block = flops_per_image(cfg.replace(depth=2)) - flops_per_image(cfg.replace(depth=1))
         before, after = self.index, self.K - 1 - self.index
-        return 3 * self.flops_per_image() - block * (2 * before + after)
+        return 3 * self.flops_per_image() - _block_flops(self.meta.config) * (2 * before + after)
 
 
 def build_hybrid(meta: VisionTransformer, target_cfg: ViTConfig, index: int,
