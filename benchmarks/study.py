@@ -20,8 +20,8 @@ FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks
 backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
 cpu_count / parallel threads.
 
-Each stage of each method is one job, run as its own process (`_job`), which writes
-<out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
+Each stage of each method is one job (`run` writes them all to <out>/plan.json), run as its own
+process (`_job`), which writes <out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
 resumes from its checkpoint (the engine's), so `run` can be repeated until everything is done;
 it refuses an --out made with other settings. It then writes <out>/study.json, study.md and
 study.png.
@@ -103,6 +103,11 @@ def _recipe(stage: str):
     return dataclasses.replace(get_preset("tiny").recipe(stage), evals=1)
 
 
+def _tag(budget: float, seed: int) -> str:
+    """The part of a job's name (and directory) that says which point it belongs to."""
+    return f"b{budget:g}-s{seed}"
+
+
 def _epoch_steps(epochs: float, num_train: int, batch: int) -> int:
     return max(1, round(epochs * num_train / batch))
 
@@ -155,7 +160,7 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
                               + DEEP_EPOCHS["assemble"] * 3.0 * target.flops_per_image())
     jobs = []
     for budget, seed in reversed(cfg.runs()):
-        flops, tag = budget * epoch, f"b{budget:g}-s{seed}"
+        flops, tag = budget * epoch, _tag(budget, seed)
 
         def add(stage, steps, needs=()):
             jobs.append(Job(f"{stage}/{tag}", stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
@@ -289,6 +294,8 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     num_train = len(_datasets(cfg)[0])
     _update_state(out, num_train=num_train)
     jobs = plan_jobs(cfg, num_train)
+    # the job processes read their job from here instead of each planning the whole study again
+    atomic_write(os.path.join(out, "plan.json"), json.dumps([dataclasses.asdict(j) for j in jobs]).encode())
     done = {j.name for j in jobs if _result(out, j.name) is not None}
     pending, running, failed = [j for j in jobs if j.name not in done], {}, {}
     threads = max(1, (os.cpu_count() or 1) // parallel)
@@ -353,7 +360,7 @@ def collect(cfg: StudyConfig, out: str) -> list[dict]:
     """One point per (method, budget, seed) whose jobs have all finished."""
     points = []
     for budget, seed in cfg.runs():
-        tag = f"b{budget:g}-s{seed}"
+        tag = _tag(budget, seed)
         for method in cfg.methods:
             stages = method_stages(method, cfg.K)
             results = [_result(out, f"{s}/{tag}") for s in stages]
@@ -566,7 +573,7 @@ def main(argv: Optional[list] = None) -> int:
             study = write_report(args.out)
         else:
             cfg = _load_config(args.out)
-            jobs = {j.name: j for j in plan_jobs(cfg, _state(args.out)["num_train"])}
+            jobs = {j["name"]: Job(**j) for j in json.load(open(os.path.join(args.out, "plan.json")))}
             if args.name not in jobs:
                 raise ValueError(f"no job {args.name!r} in the study of {args.out}")
             print(json.dumps(run_job(cfg, args.out, jobs[args.name])))

@@ -13,6 +13,12 @@ MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets"
         "--limit-train", "384", "--limit-eval", "128", "--no-progress"]
 
 
+def _apollo_flops(target, steps, seed, batch=128):
+    """Training FLOPs of an Apollo run: full-depth cost of each step's sampled depth."""
+    model = study._apollo(target, steps, seed)
+    return sum(3 * target.replace(depth=model.depth_at(s)).flops_per_image() * batch for s in range(steps))
+
+
 def _planned_flops(cfg, job, num_train):
     """Training FLOPs a job will spend, from its model's own FLOP count (independent of the plan)."""
     target, batch = cfg.target(), 128
@@ -25,8 +31,7 @@ def _planned_flops(cfg, job, num_train):
         per_image = 3 * target.replace(depth=cfg.depth // 2, embed_dim=cfg.width // 2,
                                        num_heads=cfg.heads // 2).flops_per_image()
     elif job.stage == "apollo":
-        model = study._apollo(target, job.steps, job.seed)
-        return sum(3 * target.replace(depth=model.depth_at(s)).flops_per_image() * batch for s in range(job.steps))
+        return _apollo_flops(target, job.steps, job.seed, batch)
     else:  # e2e, lemon (the expanded target), assemble-*
         per_image = 3 * target.flops_per_image()
     return per_image * job.steps * batch
@@ -52,13 +57,8 @@ def test_every_method_gets_the_budget_in_flops(budgets):
 def test_apollo_steps_are_the_most_that_fit():
     target = study.StudyConfig().target()
     flops = 2 * 3 * target.flops_per_image() * 60000
-
-    def cost(steps):
-        model = study._apollo(target, steps, 0)
-        return sum(3 * target.replace(depth=model.depth_at(s)).flops_per_image() * 128 for s in range(steps))
-
     steps = study._apollo_steps(target, flops, 128, 0)
-    assert cost(steps) <= flops < cost(steps + 1)
+    assert _apollo_flops(target, steps, 0) <= flops < _apollo_flops(target, steps + 1, 0)
     assert steps > 2 * 60000 / 128  # shallower sampled depths buy more steps than E2E's
 
 
@@ -90,7 +90,7 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
     assert set(points) == {(m, b, s) for m in study.METHODS for b, s in [(1.0, 0), (2.0, 0), (2.0, 1)]}
     for (method, budget, seed), p in points.items():
         # the budget is met to within the rounding of each stage's steps (one step per stage)
-        stages = [json.load(open(os.path.join(out, s, f"b{budget:g}-s{seed}", "result.json")))
+        stages = [json.load(open(os.path.join(out, s, study._tag(budget, seed), "result.json")))
                   for s in study.method_stages(method, cfg.K)]
         assert abs(p["flops"] - budget * unit) <= sum(s["flops"] / s["steps"] for s in stages), (method, budget)
         assert 0 <= p["acc"] <= 100 and p["wall_s"] > 0
