@@ -4,7 +4,7 @@ compiled extension `incubation._C`.
 The operators live in `torch.ops.incubation` (schemas in csrc/ops.cpp, kernels in csrc/cpu/
 and csrc/cuda/; the dispatcher picks the kernel by device). This module gives them what
 autograd and torch.compile need, through `torch.library`: fake (meta) kernels and autograd
-formulas. It then registers into `incubation.ops`:
+formulas. `BACKENDS` exports, for `incubation.dispatch` to read (this module never imports it):
 
     layer_norm, add_layer_norm -> incubation::layer_norm_fwd / add_layer_norm_fwd
                                   (backward: incubation::layer_norm_bwd)
@@ -15,7 +15,7 @@ formulas. It then registers into `incubation.ops`:
 attention is not in the extension (the Triton and eager backends serve it).
 
 Importing this module raises ImportError when incubation._C is missing or cannot run on
-this machine; incubation.ops reports the reason in `backends()`.
+this machine; `incubation.ops.backends()` reports the reason.
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import ops
-
-__all__ = ["DTYPES", "CUDA_MAX_FEATURES", "with_cuda"]
+__all__ = ["BACKENDS", "UNAVAILABLE", "DTYPES", "CUDA_MAX_FEATURES", "with_cuda"]
 
 # dtypes the kernels are compiled for, per device type (float64 on CPU: exact reference tests)
 DTYPES = {
@@ -230,10 +228,10 @@ def _check_linear(x, weight, bias, activation, layer_scale, residual):
     return _unsupported(x, residual, weight.shape[0])
 
 
-for _backend in ("cpp", "cuda") if with_cuda else ("cpp",):
-    ops.register("layer_norm", _backend, _layer_norm, _check_layer_norm)
-    ops.register("add_layer_norm", _backend, _add_layer_norm, _check_add_layer_norm)
-    ops.register("linear", _backend, _linear, _check_linear)
-if not with_cuda:
-    ops.mark_unavailable("cuda", "incubation._C was built without its CUDA kernels (no nvcc or CUDA torch at "
-                                 "build time, or INCUBATION_SKIP_CUDA_BUILD=1)")
+_TABLE = {"layer_norm": (_layer_norm, _check_layer_norm),
+          "add_layer_norm": (_add_layer_norm, _check_add_layer_norm),
+          "linear": (_linear, _check_linear)}
+BACKENDS = {"cpp": _TABLE, "cuda": _TABLE} if with_cuda else {"cpp": _TABLE}
+UNAVAILABLE = {} if with_cuda else {
+    "cuda": "incubation._C was built without its CUDA kernels (no nvcc or CUDA torch at build time, "
+            "or INCUBATION_SKIP_CUDA_BUILD=1)"}

@@ -1,4 +1,4 @@
-"""The one dispatch point for the fused ops of the ViT block and the meta model.
+"""The public fused ops of the ViT block and the meta model, and their eager reference.
 
 Public ops (all differentiable):
 
@@ -8,220 +8,34 @@ Public ops (all differentiable):
     linear(x, weight, bias=None, activation=None, *, layer_scale=None, residual=None)
         -> residual + layer_scale * activation(x @ weight.T + bias)
 
-Each call picks a backend by the device of its tensors:
+Each call is validated here (errors name the argument), then `incubation.dispatch` picks the
+backend that serves it: triton / cuda (CUDA tensors), cpp (CPU tensors) or eager. In `auto`
+mode the choice is measured per call signature, eager included, and a fused kernel serves
+only where it is faster; `INCUBATION_BACKEND=eager|triton|cuda|cpp|auto` or
+`use_backend(name)` forces one. `backends()` / `format_backends()` report every choice, its
+timings and every refusal; `tune(model, inputs)` measures a model's calls ahead of training.
 
-    CUDA tensors: triton -> cuda (compiled extension) -> eager
-    CPU tensors:  cpp (compiled extension) -> eager
-                  (triton serves CPU tensors only under TRITON_INTERPRET=1 and only when
-                  forced: the interpreter is for testing, not for speed)
-
-`INCUBATION_BACKEND=eager|triton|cuda|cpp|auto` or the context manager `use_backend(name)`
-forces a choice; a forced backend that cannot serve a call raises `BackendError` (an op the
-forced backend does not implement at all, like attention in the compiled extension, runs
-eager, so a whole model can run under a forced backend). In `auto`
-mode a refused backend falls back to the next one and the reason is recorded:
-`backends()` reports, for every op, the backend chosen and why each faster one was refused.
-
-Backends register their implementations with `register(op, backend, fn, check)`; `check`
-returns None when the backend can serve a call, else the reason it cannot. The eager
-backend is the reference: exactly timm's math (exact erf GELU, SDPA attention).
+The eager backend is the reference: exactly timm's math (exact erf GELU, SDPA attention).
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import numbers
-import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import dispatch
+from .dispatch import (BACKENDS, OPS, BackendError, backends, current_backend, format_backends, implements,
+                       register, share_decisions, tune, use_backend)
+
 __all__ = [
     "attention", "layer_norm", "add_layer_norm", "linear",
     "backends", "format_backends", "implements", "use_backend", "current_backend", "register", "BackendError",
-    "OPS", "BACKENDS",
+    "tune", "share_decisions", "OPS", "BACKENDS",
 ]
 
-OPS = ("attention", "layer_norm", "add_layer_norm", "linear")
-BACKENDS = ("triton", "cuda", "cpp", "eager")
 ACTIVATIONS = (None, "gelu")
-_PREFERENCE = {"cuda": ("triton", "cuda", "eager"), "cpu": ("triton", "cpp", "eager")}
-
-
-class BackendError(RuntimeError):
-    """A forced backend cannot serve a call."""
-
-
-# --------------------------------------------------------------------------------------
-# registry
-# --------------------------------------------------------------------------------------
-_impls: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
-_checks: dict[str, dict[str, Optional[Callable]]] = {op: {} for op in OPS}
-_backend_unavailable: dict[str, str] = {}  # backend -> why it cannot serve anything
-_runtime_refusals: dict[str, dict[str, str]] = {op: {} for op in OPS}  # last reason seen per call
-_loaded = False
-# set by use_backend(); a plain global rather than a ContextVar so torch.compile can trace
-# the dispatch (the forced choice is process-wide, not per thread)
-_forced: Optional[str] = None
-
-
-def register(op: str, backend: str, fn: Callable, check: Optional[Callable] = None) -> None:
-    """Register `fn` as `backend`'s implementation of `op`.
-
-    `fn` takes the op's arguments in the public signature's order (keywords included) and
-    must be differentiable; `check(*args)` returns None if the backend can serve that call,
-    else a short reason (shape, dtype or stride it does not support).
-    """
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
-    _impls[op][backend] = fn
-    _checks[op][backend] = check
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _load_backends() -> None:
-    """Import the optional backends once; each registers what it implements."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    try:
-        importlib.import_module("incubation.kernels")
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        _backend_unavailable["triton"] = f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
-    try:
-        importlib.import_module("incubation.extension")
-    except Exception as exc:  # noqa: BLE001
-        reason = f"compiled extension incubation._C unavailable ({type(exc).__name__}: {exc})"
-        _backend_unavailable.setdefault("cpp", reason)
-        _backend_unavailable.setdefault("cuda", reason)
-
-
-def mark_unavailable(backend: str, reason: str) -> None:
-    """For backend modules: record that `backend` cannot serve anything, and why."""
-    _backend_unavailable[backend] = reason
-
-
-# --------------------------------------------------------------------------------------
-# selection
-# --------------------------------------------------------------------------------------
-def current_backend() -> str:
-    """The forced backend (`use_backend`, else INCUBATION_BACKEND), or 'auto'."""
-    name = _forced or os.environ.get("INCUBATION_BACKEND", "auto") or "auto"
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"INCUBATION_BACKEND={name!r} is not one of {('auto',) + BACKENDS}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Force `name` ('auto' restores automatic choice) for the ops called inside the block."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    global _forced
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-def _device_reason(backend: str, device_type: str, forced: bool) -> Optional[str]:
-    if device_type == "cuda" and backend != "eager" and not torch.cuda.is_available():
-        return "no CUDA device is available on this machine"
-    if backend == "triton":
-        if device_type == "cuda":
-            return None
-        if not _interpreting():
-            return "Triton needs CUDA tensors (set TRITON_INTERPRET=1 to run it on CPU for testing)"
-        if not forced:
-            return "the Triton interpreter runs on CPU only when forced (it is for testing, not speed)"
-        return None
-    if backend == "cuda" and device_type != "cuda":
-        return f"the CUDA kernels need CUDA tensors, got {device_type}"
-    if backend == "cpp" and device_type != "cpu":
-        return f"the C++ kernels need CPU tensors, got {device_type}"
-    return None
-
-
-def _why_not(op: str, backend: str, device_type: str, args: tuple, forced: bool) -> Optional[str]:
-    if backend == "eager":
-        return None
-    reason = _device_reason(backend, device_type, forced) or _backend_unavailable.get(backend)
-    if reason:
-        return reason
-    if backend not in _impls[op]:
-        return f"no {backend} implementation of {op}"
-    check = _checks[op][backend]
-    return check(*args) if (check is not None and args) else None
-
-
-def _select(op: str, device_type: str, args: tuple) -> Callable:
-    _load_backends()
-    forced = current_backend()
-    if forced != "auto":
-        reason = _why_not(op, forced, device_type, args, forced=True)
-        if reason is None:
-            return _impls[op][forced]
-        usable = forced not in _backend_unavailable and not _device_reason(forced, device_type, True)
-        if usable and forced not in _impls[op]:  # e.g. attention under "cpp": the rest of the model still runs forced
-            _runtime_refusals[op][forced] = f"no {forced} implementation of {op} (ran eager)"
-            return _impls[op]["eager"]
-        raise BackendError(f"incubation.ops.{op}: backend {forced!r} was forced "
-                           f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
-    for backend in _PREFERENCE.get(device_type, ("eager",)):
-        reason = _why_not(op, backend, device_type, args, forced=False)
-        if reason is None:
-            return _impls[op][backend]
-        _runtime_refusals[op][backend] = reason
-    return _impls[op]["eager"]
-
-
-def implements(op: str, backend: str) -> bool:
-    """Whether `backend` has a kernel for `op` at all (it may still refuse some calls)."""
-    _load_backends()
-    return backend not in _backend_unavailable and backend in _impls.get(op, {})
-
-
-def backends(device: str | torch.device = "cpu") -> dict[str, dict]:
-    """For every op: the backend `auto` picks on `device` and why each faster one was refused.
-
-    Reasons are those known without a concrete call (imports, device), plus the last reason
-    a shape/dtype check gave at run time ("at run time: ...")."""
-    _load_backends()
-    device_type = torch.device(device).type
-    forced = current_backend()
-    report = {}
-    for op in OPS:
-        refused, chosen = {}, "eager"
-        order = (forced,) if forced != "auto" else _PREFERENCE.get(device_type, ("eager",))
-        for backend in order:
-            reason = _why_not(op, backend, device_type, (), forced=forced != "auto")
-            if reason is None:
-                chosen = backend
-                break
-            refused[backend] = reason
-        for backend, reason in _runtime_refusals[op].items():
-            refused.setdefault(backend, f"at run time: {reason}")
-        report[op] = {"backend": chosen, "refused": refused}
-    return report
-
-
-def format_backends(device: str | torch.device = "cpu") -> str:
-    """`backends(device)` as a human-readable table."""
-    lines = [f"incubation.ops backends for {torch.device(device).type} tensors "
-             f"(mode: {current_backend()})"]
-    for op, entry in backends(device).items():
-        lines.append(f"  {op:<15} -> {entry['backend']}")
-        for backend, reason in entry["refused"].items():
-            lines.append(f"      {backend:<7} refused: {reason}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -279,7 +93,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     args = (q, k, v, float(scale))
-    return _select("attention", q.device.type, args)(*args)
+    return dispatch.select("attention", q.device, args)(*args)
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -290,7 +104,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     _vector("bias", bias, x.shape[-1], "x's last dimension")
     _same_device("x", x, weight=weight, bias=bias)
     args = (x, weight, bias, _eps(eps))
-    return _select("layer_norm", x.device.type, args)(*args)
+    return dispatch.select("layer_norm", x.device, args)(*args)
 
 
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -305,7 +119,7 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     _vector("bias", bias, x.shape[-1], "x's last dimension")
     _same_device("x", x, residual=residual, weight=weight, bias=bias)
     args = (x, residual, weight, bias, _eps(eps))
-    return _select("add_layer_norm", x.device.type, args)(*args)
+    return dispatch.select("add_layer_norm", x.device, args)(*args)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -343,7 +157,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                                 "all linear inputs must share a dtype)")
     args = (x, weight, bias, activation, layer_scale, residual)
     with torch.autocast(x.device.type, enabled=False):
-        return _select("linear", x.device.type, args)(*args)
+        return dispatch.select("linear", x.device, args)(*args)
 
 
 # --------------------------------------------------------------------------------------

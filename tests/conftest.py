@@ -1,5 +1,6 @@
 """Test-session set-up shared by every test file."""
 import os
+import tempfile
 
 import torch
 
@@ -7,3 +8,6 @@ import torch
 # when a kernel is decorated, so it must be set before anything imports incubation.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The dispatcher's measured decisions go to a fresh folder: tests neither read a developer's
+# cache nor leave one behind.
+os.environ.setdefault("INCUBATION_CACHE_DIR", tempfile.mkdtemp(prefix="incubation-test-cache-"))

@@ -4,7 +4,8 @@
     norm.py        (x + residual) -> LayerNorm in one pass; backward with partial weight sums
     linear.py      GEMM with a bias / exact GELU / layer-scale / residual epilogue; fused dGELU
 
-Importing this module registers every op under the backend "triton" (ops.register).
+`BACKENDS` exports the implementations and capability checks; `incubation.dispatch` reads it
+(this package never imports the dispatcher).
 
 Testing without a GPU: with TRITON_INTERPRET=1 in the environment *before this module is
 imported*, Triton builds interpreted kernels that run on CPU tensors. Whether a kernel is
@@ -20,9 +21,7 @@ import torch
 import triton
 from triton import knobs
 
-from .. import ops
-
-__all__ = ["INTERPRET", "DTYPES", "autotune", "dot_precision", "upcast_dots", "unsupported"]
+__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "autotune", "dot_precision", "upcast_dots", "unsupported"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,7 +75,9 @@ def unsupported(**tensors: Optional[torch.Tensor]) -> Optional[str]:
 # the submodules import the helpers above from this partly initialised package
 from . import attention, linear, norm  # noqa: E402
 
-ops.register("attention", "triton", attention.attention, attention.check)
-ops.register("layer_norm", "triton", norm.layer_norm, norm.check_layer_norm)
-ops.register("add_layer_norm", "triton", norm.add_layer_norm, norm.check_add_layer_norm)
-ops.register("linear", "triton", linear.linear, linear.check)
+BACKENDS = {"triton": {
+    "attention": (attention.attention, attention.check),
+    "layer_norm": (norm.layer_norm, norm.check_layer_norm),
+    "add_layer_norm": (norm.add_layer_norm, norm.check_add_layer_norm),
+    "linear": (linear.linear, linear.check),
+}}

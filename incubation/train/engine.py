@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import ops
 from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_checkpoint_state,
                          recover_checkpoint, save_checkpoint)
 from .schedule import lr_at
@@ -508,6 +509,18 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
             p.requires_grad_(flag)
 
 
+def _agree_on_kernels(model, data, batch: int, device, amp: bool, rank: int) -> None:
+    """Under DDP every rank must run the same kernels: rank 0 measures the model's op calls
+    on a real micro-batch and the other ranks take its decisions (see incubation.dispatch)."""
+    if ops.current_backend() != "auto":
+        return
+    if rank == 0:
+        images = torch.stack([data[i][0] for i in range(min(batch, len(data)))]).to(device)
+        with _autocast(device, amp):
+            ops.tune(model, images)
+    ops.share_decisions()
+
+
 class _Runner:
     """The training loop and its bookkeeping (one object so the loop reads top to bottom)."""
 
@@ -589,6 +602,8 @@ class _Runner:
         cfg, plan, device, world = self.cfg, self.plan, self.device, self.world
         total = plan.total_steps
         self.t0 = time.time()
+        if world > 1:
+            _agree_on_kernels(self.model, self.train_set, plan.micro_batch, device, cfg.amp, self.rank)
         net = self._net()
         loader = DataLoader(self.train_set, batch_sampler=_StepBatches(len(self.train_set), plan, cfg, self.rank,
                                                                        world, start),
