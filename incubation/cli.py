@@ -11,7 +11,9 @@
     incubation expand CKPT -o OUT ...    LEMON: a larger, function-preserving model from a checkpoint
     incubation grow                      Apollo: progressive depth training of the target
     incubation bench ops|train|study     the benchmarks (benchmarks/) on this machine
-    incubation backends                  which kernel backend serves each op, and why
+    incubation tune [--preset P | --model NAME]   measure every op call of a model on each backend
+                                         ahead of training, into the dispatch cache
+    incubation backends                  which kernel backend serves each op, its timings, and why
 
 Stages find the previous stage's outputs in the run dir (--out, default runs/<preset>):
 <out>/meta/final.safetensors, <out>/incubate-<i>/final.safetensors, <out>/assemble/..., and
@@ -35,6 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from . import deep, ops
+from .nn import VisionTransformer
 from .presets import PRESETS, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
 
@@ -316,6 +319,66 @@ def _cmd_backends(args):
         print(ops.format_backends("cuda"))
 
 
+_AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _tune_models(args) -> list[torch.nn.Module]:
+    """The model(s) whose op calls `tune` measures: with and without the recipe's drop-path,
+    since stochastic depth changes which fused ops a block calls."""
+    if args.model:
+        import timm
+        from .timm_compat import from_timm
+        try:
+            return [from_timm(timm.create_model(args.model, pretrained=False))]
+        except RuntimeError as exc:   # timm's "Unknown model"
+            raise ValueError(f"--model {args.model}: {exc}") from None
+    preset = get_preset(args.preset)
+    # tiny trains on Fashion-MNIST (1 channel, 10 classes, 28 px); the others on ImageNet
+    shape = (1, 10, 28) if preset.img_size is None else (3, 1000, preset.img_size)
+    config = preset.target_config(*shape)
+    rates = sorted({0.0, preset.e2e.drop_path})
+    return [VisionTransformer(config.replace(drop_path_rate=r)) for r in rates]
+
+
+def _cmd_tune(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device on this machine")
+    if ops.current_backend() != "auto":
+        raise ValueError(f"INCUBATION_BACKEND={ops.current_backend()} forces a backend: nothing to measure")
+    t0, made = time.time(), {}
+    for model in _tune_models(args):
+        model.to(device)
+        c = model.config
+        images = torch.randn(args.batch_size, c.in_chans, *c.img_size, device=device)
+        with torch.autocast(device.type, dtype=_AMP[args.dtype] or torch.float32, enabled=_AMP[args.dtype] is not None):
+            made.update(ops.tune(model, images))
+    print(ops.format_backends(device))
+    measured = sum(1 for d in made.values() if d.ms)
+    print(f"\nmeasured {measured} op signatures ({len(made) - measured} with eager as the only candidate) "
+          f"in {time.time() - t0:.1f} s; decisions file: {ops.dispatch.cache_path()}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_tune(p):
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="the preset's target ViT (default: tiny)")
+    which.add_argument("--model", help="a timm ViT by name (built with pretrained=False, converted by from_timm)")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per step on this device (default 128)")
+    p.add_argument("--dtype", choices=sorted(_AMP), default="fp32",
+                   help="fp32, or the autocast dtype training uses (bf16 / fp16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _add_incubate(p):
     add_common_arguments(p)
     which = p.add_mutually_exclusive_group(required=True)
@@ -355,7 +418,7 @@ def _model_config(path: str, md: dict):
 
 def _cmd_expand(args):
     from .growth import lemon_expand
-    from .nn import VisionTransformer
+
     from .train.checkpoint import load_checkpoint, save_checkpoint
     state, md = load_checkpoint(args.checkpoint)
     source = VisionTransformer(_model_config(args.checkpoint, md))
@@ -379,7 +442,7 @@ def _cmd_expand(args):
 
 def _cmd_grow(args):
     from .growth import ApolloViT, apollo_hook, default_stages, even_switch_steps
-    from .nn import VisionTransformer
+
     from .train import train
     from .train.checkpoint import save_checkpoint
     run = _context(args)
@@ -437,7 +500,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "grow": ("Apollo: progressive depth training of the target", _add_grow, _cmd_grow),
     "bench": ("kernel / train-step microbenchmarks, or the method study, on this machine", _add_bench,
               _cmd_bench),
-    "backends": ("show which backend serves each op (cpu, and cuda if present)", lambda p: None, _cmd_backends),
+    "tune": ("measure every op call of a model on each backend, ahead of training", _add_tune, _cmd_tune),
+    "backends": ("show which backend serves each op, with timings and reasons (cpu, and cuda if present)",
+                 lambda p: None, _cmd_backends),
 }
 
 

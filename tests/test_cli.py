@@ -140,6 +140,31 @@ def test_backends_lists_every_op(capsys):
         assert op in printed
 
 
+def test_tune_measures_the_preset_model_then_backends_shows_it(capsys, monkeypatch, tmp_path):
+    from incubation import dispatch
+    monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dispatch, "_MIN_ROUNDS", 1)   # the timing itself is tested in test_dispatch
+    monkeypatch.setattr(dispatch, "_BUDGET_S", 0.0)
+    dispatch.clear_decisions()
+    try:
+        assert cli.main(["tune", "--preset", "tiny", "--batch-size", "2", "--device", "cpu"]) == 0
+        printed = capsys.readouterr().out
+        assert "measured" in printed and str(tmp_path / "dispatch.json") in printed
+        saved = json.loads((tmp_path / "dispatch.json").read_text())["environments"]
+        (decisions,) = saved.values()
+        # 2 images x 17 tokens -> rows bucket 64; the block MLP for training, add+LN for evaluation
+        assert any(k.startswith("linear float32 rows=64 in=64 out=256") and k.endswith("fwd+bwd") for k in decisions)
+        assert any(k.startswith("add_layer_norm") and k.endswith(" fwd") for k in decisions)
+        dispatch.clear_decisions()    # a later process: `backends` reads the file
+        assert cli.main(["backends"]) == 0
+        assert "-> " in capsys.readouterr().out
+    finally:
+        dispatch.clear_decisions()
+    monkeypatch.setenv("INCUBATION_BACKEND", "eager")
+    assert cli.main(["tune"]) == 2
+    assert "forces a backend" in capsys.readouterr().err
+
+
 def test_subcommand_table_is_the_parser():
     parser = cli.build_parser()
     choices = parser._subparsers._group_actions[0].choices
