@@ -19,6 +19,7 @@ The eager backend is the reference: exactly timm's math (exact erf GELU, SDPA at
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional
 
@@ -146,7 +147,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if tuple(residual.shape) != expected:
             raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
     _same_device("x", x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, layer_scale = (
             None if t is None else t.to(dtype) for t in (x, weight, bias, layer_scale))
@@ -156,7 +158,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
                                 "all linear inputs must share a dtype)")
     args = (x, weight, bias, activation, layer_scale, residual)
-    with torch.autocast(x.device.type, enabled=False):
+    with _without_autocast(x.device.type) if autocast else contextlib.nullcontext():
         return dispatch.select("linear", x.device, args)(*args)
 
 
@@ -167,11 +169,17 @@ def _eager_attention(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _without_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
+
+
 def _eager_layer_norm(x, weight, bias, eps):
     w = None if weight is None else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    if torch.is_autocast_enabled(x.device.type):   # autocast would return fp32: keep x's dtype
+        with _without_autocast(x.device.type):
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
 def _eager_add_layer_norm(x, residual, weight, bias, eps):
