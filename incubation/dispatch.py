@@ -35,6 +35,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .errors import IncubationError
+
 __all__ = ["BackendError", "OPS", "BACKENDS", "MARGIN", "register", "use_backend", "current_backend",
            "select", "implements", "backends", "format_backends", "tune", "share_decisions", "cache_path",
            "clear_decisions"]
@@ -51,7 +53,7 @@ _AGREEMENT = {torch.float64: 1e-6, torch.float32: 1e-2, torch.float16: 2e-2, tor
 _MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 5, 40, 0.3
 
 
-class BackendError(RuntimeError):
+class BackendError(IncubationError, RuntimeError):
     """A forced backend cannot serve a call."""
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import IncubationError
 from ..utils import file_sha256 as _sha256
 
 __all__ = ["FILES", "CLASSES", "DatasetError", "find_fashion_mnist", "read_idx", "load_fashion_mnist_arrays"]
@@ -44,7 +45,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(IncubationError, RuntimeError):
     """A data file is missing, corrupt or malformed."""
 
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import IncubationError
 from ..utils import file_sha256 as _sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
@@ -33,7 +34,7 @@ WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
 TMP, PENDING = ".tmp", ".json.pending"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(IncubationError, RuntimeError):
     """A checkpoint file is missing, corrupt, or does not match what was expected."""
 
 
