@@ -56,7 +56,7 @@ want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 OUT=$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd) || { echo "gpu.sh: cannot create $OUT_ARG" >&2; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
-STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-sh.XXXXXX") || exit 2
+export STAGE=$(mktemp -d "${TMPDIR:-/tmp}/gpu-sh.XXXXXX") || exit 2
 export WORK=$STAGE/lease
 mkdir -p "$WORK"
 
@@ -185,8 +185,9 @@ build_extension() {
 pytest_shards() {  # NAME PYTEST-ARGS...: SHARDS pytest processes at once (tests/conftest.py splits the
     local name=$1 i r rc=0 pids=()  # tests), each into NAME-i.log; the exit status is the worst
     shift
-    for ((i = 0; i < SHARDS; i++)); do
-        INCUBATION_TEST_SHARD=$i/$SHARDS "$PYTHON" -m pytest -p no:cacheprovider "$@" >"$WORK/$name-$i.log" 2>&1 &
+    for ((i = 0; i < SHARDS; i++)); do  # each with its own dispatch cache, outside the bundle's
+        INCUBATION_TEST_SHARD=$i/$SHARDS INCUBATION_CACHE_DIR=$STAGE/test-cache/$name-$i \
+            "$PYTHON" -m pytest -p no:cacheprovider "$@" >"$WORK/$name-$i.log" 2>&1 &
         pids+=($!)
     done
     for i in "${!pids[@]}"; do
