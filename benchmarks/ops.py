@@ -11,6 +11,9 @@ Ops and modes (fwd is the training forward: inputs require grad, so activations 
     add_layer_norm   x + residual, LayerNorm (norm2)    fwd, bwd, fwd+bwd
     linear_gelu      fc1: (B, N, C) -> 4C, bias + GELU    fwd, fwd+bwd
     linear_residual  fc2: 4C -> C, bias + layer scale + residual   fwd, fwd+bwd
+SDPA: the backend torch picks for the inputs (flash / efficient / cudnn / math, read from the
+aten op the profiler sees) is recorded and pinned with torch.nn.attention.sdpa_kernel for the
+timing, so that a rerun compares against the same kernel.
 Work counted: attention 4*B*H*N^2*D FLOPs forward, x2.5 backward; linear 2*M*K*N forward, x2
 backward; add + LayerNorm moves (at least) 4 tensors of x's size forward and 4 backward
 (read both output grads and the sum, write the grad of the sum). Writes a table, JSON, a
@@ -155,6 +158,36 @@ def _as_tuple(out) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}
+
+
+def sdpa_backend(*inputs) -> Optional[str]:
+    """The backend F.scaled_dot_product_attention picks for these inputs (requires_grad counts):
+    the name in the aten op it dispatches to (aten::_scaled_dot_product_flash_attention,
+    ..._efficient_attention, ..._cudnn_attention, ..._attention_math), or None if unrecognised."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.scaled_dot_product_attention(*inputs)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")]
+    return next((b for b in SDPA_BACKENDS for n in names if b in n), None)
+
+
+def _pinned_sdpa(backend: Optional[str]) -> Callable:
+    """F.scaled_dot_product_attention restricted to `backend` (None: torch's choice)."""
+    if backend is None:
+        return F.scaled_dot_product_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pin = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def pinned(*args):
+        with sdpa_kernel(pin):
+            return F.scaled_dot_product_attention(*args)
+    return pinned
+
+
 def _provider_fn(op: Op, provider: str) -> Callable:
     if provider == "eager":
         return op.eager
@@ -203,6 +236,7 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
                 heads=shape.heads, head_dim=shape.head_dim, dtype=dtype_name)
     kind = {p: "ours" if p in OURS else "theirs" for p in providers}
     records, ready = [], {}  # ready: provider -> (fn, max abs diff from eager)
+    base_of = {p: base for p in providers}  # + the pinned SDPA backend
     for provider in providers:
         if provider == "triton" and device.type != "cuda":
             records += [dict(base, mode=m, provider=provider, kind=kind[provider], status="skipped",
@@ -210,6 +244,10 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
             continue
         try:
             fn = _provider_fn(op, provider)
+            if provider == "sdpa":
+                backend = sdpa_backend(*inputs)
+                base_of[provider] = dict(base, sdpa_backend=backend or "unrecognised (not pinned)")
+                fn = _pinned_sdpa(backend)
             out = _as_tuple(fn(*inputs))  # first call: a forced backend refuses here; compiles
             ready[provider] = fn, max((o.detach().float() - r).abs().max().item() for o, r in zip(out, reference))
             del out
@@ -217,7 +255,7 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
             continue  # not applicable (SDPA for a non-attention op): no record
         except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
             status = "skipped" if isinstance(exc, ops.BackendError) else "failed"
-            records += [dict(base, mode=m, provider=provider, kind=kind[provider], status=status,
+            records += [dict(base_of[provider], mode=m, provider=provider, kind=kind[provider], status=status,
                              reason=describe_error(exc)) for m in op.modes]
     rounds, rep_ms = (1, None) if device.type == "cuda" else (3, 50 if quick else 250)
     for mode in op.modes:
@@ -233,7 +271,7 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
                 for t in inputs:
                     t.grad = None
         for provider, (_, diff) in ready.items():
-            rec = dict(base, mode=mode, provider=provider, kind=kind[provider], max_abs_diff=diff)
+            rec = dict(base_of[provider], mode=mode, provider=provider, kind=kind[provider], max_abs_diff=diff)
             if provider in failed:
                 records.append(dict(rec, status="failed", reason=failed[provider]))
                 continue
@@ -311,6 +349,12 @@ COLUMNS = [("op", "op", ""), ("mode", "mode", ""), ("model", "ViT", ""), ("batch
            ("x_sdpa", "x sdpa", ".3g"), ("x_compile", "x compile", ".3g"), ("max_abs_diff", "max abs diff", ".2g")]
 
 
+def _shown(records: list[dict]) -> list[dict]:
+    """Records for a table: the SDPA rows name the backend they were pinned to, e.g. sdpa (flash)."""
+    return [dict(r, provider=f"{r['provider']} ({r['sdpa_backend']})") if r.get("sdpa_backend") else r
+            for r in records]
+
+
 def _skips(records) -> dict:
     """(provider, op) -> reason, for providers that did not run."""
     return {(r["provider"], r["op"]): f"{r['status']}: {r['reason']}" for r in records if r["status"] != "ok"}
@@ -363,7 +407,10 @@ def _markdown(payload: dict) -> str:
              f"Config: models {cfg['models']}, N {cfg['seqs']}, batch {cfg['batch']}, dtypes {cfg['dtypes']}, "
              f"{'quick' if cfg['quick'] else 'full'} timing. Ceilings: copy {ceil['copy_gbps']:.1f} GB/s; matmul "
              f"{ceil['matmul_size']}^3 " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceil["matmul_tflops"].items()),
-             "", table(ok, COLUMNS, markdown=True), ""]
+             "", table(_shown(ok), COLUMNS, markdown=True), ""]
+    if any(r.get("sdpa_backend") for r in ok):
+        lines += ["sdpa (backend): the backend torch picks for these inputs, pinned with "
+                  "torch.nn.attention.sdpa_kernel for the timing.", ""]
     skips = _skips(payload["results"])
     if skips:
         lines += ["Not run:", ""] + [f"- {p} / {op}: {why}" for (p, op), why in sorted(skips.items())] + [""]
@@ -428,7 +475,7 @@ def run_op_benchmarks(device: Optional[str] = None, models: Optional[list[str]] 
                             log(f"  {rec['provider']} / {rec['op']}: {rec['status']}: {rec['reason']}")
                     ok = [r for r in case if r["status"] == "ok"]
                     if ok:
-                        log(table(ok, COLUMNS))
+                        log(table(_shown(ok), COLUMNS))
                     records += case
     payload = {"benchmark": "ops", "environment": env, "ceilings": ceilings,
                "config": dict(device=dev.type, models=models, seqs=seqs, batch=batch, dtypes=dtypes, ops=op_names,

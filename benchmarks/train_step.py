@@ -40,11 +40,11 @@ CPU_BATCH = {"Ti": 8, "S": 4, "B": 2, "L": 1, "H": 1, "demo": 128}
 NUM_CLASSES = 1000
 
 
-def build_model(model: str, device) -> incubation.VisionTransformer:
+def build_model(model: str, device, img_size: Optional[int] = None) -> incubation.VisionTransformer:
     m = MODELS[model]
-    return incubation.VisionTransformer(img_size=m.get("img", 224), patch_size=m["patch"], in_chans=m.get("chans", 3),
-                                        embed_dim=m["width"], depth=m["depth"], num_heads=m["heads"],
-                                        num_classes=m.get("classes", NUM_CLASSES)).to(device)
+    return incubation.VisionTransformer(img_size=img_size or m.get("img", 224), patch_size=m["patch"],
+                                        in_chans=m.get("chans", 3), embed_dim=m["width"], depth=m["depth"],
+                                        num_heads=m["heads"], num_classes=m.get("classes", NUM_CLASSES)).to(device)
 
 
 def _provider_model(provider: str, ours: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -95,10 +95,12 @@ def prepare_provider(provider: str, ours: torch.nn.Module, images, labels, amp: 
     return step, facts
 
 
-def bench_providers(providers: list[str], ours, images, labels, amp, device, quick: bool, warmup: int) -> dict:
+def bench_providers(providers: list[str], ours, images, labels, amp, device, quick: bool, warmup: int,
+                    log: Callable = print) -> dict:
     """provider -> (status, facts or reason). On GPU one provider at a time (memory); on CPU all
     of them prepared first, then timed in 3 interleaved rounds (median of the rounds) so that
-    a change of load on a shared machine does not favour whichever ran first."""
+    a change of load on a shared machine does not favour whichever ran first. Each result is
+    logged as soon as it is measured (a run cut short keeps what it measured in its log)."""
     gpu = device.type == "cuda"
     groups = [[p] for p in providers] if gpu else [providers]
     rounds, rep_ms = (1, 1000 if quick else 3000) if gpu else (3, 200 if quick else 1000)
@@ -127,6 +129,7 @@ def bench_providers(providers: list[str], ours, images, labels, amp, device, qui
         for provider, (_, facts) in live.items():
             if provider not in results:
                 results[provider] = ("ok", dict(facts, ms=statistics.median(times[provider])))
+                log(f"  measured {provider}: {results[provider][1]['ms']:.4g} ms/step")
         del live
         free_memory(device)
     return results
@@ -200,7 +203,7 @@ def _markdown(payload: dict) -> str:
     ok = [r for r in payload["results"] if r["status"] == "ok"]
     lines = [f"## Train-step benchmark, {label}, {env['date']}", "", describe_environment(env), "",
              f"Config: models {cfg['models']}, batch {cfg['batch'] or 'per model (table)'}, precision {cfg['amp']}, "
-             "AdamW, 224 px and 1000 classes (demo: 28 px, 1 channel, 10 classes), "
+             f"AdamW, {cfg['img_size'] or '224 (demo: 28)'} px, 1000 classes (demo: 1 channel, 10 classes), "
              f"{'quick' if cfg['quick'] else 'full'} timing.", "",
              table(ok, COLUMNS, markdown=True), ""]
     autos = {r["model"]: r["backends"] for r in ok if r.get("backends")}
@@ -218,12 +221,13 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
                          batch: Optional[int] = None, amp: Optional[str] = None,
                          providers: Optional[list[str]] = None, quick: bool = False, warmup: Optional[int] = None,
                          out_dir: Optional[str] = None, plot: bool = True, append_results: Optional[str] = None,
-                         threads: Optional[int] = None, log: Callable = print) -> dict:
+                         threads: Optional[int] = None, img_size: Optional[int] = None, log: Callable = print) -> dict:
     """Run the train-step benchmark and write <out_dir>/train_step.{json,md,png}.
 
     Defaults: GPU: ViT-S/B/L/H, batch 256/256/128/64, bf16 autocast; CPU: ViT-Ti/S, batch 8/4,
     fp32. quick: ViT-B (GPU) or ViT-Ti with batch 2 (CPU). amp: 'bf16', 'fp16' or 'fp32'
-    (no autocast)."""
+    (no autocast). img_size: the model's by default (224; demo 28); smaller only to try the
+    harness quickly."""
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     set_threads(threads)
@@ -242,6 +246,8 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
         raise ValueError(f"amp must be one of {list(DTYPES)}, got {amp!r}")
     if (batch is not None and batch < 1) or warmup < 1:
         raise ValueError(f"batch and warmup must be positive, got batch={batch}, warmup={warmup}")
+    if img_size is not None and img_size < 16:
+        raise ValueError(f"img_size must be at least one 16-pixel patch, got {img_size}")
     out_dir = out_dir or os.path.join(REPO, "runs", "bench", f"train-{dev.type}")
     autocast = None if amp == "fp32" else DTYPES[amp]
 
@@ -251,13 +257,13 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
     for model in models:
         size = batch if batch is not None else (2 if quick and not gpu else (GPU_BATCH if gpu else CPU_BATCH)[model])
         torch.manual_seed(0)
-        ours = build_model(model, dev)
+        ours = build_model(model, dev, img_size)
         c = ours.config
         images = torch.randn(size, c.in_chans, *c.img_size, device=dev)
         labels = torch.randint(0, c.num_classes, (size,), device=dev)
         flops = 3 * ours.flops_per_image() * size  # forward + backward (2x)
         base = dict(model=model, batch=size, amp=amp)
-        results = bench_providers(providers, ours, images, labels, autocast, dev, quick, warmup)
+        results = bench_providers(providers, ours, images, labels, autocast, dev, quick, warmup, log)
         for provider in providers:
             status, got = results[provider]
             if status == "ok":
@@ -278,7 +284,7 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
                 rec[f"x_{theirs.replace('-', '_')}"] = other and rec["images_per_s"] / other["images_per_s"]
     payload = {"benchmark": "train_step", "environment": env,
                "config": dict(device=dev.type, models=models, batch=batch, amp=amp, providers=providers,
-                              quick=quick, warmup=warmup),
+                              quick=quick, warmup=warmup, img_size=img_size),
                "results": records}
     payload["targets"] = evaluate_targets(records, dev)
     log("\n" + table([r for r in records if r["status"] == "ok"], COLUMNS))
@@ -304,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=list(DTYPES), help="autocast dtype; fp32 = no autocast (GPU default bf16)")
     p.add_argument("--providers", help=f"comma-separated, from {list(PROVIDERS)}")
     p.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
+    p.add_argument("--img-size", type=int, help="image size (default the model's: 224, demo 28; smaller only to try "
+                                                 "the harness)")
     p.add_argument("--out", help="output folder (default runs/bench/train-<device>)")
     p.add_argument("--append-results", metavar="MD", help="also append the markdown section to this file")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -318,7 +326,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             device=args.device, quick=args.quick, models=args.models and parse_list(args.models, MODELS, "model"),
             batch=args.batch, amp=args.amp, warmup=args.warmup,
             providers=args.providers and parse_list(args.providers, PROVIDERS, "provider"),
-            out_dir=args.out, plot=not args.no_plot, append_results=args.append_results, threads=args.threads)
+            out_dir=args.out, plot=not args.no_plot, append_results=args.append_results, threads=args.threads,
+            img_size=args.img_size)
     except ValueError as exc:
         print(f"benchmarks/train_step.py: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run under the interpreter on CPU tensors. Triton reads this
@@ -11,3 +12,30 @@ if not torch.cuda.is_available():
 # The dispatcher's measured decisions go to a fresh folder: tests neither read a developer's
 # cache nor leave one behind.
 os.environ.setdefault("INCUBATION_CACHE_DIR", tempfile.mkdtemp(prefix="incubation-test-cache-"))
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
+def pytest_collection_modifyitems(config, items):
+    """INCUBATION_TEST_SHARD=i/n keeps shard i of n (0-based), so that n pytest processes can
+    share the work (benchmarks/gpu.sh: on a fresh GPU the tests wait mostly on Triton compiling
+    kernels, one process per core). The tests of one function in one dtype stay together (they
+    compile the same kernels); those groups go, largest first, to the shard with fewest tests."""
+    shard = os.environ.get("INCUBATION_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(v) for v in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"INCUBATION_TEST_SHARD={shard!r}: want i/n with 0 <= i < n")
+    groups = {}
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        dtype = callspec.params.get("dtype") if callspec else None
+        groups.setdefault((item.nodeid.split("[")[0], str(dtype)), []).append(item)
+    load, keep = [0] * count, set()
+    for _, group in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        target = load.index(min(load))
+        load[target] += len(group)
+        if target == index:
+            keep.update(item.nodeid for item in group)
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in keep])
+    items[:] = [item for item in items if item.nodeid in keep]

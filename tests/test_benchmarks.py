@@ -4,11 +4,17 @@ No timing is asserted (performance claims come from benchmarks/ only)."""
 import json
 import math
 import os
+import re
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
 
 from incubation import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OK_STATUSES = {"ok", "skipped", "failed"}
 TARGET_STATUSES = {"met", "missed", "not measured"}
@@ -88,6 +94,17 @@ def test_ops_skips_are_recorded(ops_payload):
     assert not any(r["provider"] == "sdpa" for r in records if r["op"] != "attention")
 
 
+def test_ops_records_the_pinned_sdpa_backend(ops_bench, ops_payload):
+    payload, out = ops_payload
+    sdpa = [r for r in payload["results"] if r["provider"] == "sdpa"]
+    assert sdpa and all(r["status"] == "ok" and r["sdpa_backend"] in ops_bench.SDPA_BACKENDS for r in sdpa)
+    q, k, v = ops_bench._attention_inputs(ops_bench.Shape("Ti", 1, 5), torch.float32, "cpu")
+    assert ops_bench.sdpa_backend(q, k, v) == "flash"  # torch's CPU flash kernel for these inputs
+    with pytest.raises(RuntimeError, match="same dtype"):  # an input SDPA refuses: its error, as in the timing
+        ops_bench.sdpa_backend(q, k, v.double())
+    assert f"sdpa ({sdpa[0]['sdpa_backend']})" in (out / "ops.md").read_text()
+
+
 def test_ops_bad_arguments(ops_bench, capsys):
     with pytest.raises(ValueError, match="unknown model"):
         ops_bench.run_op_benchmarks(device="cpu", models=["XL"], log=lambda *_: None)
@@ -133,3 +150,32 @@ def test_train_step_json(tmp_path):
     assert {t["status"] for t in written["targets"]} <= TARGET_STATUSES
     assert (tmp_path / "train_step.md").read_text().startswith("## Train-step benchmark, CPU")
     assert payload["config"]["batch"] == 1
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run(tmp_path):
+    """benchmarks/gpu.sh's plumbing on CPU (DEVICE=cpu DRY=1): every step of the lease gets a
+    status line in summary.md, lease.tgz holds every log and JSON, OUTDIR stays at two files."""
+    out = tmp_path / "out"
+    env = dict(os.environ, DEVICE="cpu", DRY="1", PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), str(out), "lease"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    summary = (out / "summary.md").read_text()
+    steps = dict(re.findall(r"^\| ([\w-]+) \| ([^|]+?) \| [\d-]+ \| \S+ \|$", summary, re.M))
+    assert list(steps) == ["env", "build", "tests-triton", "backends", "tests-extension", "ops", "ops-attention",
+                           "tune", "backends-tuned", "train"], summary
+    bad = {name for name, status in steps.items() if status != "ok" and not status.startswith("skipped (dry run")}
+    # `incubation tune` is being written: until this checkout has it, its step may fail
+    has_tune = subprocess.run([sys.executable, "-m", "incubation.cli", "tune", "--help"], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=REPO), capture_output=True).returncode == 0
+    assert bad == (set() if has_tune else {"tune"}), (summary, proc.stdout[-4000:], proc.stderr[-2000:])
+    assert proc.returncode == (1 if bad else 0)
+    assert sorted(os.listdir(out)) == ["lease.tgz", "summary.md"]
+    with tarfile.open(out / "lease.tgz") as tar:
+        names = set(tar.getnames())
+    logs = {f"lease/{name}.log" for name, status in steps.items() if not status.startswith("skipped")}
+    assert logs | {"lease/env.txt", "lease/summary.md", "lease/ops/ops.json", "lease/ops-attention/ops.json",
+                   "lease/train/train_step.json", "lease/tests-triton-0.log", "lease/tests-extension-1.log"} <= names
+    for heading in ("## Op benchmark, CPU", "## Train-step benchmark, CPU", "tests-triton: ", "tests-extension: "):
+        assert heading in summary
+    assert "sdpa (flash)" in summary

@@ -25,8 +25,10 @@ except ImportError as exc:  # the extension is optional: CI builds it, a pure-Py
 
 L = torch.ops.incubation
 HAS_CUDA = torch.cuda.is_available() and extension.with_cuda
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="needs a CUDA device and incubation._C built with its CUDA kernels"))]
+# `gpu` marks what needs CUDA (benchmarks/gpu.sh selects it with -m gpu)
+GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device and incubation._C built with its CUDA kernels"))
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU_MARKS)]
 BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 ROWS = (1, 197 * 3)
 WIDTHS = (50, 192, 384, 768, 1000)   # 50: not a multiple of any SIMD / 16-byte pack width
@@ -305,6 +307,7 @@ def test_check_refuses_mixed_dtypes_and_auto_falls_back():
         ops.linear(x, torch.randn(16, 16), residual=r)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and incubation._C built with its CUDA kernels")
 def test_cuda_check_refuses_float64_and_wide_rows():
     x = torch.randn(2, 8, device="cuda", dtype=torch.float64)
