@@ -200,9 +200,8 @@ pytest_shards() {  # NAME PYTEST-ARGS...: SHARDS pytest processes at once (tests
     return $rc
 }
 
-show_backends() {  # `incubation backends --device DEVICE`; older CLIs have no --device
-    "$PYTHON" -m incubation.cli backends --device "$DEVICE" 2>/dev/null ||
-        "$PYTHON" -c "import sys, incubation.ops as o; print(o.format_backends(sys.argv[1]))" "$DEVICE"
+show_backends() {
+    "$PYTHON" -m incubation.cli backends --device "$DEVICE"
 }
 export -f probe_env build_extension pytest_shards show_backends
 export SHARDS

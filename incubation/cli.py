@@ -313,10 +313,8 @@ def _cmd_report(args):
 
 
 def _cmd_backends(args):
-    print(ops.format_backends("cpu"))
-    if torch.cuda.is_available():
-        print()
-        print(ops.format_backends("cuda"))
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print("\n\n".join(ops.format_backends(d) for d in devices))
 
 
 _AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -502,7 +500,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
               _cmd_bench),
     "tune": ("measure every op call of a model on each backend, ahead of training", _add_tune, _cmd_tune),
     "backends": ("show which backend serves each op, with timings and reasons (cpu, and cuda if present)",
-                 lambda p: None, _cmd_backends),
+                 lambda p: p.add_argument("--device", choices=("cpu", "cuda"), help="only this device type"),
+                 _cmd_backends),
 }
 
 
