@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 from .train.checkpoint import atomic_write
+from .utils import json_dumps
 
 __all__ = ["stage_dir", "read_stage", "pipeline_cost", "write_report"]
 
@@ -192,6 +193,6 @@ def write_report(run_dir: str) -> dict:
     if not report["stages"]:
         raise FileNotFoundError(f"{run_dir} has no finished stage (no */final.json) to report on")
     plots = _plot(report, run_dir)
-    atomic_write(os.path.join(run_dir, "report.json"), json.dumps(report, indent=1).encode())
+    atomic_write(os.path.join(run_dir, "report.json"), json_dumps(report, indent=1).encode())
     atomic_write(os.path.join(run_dir, "report.md"), _markdown(report, plots).encode())
     return report

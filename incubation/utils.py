@@ -1,5 +1,7 @@
 """Small helpers shared across the package."""
 import hashlib
+import json
+import math
 import os
 
 
@@ -10,3 +12,40 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj, **kwargs) -> str:
+    """json.dumps for every JSON file the package writes: NaN and +-Infinity become null, because
+    json.dumps would write them as the bare literals NaN / Infinity that strict parsers reject."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it: os.umask can only read it by setting it,
+    which races with other threads creating files meanwhile. Linux reports it in /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the racy way
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode open() gives a new file (0o666 less the umask), for files made by code that
+    picks its own (safetensors writes 0o600)."""
+    return 0o666 & ~umask()

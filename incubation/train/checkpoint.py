@@ -24,10 +24,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import IncubationError
+from ..utils import default_file_mode, json_dumps
 from ..utils import file_sha256 as _sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
-           "CheckpointError", "atomic_write"]
+           "CheckpointError", "atomic_write", "first_nonfinite"]
 
 FORMAT = "incubation-checkpoint/1"
 WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
@@ -70,6 +71,20 @@ def atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(path)
 
 
+def first_nonfinite(tensors: dict) -> Optional[str]:
+    """The first key (sorted) whose tensor holds a NaN or an infinity, else None; one device
+    sync when the tensors share a device."""
+    keys = [k for k in sorted(tensors) if (tensors[k].is_floating_point() or tensors[k].is_complex())
+            and tensors[k].numel()]
+    flags = [torch.isfinite(tensors[k]).all() for k in keys]
+    if not flags:
+        return None
+    if len({f.device for f in flags}) == 1:
+        flags = torch.stack(flags)
+        if bool(flags.all()):
+            return None
+        return keys[int((~flags).nonzero()[0, 0])]
+    return next((k for k, f in zip(keys, flags) if not bool(f)), None)
 
 
 def _unique_tensors(state_dict: dict) -> tuple[dict, dict]:
@@ -127,16 +142,23 @@ def recover_checkpoint(path_prefix: str) -> None:
 def save_checkpoint(path_prefix: str, state_dict: dict, metadata: Optional[dict] = None, *,
                     state: Optional[dict] = None) -> str:
     """Write `<prefix>.safetensors` and `<prefix>.json` (and `<prefix>.state.pt` from `state`)
-    atomically as one set; returns the .safetensors path. `metadata` must be JSON-able."""
+    atomically as one set; returns the .safetensors path. `metadata` must be JSON-able (non-finite
+    floats are written as null); tensors holding NaN or infinity are refused (CheckpointError).
+    Every file gets the mode open() gives under the umask."""
     prefix = _prefix(path_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     try:
-        json.dumps(metadata)
+        json_dumps(metadata)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint metadata for {prefix} must be JSON-serialisable: {exc}") from exc
-    recover_checkpoint(prefix)
     tensors, aliases = _unique_tensors(state_dict)
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # load_checkpoint would refuse it: never write it
+        raise CheckpointError(f"refusing to write checkpoint {prefix + WEIGHTS}: tensor {bad!r} holds NaN or "
+                              f"infinite values")
+    recover_checkpoint(prefix)
     save_file(tensors, prefix + WEIGHTS + TMP)
+    os.chmod(prefix + WEIGHTS + TMP, default_file_mode())  # safetensors makes it 0600, ignoring the umask
     _fsync_file(prefix + WEIGHTS + TMP)
     files = {WEIGHTS: _sha256(prefix + WEIGHTS + TMP)}
     if state is not None:
@@ -147,7 +169,7 @@ def save_checkpoint(path_prefix: str, state_dict: dict, metadata: Optional[dict]
         files[STATE] = _sha256(prefix + STATE + TMP)
     record = {"format": FORMAT, "metadata": metadata or {}, "sha256": files[WEIGHTS], "files": files,
               "aliases": aliases}
-    atomic_write(prefix + PENDING, json.dumps(record, indent=1, sort_keys=True).encode())  # commit point
+    atomic_write(prefix + PENDING, json_dumps(record, indent=1, sort_keys=True).encode())  # commit point
     _finish_commit(prefix)
     return prefix + WEIGHTS
 
@@ -181,7 +203,8 @@ def _verified(prefix: str, suffix: str, record: dict) -> str:
 
 def load_checkpoint(path_prefix: str, expect: Optional[dict] = None) -> tuple[dict, dict]:
     """(state_dict on CPU, metadata) of checkpoint `path_prefix` (prefix, .safetensors or .json).
-    Verifies the sha256 and that metadata[k] == v for every item of `expect`."""
+    Verifies the sha256, that every tensor is finite (CheckpointError naming the file and the
+    first bad key otherwise) and that metadata[k] == v for every item of `expect`."""
     prefix = _prefix(path_prefix)
     record = _read_record(prefix)
     metadata = record["metadata"]
@@ -195,6 +218,10 @@ def load_checkpoint(path_prefix: str, expect: Optional[dict] = None) -> tuple[di
         state_dict = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {path} is unreadable: {exc}") from exc
+    bad = first_nonfinite(state_dict)  # every stage load, assembly, expansion and resume comes here
+    if bad is not None:
+        raise CheckpointError(f"checkpoint file {path} holds NaN or infinite values (first: {bad!r}): refusing "
+                              f"to load it")
     for alias, key in record["aliases"].items():
         if key not in state_dict:
             raise CheckpointError(f"checkpoint {prefix + META}: alias {alias!r} names missing key {key!r}")

@@ -35,11 +35,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import ops
-from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, load_checkpoint_state,
+from ..errors import IncubationError
+from ..utils import json_dumps
+from .checkpoint import (CheckpointError, atomic_write, first_nonfinite, load_checkpoint, load_checkpoint_state,
                          recover_checkpoint, save_checkpoint)
+from .lock import RunDirLock, RunDirLocked
 from .schedule import lr_at
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
 NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
@@ -101,6 +104,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class DivergedError(IncubationError, RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or infinite: the run stopped,
+    without writing a checkpoint from the diverged weights."""
 
 
 @dataclass
@@ -469,7 +477,10 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
     out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, final.{safetensors,json}
-    (and final_ema.* with ema_decay); only rank 0 writes.
+    (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
+    second run on the same out_dir raises RunDirLocked naming the holder.
+    A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
+    step; checkpoints are never written from such weights, so out_dir keeps the last good one.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -489,6 +500,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         os.makedirs(out_dir, exist_ok=True)
     flops = _train_flops(model)
 
+    lock = _lock_run_dir(out_dir, rank, world, device)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     trained_ids = {id(p) for _, p in trained}
     try:
@@ -507,6 +519,22 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     finally:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(out_dir: str, rank: int, world: int, device) -> Optional[RunDirLock]:
+    """Rank 0's lock on out_dir (only rank 0 writes there). If it is taken, every rank raises
+    RunDirLocked: the others would otherwise wait for rank 0 at the first barrier."""
+    lock, refused = None, None
+    if rank == 0:
+        try:
+            lock = RunDirLock(out_dir).acquire()
+        except RunDirLocked as exc:
+            refused = exc
+    if _all_sum([float(refused is not None)], world, device)[0]:
+        raise refused or RunDirLocked(f"{out_dir} is in use by another run (rank 0 could not lock it)")
+    return lock
 
 
 def _agree_on_kernels(model, data, batch: int, device, amp: bool, rank: int) -> None:
@@ -563,9 +591,33 @@ class _Runner:
                               "train_loss": self.last_loss, "eval": self.last_eval}}
         save_checkpoint(prefix, {k: sd[k] for k in save_keys}, {**meta, "step": step}, state=state)
 
+    def _check_finite(self, done: int, save_keys=None) -> None:
+        """Raise DivergedError if a step since the last check had a non-finite loss or gradient
+        norm, or (with save_keys, before a checkpoint) a weight to save is not finite. The guard
+        syncs with the device only here: where the engine syncs anyway (log lines) and before
+        every checkpoint, so that nothing unchecked is ever saved."""
+        first = self.first_bad.clone()
+        bad_key = None
+        if save_keys is not None:
+            sd = self.model.state_dict()
+            bad_key = first_nonfinite({k: sd[k] for k in save_keys})
+            if bad_key is not None:
+                first.clamp_(max=float(done))
+        if self.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)  # every rank stops at the same step
+        bad = float(first)
+        if not math.isfinite(bad):
+            return
+        weight = f" (first non-finite weight: {bad_key!r})" if bad_key is not None else ""
+        kept = (f"the last good checkpoint {self.prefix}.safetensors (step {self.saved_step}) is kept and a resume "
+                f"starts from it" if self.saved_step else "this run wrote no checkpoint")
+        raise DivergedError(f"stage {self.stage!r} diverged at step {int(bad)}: the loss, the gradient norm or the "
+                            f"weights became NaN or infinite{weight}; {kept}. Lower the learning rate (peak "
+                            f"{self.cfg.lr:g}), add warmup or set clip_grad")
+
     def _step(self, step: int, net: nn.Module, batches, window: torch.Tensor):
         """One optimizer step over accum_steps micro-batches; adds (loss sum, correct) to
-        `window`; returns (lr, grad norm before clipping or None)."""
+        `window`; returns (lr, grad norm before clipping)."""
         cfg, device = self.cfg, self.device
         _seed_all(_derived_seed(cfg.seed, "step", step))  # same on every rank: hooks agree
         for hook in self.hooks:
@@ -575,6 +627,7 @@ class _Runner:
                    decay_steps=self.plan.decay_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        losses = []
         for micro in range(cfg.accum_steps):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -589,9 +642,20 @@ class _Runner:
                 (loss / cfg.accum_steps).backward()
             with torch.no_grad():
                 window += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
-        grad_norm = None
+            losses.append(loss.detach())
+        params = [p for _, p in self.trained]
         if cfg.clip_grad is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # Noted on the device, checked at the next sync (_check_finite). There is no GradScaler to
+        # account for: CUDA AMP is bf16, whose range is fp32's, so a non-finite value is a real
+        # divergence; an fp16 GradScaler's skipped steps (inf gradients on purpose) must not count.
+        finite = torch.isfinite(grad_norm)
+        for loss in losses:
+            finite &= torch.isfinite(loss)
+        self.done_t += 1  # = step + 1, counted on the device: a host scalar would cost a blocking copy
+        self.first_bad = torch.where(finite, self.first_bad, torch.minimum(self.first_bad, self.done_t))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -602,6 +666,9 @@ class _Runner:
         cfg, plan, device, world = self.cfg, self.plan, self.device, self.world
         total = plan.total_steps
         self.t0 = time.time()
+        self.stage, self.prefix, self.saved_step = stage, prefix, start or None
+        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)  # first non-finite step
+        self.done_t = torch.full((), float(start), dtype=torch.float64, device=device)
         if world > 1:
             _agree_on_kernels(self.model, self.train_set, plan.micro_batch, device, cfg.amp, self.rank)
         net = self._net()
@@ -626,7 +693,11 @@ class _Runner:
                 if bar is not None:
                     bar.update(1)
                 evaluated = done == total or (cfg.eval_every and done % cfg.eval_every == 0)
-                if evaluated or done % log_every == 0:
+                logged = evaluated or done % log_every == 0
+                saved = done % (cfg.checkpoint_every or plan.steps_per_epoch) == 0 or done == total
+                if logged or saved:
+                    self._check_finite(done, save_keys if saved else None)
+                if logged:
                     now = time.time()
                     line = {"step": done, "epoch": done / plan.steps_per_epoch, "lr": lr,
                             "img_per_s": window_images / max(now - window_t, 1e-9),
@@ -634,8 +705,7 @@ class _Runner:
                     loss_sum, correct = _all_sum(window.tolist(), world, device)
                     self.last_loss = line["loss"] = loss_sum / window_images
                     line["acc"] = 100.0 * correct / window_images
-                    if grad_norm is not None:
-                        line["grad_norm"] = float(grad_norm)
+                    line["grad_norm"] = float(grad_norm)
                     if self.flops is not None:
                         line["flops"] = self.flops() * done * cfg.batch_size
                     if evaluated:
@@ -643,14 +713,15 @@ class _Runner:
                         line.update(self.last_eval)
                     if self.rank == 0:
                         with open(metrics_path, "a") as f:
-                            f.write(json.dumps(line) + "\n")
+                            f.write(json_dumps(line) + "\n")
                         if bar is not None:
                             bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['acc']:.1f}",
                                             img_s=f"{line['img_per_s']:.0f}")
                     window.zero_()
                     window_t, window_images = time.time(), 0
-                if self.rank == 0 and (done % (cfg.checkpoint_every or plan.steps_per_epoch) == 0 or done == total):
+                if saved and self.rank == 0:
                     self._save(prefix, done, save_keys, meta)
+                    self.saved_step = done
         finally:
             if bar is not None:
                 bar.close()
