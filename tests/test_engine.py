@@ -306,6 +306,18 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(prefix)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (dict(metadata=None), "'metadata' must be a JSON object"), (dict(aliases=[]), "'aliases' must be a JSON object"),
+    (dict(aliases={"a": 3}), "'aliases' must map"), (dict(files=[]), "not an incubation checkpoint")])
+def test_an_edited_checkpoint_record_is_refused_naming_the_file(tmp_path, edit, message):
+    prefix = str(tmp_path / "ck")
+    save_checkpoint(prefix, {"w": torch.randn(8)}, {"stage": "meta"})
+    record = json.load(open(prefix + ".json"))
+    json.dump({**record, **edit}, open(prefix + ".json", "w"))
+    with pytest.raises(CheckpointError, match=rf"ck\.json.*{message}"):
+        load_checkpoint(prefix)
+
+
 def test_checkpoint_write_is_atomic_under_crashes(tmp_path, monkeypatch):
     """Crash at each rename of a save: after recovery the checkpoint is the old or the new one."""
     prefix = str(tmp_path / "ck")

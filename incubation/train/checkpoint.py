@@ -184,8 +184,14 @@ def _read_record(prefix: str) -> dict:
             record = json.load(f)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata {path} is unreadable: {exc}") from exc
-    if not isinstance(record, dict) or record.get("format") != FORMAT or WEIGHTS not in record.get("files", {}):
+    if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("files"), dict) \
+            or WEIGHTS not in record["files"]:
         raise CheckpointError(f"{path} is not an incubation checkpoint record (format {FORMAT})")
+    for field, kind in (("metadata", dict), ("aliases", dict)):   # an edited record: say so, by name
+        if not isinstance(record.setdefault(field, {}), kind):
+            raise CheckpointError(f"{path}: {field!r} must be a JSON object, got {type(record[field]).__name__}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in record["aliases"].items()):
+        raise CheckpointError(f"{path}: 'aliases' must map tensor names to tensor names")
     return record
 
 
