@@ -411,3 +411,94 @@ def test_load_rejects_wrong_dims_and_dtype(fake_files, monkeypatch):
     with pytest.raises(data.DatasetError, match="unexpected Fashion-MNIST test arrays.*int32"):
         fm.load_fashion_mnist_arrays("test", src)
 
+
+# --------------------------------------------------------------------------------------
+# ImageFolder: symlinks, class sets, bad images
+# --------------------------------------------------------------------------------------
+def _tree(root: Path, splits=("train", "val"), classes=("cat", "dog"), n=2) -> Path:
+    from PIL import Image
+    for split in splits:
+        for i, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                Image.fromarray(np.full((40, 30, 3), 50 * i + j, np.uint8)).save(root / split / cls / f"{j}.png")
+    return root
+
+
+def _labels_follow_folders(ds) -> None:
+    for path, target in ds.samples:
+        assert Path(path).relative_to(ds.root).parts[0] == ds.classes[target], path
+
+
+def test_image_folder_symlink_loop_and_links_into_other_classes_are_skipped(tmp_path):
+    root = _tree(tmp_path)
+    (root / "train" / "cat" / "loop").symlink_to("..")                 # back to the split: every class again
+    (root / "train" / "cat" / "dogs").symlink_to("../dog")             # another class's images
+    (root / "train" / "dog" / "sub").mkdir()
+    (root / "train" / "dog" / "sub" / "again").symlink_to("..")        # a loop inside the class
+    with pytest.warns(UserWarning, match="not following 3 symlinked folders.*cat/dogs, cat/loop, dog/sub/again"):
+        ds = data.load_dataset(f"folder:{root}", "train", img_size=16)
+    assert len(ds) == 4 and sorted(ds.targets) == [0, 0, 1, 1]
+    _labels_follow_folders(ds)
+
+
+def test_image_folder_class_folders_may_be_links_but_not_share_a_folder(tmp_path):
+    root = _tree(tmp_path / "data")
+    _tree(tmp_path / "elsewhere", splits=("birds",), classes=("all",), n=3)
+    (root / "train" / "bird").symlink_to(tmp_path / "elsewhere" / "birds" / "all")   # a subset by links
+    _tree(root, splits=("val",), classes=("bird",), n=1)
+    _tree(root / "train" / "cat", splits=("more",), classes=("x",), n=1)
+    (root / "train" / "cat" / "alias").symlink_to("more")    # a second name for a folder of the class
+    with pytest.warns(UserWarning, match="not following 1 symlinked folder .*cat/alias"):
+        ds = data.load_dataset(f"folder:{root}", "train", img_size=16)
+    assert ds.classes == ["bird", "cat", "dog"]
+    assert sorted(ds.targets) == [0, 0, 0, 1, 1, 1, 2, 2]   # cat/more/x/0.png once, not twice
+    _labels_follow_folders(ds)
+    (root / "train" / "emu").symlink_to(root / "train" / "cat" / "more")   # a class inside another
+    _tree(root, splits=("val",), classes=("emu",), n=1)
+    with pytest.raises(data.DatasetError, match="class folders emu and cat .* share the folder"):
+        data.load_dataset(f"folder:{root}", "train", img_size=16)
+
+
+def test_image_folder_class_sets_must_agree(tmp_path):
+    root = _tree(tmp_path)
+    _tree(root, splits=("train",), classes=("emu",), n=1)
+    for split in ("train", "val"):
+        with pytest.raises(data.DatasetError, match=r"only in train: \['emu'\]; only in val: \[\]"):
+            data.load_dataset(f"folder:{root}", split)
+    _tree(root, splits=("val",), classes=("emu",), n=1)
+    assert data.load_dataset(f"folder:{root}", "val").classes == ["cat", "dog", "emu"]
+
+
+def test_image_folder_eval_split_may_be_named_validation(tmp_path):
+    root = _tree(tmp_path, splits=("train", "validation"))
+    ds = data.load_dataset(f"folder:{root}", "test", img_size=16)
+    assert ds.root == str(root / "validation") and len(ds) == 4
+    _tree(root, splits=("val",))
+    with pytest.raises(data.DatasetError, match="both .*val and .*validation"):
+        data.load_dataset(f"folder:{root}", "val")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "bomb"])
+def test_image_folder_bad_image_names_the_file_or_is_skipped(tmp_path, monkeypatch, damage):
+    from PIL import Image
+    root = _tree(tmp_path)
+    bad = root / "train" / "cat" / "1.png"
+    if damage == "garbage":
+        bad.write_bytes(b"not an image at all")
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)   # 40 x 30 images count as bombs
+        for p in root.rglob("*.png"):
+            if p != bad:
+                Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(p)
+    ds = data.load_dataset(f"folder:{root}", "train", img_size=16)
+    i = [p for p, _ in ds.samples].index(str(bad))
+    with pytest.raises(data.DatasetError, match=f"{bad} is not a readable image.*skip_bad_images"):
+        ds[i]
+    ds = data.load_dataset(f"folder:{root}", "train", img_size=16, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skipped bad image"):
+        batches = list(torch.utils.data.DataLoader(ds, batch_size=2))
+    assert [len(b[1]) for b in batches] == [2, 2] and list(ds.bad_images) == [str(bad)]
+    assert batches[0][0].shape == (2, 3, 16, 16)
