@@ -83,7 +83,7 @@ def _eps(eps) -> float:
 # public ops
 # --------------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to D ** -0.5."""
+    """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to 1 / sqrt(D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, ndim=4)
     if k.shape != v.shape:
@@ -97,8 +97,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     if q.shape[3] == 0:   # empty batches, heads or sequences are fine; an empty head is a mistake
         raise ValueError(f"q, k and v have head dim 0 (shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          "(B, H, N, D)): attention needs D >= 1")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    if scale is None:   # SDPA's default bit for bit (timm calls SDPA): D ** -0.5 is 1 ulp off at D=32
+        scale = 1.0 / math.sqrt(q.shape[-1])
     elif not _positive(scale):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     args = (q, k, v, float(scale))
