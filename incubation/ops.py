@@ -20,6 +20,7 @@ The eager backend is the reference: exactly timm's math (exact erf GELU, SDPA at
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from typing import Optional
 
@@ -68,9 +69,13 @@ def _vector(name: str, t, size: int, what: str) -> None:
         raise ValueError(f"{name} must have shape ({size},) to match {what}, got {tuple(t.shape)}")
 
 
+def _positive(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < value < math.inf
+
+
 def _eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    if not _positive(eps):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     return float(eps)
 
 
@@ -78,7 +83,7 @@ def _eps(eps) -> float:
 # public ops
 # --------------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to D ** -0.5."""
+    """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to 1 / sqrt(D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, ndim=4)
     if k.shape != v.shape:
@@ -89,10 +94,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     _same_device("q", q, k=k, v=v)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if q.shape[3] == 0:   # empty batches, heads or sequences are fine; an empty head is a mistake
+        raise ValueError(f"q, k and v have head dim 0 (shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         "(B, H, N, D)): attention needs D >= 1")
+    if scale is None:   # SDPA's default bit for bit (timm calls SDPA): D ** -0.5 is 1 ulp off at D=32
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not _positive(scale):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     args = (q, k, v, float(scale))
     return dispatch.select("attention", q.device, args)(*args)
 

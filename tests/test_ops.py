@@ -93,6 +93,10 @@ def test_linear_under_autocast_casts_like_f_linear():
     (lambda: ops.attention(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4).half(), torch.randn(1, 2, 3, 4)), TypeError, "share a dtype"),
     (lambda: ops.attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), scale=-1), ValueError, "scale"),
     (lambda: ops.attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4)), TypeError, "q must be a torch.Tensor"),
+    (lambda: ops.attention(*(torch.randn(2, 3, 4, 0) for _ in range(3))), ValueError, "head dim 0"),
+    (lambda: ops.attention(*(torch.randn(2, 3, 4, 0) for _ in range(3)), scale=1.0), ValueError, "head dim 0"),
+    (lambda: ops.attention(*(torch.randn(1, 1, 2, 4) for _ in range(3)), scale=math.inf), ValueError, "scale"),
+    (lambda: ops.layer_norm(torch.randn(3, 8), None, None, eps=math.inf), ValueError, "eps"),
     (lambda: ops.layer_norm(torch.randn(3, 8), torch.ones(7), None), ValueError, "weight must have shape"),
     (lambda: ops.layer_norm(torch.randn(3, 8), None, torch.ones(8, 1)), ValueError, "bias must have 1"),
     (lambda: ops.layer_norm(torch.randn(3, 8), None, None, eps=0), ValueError, "eps"),
@@ -125,3 +129,22 @@ def test_use_backend_and_environment(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend"):
         with ops.use_backend("numpy"):
             pass
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_empty_batches_keep_working(backend):
+    """Zero rows, heads or tokens give empty results (as eager / timm do), forward and backward."""
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    W = torch.randn(4, 8, requires_grad=True)
+    with ops.use_backend(backend):
+        for shape in ((0, 2, 5, 8), (2, 0, 5, 8), (2, 2, 0, 8)):
+            q = torch.randn(shape, requires_grad=True)
+            out = ops.attention(q, q, q)
+            out.sum().backward()
+            assert out.shape == shape and q.grad.shape == shape
+        x = torch.randn(0, 7, 8, requires_grad=True)
+        outs = [ops.layer_norm(x, w, b), *ops.add_layer_norm(x, x, w, b),
+                ops.linear(x, W, None, "gelu", layer_scale=w[:4], residual=torch.zeros(0, 7, 4))]
+        sum(o.sum() for o in outs).backward()
+        assert [tuple(o.shape) for o in outs] == [(0, 7, 8)] * 3 + [(0, 7, 4)]
+        assert x.grad.shape == x.shape and torch.equal(W.grad, torch.zeros_like(W))

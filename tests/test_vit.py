@@ -120,3 +120,56 @@ def test_config_round_trips_through_dict():
     assert cfg.replace(depth=5).depth == 5
     with pytest.raises(ValueError, match="unknown ViT config keys"):
         incubation.ViTConfig.from_dict({"depth": 2, "width": 3})
+
+
+@pytest.mark.parametrize("name", ["tiny", "small-avgpool", "layer-scale-regs", "non-square-no-embed-class"])
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_empty_batch_matches_timm(name, backend):
+    cfg = CONFIGS[name]
+    theirs, ours = _pair(cfg)
+    h, w = cfg["img_size"] if isinstance(cfg["img_size"], tuple) else (cfg["img_size"],) * 2
+    x = torch.randn(0, cfg.get("in_chans", 3), h, w, requires_grad=True)
+    for train in (False, True):
+        theirs.train(train), ours.train(train)
+        want = theirs(x)
+        with ops.use_backend(backend):
+            got = ours(x)
+            got.sum().backward()   # an empty batch also trains (a zero gradient)
+        assert got.shape == want.shape == (0, 10) and got.dtype == want.dtype
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(img_size="28"), "img_size must be a positive int or a pair"),
+    (dict(img_size=(32, "32")), "img_size must be"),
+    (dict(img_size=True), "img_size must be"),
+    (dict(img_size=(32, 32, 32)), "img_size must be"),
+    (dict(patch_size=8.0), "patch_size must be"),
+    (dict(patch_size=0), "patch_size must be"),
+    (dict(depth="2"), "depth must be a positive integer"),
+    (dict(num_classes=-1), "num_classes must be an integer >= 0"),
+    (dict(num_classes=None), "num_classes must be"),
+    (dict(reg_tokens=1.5), "reg_tokens must be"),
+    (dict(mlp_ratio="4"), "mlp_ratio must be a finite number"),
+    (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number"),
+    (dict(mlp_ratio=0.01), r"mlp_ratio 0.01 gives int\(embed_dim \* mlp_ratio\) = 0 hidden units"),
+    (dict(qkv_bias="False"), "qkv_bias must be True or False"),
+    (dict(fc_norm=1), "fc_norm must be None, True or False"),
+    (dict(global_pool=None), "global_pool must be one of"),
+    (dict(init_values="1e-5"), "init_values must be None or a finite number"),
+    (dict(norm_eps=0), "norm_eps must be a finite number > 0"),
+    (dict(drop_rate="0.1"), "drop_rate must be a number in"),
+    (dict(drop_path_rate=float("nan")), "drop_path_rate must be a number in"),
+])
+def test_config_types_are_checked_and_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        incubation.ViTConfig(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2), **kwargs})
+
+
+def test_config_accepts_json_lists_and_numpy_ints():
+    import numpy as np
+    cfg = incubation.ViTConfig(img_size=[32, 48], patch_size=np.int64(8), embed_dim=48, depth=1, num_heads=2,
+                               mlp_ratio=1 / 48)   # one hidden unit is the smallest MLP
+    assert cfg.img_size == (32, 48) and cfg.patch_size == (8, 8) and type(cfg.patch_size[0]) is int
+    assert cfg.mlp_hidden_dim == 1
+    incubation.to_timm(incubation.VisionTransformer(cfg))   # converts

@@ -11,6 +11,7 @@ When dropout or drop-path is active the last residual add is done outside the ke
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Union
 
@@ -27,6 +28,20 @@ POOLS = ("", "token", "avg", "avgmax", "max")
 
 def _pair(v) -> tuple[int, int]:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_pair(v) -> Optional[tuple[int, int]]:
+    """(h, w) from an int or a pair of ints (a JSON list too) all >= 1, else None."""
+    pair = (v, v) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) and len(v) == 2 else ()
+    return tuple(int(i) for i in pair) if pair and all(_is_int(i) and i >= 1 for i in pair) else None
 
 
 @dataclass
@@ -59,32 +74,55 @@ class ViTConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        self.img_size, self.patch_size = _pair(self.img_size), _pair(self.patch_size)
         errors = []
+        sizes = {name: _int_pair(getattr(self, name)) for name in ("img_size", "patch_size")}
+        for name, pair in sizes.items():
+            if pair is None:
+                errors.append(f"{name} must be a positive int or a pair of them, got {getattr(self, name)!r}")
+            else:
+                setattr(self, name, pair)
         for name in ("in_chans", "embed_dim", "depth", "num_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.num_classes < 0 or self.reg_tokens < 0:
-            errors.append("num_classes and reg_tokens must be >= 0")
-        if isinstance(self.embed_dim, int) and isinstance(self.num_heads, int) and self.num_heads > 0 \
+        for name in ("num_classes", "reg_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                errors.append(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("qkv_bias", "proj_bias", "class_token", "no_embed_class", "pre_norm", "final_norm",
+                     "pool_include_prefix"):
+            if not isinstance(getattr(self, name), bool):   # a string "False" would be truthy
+                errors.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fc_norm is not None and not isinstance(self.fc_norm, bool):
+            errors.append(f"fc_norm must be None, True or False, got {self.fc_norm!r}")
+        if _is_int(self.embed_dim) and _is_int(self.num_heads) and self.num_heads > 0 \
                 and self.embed_dim % self.num_heads:
             errors.append(f"embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
-        for i, s in zip(self.img_size, self.patch_size):
-            if s < 1 or i < s or i % s:
-                errors.append(f"img_size {self.img_size} must be a positive multiple of patch_size {self.patch_size}")
-                break
-        if self.global_pool not in POOLS:
+        if None not in sizes.values():
+            for i, s in zip(self.img_size, self.patch_size):
+                if s < 1 or i < s or i % s:
+                    errors.append(f"img_size {self.img_size} must be a positive multiple of patch_size "
+                                  f"{self.patch_size}")
+                    break
+        if not isinstance(self.global_pool, str) or self.global_pool not in POOLS:
             errors.append(f"global_pool must be one of {POOLS} (timm's 'map'/'prr' are not supported), "
                           f"got {self.global_pool!r}")
-        if self.global_pool == "token" and not self.class_token:
+        if self.global_pool == "token" and self.class_token is False:
             errors.append("global_pool='token' needs class_token=True")
-        if self.mlp_ratio <= 0:
-            errors.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.attn_drop_rate:
+        if not _is_real(self.mlp_ratio) or self.mlp_ratio <= 0:
+            errors.append(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio!r}")
+        elif _is_int(self.embed_dim) and int(self.embed_dim * self.mlp_ratio) < 1:
+            # timm would build a 0-unit MLP that cannot hold weights (to_timm then fails)
+            errors.append(f"mlp_ratio {self.mlp_ratio} gives int(embed_dim * mlp_ratio) = "
+                          f"{int(self.embed_dim * self.mlp_ratio)} hidden units; it needs at least 1")
+        if self.init_values is not None and not _is_real(self.init_values):
+            errors.append(f"init_values must be None or a finite number, got {self.init_values!r}")
+        if not _is_real(self.norm_eps) or self.norm_eps <= 0:
+            errors.append(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 <= value < 1.0:
+                errors.append(f"{name} must be a number in [0, 1), got {value!r}")
+        if _is_real(self.attn_drop_rate) and self.attn_drop_rate > 0:
             errors.append("attn_drop_rate > 0 is not supported (the fused attention has no dropout)")
-        for name in ("drop_rate", "pos_drop_rate", "proj_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                errors.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if errors:
             raise ValueError("invalid ViT config: " + "; ".join(errors))
 
@@ -195,7 +233,7 @@ class PatchEmbed(nn.Module):
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
         (gh, gw), (ph, pw) = self.grid_size, self.patch_size
         patches = x.reshape(x.shape[0], x.shape[1], gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(x.shape[0], gh * gw, -1)
+        patches = patches.reshape(x.shape[0], gh * gw, x.shape[1] * ph * pw)  # no -1: B may be 0
         return ops.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
