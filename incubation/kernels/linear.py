@@ -9,7 +9,8 @@ Backward: one elementwise kernel turns the output gradient into the pre-activati
 (g * layer_scale * gelu'(pre)) and keeps per-program column sums for dbias and dlayer_scale
 (a second reduction adds them up); dx and dweight are then two matmuls (cuBLAS).
 
-x, weight and residual are read through their strides (x and residual viewed as rows). With
+x, weight and residual are read through their strides (x and residual viewed as rows); bias
+and layer_scale are read densely, so the wrapper makes them contiguous first. With
 create_graph=True the backward is eager PyTorch math instead (see double_backward.py). The
 output dtype follows PyTorch's promotion of x and residual (an fp32 residual stream stays fp32
 under autocast), as the eager `residual + out` does.
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, autotune, dot_precision, unsupported, upcast_dots
+from . import INTERPRET, autotune, dense, dot_precision, unsupported, upcast_dots
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -218,7 +219,7 @@ class _Linear(torch.autograd.Function):
 
 
 def linear(x, weight, bias, activation, layer_scale, residual):
-    return _Linear.apply(x, weight, bias, activation, layer_scale, residual)
+    return _Linear.apply(x, weight, dense(bias), activation, dense(layer_scale), residual)
 
 
 def check(x, weight, bias, activation, layer_scale, residual) -> Optional[str]:

@@ -6,8 +6,9 @@ program walks its own range of rows, writes dx (+ the gradient of `summed`, whic
 for the residual) and keeps fp32 column sums of dy * xhat and dy; a second reduction over the
 programs' partial sums gives dweight and dbias, so no atomics and any width is cheap.
 
-Inputs are viewed as rows (reshape) and copied only when their last dimension is strided.
-weight and bias may have another float dtype than x (they are read in fp32).
+Inputs are viewed as rows (reshape) and copied only when their last dimension is strided;
+weight and bias are read densely, so the wrappers make them contiguous first (a no-op when
+they are). weight and bias may have another float dtype than x (they are read in fp32).
 With create_graph=True the backward is eager PyTorch math instead (see double_backward.py).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, unsupported
+from . import INTERPRET, dense, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
 
@@ -193,13 +194,13 @@ class _AddLayerNorm(torch.autograd.Function):
 
 
 def layer_norm(x, weight, bias, eps):
-    return _AddLayerNorm.apply(x, None, weight, bias, eps)
+    return _AddLayerNorm.apply(x, None, dense(weight), dense(bias), eps)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
     if residual is None:
         return layer_norm(x, weight, bias, eps), x
-    return _AddLayerNorm.apply(x, residual, weight, bias, eps)
+    return _AddLayerNorm.apply(x, residual, dense(weight), dense(bias), eps)
 
 
 def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:
