@@ -58,7 +58,8 @@ def build(case, device, dtype, rows=(2, 7), width=40):
         return "add_layer_norm", lambda x, w, b: ops.add_layer_norm(x, x, w, b, EPS), \
             [t(*rows, width, scale=2.0, shift=0.5), t(width, scale=0.3, shift=1.0), t(width)]
     if case == "attention":
-        return "attention", lambda q, k, v: ops.attention(q, k, v, 0.3), [t(1, 2, 9, 16), t(1, 2, 11, 16), t(1, 2, 11, 16)]
+        return "attention", lambda q, k, v: ops.attention(q, k, v, 0.3), \
+            [t(1, 2, 9, 16), t(1, 2, 11, 16), t(1, 2, 11, 16)]
     if case == "self_attention":
         return "attention", lambda x: ops.attention(x, x, x, 0.3), [t(1, 2, 9, 16)]
     bias, gelu, scale, residual = next(f for f in LINEAR_FLAGS if linear_name(*f) == case)
@@ -184,7 +185,8 @@ def odd_layout_case(case, device):
         return make(shape, torch.float32, device, scale=scale, shift=shift)
 
     if case == "layer_norm_expanded_rows":       # one row seen 6 times (stride 0)
-        return "layer_norm", lambda x, w, b: ops.layer_norm(x.expand(6, 40), w, b, EPS), [t(40, shift=0.5), t(40), t(40)]
+        return "layer_norm", lambda x, w, b: ops.layer_norm(x.expand(6, 40), w, b, EPS), \
+            [t(40, shift=0.5), t(40), t(40)]
     if case == "add_layer_norm_expanded_x_transposed_residual":
         return "add_layer_norm", lambda x, r: ops.add_layer_norm(x.expand(6, 40), r.t(), None, None, EPS), \
             [t(1, 40, shift=0.5), t(40, 6)]
