@@ -26,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import double_backward
+
 __all__ = ["BACKENDS", "UNAVAILABLE", "DTYPES", "CUDA_MAX_FEATURES", "with_cuda"]
 
 # dtypes the kernels are compiled for, per device type (float64 on CPU: exact reference tests)
@@ -113,33 +115,62 @@ def _layer_norm_grads(grad_out, grad_extra, input, mean, rstd, weight, need_weig
     return dx, (dw if need_weight else None), (db if need_bias else None)
 
 
+def _eager_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def _eager_epilogue(y, bias, layer_scale, gelu):
+    out = y if bias is None else y + bias
+    out = F.gelu(out) if gelu else out
+    return out if layer_scale is None else out * layer_scale
+
+
+# With create_graph=True (double_backward.needed()) each backward below recomputes the op's
+# eager math from the saved inputs, so that the gradients it returns are differentiable: the
+# backward kernels are not, and their results would silently drop the second-order terms.
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, _, _ = inputs
+    x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, mean, rstd, weight)
+    ctx.eps = eps
+    ctx.save_for_backward(x, mean, rstd, weight, bias)
 
 
 def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, mean, rstd, weight = ctx.saved_tensors
-    _, need_weight, need_bias, _ = ctx.needs_input_grad
-    dx, dw, db = _layer_norm_grads(grad_out, None, x, mean, rstd, weight, need_weight, need_bias)
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+    if double_backward.needed():
+        dx, dw, db = double_backward.eager_grads(lambda x, w, b: _eager_layer_norm(x, w, b, ctx.eps),
+                                                 (x, weight, bias), (need_x, need_weight, need_bias), (grad_out,))
+    else:
+        dx, dw, db = _layer_norm_grads(grad_out, None, x, mean, rstd, weight, need_weight, need_bias)
     return dx, dw, db, None
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    _, _, weight, _, _ = inputs
+    _, _, weight, bias, eps = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(summed, mean, rstd, weight)
+    ctx.eps = eps
+    ctx.save_for_backward(summed, mean, rstd, weight, bias)
 
 
 def _add_layer_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd):
-    summed, mean, rstd, weight = ctx.saved_tensors
-    _, _, need_weight, need_bias, _ = ctx.needs_input_grad
-    d_sum, dw, db = _layer_norm_grads(grad_out, grad_summed, summed, mean, rstd, weight, need_weight, need_bias)
+    summed, mean, rstd, weight, bias = ctx.saved_tensors
+    need_x, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
+    if double_backward.needed():
+        # summed is a saved output: differentiating through it reaches x and residual via
+        # this op's own backward (d summed / d x = d summed / d residual = identity)
+        d_sum, dw, db = double_backward.eager_grads(
+            lambda s, w, b: _eager_layer_norm(s, w, b, ctx.eps), (summed, weight, bias),
+            (need_x or need_residual, need_weight, need_bias), (grad_out,))
+        if grad_summed is not None:
+            d_sum = grad_summed if d_sum is None else d_sum + grad_summed
+    else:
+        d_sum, dw, db = _layer_norm_grads(grad_out, grad_summed, summed, mean, rstd, weight, need_weight,
+                                          need_bias)
     return d_sum, d_sum, dw, db, None   # summed = x + residual: both get d_sum
 
 
@@ -154,9 +185,13 @@ def _linear_epilogue_backward(ctx, grad):
     y, bias, layer_scale = ctx.saved_tensors
     need_y, need_bias, need_scale, need_residual, _ = ctx.needs_input_grad
     grad = grad.contiguous()
-    if ctx.fused_backward:
+    if ctx.fused_backward and double_backward.needed():
+        dy, dbias, dscale = double_backward.eager_grads(
+            lambda y, b, s: _eager_epilogue(y, b, s, ctx.gelu), (y, bias, layer_scale),
+            (need_y, need_bias, need_scale), (grad,))
+    elif ctx.fused_backward:
         dy, dbias, dscale = _lib.linear_epilogue_bwd(grad, y, bias, layer_scale, ctx.gelu, need_bias, need_scale)
-    else:
+    else:   # linear in grad: these torch ops are differentiable as they stand
         dy, dscale = grad, None
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
     return (dy if need_y else None, dbias if need_bias else None, dscale if need_scale else None,

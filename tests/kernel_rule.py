@@ -6,8 +6,10 @@ and the gradients of every input are checked, with uninitialised memory poisoned
 output element a kernel forgot to write shows up.
 """
 import contextlib
+import importlib
 import warnings
 
+import pytest
 import torch
 
 from incubation import ops
@@ -77,3 +79,30 @@ def check_against_reference(fn, inputs, backend, factor=2.0):
         [f"grad of input {i}" for i in range(len(reference) - len(ref_outs))]
     for name, o, e, r in zip(names, ours, eager, reference):
         assert_within_rule(o, e, r, f"{backend} {name}", factor)
+
+
+def _module(name):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - not built / not importable: its tests are skipped
+        return None
+
+
+def backend_params():
+    """pytest params (backend, device) for every fast backend, so that a test written once runs
+    on each: the compiled extension on CPU ("cpp") and CUDA ("cuda"), Triton under its
+    interpreter (CPU tensors) and on the GPU; each skipped, with the reason, where this machine
+    cannot run it."""
+    extension, kernels = _module("incubation.extension"), _module("incubation.kernels")
+    gpu = torch.cuda.is_available()
+    runs = [
+        ("cpp", "cpu", "cpp", extension is not None, "incubation._C is not built or cannot load here"),
+        ("cuda", "cuda", "cuda", gpu and extension is not None and extension.with_cuda,
+         "needs a CUDA device and incubation._C built with its CUDA kernels"),
+        ("triton", "cpu", "triton-interpreter", kernels is not None and kernels.INTERPRET,
+         "needs Triton's interpreter (TRITON_INTERPRET=1 before incubation.kernels is imported)"),
+        ("triton", "cuda", "triton-cuda", gpu and kernels is not None and not kernels.INTERPRET,
+         "needs a CUDA GPU and Triton"),
+    ]
+    return [pytest.param(backend, device, id=name, marks=pytest.mark.skipif(not ok, reason=reason))
+            for backend, device, name, ok, reason in runs]

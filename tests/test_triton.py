@@ -313,6 +313,21 @@ def test_check_gives_a_reason_and_forced_triton_raises(device):
             getattr(ops, op)(*args)
 
 
+def test_check_refuses_views_reaching_past_32_bit_offsets(monkeypatch):
+    """The kernels index a strided view with 32-bit offsets: a slice of a wider tensor reaches
+    further than its element count. Shown with the limit lowered to 1000 elements."""
+    monkeypatch.setattr(kernels, "_MAX_ELEMENTS", 1000)
+    wide = torch.randn(10, 200)
+    x, w = wide[:, :8], torch.randn(4, 8)        # 80 elements, but its last one is element 1807
+    assert "reaches 1807 elements" in triton_linear.check(x, w, None, None, None, None)
+    assert triton_linear.check(x.contiguous(), w, None, None, None, None) is None
+    assert "reaches" in triton_linear.check(x.contiguous(), w, None, None, None, wide[:, 100:104])
+    q = torch.randn(1, 1, 40, 8).expand(3, 1, 40, 8)    # stride 0 over the batch: reaches 319
+    assert triton_attention.check(q, q, q, 0.5) is None
+    kv = torch.randn(2, 1, 5, 8)
+    assert "reaches 1807 elements" in triton_attention.check(wide.view(2, 5, 200)[:, None, :, :8], kv, kv, 0.5)
+
+
 def test_check_refuses_cpu_tensors_for_compiled_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRET", False)
     assert "built for the GPU" in triton_norm.check_layer_norm(torch.randn(2, 8), None, None, EPS)

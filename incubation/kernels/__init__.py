@@ -21,7 +21,7 @@ import torch
 import triton
 from triton import knobs
 
-__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "autotune", "dot_precision", "upcast_dots", "unsupported"]
+__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "autotune", "dense", "dot_precision", "upcast_dots", "unsupported"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,7 +69,20 @@ def unsupported(**tensors: Optional[torch.Tensor]) -> Optional[str]:
             return f"{name} has dtype {t.dtype}; the Triton kernels take float32, float16 and bfloat16"
         if t.numel() >= _MAX_ELEMENTS:
             return f"{name} has {t.numel()} elements; the kernels index with 32-bit offsets (< 2**31)"
+        # a view is read through its strides: a slice of a wider tensor reaches past its numel
+        reach = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+        if reach >= _MAX_ELEMENTS:
+            return (f"{name} reaches {reach} elements past its start through its strides {t.stride()}; "
+                    "the kernels index with 32-bit offsets (< 2**31)")
     return None
+
+
+def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A 1-D parameter (weight, bias, layer scale) as the kernels read it, with unit stride: a
+    sliced (w[::2]) or expanded (stride 0) one is copied. .contiguous() is differentiable, so
+    the gradient reaches the original (summed over an expanded one, as eager's), and it is
+    free for a contiguous one."""
+    return None if t is None else t.contiguous()
 
 
 # the submodules import the helpers above from this partly initialised package

@@ -9,6 +9,8 @@ Any sequence length: ragged tails are masked (q and k/v lengths may differ). Hea
 128 are padded to a power of two (at least 16, tl.dot's minimum) inside the kernels and masked.
 q, k, v, and the incoming gradient are read through their strides, so the views a qkv
 reshape/permute produces are used without copies; o and the gradients are written contiguous.
+With create_graph=True the backward is eager PyTorch math instead (see double_backward.py):
+the attention matrix is materialised then, as eager's math attention does.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
+from .. import double_backward
 from . import autotune, dot_precision, unsupported, upcast_dots
 
 MAX_HEAD_DIM = 128
@@ -217,9 +219,11 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        if double_backward.needed():
+            return (*double_backward.eager_grads(lambda q, k, v: _math_attention(q, k, v, ctx.scale), (q, k, v),
+                                                 ctx.needs_input_grad[:3], (do,)), None)
         B, H, n_q, D = q.shape
         n_kv = k.shape[2]
         meta = _meta(q)
@@ -237,6 +241,14 @@ class _Attention(torch.autograd.Function):
         _dq_kernel[lambda m: (B * H, triton.cdiv(n_q, m["BLOCK_M"]))](
             q, k, v, do, lse, delta, dq, qk_scale, ctx.scale, *strides, H, n_q, n_kv, D, **meta)
         return dq, dk, dv, None
+
+
+def _math_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v in eager ops, twice differentiable (SDPA's fused CPU / flash
+    backward is not), in fp32 for fp16 / bf16 inputs."""
+    dtype = q.dtype
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    return (scores.softmax(-1) @ v.float()).to(dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,7 +9,9 @@ Backward: one elementwise kernel turns the output gradient into the pre-activati
 (g * layer_scale * gelu'(pre)) and keeps per-program column sums for dbias and dlayer_scale
 (a second reduction adds them up); dx and dweight are then two matmuls (cuBLAS).
 
-x, weight and residual are read through their strides (x and residual viewed as rows); the
+x, weight and residual are read through their strides (x and residual viewed as rows); bias
+and layer_scale are read densely, so the wrapper makes them contiguous first. With
+create_graph=True the backward is eager PyTorch math instead (see double_backward.py). The
 output dtype follows PyTorch's promotion of x and residual (an fp32 residual stream stays fp32
 under autocast), as the eager `residual + out` does.
 """
@@ -18,11 +20,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from . import INTERPRET, autotune, dot_precision, unsupported, upcast_dots
+from .. import double_backward
+from . import INTERPRET, autotune, dense, dot_precision, unsupported, upcast_dots
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -171,20 +174,23 @@ class _Linear(torch.autograd.Function):
                 HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
                 HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
                 UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
-        ctx.save_for_backward(x2, weight, layer_scale, pre)
-        ctx.gelu, ctx.x_shape = gelu, x.shape
-        ctx.has_bias = bias is not None
+        # x itself (not the x2 view made here) and bias stay connected to the graph for a
+        # differentiable backward; bias is kept for that only
+        ctx.save_for_backward(x, weight, bias, layer_scale, pre)
+        ctx.gelu = gelu
         ctx.residual_dtype = None if residual is None else residual.dtype
         return out.view(*x.shape[:-1], N)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        x2, weight, layer_scale, pre = ctx.saved_tensors
-        N = weight.shape[0]
+        x, weight, bias, layer_scale, pre = ctx.saved_tensors
+        if double_backward.needed():
+            return _Linear._eager_backward(ctx, x, weight, bias, layer_scale, grad)
+        N, K = weight.shape
+        x2 = _rows(x, K)
         g2 = _rows(grad, N)
         want_dx, want_dw, want_db, _, want_dls, want_dres = ctx.needs_input_grad
-        want_db = want_db and ctx.has_bias
+        want_db = want_db and bias is not None
         want_dls = want_dls and layer_scale is not None
         dpre = db = dls = None
         if (want_dx or want_dw or want_db or want_dls) and (ctx.gelu or layer_scale is not None):
@@ -192,15 +198,28 @@ class _Linear(torch.autograd.Function):
         elif want_dx or want_dw or want_db:
             dpre = g2.to(x2.dtype)
             db = g2.sum(0, dtype=torch.float32) if want_db else None
-        dx = (dpre @ weight).view(ctx.x_shape) if want_dx else None
+        dx = (dpre @ weight).view(x.shape) if want_dx else None
         dw = dpre.t() @ x2 if want_dw else None
         dres = grad.to(ctx.residual_dtype) if want_dres else None
         return (dx, dw, None if db is None else db.to(weight.dtype), None,
                 None if dls is None else dls.to(layer_scale.dtype), dres)
 
+    @staticmethod
+    def _eager_backward(ctx, x, weight, bias, layer_scale, grad):
+        """The backward as differentiable eager math (for create_graph=True)."""
+        def epilogue(x, weight, bias, layer_scale):
+            out = F.linear(x, weight, bias)
+            out = F.gelu(out) if ctx.gelu else out
+            return out if layer_scale is None else out * layer_scale
+
+        need_x, need_w, need_b, _, need_ls, need_res = ctx.needs_input_grad
+        dx, dw, db, dls = double_backward.eager_grads(
+            epilogue, (x, weight, bias, layer_scale), (need_x, need_w, need_b, need_ls), (grad.to(x.dtype),))
+        return dx, dw, db, None, dls, grad.to(ctx.residual_dtype) if need_res else None
+
 
 def linear(x, weight, bias, activation, layer_scale, residual):
-    return _Linear.apply(x, weight, bias, activation, layer_scale, residual)
+    return _Linear.apply(x, weight, dense(bias), activation, dense(layer_scale), residual)
 
 
 def check(x, weight, bias, activation, layer_scale, residual) -> Optional[str]:

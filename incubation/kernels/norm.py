@@ -6,19 +6,22 @@ program walks its own range of rows, writes dx (+ the gradient of `summed`, whic
 for the residual) and keeps fp32 column sums of dy * xhat and dy; a second reduction over the
 programs' partial sums gives dweight and dbias, so no atomics and any width is cheap.
 
-Inputs are viewed as rows (reshape) and copied only when their last dimension is strided.
-weight and bias may have another float dtype than x (they are read in fp32).
+Inputs are viewed as rows (reshape) and copied only when their last dimension is strided;
+weight and bias are read densely, so the wrappers make them contiguous first (a no-op when
+they are). weight and bias may have another float dtype than x (they are read in fp32).
+With create_graph=True the backward is eager PyTorch math instead (see double_backward.py).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from . import INTERPRET, unsupported
+from .. import double_backward
+from . import INTERPRET, dense, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
 
@@ -133,18 +136,20 @@ class _AddLayerNorm(torch.autograd.Function):
             0 if r2 is None else r2.stride(0), eps,
             HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        ctx.save_for_backward(x2 if summed is None else summed, weight, mean, rstd)
+        # x or summed (an input or an output) and the parameters stay connected to the graph
+        # for a differentiable backward; bias is kept for that only
+        ctx.save_for_backward(x if summed is None else summed, weight, bias, mean, rstd)
         ctx.shape = x.shape
         ctx.has_residual = residual is not None
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.eps = eps
         ctx.set_materialize_grads(False)
         return y if summed is None else (y, summed)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, dsummed=None):
-        s, weight, mean, rstd = ctx.saved_tensors
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        if double_backward.needed():
+            return _AddLayerNorm._eager_backward(ctx, s, weight, bias, dy, dsummed)
         M, C = mean.shape[0], ctx.shape[-1]
         s2 = _rows(s, C)
         if dy is None:
@@ -152,7 +157,7 @@ class _AddLayerNorm(torch.autograd.Function):
         dy2 = _rows(dy, C)
         ds2 = None if dsummed is None else _rows(dsummed, C)
         want_dw = weight is not None and ctx.needs_input_grad[2]
-        want_db = ctx.has_bias and ctx.needs_input_grad[3]
+        want_db = bias is not None and ctx.needs_input_grad[3]
         block_m, block_c, _, warps = _tiling(C)
         programs = max(1, _programs(M, block_m, s.device))  # one program writes zero sums when M == 0
         rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, programs), block_m) * block_m)
@@ -167,19 +172,35 @@ class _AddLayerNorm(torch.autograd.Function):
             BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         dx = dx.view(ctx.shape)
         dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
-        db = db_part.sum(0).to(ctx.bias_dtype) if want_db else None
+        db = db_part.sum(0).to(bias.dtype) if want_db else None
         dresidual = dx if ctx.has_residual else None
         return dx, dresidual, dw, db, None
 
+    @staticmethod
+    def _eager_backward(ctx, s, weight, bias, dy, dsummed):
+        """The backward as differentiable eager math (for create_graph=True). With a residual,
+        s is the saved output `summed`, whose own gradient reaches x and residual through
+        this function's backward again."""
+        def normed(s, w, b):
+            cast = lambda t: None if t is None else t.to(s.dtype)  # noqa: E731 - as eager casts them
+            return F.layer_norm(s, s.shape[-1:], cast(w), cast(b), ctx.eps)
+
+        need_x, need_residual, need_w, need_b, _ = ctx.needs_input_grad
+        ds, dw, db = double_backward.eager_grads(normed, (s, weight, bias), (need_x or need_residual, need_w, need_b),
+                                                 (dy,))
+        if dsummed is not None:
+            ds = dsummed if ds is None else ds + dsummed
+        return ds, ds if ctx.has_residual else None, dw, db, None
+
 
 def layer_norm(x, weight, bias, eps):
-    return _AddLayerNorm.apply(x, None, weight, bias, eps)
+    return _AddLayerNorm.apply(x, None, dense(weight), dense(bias), eps)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
     if residual is None:
         return layer_norm(x, weight, bias, eps), x
-    return _AddLayerNorm.apply(x, residual, weight, bias, eps)
+    return _AddLayerNorm.apply(x, residual, dense(weight), dense(bias), eps)
 
 
 def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:
