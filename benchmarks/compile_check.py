@@ -280,8 +280,9 @@ def compile_one(job: dict) -> dict:
         spills = _SPILLS.search(log.getvalue())
         ptx = compiled.asm["ptx"]
         mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
-        record.update(status="pruned" if job.get("status") == "pruned" else "ok", smem_bytes=compiled.metadata.shared, static_smem_bytes=static_smem,
-                      registers=regs, spill_bytes=int(spills.group(1)) if spills else stack + local,  # (no log: the frame)
+        record.update(status="pruned" if job.get("status") == "pruned" else "ok",
+                      smem_bytes=compiled.metadata.shared, static_smem_bytes=static_smem, registers=regs,
+                      spill_bytes=int(spills.group(1)) if spills else stack + local,  # (no log: the frame)
                       stack_bytes=stack + local, mma=mma)
     except Exception as exc:  # a config that does not compile is a finding, not a crash
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -322,7 +323,8 @@ def _dtype_label(r: dict) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    head = f"{'kernel':<20} {'case':<14} {'dtype':<10} {'config':<42} {'smem':>7} {'regs':>4} {'spill':>5} {'mma':<8} status"
+    head = (f"{'kernel':<20} {'case':<14} {'dtype':<10} {'config':<42} {'smem':>7} {'regs':>4} {'spill':>5} "
+            f"{'mma':<8} status")
     lines = [head, "-" * len(head)]
     for r in records:
         dtype = _dtype_label(r)
