@@ -285,8 +285,12 @@ def compile_one(job: dict) -> dict:
                       spill_bytes=int(spills.group(1)) if spills else stack + local,  # (no log: the frame)
                       stack_bytes=stack + local, mma=mma)
     except Exception as exc:  # a config that does not compile is a finding, not a crash
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        record.update(status=f"error: {type(exc).__name__}: {first[:300]}", smem_bytes=None,
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
+        if lines[0].startswith("at ") and len(lines) > 1:  # Triton's frontend: "at L:C:", the source, the message
+            message = f"{lines[0]} {lines[-1]}"
+        else:  # ptxas: its exit code, then its stderr
+            message = " ".join([lines[0]] + [line for line in lines[1:] if "error" in line.lower()][:1])
+        record.update(status=f"error: {type(exc).__name__}: {message[:300]}", smem_bytes=None,
                       static_smem_bytes=None, registers=None, spill_bytes=None, stack_bytes=None, mma=None)
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
@@ -306,8 +310,9 @@ def run(kernels=KERNELS, dtypes=tuple(DTYPES), quick: bool = False, jobs: Option
         for j in work:
             j["measure"] = True
     todo = [j for j in work if j.get("status") != "pruned" or compile_pruned]
-    log(f"compile_check: {len(todo)} compiles ({len(work) - len(todo)} pruned configs) for sm_{ARCH}, "
-        f"triton {triton.__version__}")
+    pruned = sum(j.get("status") == "pruned" for j in work)
+    log(f"compile_check: {len(todo)} compiles ({pruned} pruned configs{', compiled too' if compile_pruned else ''}) "
+        f"for sm_{ARCH}, triton {triton.__version__}")
     workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
     if workers == 1:
         done = [compile_one(j) for j in todo]
