@@ -20,7 +20,8 @@ registers and static shared memory come from `cuobjdump -res-usage` on the cubin
 from ptxas -v ("bytes spill stores"; Triton prints that log with TRITON_DUMP_PTXAS_LOG=1),
 stack_bytes is the stack frame (cuobjdump), smem_bytes the dynamic shared memory Triton launches
 with (`metadata.shared`). A block fits sm_90 when smem_bytes + static_smem_bytes <= 232448.
-mma is read from the PTX: "wgmma" (wgmma.mma_async), "mma.sync" or "none".
+mma is read from the PTX: "wgmma" (wgmma.mma_async), "mma.sync", "wgmma+mma.sync" (some dots of
+the kernel get each: Hopper's wgmma needs 64-row multiples) or "none".
 A config that fails to compile is recorded with status "error: ..." and the run goes on.
 --compile-pruned also compiles the pruned configs (status stays "pruned") to show what the
 prune removed.
@@ -279,7 +280,8 @@ def compile_one(job: dict) -> dict:
         regs, stack, static_smem, local = map(int, _RES.search(usage).groups())
         spills = _SPILLS.search(log.getvalue())
         ptx = compiled.asm["ptx"]
-        mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+        kinds = [k for k, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx]
+        mma = "+".join(kinds) or "none"  # both when some dots of a kernel get one and some the other
         record.update(status="pruned" if job.get("status") == "pruned" else "ok",
                       smem_bytes=compiled.metadata.shared, static_smem_bytes=static_smem, registers=regs,
                       spill_bytes=int(spills.group(1)) if spills else stack + local,  # (no log: the frame)
@@ -329,7 +331,7 @@ def _dtype_label(r: dict) -> str:
 
 def format_table(records: list[dict]) -> str:
     head = (f"{'kernel':<20} {'case':<14} {'dtype':<10} {'config':<42} {'smem':>7} {'regs':>4} {'spill':>5} "
-            f"{'mma':<8} status")
+            f"{'mma':<14} status")
     lines = [head, "-" * len(head)]
     for r in records:
         dtype = _dtype_label(r)
@@ -337,7 +339,7 @@ def format_table(records: list[dict]) -> str:
         flag = "" if r["registers"] is None or fits(dict(r, status="ok")) else "  <-- does not fit"
         lines.append(f"{r['kernel']:<20} {r['case']:<14} {dtype:<10} {r['config']:<42} {smem!s:>7} "
                      f"{r['registers'] if r['registers'] is not None else '':>4} "
-                     f"{r['spill_bytes'] if r['spill_bytes'] is not None else '':>5} {r['mma'] or '':<8} "
+                     f"{r['spill_bytes'] if r['spill_bytes'] is not None else '':>5} {r['mma'] or '':<14} "
                      f"{r['status'][:60]}{flag}")
     return "\n".join(lines)
 
