@@ -8,8 +8,8 @@
 # Writes DIR/compile_check_triton36.json and prints the table. The venv is kept (DIR/venv-triton36)
 # so a second run skips the install; delete it when done (torch with its CUDA libraries is ~5 GB).
 set -euo pipefail
-DIR="${1:-/tmp}"
-[ $# -gt 0 ] && shift
+DIR=/tmp
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then DIR="$1"; shift; fi  # a first argument that is not an option
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$DIR/venv-triton36"
 PY="${PYTHON:-python3}"
