@@ -21,22 +21,52 @@ import torch
 import triton
 from triton import knobs
 
-__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "autotune", "dense", "dot_precision", "upcast_dots", "unsupported"]
+__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "SMEM_BYTES", "REGISTERS", "FMA_REGISTERS", "autotune", "dense",
+           "dot_precision", "fma_dots", "tile_registers", "upcast_dots", "unsupported"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_ELEMENTS = 2 ** 31  # the kernels index with 32-bit offsets inside one (batch, head) or row block
 
 
-def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str], fp32_tile: int):
+# sm_90 (H100/H200) limits the prune keeps every config within. benchmarks/compile_check.py compiles
+# each config for sm_90 without a GPU and CI checks that what the prune keeps fits.
+SMEM_BYTES = 232448 - 1024  # shared memory a block may opt in to, less the 1 KiB Triton's kernels take statically
+# Registers per thread for tile data: ptxas has 255 a thread, the rest goes to addresses, masks and
+# loop state. Dots in ieee fp32 run on the FMA units, where every thread re-reads whole operand rows
+# and columns, so their tiles get a smaller share. Both were set from the registers and spills of the
+# compiled kernels (triton 3.6.0 and 3.7.1): a tile count cannot predict ptxas exactly, so the numbers
+# err on the side of pruning.
+REGISTERS = 192
+FMA_REGISTERS = 88
+
+
+def tile_registers(rows: int, cols: int, num_warps: int, element_bytes: int = 4) -> float:
+    """32-bit registers per thread that a rows x cols tile takes, spread over the block's threads."""
+    return rows * cols * element_bytes / 4 / (32 * num_warps)
+
+
+def fma_dots(meta: dict, element_bytes: int) -> bool:
+    """fp32 dots in ieee precision run on the FMA units, with both operands in registers."""
+    return element_bytes == 4 and meta.get("PRECISION") == "ieee"
+
+
+def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str], footprint):
     """triton.autotune over the `gpu` configs, or the one `interpreter` config (the interpreter
-    cannot benchmark). The key adds the tensors' dtypes itself. fp32 calls in ieee PRECISION
-    only try tiles of at most `fp32_tile` outputs: those dots run on the FMA units and spill
-    registers with larger tiles."""
+    cannot benchmark). The key adds the tensors' dtypes itself.
+
+    `footprint(config, meta, element_bytes)` -> (shared memory bytes, registers per thread) of one
+    config at this call's constexprs (`meta`: BLOCK_D, PRECISION, ...) and element size: it counts
+    every tile, BLOCK_D and the fp32 accumulators included, each staged tile num_stages times.
+    Configs over SMEM_BYTES or REGISTERS (FMA_REGISTERS for ieee fp32) are pruned before the
+    autotuner compiles or times them (too much shared memory fails at launch, too many registers
+    spill); if none fits, the smallest one is kept."""
     def prune(configs, named_args, **meta):
-        if meta.get("PRECISION") == "ieee":
-            return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= fp32_tile] or configs
-        return configs
+        element_bytes = next(t.element_size() for t in named_args.values() if isinstance(t, torch.Tensor))
+        sizes = {id(c): footprint(c, meta, element_bytes) for c in configs}
+        registers = FMA_REGISTERS if fma_dots(meta, element_bytes) else REGISTERS
+        fits = [c for c in configs if sizes[id(c)][0] <= SMEM_BYTES and sizes[id(c)][1] <= registers]
+        return fits or [min(configs, key=lambda c: (sizes[id(c)][1], sizes[id(c)][0]))]
 
     return triton.autotune(configs=[interpreter] if INTERPRET else gpu, key=key,
                            prune_configs_by={"early_config_prune": prune})

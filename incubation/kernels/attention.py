@@ -22,14 +22,14 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import autotune, dot_precision, unsupported, upcast_dots
+from . import autotune, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
 # Short ViT sequences (N = 50..257) waste much of a 128-row tile, so smaller tiles are offered
-# too; the autotuner picks per (sequence lengths, head dim, dtype). Every config here compiles
-# for sm_90 at head dims 64 and 128 in bf16 without spilling registers.
+# too; the autotuner picks per (sequence lengths, head dim, dtype) among those the footprints
+# below let through (benchmarks/compile_check.py shows what each compiles to on sm_90).
 _FORWARD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3),
@@ -44,6 +44,39 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 _KEY = ["N_Q", "N_KV", "HEAD_DIM", "PRECISION"]
 
 
+# Footprints for the prune (see incubation.kernels.autotune): shared memory holds the dot operand
+# tiles, those loaded in the loop once per pipeline stage, plus the probabilities cast for the
+# next dot; registers hold the fp32 accumulators and score tiles (and, for FMA dots, the operands).
+def _forward_footprint(config, meta, elt):
+    M, N, D = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], meta["BLOCK_D"]
+    w, s = config.num_warps, config.num_stages
+    smem = elt * (M * D + s * 2 * N * D + M * N)                            # q; k, v per stage; p
+    regs = _regs(M, D, w) + 2 * _regs(M, N, w) + _regs(M, N, w, elt)      # acc; s, p; p cast
+    if fma_dots(meta, elt):
+        regs += _regs(M, D, w) + _regs(D, N, w) + _regs(N, D, w)           # q, k, v
+    return smem, regs
+
+
+def _dkdv_footprint(config, meta, elt):
+    M, N, D = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], meta["BLOCK_D"]
+    w, s = config.num_warps, config.num_stages
+    smem = elt * (2 * N * D + s * 2 * M * D + 2 * M * N)                    # k, v; q, do per stage; p, ds
+    regs = 2 * _regs(N, D, w) + 4 * _regs(M, N, w) + 2 * _regs(N, M, w, elt)  # dk, dv; s, p, dp, ds; casts
+    if fma_dots(meta, elt):
+        regs += 2 * _regs(M, D, w) + 2 * _regs(D, N, w)                    # q, do, k, v
+    return smem, regs
+
+
+def _dq_footprint(config, meta, elt):
+    M, N, D = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], meta["BLOCK_D"]
+    w, s = config.num_warps, config.num_stages
+    smem = elt * (2 * M * D + s * 2 * N * D + M * N)                        # q, do; k, v per stage; ds
+    regs = _regs(M, D, w) + 4 * _regs(M, N, w) + _regs(M, N, w, elt)      # dq; s, p, dp, ds; ds cast
+    if fma_dots(meta, elt):
+        regs += 2 * _regs(M, D, w) + 2 * _regs(N, D, w)                    # q, do, k, v
+    return smem, regs
+
+
 @triton.jit
 def _tile(ptr, stride_row, stride_col, rows, cols, n_rows, n_cols):
     """Load a 2-D tile, zeros outside [0, n_rows) x [0, n_cols)."""
@@ -51,7 +84,7 @@ def _tile(ptr, stride_row, stride_col, rows, cols, n_rows, n_cols):
     return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
 
 
-@autotune(_FORWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, fp32_tile=64 * 32)
+@autotune(_FORWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, _forward_footprint)
 @triton.jit
 def _forward_kernel(Q, K, V, O, LSE, qk_scale,
                     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -108,7 +141,7 @@ def _delta_kernel(O, DO, DELTA, sdb, sdh, sdn, sdd, H, N_Q, HEAD_DIM,
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + rows, delta, mask=rows < N_Q)
 
 
-@autotune(_BACKWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, fp32_tile=64 * 32)
+@autotune(_BACKWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, _dkdv_footprint)
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
@@ -154,7 +187,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale,
     tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-@autotune(_BACKWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, fp32_tile=64 * 32)
+@autotune(_BACKWARD_CONFIGS, _INTERPRETER_CONFIG, _KEY, _dq_footprint)
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, scale,
                sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, autotune, dense, dot_precision, unsupported, upcast_dots
+from . import INTERPRET, autotune, dense, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -39,8 +39,21 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
 
 
+def _forward_footprint(config, meta, elt):
+    """(shared memory, registers per thread) for the prune: the x and weight tiles per pipeline
+    stage; the fp32 accumulator and one epilogue tile (residual or pre-activation) in registers,
+    and for FMA dots the operand tiles too."""
+    M, N, K = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    w = config.num_warps
+    smem = elt * config.num_stages * (M + N) * K
+    regs = 2 * _regs(M, N, w)
+    if fma_dots(meta, elt):
+        regs += _regs(M, K, w) + _regs(K, N, w)
+    return smem, regs
+
+
 @autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M", "N", "K", "PRECISION", "GELU", "HAS_RESIDUAL", "STORE_PRE"],
-          fp32_tile=64 * 64)
+          _forward_footprint)
 @triton.jit
 def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn,
                     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,

@@ -1,0 +1,80 @@
+"""benchmarks/compile_check.py: every Triton kernel compiled for sm_90 without a GPU.
+
+Runs the tool in a subprocess (the kernels must be imported without TRITON_INTERPRET, which this
+test session sets) in its --quick mode for bf16 and fp16, with a fresh Triton cache so the time is
+what CI pays, and asserts on the compiled facts: every config the autotuner can see (not pruned)
+compiles, fits sm_90's shared memory and spills no register. fp32 is reported by the tool, not
+asserted here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMEM_LIMIT = 232448  # sm_90: shared memory one block may opt in to
+
+
+def _bundled_tools():
+    try:
+        import triton
+    except ImportError:
+        return None
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return tools if all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")) else None
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    if _bundled_tools() is None:
+        pytest.skip("Triton's bundled ptxas / cuobjdump (triton/backends/nvidia/bin) are absent")
+    out = tmp_path_factory.mktemp("compile_check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(out / "cache")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--quick",
+                          "--dtypes", "bf16,fp16", "--quiet", "--json", str(out / "compile.json")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    print(run.stdout[-3000:], run.stderr[-3000:], f"compile_check took {time.perf_counter() - start:.0f} s")
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "compile.json") as f:
+        return json.load(f)
+
+
+def test_every_kernel_and_dtype_is_checked(records):
+    kernels = {r["kernel"] for r in records}
+    assert kernels == {"attention_fwd", "attention_delta", "attention_dkdv", "attention_dq",
+                       "norm_fwd", "norm_bwd", "linear_fwd", "linear_epilogue_bwd"}
+    assert {r["dtype"] for r in records} == {"bf16", "fp16"}
+    for r in records:
+        assert r["arch"] == "sm_90"
+        assert r["status"] in ("ok", "pruned") or r["status"].startswith("error: "), r["status"]
+        if r["status"] == "ok":
+            assert r["mma"] in ("wgmma", "mma.sync", "wgmma+mma.sync", "none")
+            assert r["registers"] > 0 and r["smem_bytes"] >= 0
+    # the attention and linear kernels are autotuned: each has several GPU configs per case
+    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq", "linear_fwd"):
+        configs = {r["config"] for r in records if r["kernel"] == kernel}
+        assert len(configs) > 1, kernel
+
+
+def test_configs_the_autotuner_sees_compile_and_fit(records):
+    bad = [r for r in records if r["status"] != "pruned" and not (
+        r["status"] == "ok" and r["spill_bytes"] == 0 and r["smem_bytes"] + r["static_smem_bytes"] <= SMEM_LIMIT)]
+    report = "\n".join(f"{r['kernel']} {r['case']} {r['dtype']} {r['config']}: {r['status']}, smem "
+                       f"{r['smem_bytes']}+{r['static_smem_bytes']}, spill {r['spill_bytes']}" for r in bad)
+    assert not bad, "configs the prune lets through do not fit sm_90:\n" + report
+
+
+def test_prune_leaves_every_case_a_config(records):
+    cases = {}
+    for r in records:
+        cases.setdefault((r["kernel"], r["case"], r["dtype"]), []).append(r["status"])
+    empty = [k for k, statuses in cases.items() if "ok" not in statuses]
+    assert not empty, empty
