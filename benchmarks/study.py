@@ -44,6 +44,8 @@ from typing import Optional
 import torch
 
 from incubation import ViTConfig, VisionTransformer, deep
+from incubation.cli import nonempty_path, out_dir, positive_int, run_main
+from incubation.errors import IncubationError
 from incubation.growth import (ApolloViT, apollo_hook, default_stages, even_switch_steps, lemon_expand,
                                lemon_schedule)
 from incubation.presets import get_preset
@@ -338,7 +340,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
         bar.close()
         _update_state(out, elapsed_s=_state(out).get("elapsed_s", 0.0) + time.time() - t0)
     if failed:
-        raise RuntimeError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
+        raise IncubationError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
     return write_report(out)
 
 
@@ -533,59 +535,60 @@ def _plot(study: dict, path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def _floats(text: str) -> list:
     try:
-        return [float(x) for x in text.split(",")]
+        values = [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"want comma-separated numbers like 1,2,4, got {text!r}")
+        values = [math.nan]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"want comma-separated positive numbers like 1,2,4, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) the study, then write the report")
-    r.add_argument("--out", default=os.path.join("runs", "study"))
+    r.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))
     defaults = StudyConfig()
     for name in ("depth", "width", "heads", "patch", "K", "seeds"):
-        r.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+        r.add_argument(f"--{name}", type=positive_int, default=getattr(defaults, name))
     r.add_argument("--budgets", type=_floats, default=defaults.budgets, help="in E2E epochs (default 0.5,1,2,4)")
     r.add_argument("--methods", default=",".join(METHODS), help=f"some of {','.join(METHODS)}")
-    r.add_argument("--data-dir", default=None)
-    r.add_argument("--parallel", type=int, default=2, help="jobs at once (default 2)")
+    r.add_argument("--data-dir", type=nonempty_path, default=None)
+    r.add_argument("--parallel", type=positive_int, default=2, help="jobs at once (default 2)")
     r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
-    r.add_argument("--limit-eval", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS)
     rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs")
-    rep.add_argument("--out", default=os.path.join("runs", "study"))
+    rep.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))
     job = sub.add_parser("_job", help=argparse.SUPPRESS)
-    job.add_argument("--out", required=True)
+    job.add_argument("--out", type=out_dir, required=True)
     job.add_argument("name")
     return p
 
 
-def main(argv: Optional[list] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            cfg = StudyConfig(depth=args.depth, width=args.width, heads=args.heads, patch=args.patch, K=args.K,
-                              budgets=args.budgets, seeds=args.seeds, methods=args.methods.split(","),
-                              data_dir=args.data_dir, limit_train=args.limit_train, limit_eval=args.limit_eval)
-            study = run(cfg, args.out, args.parallel, progress=not args.no_progress)
-        elif args.command == "report":
-            study = write_report(args.out)
-        else:
-            cfg = _load_config(args.out)
-            jobs = {j["name"]: Job(**j) for j in json.load(open(os.path.join(args.out, "plan.json")))}
-            if args.name not in jobs:
-                raise ValueError(f"no job {args.name!r} in the study of {args.out}")
-            print(json.dumps(run_job(cfg, args.out, jobs[args.name])))
-            return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"study: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+def _main(args) -> None:
+    if args.command == "run":
+        cfg = StudyConfig(depth=args.depth, width=args.width, heads=args.heads, patch=args.patch, K=args.K,
+                          budgets=args.budgets, seeds=args.seeds, methods=args.methods.split(","),
+                          data_dir=args.data_dir, limit_train=args.limit_train, limit_eval=args.limit_eval)
+        study = run(cfg, args.out, args.parallel, progress=not args.no_progress)
+    elif args.command == "report":
+        study = write_report(args.out)
+    else:
+        cfg = _load_config(args.out)
+        jobs = {j["name"]: Job(**j) for j in json.load(open(os.path.join(args.out, "plan.json")))}
+        if args.name not in jobs:
+            raise ValueError(f"no job {args.name!r} in the study of {args.out}")
+        print(json.dumps(run_job(cfg, args.out, jobs[args.name])))
+        return
     print(markdown(study))
     print(f"report: {os.path.join(args.out, 'study.md')}, study.json, study.png")
-    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    """The exit status is the `incubation` command's (incubation.cli.EXIT_STATUS): 0 done, 1 an
+    expected failure (one line), 2 a bad command line, 130 interrupted; bugs keep their traceback."""
+    return run_main("study", lambda: _main(build_parser().parse_args(argv)))  # argparse's exit 2 included
 
 
 if __name__ == "__main__":

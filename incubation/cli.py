@@ -23,12 +23,20 @@ and writes <stage dir>/metrics.jsonl. A stage uses its preset recipe (incubation
 the pipeline's FLOPs there). --lr is the base rate for a batch of 512 (peak = lr x batch / 512).
 
 New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser), handler(args)).
+Every option that takes a value has a checking `type=` (positive_int, positive_float, out_dir, ...;
+tests/test_cli_errors.py fuzzes each), so nonsense is refused before anything runs; a handler
+raises UsageError for what the parser cannot check alone. Exit status: see EXIT_STATUS (0 done,
+1 the run failed with a one-line error, 2 a bad command line, 130 interrupted; bugs keep their
+traceback, and INCUBATION_DEBUG=1 shows every traceback).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,11 +45,110 @@ from typing import Callable, Optional
 import torch
 
 from . import deep, ops
+from .errors import IncubationError
 from .nn import VisionTransformer
 from .presets import PRESETS, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
 
-__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "build_parser"]
+__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "build_parser", "UsageError", "error_message",
+           "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float", "positive_ints",
+           "nonempty_path", "out_dir", "output_prefix", "device_name", "data_name"]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument types: a bad value is refused while parsing (argparse's usage line, "argument --x: ...",
+# exit 2), before any data is loaded or any file written
+# ----------------------------------------------------------------------------------------------
+def _int_at_least(text: str, low: int, what: str, high: Optional[int] = None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    # torch.manual_seed takes at most 64 bits; the engine wants >= 0
+    return _int_at_least(text, 0, "an integer in 0..2**63-1", 2**63 - 1)
+
+
+def _modules(text: str) -> int:
+    return _int_at_least(text, 2, "an integer >= 2 (Deep Incubation splits the model into K >= 2 modules)")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated positive integers, e.g. block counts 3,3,3,3."""
+    try:
+        return [positive_int(s) for s in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 3,3,3,3, "
+                                         f"got {text!r}") from None
+
+
+def nonempty_path(text: str) -> str:
+    if not text:  # '' would silently mean the current directory
+        raise argparse.ArgumentTypeError("expected a path, got ''")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """A directory to write into: it may not exist yet, but must not be a file."""
+    if os.path.exists(nonempty_path(text)) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return text
+
+
+def output_prefix(text: str) -> str:
+    """The prefix of <prefix>.safetensors / <prefix>.json: DIR/ would write DIR/.safetensors."""
+    if nonempty_path(text).endswith((os.sep, os.altsep or os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected a file prefix like DIR/NAME (writes NAME.safetensors "
+                                         f"and NAME.json), got the directory {text!r}")
+    return text
+
+
+def device_name(text: str) -> str:
+    """auto, cpu, cuda or cuda:<i> (what the training engine accepts); cuda must exist here."""
+    kind, colon, index = text.partition(":")
+    if text not in ("auto", "cpu") and not (kind == "cuda" and (not colon or index.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:<i>, got {text!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device on this machine")
+        if colon and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA "
+                                             f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def data_name(text: str) -> str:
+    if text == "fashion-mnist" or (text.startswith("folder:") and len(text) > len("folder:")):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown data set {text!r}: use 'fashion-mnist' or 'folder:<path>'")
+
+
+class UsageError(IncubationError, ValueError):
+    """A combination of arguments that the parser cannot check by itself: reported like an
+    argparse error of the subcommand (usage line, exit 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,37 +162,32 @@ _VALUE_OPTIONS = (("--data", "data"), ("--data-dir", "data_dir"), ("--out", "out
                   ("--img-size", "img_size"), ("--limit-eval", "limit_eval"))
 
 
-def _split_arg(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--split wants comma-separated block counts like 3,3,3,3, got {text!r}")
-
-
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The options every training subcommand shares."""
     g = p.add_argument_group("common options")
-    g.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (default) or 'folder:<path>' "
-                   "(ImageFolder with train/ and val/)")
-    g.add_argument("--data-dir", default=None, help="where the data set files are (default: discovered)")
-    g.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
+    g.add_argument("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
+                   "'folder:<path>' (ImageFolder with train/ and val/)")
+    g.add_argument("--data-dir", type=nonempty_path, default=None,
+                   help="where the data set files are (default: discovered)")
+    g.add_argument("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)")
-    g.add_argument("--epochs", type=float, default=None, help="epochs of the stage (default: the preset's)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)")
-    g.add_argument("--img-size", type=int, default=None, help="resize images to this size (default: the "
-                   "preset's, else the data set's own)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
+    g.add_argument("--epochs", type=positive_float, default=None, help="epochs of the stage (default: the preset's)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=None, help="base lr for a batch of 512 "
+                   "(peak = lr x batch / 512)")
+    g.add_argument("--img-size", type=positive_int, default=None, help="resize images to this size (default: "
+                   "the preset's, else the data set's own)")
+    g.add_argument("--seed", type=seed_int, default=0)
+    g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
-    g.add_argument("--modules", type=int, default=None, help="K, the number of modules (meta stage; "
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation micro-batches per step")
+    g.add_argument("--num-workers", type=non_negative_int, default=0, help="data loader worker processes")
+    g.add_argument("--modules", type=_modules, default=None, help="K, the number of modules (meta stage; "
                    "later stages read it from the meta checkpoint)")
-    g.add_argument("--split", type=_split_arg, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)")
+    g.add_argument("--split", type=positive_ints, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)")
     # for tests and quick looks: train / evaluate on a fixed random subset
-    g.add_argument("--limit-train", type=int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--limit-eval", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS)
 
 
 def _common_argv(args) -> list[str]:
@@ -119,7 +221,11 @@ class _Run:
     def recipe(self, stage: str) -> Recipe:
         changes = {k: v for k, v in (("epochs", self.args.epochs), ("batch_size", self.args.batch_size),
                                      ("lr", self.args.lr)) if v is not None}
-        return dataclasses.replace(self.preset.recipe(stage), **changes)
+        recipe = dataclasses.replace(self.preset.recipe(stage), **changes)
+        if not recipe.epochs * len(self.train_set) / recipe.batch_size < 2**53:  # a float counts exactly up to here
+            raise UsageError(f"argument --epochs: {recipe.epochs:g} epochs of {len(self.train_set)} images "
+                             f"are more steps than can be counted")
+        return recipe
 
     def target_for(self, recipe: Recipe):
         return self.target.replace(drop_path_rate=recipe.drop_path)
@@ -132,8 +238,14 @@ class _Run:
                 raise ValueError(f"{meta['dir']} holds a meta model for K={meta['K']} modules of {meta['sizes']} "
                                  f"blocks; --modules/--split disagree (use another --out for another split)")
             return meta["K"], meta["sizes"]
-        sizes = self.args.split or (list(self.preset.sizes) if self.preset.sizes else None)
-        K = self.args.modules or (len(sizes) if sizes else self.preset.K)
+        if None not in (self.args.modules, self.args.split) and len(self.args.split) != self.args.modules:
+            raise UsageError(f"argument --split: {len(self.args.split)} block counts for --modules "
+                             f"{self.args.modules}")
+        # `is None`, not `or`: a given value is never replaced by the preset's
+        sizes = self.args.split
+        if sizes is None:
+            sizes = list(self.preset.sizes) if self.preset.sizes else None
+        K = self.args.modules if self.args.modules is not None else (len(sizes) if sizes else self.preset.K)
         return K, sizes
 
     def train_config(self, recipe: Recipe, steps: Optional[int] = None):
@@ -147,7 +259,7 @@ def _context(args) -> _Run:
     preset = get_preset(args.preset)
     if args.out is None:
         args.out = os.path.join("runs", preset.name)
-    img_size = args.img_size or preset.img_size
+    img_size = args.img_size if args.img_size is not None else preset.img_size
     train_set = load_dataset(args.data, "train", args.data_dir, img_size=img_size)
     eval_set = load_dataset(args.data, "test", args.data_dir, img_size=img_size)
     target = preset.target_config(train_set.in_chans, train_set.num_classes, train_set.img_size)
@@ -186,7 +298,10 @@ def _incubate(run: _Run, module: int, init: str):
     meta = _final(run, "meta")
     if not os.path.exists(meta + ".json"):
         raise FileNotFoundError(f"incubation needs the meta model {meta}.safetensors: run `incubation meta` first")
-    run.split()  # --modules / --split must agree with the meta model's
+    K, _ = run.split()  # --modules / --split must agree with the meta model's
+    if not 0 <= module < K:
+        raise UsageError(f"argument --module: {module} is not a module of this run: it has K={K} modules, "
+                         f"0..{K - 1}")
     recipe = run.recipe("incubate")
     cfg = run.train_config(recipe)
     if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, faster decay
@@ -205,34 +320,51 @@ def _incubate_all(run: _Run, init: str, parallel: int) -> None:
             _incubate(run, i, init)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--parallel starts its own processes: do not combine it with torchrun")
+        raise UsageError("argument --parallel: starts its own processes: do not combine it with torchrun")
     gpus = torch.cuda.device_count()
     threads = max(1, (os.cpu_count() or 1) // parallel)
     waiting, running, failed = list(range(K)), {}, []
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            i = waiting.pop(0)
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            if gpus > 1:
-                env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-            os.makedirs(stage_dir(run.run_dir, "incubate", i), exist_ok=True)
-            log_path = os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt")
-            cmd = [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i), "--init", init,
-                   *_common_argv(run.args), "--no-progress"]
-            log = open(log_path, "w")
-            running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, log_path)
-            _say(run.args, f"incubate-{i}: started (log {log_path})")
-        time.sleep(0.2)
-        for i, (proc, log, log_path) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[i]
-                if proc.returncode:
-                    failed.append(f"module {i} (exit {proc.returncode}, see {log_path})")
-                else:
-                    _say(run.args, f"incubate-{i}: finished")
+    try:
+        while waiting or running:
+            while waiting and len(running) < parallel:
+                i = waiting.pop(0)
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                if gpus > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+                os.makedirs(stage_dir(run.run_dir, "incubate", i), exist_ok=True)
+                log_path = os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt")
+                cmd = [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i), "--init", init,
+                       *_common_argv(run.args), "--no-progress"]
+                log = open(log_path, "w")
+                running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, log_path)
+                _say(run.args, f"incubate-{i}: started (log {log_path})")
+            time.sleep(0.2)
+            for i, (proc, log, log_path) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[i]
+                    if proc.returncode:
+                        failed.append(f"module {i} (exit {proc.returncode}: {_last_line(log_path)}; "
+                                      f"log {log_path})")
+                    else:
+                        _say(run.args, f"incubate-{i}: finished")
+    finally:  # interrupted or failed here: no job keeps running (or writing) behind our back
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
     if failed:
-        raise RuntimeError("incubation failed for " + "; ".join(failed))
+        raise IncubationError("incubation failed for " + "; ".join(failed))
+
+
+def _last_line(log_path: str) -> str:
+    """The last non-empty line of a job's log: its one-line error, or the last line of a traceback."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
 
 
 def _assemble(run: _Run):
@@ -271,12 +403,12 @@ def _cmd_meta(args):
 
 
 def _cmd_incubate(args):
+    if not args.all and args.parallel != 1:
+        raise UsageError("argument --parallel: needs --all")
     run = _context(args)
     if args.all:
         _incubate_all(run, args.init, args.parallel)
     else:
-        if args.parallel != 1:
-            raise ValueError("--parallel needs --all")
         _incubate(run, args.module, args.init)
 
 
@@ -303,7 +435,7 @@ def _cmd_run(args):
 
 
 def _cmd_report(args):
-    run_dir = args.out or os.path.join("runs", args.preset)
+    run_dir = args.out if args.out is not None else os.path.join("runs", args.preset)
     if os.environ.get("RANK", "0") != "0":
         return
     report = write_report(run_dir)
@@ -339,9 +471,7 @@ def _tune_models(args) -> list[torch.nn.Module]:
 
 
 def _cmd_tune(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device on this machine")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if ops.current_backend() != "auto":
         raise ValueError(f"INCUBATION_BACKEND={ops.current_backend()} forces a backend: nothing to measure")
     t0, made = time.time(), {}
@@ -357,36 +487,34 @@ def _cmd_tune(args):
           f"in {time.time() - t0:.1f} s; decisions file: {ops.dispatch.cache_path()}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _model_name(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a timm model name, got ''")
+    return text
 
 
 def _add_tune(p):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="the preset's target ViT (default: tiny)")
-    which.add_argument("--model", help="a timm ViT by name (built with pretrained=False, converted by from_timm)")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per step on this device (default 128)")
+    which.add_argument("--model", type=_model_name,
+                       help="a timm ViT by name (built with pretrained=False, converted by from_timm)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="images per step on this device (default 128)")
     p.add_argument("--dtype", choices=sorted(_AMP), default="fp32",
                    help="fp32, or the autocast dtype training uses (bf16 / fp16)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
 
 
 def _add_incubate(p):
     add_common_arguments(p)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--module", type=int, help="the module to incubate (0..K-1)")
+    which.add_argument("--module", type=non_negative_int, help="the module to incubate (0..K-1)")
     which.add_argument("--all", action="store_true", help="incubate every module")
     _add_incubation_options(p)
 
 
 def _add_incubation_options(p):
-    p.add_argument("--parallel", type=int, default=1, help="with --all: modules trained at once, as processes")
+    p.add_argument("--parallel", type=positive_int, default=1, help="with --all: modules trained at once, as processes")
     p.add_argument("--init", choices=("random", "lemon"), default="random",
                    help="module init: random (the paper) or lemon (LEMON expansion of the meta block)")
 
@@ -397,7 +525,7 @@ def _add_run(p):
 
 
 def _add_report(p):
-    p.add_argument("--out", default=None, help="run dir (default runs/<preset>)")
+    p.add_argument("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
 
 
@@ -446,7 +574,7 @@ def _cmd_grow(args):
     run = _context(args)
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
-    stages = args.stages or default_stages(target.depth)
+    stages = args.stages if args.stages is not None else default_stages(target.depth)
     cfg = run.train_config(recipe)
     torch.manual_seed(cfg.seed)
     model = ApolloViT(VisionTransformer(target), stages, even_switch_steps(cfg.steps, len(stages)), seed=cfg.seed)
@@ -460,26 +588,25 @@ def _cmd_grow(args):
 
 
 def _add_expand(p):
-    p.add_argument("checkpoint", help="a whole-model checkpoint (.safetensors or its prefix)")
-    p.add_argument("-o", "--output", required=True, help="output prefix: writes <output>.safetensors/.json")
-    p.add_argument("--embed-dim", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--mlp-ratio", type=float)
-    p.add_argument("--seed", type=int, default=0, help="seed of the symmetry-breaking splits")
+    p.add_argument("checkpoint", type=nonempty_path, help="a whole-model checkpoint (.safetensors or its prefix)")
+    p.add_argument("-o", "--output", type=output_prefix, required=True,
+                   help="output prefix: writes <output>.safetensors/.json")
+    p.add_argument("--embed-dim", type=positive_int)
+    p.add_argument("--depth", type=positive_int)
+    p.add_argument("--num-heads", type=positive_int)
+    p.add_argument("--mlp-ratio", type=positive_float)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the symmetry-breaking splits")
 
 
 def _add_grow(p):
     add_common_arguments(p)
-    p.add_argument("--stages", type=_split_arg, default=None,
+    p.add_argument("--stages", type=positive_ints, default=None,
                    help="unique-block counts per stage, e.g. 1,3,6,12 (default: depth/4, depth/2, depth)")
 
 
 def _cmd_bench(args):
     from . import bench
-    code = bench.main(args.bench_args)
-    if code:
-        raise SystemExit(code)
+    return bench.main(args.bench_args)
 
 
 def _add_bench(p):
@@ -505,27 +632,130 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+EXIT_STATUS = """exit status: 0 done; 1 the run failed for a reason the user or the environment must fix (one line
+on stderr: bad or missing files, disk full, permissions, a failed job, ...); 2 the command line is
+wrong (argparse's usage line and the option at fault); 130 interrupted. Any other exception is a
+bug and keeps its traceback; INCUBATION_DEBUG=1 shows the traceback of every failure."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="incubation", description="Deep Incubation: train a large ViT as independently incubated modules.")
+        prog="incubation", description="Deep Incubation: train a large ViT as independently incubated modules.",
+        epilog=EXIT_STATUS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=handler, parser=p)  # the subparser reports a UsageError of the handler
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .data import DatasetError
-    from .train.checkpoint import CheckpointError
+# ----------------------------------------------------------------------------------------------
+# errors: one line for the user's and the environment's faults, a traceback for bugs
+# ----------------------------------------------------------------------------------------------
+def _free_bytes(path: str) -> Optional[int]:
+    here = os.path.dirname(os.path.abspath(path))
+    while here and not os.path.isdir(here):
+        here = os.path.dirname(here)
     try:
-        args.handler(args)
-    except (ValueError, FileNotFoundError, CheckpointError, DatasetError, ops.BackendError) as exc:
-        print(f"incubation {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return shutil.disk_usage(here).free
+    except OSError:
+        return None
+
+
+def _file_in_the_way(path: str) -> Optional[str]:
+    """The existing non-directory that `path` needs to be a directory (ENOTDIR), if any."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent != os.path.dirname(parent):
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            return parent
+        parent = os.path.dirname(parent)
+    return None
+
+
+def _os_error_message(exc: OSError) -> str:
+    if exc.errno is None:  # our own FileNotFoundError("... run `incubation meta` first") and the like
+        return str(exc)
+    names = [os.fsdecode(f) if isinstance(f, (str, bytes, os.PathLike)) else str(f)
+             for f in (exc.filename, exc.filename2) if f is not None]
+    where = " -> ".join(names)  # '' when the failing call had no path (a write() to an open file)
+    if exc.errno == errno.ENOSPC:
+        needed = getattr(exc, "bytes_needed", None)  # set by a writer that knows its size
+        free = _free_bytes(names[0]) if names else None
+        sizes = [f"{needed} bytes needed"] * (needed is not None) + [f"{free} bytes free"] * (free is not None)
+        return ("disk full: no space left on the device" + (f" to write {where}" if where else "")
+                + (f" ({', '.join(sizes)})" if sizes else ""))
+    if not where:
+        return exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}"
+    if exc.errno == errno.EROFS:
+        return f"read-only file system: cannot write {where}"
+    if exc.errno == errno.ENOTDIR:
+        blocker = _file_in_the_way(names[0])
+        return f"{blocker} is a file, not a directory (needed for {where})" if blocker else f"not a directory: {where}"
+    if exc.errno == errno.EEXIST and os.path.exists(names[0]) and not os.path.isdir(names[0]):
+        return f"{where} is a file, not a directory"
+    if exc.errno == errno.ENOENT:
+        return f"no such file or directory: {where}"
+    return f"{exc.strerror}: {where}"
+
+
+def error_message(exc: BaseException) -> Optional[str]:
+    """The one-line message of an expected failure (the user's input or the environment is at
+    fault), or None for a bug, which keeps its traceback."""
+    if isinstance(exc, IncubationError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return _os_error_message(exc)
+    if isinstance(exc, ValueError):
+        return str(exc)
+    return None
+
+
+def _exit_status(exc: SystemExit) -> int:
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    print(exc.code, file=sys.stderr)  # sys.exit("message") prints it and exits 1
+    return 1
+
+
+def run_main(prog: str, body: Callable[[], Optional[int]]) -> int:
+    """Run a command's body and turn how it ends into the exit status of EXIT_STATUS."""
+    debug = os.environ.get("INCUBATION_DEBUG", "") not in ("", "0")
+    try:
+        return body() or 0
+    except SystemExit as exc:  # argparse of a nested command (bench) has printed its message
+        return _exit_status(exc)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - sorted into expected failures and bugs right here
+        message = error_message(exc)
+        if message is None or debug:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`incubation` with `argv` (default sys.argv[1:]); returns the exit status (EXIT_STATUS),
+    for a command-line error too (argparse's SystemExit is caught)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage and the error (or --help)
+        return _exit_status(exc)
+
+    def body():
+        try:
+            return args.handler(args)
+        except UsageError as exc:
+            args.parser.error(str(exc))  # prints the usage and the message, raises SystemExit(2)
+
+    return run_main(f"incubation {args.command}", body)
 
 
 if __name__ == "__main__":

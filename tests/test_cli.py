@@ -67,15 +67,19 @@ def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
 def test_stages_one_by_one(folder, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
-    assert _cli("incubate", "--module", "0", *common) == 2  # no meta model yet
+    assert _cli("incubate", "--module", "0", *common) == 1  # no meta model yet
     assert "run `incubation meta` first" in capsys.readouterr().err
+    assert _cli("meta", *common, "--split", "2,2,4") == 2
+    assert "error: argument --split: 3 block counts for --modules 2" in capsys.readouterr().err
     assert _cli("meta", *common) == 0
-    assert _cli("incubate", "--module", "1", *common[:-len(TINY)], "--modules", "3", *TINY) == 2
+    assert _cli("incubate", "--module", "1", *common[:-len(TINY)], "--modules", "3", *TINY) == 1
     assert "K=2 modules of [4, 4] blocks; --modules/--split disagree" in capsys.readouterr().err
+    assert _cli("incubate", "--module", "2", *common) == 2  # a usage error, found once K is known
+    assert "error: argument --module: 2 is not a module of this run: it has K=2 modules" in capsys.readouterr().err
     assert _cli("incubate", "--module", "1", "--init", "lemon", *common) == 0
     _, md = load_checkpoint(out / "incubate-1" / "final")
     assert md["init"] == "lemon" and md["K"] == 2
-    assert _cli("assemble", *common) == 2  # module 0 is missing
+    assert _cli("assemble", *common) == 1  # module 0 is missing
     assert "incubate-0/final.json does not exist" in capsys.readouterr().err
     assert _cli("incubate", "--module", "0", *common) == 0
     assert _cli("assemble", *common) == 0
@@ -93,9 +97,9 @@ def test_bad_module_file_is_named(folder, tmp_path, capsys):
     with open(out / "incubate-1" / "final.safetensors", "r+b") as f:
         f.seek(-1, os.SEEK_END)
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
-    assert _cli("assemble", *common) == 2
+    assert _cli("assemble", *common) == 1
     err = capsys.readouterr().err
-    assert "incubate-1/final.safetensors is corrupt" in err
+    assert "incubate-1/final.safetensors is corrupt" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -121,16 +125,20 @@ def test_incubate_all_in_parallel_processes(folder, tmp_path):
 
 
 def test_argument_errors(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["incubate"])  # --module or --all is required
-    with pytest.raises(SystemExit):
-        cli.main(["incubate", "--module", "0", "--all"])
-    with pytest.raises(SystemExit):
-        cli.main(["meta", "--preset", "vit-z"])
-    with pytest.raises(SystemExit):
-        cli.main(["meta", "--split", "3,x"])
-    assert cli.main(["incubate", "--module", "0", "--parallel", "2", "--data", "nope"]) == 2
-    assert "unknown data set 'nope'" in capsys.readouterr().err
+    # main returns argparse's exit status instead of raising SystemExit
+    assert cli.main(["incubate"]) == 2  # --module or --all is required
+    assert cli.main(["incubate", "--module", "0", "--all"]) == 2
+    assert cli.main(["meta", "--preset", "vit-z"]) == 2
+    assert cli.main(["meta", "--split", "3,x"]) == 2
+    assert "argument --split: expected comma-separated positive integers" in capsys.readouterr().err
+    assert cli.main(["incubate", "--module", "0", "--data", "nope"]) == 2
+    assert "argument --data: unknown data set 'nope'" in capsys.readouterr().err
+    # a combination argparse cannot check: also a usage error, before any data is loaded
+    assert cli.main(["incubate", "--module", "0", "--parallel", "2", "--data", "folder:/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: incubation incubate") and "error: argument --parallel: needs --all" in err
+    assert cli.main(["--help"]) == 0
+    assert "exit status: 0 done; 1 the run failed" in capsys.readouterr().out
 
 
 def test_backends_lists_every_op(capsys):
@@ -161,7 +169,7 @@ def test_tune_measures_the_preset_model_then_backends_shows_it(capsys, monkeypat
     finally:
         dispatch.clear_decisions()
     monkeypatch.setenv("INCUBATION_BACKEND", "eager")
-    assert cli.main(["tune"]) == 2
+    assert cli.main(["tune"]) == 1
     assert "forces a backend" in capsys.readouterr().err
 
 

@@ -32,12 +32,16 @@ def test_expand_preserves_the_function(tmp_path, capsys):
 
 def test_expand_errors(tmp_path, capsys):
     _source_checkpoint(tmp_path)
-    assert _cli("expand", tmp_path / "src", "-o", tmp_path / "x", "--embed-dim", "16") == 2
+    assert _cli("expand", tmp_path / "src", "-o", tmp_path / "x", "--embed-dim", "16") == 1
     assert "LEMON only expands" in capsys.readouterr().err
     save_checkpoint(str(tmp_path / "mod"), {"w": torch.zeros(1)}, {"stage": "incubate", "target_config": {}})
-    assert _cli("expand", tmp_path / "mod", "-o", tmp_path / "y", "--depth", "3") == 2
+    assert _cli("expand", tmp_path / "mod", "-o", tmp_path / "y", "--depth", "3") == 1
     assert "holds no whole model" in capsys.readouterr().err
-    assert _cli("expand", tmp_path / "missing", "-o", tmp_path / "z") == 2
+    assert _cli("expand", tmp_path / "missing", "-o", tmp_path / "z") == 1
+    # an output prefix that names a directory would write <dir>/.safetensors: refused
+    assert _cli("expand", tmp_path / "src", "-o", f"{tmp_path}/", "--depth", "3") == 2
+    assert "argument -o/--output: expected a file prefix" in capsys.readouterr().err
+    assert not (tmp_path / ".safetensors").exists()
 
 
 def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):  # noqa: F811

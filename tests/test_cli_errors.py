@@ -1,0 +1,241 @@
+"""How the `incubation` command fails: nonsense arguments are refused while parsing (argparse's
+usage line, exit 2, the option named), faults of the user's files or of the environment give one
+line and exit 1, Ctrl-C exits 130, and only bugs (or INCUBATION_DEBUG=1) show a traceback."""
+import argparse
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from incubation import bench, cli
+from incubation.errors import IncubationError
+
+from test_cli import TINY, folder  # noqa: F401 - the shared tiny ImageFolder fixture
+
+FUZZ = ["0", "-1", "nan", "inf", ""]
+ZERO_IS_VALID = {"--seed", "--module", "--num-workers"}  # the only numeric options where 0 means something
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _subparsers(parser):
+    return parser._subparsers._group_actions[0].choices
+
+
+def _is_numeric(action) -> bool:
+    """An option whose type turns a small number into a number (or a list of numbers)."""
+    if not action.option_strings or action.type is None:
+        return False
+    for probe in ("1", "2", "64"):
+        try:
+            value = action.type(probe)
+        except argparse.ArgumentTypeError:
+            continue  # e.g. --device, --data refuse every probe
+        values = value if isinstance(value, list) else [value]
+        return all(isinstance(v, (int, float)) for v in values)
+    return False
+
+
+def _numeric_options(parser):
+    """(subcommand, option, action) for every numeric option of every subcommand of `parser`."""
+    return [(name, action.option_strings[-1], action) for name, sub in _subparsers(parser).items()
+            for action in sub._actions if _is_numeric(action)]
+
+
+def _fuzz_cases(parser):
+    cases = []
+    for name, option, action in _numeric_options(parser):
+        for value in FUZZ:
+            if not (value == "0" and option in ZERO_IS_VALID):
+                cases.append((name, option, "/".join(action.option_strings), value))
+    return cases
+
+
+def test_numeric_options_are_discovered_and_none_is_a_bare_int_or_float():
+    found = {(name, option) for name, option, _ in _numeric_options(cli.build_parser())}
+    assert {("meta", "--epochs"), ("meta", "--batch-size"), ("meta", "--modules"), ("meta", "--img-size"),
+            ("incubate", "--parallel"), ("run", "--parallel"), ("expand", "--embed-dim"), ("expand", "--mlp-ratio"),
+            ("grow", "--stages"), ("tune", "--batch-size")} <= found
+    assert len(found) > 60
+    for sub in _subparsers(cli.build_parser()).values():
+        for action in sub._actions:  # int / float accept -1, nan and inf
+            assert action.type not in (int, float), action.option_strings
+
+
+@pytest.mark.parametrize("command,option,shown,value", _fuzz_cases(cli.build_parser()))
+def test_nonsense_numbers_are_usage_errors(command, option, shown, value, capsys):
+    assert cli.main([command, option, value]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith(f"usage: incubation {command}")
+    assert f"incubation {command}: error: argument {shown}: " in err
+
+
+def test_study_numbers_are_usage_errors(capsys):
+    study = bench.load_benchmark("study")
+    cases = _fuzz_cases(study.build_parser())
+    assert {"--depth", "--K", "--parallel", "--limit-train", "--budgets"} <= {c[1] for c in cases}
+    for command, option, shown, value in cases:
+        assert study.main([command, option, value]) == 2, (option, value)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"argument {shown}: " in err, (option, value)
+
+
+def test_empty_values_are_refused(capsys):
+    """'' is never a value: not a path (it would mean the current directory), name or number."""
+    for name, sub in _subparsers(cli.build_parser()).items():
+        for action in sub._actions:
+            if action.option_strings and action.nargs is None and action.const is None:  # takes one value
+                assert cli.main([name, action.option_strings[-1], ""]) == 2, (name, action.option_strings)
+                err = capsys.readouterr().err
+                assert "Traceback" not in err and "argument " in err
+    assert cli.main(["expand", "", "-o", "x"]) == 2  # the positional checkpoint
+    assert "argument checkpoint: expected a path" in capsys.readouterr().err
+
+
+def test_output_paths(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    # expand -o DIR/ or DIR would write DIR/.safetensors
+    for prefix in (f"{tmp_path}{os.sep}", str(tmp_path), f"{tmp_path}/sub/"):
+        assert cli.main(["expand", "ckpt", "-o", prefix]) == 2
+        assert "argument -o/--output: expected a file prefix" in capsys.readouterr().err
+    # --out being a file is refused while parsing; a file further up shows when writing
+    assert cli.main(["meta", "--out", str(tmp_path / "afile")]) == 2
+    assert f"argument --out: {tmp_path / 'afile'} exists and is not a directory" in capsys.readouterr().err
+    assert cli.main(["report", "--out", str(tmp_path / "afile")]) == 2
+
+
+def test_out_under_a_file_is_one_line(folder, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "run"
+    assert cli.main(["meta", "--data", folder, "--out", str(out), "--epochs", "0.1", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"incubation meta: error: {tmp_path / 'afile'} is a file, not a directory")
+
+
+def test_expand_output_under_a_file(tmp_path, capsys):
+    from test_growth_cli import _source_checkpoint
+    _source_checkpoint(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["expand", str(tmp_path / "src"), "-o", str(tmp_path / "afile" / "big"), "--depth", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"incubation expand: error: {tmp_path / 'afile'} is a file, not a directory")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("code,expected", [
+    (errno.ENOSPC, "disk full: no space left on the device to write {path} ("),
+    (errno.EROFS, "read-only file system: cannot write {path}"),
+    (errno.EACCES, "permission denied: {path}"),
+    (errno.EPERM, "permission denied: {path}"),
+])
+def test_environment_faults_when_writing_are_one_line(code, expected, tmp_path, capsys, monkeypatch):
+    from incubation.train import checkpoint
+    from test_growth_cli import _source_checkpoint
+    _source_checkpoint(tmp_path)
+    path = str(tmp_path / "big.safetensors")
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", fail)
+    argv = ["expand", str(tmp_path / "src"), "-o", str(tmp_path / "big"), "--depth", "3"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("incubation expand: error: " + expected.format(path=path))
+    assert err.count("\n") == 1 and "Traceback" not in err
+    if code == errno.ENOSPC:
+        assert "bytes free" in err
+    monkeypatch.setenv("INCUBATION_DEBUG", "1")  # the traceback when asked for
+    with pytest.raises(OSError):
+        cli.main(argv)
+
+
+def test_disk_full_without_a_path_and_with_the_size():
+    exc = OSError(errno.ENOSPC, "No space left on device")
+    assert cli.error_message(exc) == "disk full: no space left on the device"
+    exc = OSError(errno.ENOSPC, "No space left on device", "/nowhere/x")
+    exc.bytes_needed = 1234
+    assert cli.error_message(exc).startswith("disk full: no space left on the device to write /nowhere/x "
+                                             "(1234 bytes needed")
+
+
+def test_no_cuda_device(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["meta", "--device", "cuda"], ["tune", "--device", "cuda:0"], ["grow", "--device", "cuda:1"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"argument --device: {argv[-1]}: torch sees no CUDA device on this machine" in err
+    assert cli.main(["meta", "--device", "gpu"]) == 2
+    assert "expected auto, cpu, cuda or cuda:<i>, got 'gpu'" in capsys.readouterr().err
+
+
+def test_bugs_keep_their_traceback_and_ctrl_c_is_one_line(monkeypatch, capsys):
+    def handler(exc):
+        def run(args):
+            raise exc
+        return run
+
+    name, (help_text, add, _) = "backends", cli.SUBCOMMANDS["backends"]
+    monkeypatch.setitem(cli.SUBCOMMANDS, name, (help_text, add, handler(TypeError("a bug"))))
+    with pytest.raises(TypeError):
+        cli.main([name])
+    monkeypatch.setitem(cli.SUBCOMMANDS, name, (help_text, add, handler(KeyboardInterrupt())))
+    assert cli.main([name]) == 130
+    assert capsys.readouterr().err == "incubation backends: interrupted\n"
+    monkeypatch.setitem(cli.SUBCOMMANDS, name, (help_text, add, handler(IncubationError("the file x is bad"))))
+    assert cli.main([name]) == 1
+    assert capsys.readouterr().err == "incubation backends: error: the file x is bad\n"
+    monkeypatch.setenv("INCUBATION_DEBUG", "1")
+    with pytest.raises(IncubationError):
+        cli.main([name])
+
+
+def test_too_many_epochs_to_count(folder, tmp_path, capsys):  # noqa: F811
+    assert cli.main(["meta", "--data", folder, "--out", str(tmp_path), "--epochs", "1e308", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "incubation meta: error: argument --epochs: 1e+308 epochs of 48 images are more steps" in err
+
+
+def _env():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env.pop("INCUBATION_DEBUG", None)
+    return env
+
+
+def _subprocess(*argv):
+    return subprocess.run([sys.executable, "-m", "incubation.cli", *map(str, argv)], capture_output=True,
+                          text=True, env=_env(), timeout=300)
+
+
+def test_end_to_end_exit_status_and_no_traceback(tmp_path):
+    usage = [["incubate", "--all", "--parallel", "-3"], ["bench", "study", "run", "--depth", "0"]]
+    if not torch.cuda.is_available():
+        usage.append(["meta", "--device", "cuda"])
+    cases = [(2, argv) for argv in usage] + [(1, ["report", "--out", str(tmp_path / "none")])]
+    procs = [subprocess.Popen([sys.executable, "-m", "incubation.cli", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env()) for _, argv in cases]  # at once: ~4 s each
+    for (code, argv), proc in zip(cases, procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == code, (argv, err)
+        assert "Traceback" not in err
+        if code == 2:
+            assert err.startswith("usage: ") and ": error: argument " in err
+    assert err == f"incubation report: error: {tmp_path / 'none'} has no finished stage (no */final.json) " \
+                  "to report on\n"
+
+
+@pytest.mark.slow
+def test_a_failed_parallel_job_is_one_line_naming_its_log(folder, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc = _subprocess("incubate", "--all", "--parallel", "2", "--modules", "2", "--data", folder, "--out", out,
+                       *TINY)  # no meta model yet: both jobs fail
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("incubation incubate: error: incubation failed for module ")
+    for i in range(2):
+        assert f"(exit 1: incubation incubate: error: incubation needs the meta model" in proc.stderr
+        assert f"log {out / f'incubate-{i}' / 'log.txt'})" in proc.stderr
