@@ -705,7 +705,12 @@ def error_message(exc: BaseException) -> Optional[str]:
     """The one-line message of an expected failure (the user's input or the environment is at
     fault), or None for a bug, which keeps its traceback."""
     if isinstance(exc, IncubationError):
-        return str(exc)
+        text = str(exc)
+        if "Original Traceback" in text:   # re-raised from a DataLoader worker: keep the worker's last line
+            last = text.strip().splitlines()[-1]
+            head, _, message = last.partition(": ")
+            text = message if head.endswith(type(exc).__name__) else last
+        return text
     if isinstance(exc, OSError):
         return _os_error_message(exc)
     if isinstance(exc, ValueError):

@@ -2,6 +2,7 @@
 checkpoint; checkpoints holding NaN/Inf are refused at every load; every JSON file is strict
 JSON; files honour the umask; one writer per run directory (a lock that a killed writer does
 not leave stuck)."""
+import errno
 import json
 import os
 import re
@@ -313,3 +314,31 @@ def test_lock_of_a_killed_writer_is_taken_over(tmp_path):
     assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # left behind, not held
     result = train(tiny_vit(), easy_data(32), None, TrainConfig(steps=2, batch_size=16, **QUIET), out, stage="meta")
     assert result.steps == 2 and not (out / ".lock").exists()
+
+
+def test_a_full_disk_while_saving_is_one_oserror_naming_the_file(tmp_path, monkeypatch):
+    from incubation import cli
+    from incubation.train import checkpoint
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    prefix = str(tmp_path / "ck")
+    with pytest.raises(OSError) as info:
+        checkpoint.save_checkpoint(prefix, {"w": torch.ones(4)}, {}, state={"step": 1})
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("ck.state.pt.tmp")
+    assert cli.error_message(info.value).startswith("disk full: no space left on the device to write")
+    assert not os.path.exists(prefix + ".json")         # nothing committed
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 0, 1 << 40))
+    with pytest.raises(RuntimeError, match="unexpected pos"):   # space left: not a full disk, left as it is
+        checkpoint.save_checkpoint(prefix, {"w": torch.ones(4)}, {}, state={"step": 1})
+
+
+def test_a_data_error_from_a_loader_worker_prints_as_its_own_line():
+    from incubation import cli
+    from incubation.data import DatasetError
+    wrapped = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 1, in f\nincubation.data.fashion_mnist.DatasetError: "
+                           "cannot read image /data/train/a/1.png: truncated")
+    assert cli.error_message(wrapped) == "cannot read image /data/train/a/1.png: truncated"

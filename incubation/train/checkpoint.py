@@ -15,8 +15,11 @@ commit whose pending record exists and drops the temporaries of one that never r
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import shutil
 from typing import Optional
 
 import torch
@@ -139,6 +142,24 @@ def recover_checkpoint(path_prefix: str) -> None:
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def _disk_full_named(path: str, needed: Optional[int]):
+    """Turn a write that failed for lack of space into OSError(ENOSPC) naming the file (torch.save
+    reports it as "[enforce fail at inline_container.cc] unexpected pos", safetensors as its own
+    error); the bytes needed go along when known."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        if not (isinstance(exc, OSError) or free < max(needed or 0, 1 << 20)):
+            raise   # not a full disk: a bug or another fault, keep it as it is
+        error = OSError(errno.ENOSPC, "No space left on device", path)
+        error.bytes_needed = needed
+        raise error from exc
+
+
 def save_checkpoint(path_prefix: str, state_dict: dict, metadata: Optional[dict] = None, *,
                     state: Optional[dict] = None) -> str:
     """Write `<prefix>.safetensors` and `<prefix>.json` (and `<prefix>.state.pt` from `state`)
@@ -157,12 +178,14 @@ def save_checkpoint(path_prefix: str, state_dict: dict, metadata: Optional[dict]
         raise CheckpointError(f"refusing to write checkpoint {prefix + WEIGHTS}: tensor {bad!r} holds NaN or "
                               f"infinite values")
     recover_checkpoint(prefix)
-    save_file(tensors, prefix + WEIGHTS + TMP)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    with _disk_full_named(prefix + WEIGHTS + TMP, weight_bytes):
+        save_file(tensors, prefix + WEIGHTS + TMP)
     os.chmod(prefix + WEIGHTS + TMP, default_file_mode())  # safetensors makes it 0600, ignoring the umask
     _fsync_file(prefix + WEIGHTS + TMP)
     files = {WEIGHTS: _sha256(prefix + WEIGHTS + TMP)}
     if state is not None:
-        with open(prefix + STATE + TMP, "wb") as f:
+        with _disk_full_named(prefix + STATE + TMP, None), open(prefix + STATE + TMP, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
