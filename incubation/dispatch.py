@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import IncubationError
+from .utils import user_cache_dir
 
 __all__ = ["BackendError", "OPS", "BACKENDS", "MARGIN", "register", "use_backend", "current_backend",
            "select", "implements", "backends", "format_backends", "tune", "share_decisions", "cache_path",
@@ -226,9 +227,7 @@ _tuning = False        # inside tune(): measure even under several ranks (rank 0
 
 def cache_path() -> str:
     """The decision file: $INCUBATION_CACHE_DIR/dispatch.json, else the user cache dir."""
-    root = os.environ.get("INCUBATION_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "incubation")
-    return os.path.join(root, "dispatch.json")
+    return os.path.join(os.environ.get("INCUBATION_CACHE_DIR") or user_cache_dir(), "dispatch.json")
 
 
 def _cpu_name() -> str:

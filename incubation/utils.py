@@ -14,6 +14,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def user_cache_dir() -> str:
+    """$XDG_CACHE_HOME/incubation (default ~/.cache/incubation): downloads and measurements."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "incubation")
+
+
 def _finite_or_none(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None

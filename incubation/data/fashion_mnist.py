@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import IncubationError
-from ..utils import file_sha256 as _sha256
+from ..utils import file_sha256 as _sha256, user_cache_dir
 
 __all__ = ["FILES", "CLASSES", "DatasetError", "find_fashion_mnist", "read_idx", "load_fashion_mnist_arrays"]
 
@@ -75,8 +75,7 @@ class _DownloadFailed(DatasetError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "incubation" / "fashion-mnist"
+    return Path(user_cache_dir()) / "fashion-mnist"
 
 
 def _accepted(name: str) -> tuple[str, ...]:
