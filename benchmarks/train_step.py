@@ -98,12 +98,12 @@ def prepare_provider(provider: str, ours: torch.nn.Module, images, labels, amp: 
 def bench_providers(providers: list[str], ours, images, labels, amp, device, quick: bool, warmup: int,
                     log: Callable = print) -> dict:
     """provider -> (status, facts or reason). On GPU one provider at a time (memory); on CPU all
-    of them prepared first, then timed in 3 interleaved rounds (median of the rounds) so that
+    of them prepared first, then timed in 7 interleaved rounds (3 when quick; median of the rounds) so that
     a change of load on a shared machine does not favour whichever ran first. Each result is
     logged as soon as it is measured (a run cut short keeps what it measured in its log)."""
     gpu = device.type == "cuda"
     groups = [[p] for p in providers] if gpu else [providers]
-    rounds, rep_ms = (1, 1000 if quick else 3000) if gpu else (3, 200 if quick else 1000)
+    rounds, rep_ms = (1, 1000 if quick else 3000) if gpu else (3 if quick else 7, 200 if quick else 1000)
     results = {}
     for group in groups:
         live = {}
