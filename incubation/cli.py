@@ -180,6 +180,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=seed_int, default=0)
     g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="folder data: skip unreadable images (counted, warned once each) instead of stopping")
     g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation micro-batches per step")
     g.add_argument("--num-workers", type=non_negative_int, default=0, help="data loader worker processes")
     g.add_argument("--modules", type=_modules, default=None, help="K, the number of modules (meta stage; "
@@ -196,7 +198,7 @@ def _common_argv(args) -> list[str]:
         value = getattr(args, dest)
         if value is not None:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return argv + (["--no-progress"] if args.no_progress else [])
+    return argv + ["--no-progress"] * args.no_progress + ["--skip-bad-images"] * args.skip_bad_images
 
 
 def _subset(dataset, limit: Optional[int], seed: int):
@@ -260,8 +262,8 @@ def _context(args) -> _Run:
     if args.out is None:
         args.out = os.path.join("runs", preset.name)
     img_size = args.img_size if args.img_size is not None else preset.img_size
-    train_set = load_dataset(args.data, "train", args.data_dir, img_size=img_size)
-    eval_set = load_dataset(args.data, "test", args.data_dir, img_size=img_size)
+    train_set = load_dataset(args.data, "train", args.data_dir, img_size=img_size, skip_bad_images=args.skip_bad_images)
+    eval_set = load_dataset(args.data, "test", args.data_dir, img_size=img_size, skip_bad_images=args.skip_bad_images)
     target = preset.target_config(train_set.in_chans, train_set.num_classes, train_set.img_size)
     return _Run(args, preset, args.out, _subset(train_set, args.limit_train, args.seed),
                 _subset(eval_set, args.limit_eval, args.seed), target)

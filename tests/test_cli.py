@@ -141,6 +141,19 @@ def test_argument_errors(capsys):
     assert "exit status: 0 done; 1 the run failed" in capsys.readouterr().out
 
 
+def test_a_corrupt_image_stops_the_run_naming_it_unless_skipped(folder, tmp_path, capsys):
+    import shutil
+    root = tmp_path / "images"
+    shutil.copytree(folder.split(":", 1)[1], root)
+    bad = root / "train" / "class1" / "3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    argv = ["meta", "--data", f"folder:{root}", "--epochs", "1", *TINY]   # one epoch reads every image
+    assert _cli(*argv, "--out", tmp_path / "a") == 1
+    err = capsys.readouterr().err
+    assert "3.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert _cli(*argv, "--out", tmp_path / "b", "--skip-bad-images") == 0
+
+
 def test_backends_lists_every_op(capsys):
     assert cli.main(["backends"]) == 0
     printed = capsys.readouterr().out
