@@ -482,7 +482,7 @@ def _cmd_tune(args):
         c = model.config
         images = torch.randn(args.batch_size, c.in_chans, *c.img_size, device=device)
         with torch.autocast(device.type, dtype=_AMP[args.dtype] or torch.float32, enabled=_AMP[args.dtype] is not None):
-            made.update(ops.tune(model, images))
+            made.update(ops.tune(model, images, fresh=args.fresh))
     print(ops.format_backends(device))
     measured = sum(1 for d in made.values() if d.ms)
     print(f"\nmeasured {measured} op signatures ({len(made) - measured} with eager as the only candidate) "
@@ -505,6 +505,8 @@ def _add_tune(p):
     p.add_argument("--dtype", choices=sorted(_AMP), default="fp32",
                    help="fp32, or the autocast dtype training uses (bf16 / fp16)")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure again what is already decided (e.g. decided while the machine was busy)")
 
 
 def _add_incubate(p):

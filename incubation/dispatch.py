@@ -223,6 +223,7 @@ _decisions: dict[str, dict[str, Decision]] = {}   # environment -> signature -> 
 _loaded_file = False
 _environments: dict[torch.device, str] = {}
 _tuning = False        # inside tune(): measure even under several ranks (rank 0 decides for all)
+_remeasured: Optional[set] = None   # inside tune(fresh=True): the signatures measured anew so far
 
 
 def cache_path() -> str:
@@ -421,9 +422,12 @@ def _measure(op: str, args: tuple, grad: bool, candidates: list[str], device: to
             spent += t
         rounds += 1
     ms = {b: statistics.median(s) * 1e3 for b, s in samples.items()}
-    choice = min(ms, key=ms.get)
-    if choice != "eager" and ms[choice] > ms["eager"] * (1 - MARGIN):
-        choice = "eager"
+    # a kernel wins on its median time relative to eager's in the same round: a burst of load
+    # on a shared machine slows both sides of a round, so it cannot crown a kernel by itself
+    ratio = {b: statistics.median(t / max(e, 1e-12) for t, e in zip(s, samples["eager"]))
+             for b, s in samples.items() if b != "eager"}
+    best = min(ratio, key=ratio.get, default=None)
+    choice = best if best is not None and ratio[best] < 1 - MARGIN else "eager"
     return Decision(choice, ms, refused)
 
 
@@ -452,7 +456,7 @@ def _decide(op: str, args: tuple, device: torch.device) -> Decision:
     _load_file()
     env = environment(device)
     decision = _decisions.get(env, {}).get(key)
-    if decision is not None:
+    if decision is not None and (_remeasured is None or key in _remeasured):
         return decision
     refused, candidates = {}, []
     for backend in _impls[op]:
@@ -477,6 +481,8 @@ def _decide(op: str, args: tuple, device: torch.device) -> Decision:
             _measuring = False
         decision = Decision(measured.choice, measured.ms, {**refused, **measured.refused})
     _decisions.setdefault(env, {})[key] = decision
+    if _remeasured is not None:
+        _remeasured.add(key)
     if decision.ms:
         _save_file()
     return decision
@@ -501,16 +507,18 @@ def select(op: str, device: torch.device, args: tuple) -> Callable:
 # --------------------------------------------------------------------------------------
 # measuring a whole model, and agreeing across ranks
 # --------------------------------------------------------------------------------------
-def tune(model: torch.nn.Module, *inputs, train: bool = True) -> dict[str, Decision]:
+def tune(model: torch.nn.Module, *inputs, train: bool = True, fresh: bool = False) -> dict[str, Decision]:
     """Measure every op signature of `model(*inputs)`: a no-grad forward (evaluation) and, if
-    `train`, a forward + backward. Leaves no trace: RNG states, gradients and the training
-    flag are restored. Returns the decisions made (signature -> Decision)."""
+    `train`, a forward + backward; `fresh` measures again the signatures already decided (a
+    decision measured on a busy machine is replaced). Leaves no trace: RNG states, gradients
+    and the training flag are restored. Returns the decisions made (signature -> Decision)."""
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     before = {k for e in _decisions.values() for k in e}
     grads = {p: p.grad for p in model.parameters()}
     was_training = model.training
-    global _tuning
-    _tuning = True
+    global _tuning, _remeasured
+    remeasured = set() if fresh else None
+    _tuning, _remeasured = True, remeasured
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             model.eval()
@@ -524,12 +532,12 @@ def tune(model: torch.nn.Module, *inputs, train: bool = True) -> dict[str, Decis
                 torch.autograd.backward([o for o in _outputs(out) if o.requires_grad],
                                         [torch.ones_like(o) for o in _outputs(out) if o.requires_grad])
     finally:
-        _tuning = False
+        _tuning, _remeasured = False, None
         model.train(was_training)
         for p, g in grads.items():
             p.grad = g
     env = environment(device)
-    return {k: d for k, d in _decisions.get(env, {}).items() if k not in before}
+    return {k: d for k, d in _decisions.get(env, {}).items() if k not in before or k in (remeasured or ())}
 
 
 def share_decisions(src: int = 0) -> None:

@@ -311,6 +311,25 @@ def test_tune_measures_a_model_and_leaves_it_as_it_was():
     assert all(set(d.ms) == {"fake", "eager"} for k, d in made.items() if not k.startswith("attention"))
 
 
+@pytest.mark.usefixtures("fresh", "fake_clock")
+def test_tune_fresh_replaces_a_decision_measured_on_a_busy_machine():
+    costs = {"fake": 2e-3}
+    ops.register("layer_norm", "eager", costing(1e-3))
+    _only("layer_norm", fake=lambda *a: costing(costs["fake"])(*a))
+    model = incubation.nn.LayerNorm(32)
+    x = torch.randn(16, 32)
+    ops.tune(model, x, train=False)
+    assert next(iter(_decisions().values()))["choice"] == "eager"
+    costs["fake"] = 0.5e-3                    # the machine is quiet now
+    ops.tune(model, x, train=False)           # a decided signature is not measured again ...
+    assert next(iter(_decisions().values()))["choice"] == "eager"
+    made = ops.tune(model, x, train=False, fresh=True)     # ... unless asked
+    assert [d.choice for d in made.values()] == ["fake"]
+    dispatch.clear_decisions()
+    ops.layer_norm(x, None, None)
+    assert next(iter(_decisions().values()))["choice"] == "fake"   # and the file has the new one
+
+
 def test_torch_compile_of_the_vit_under_auto_has_no_graph_break():
     torch._dynamo.reset()
     model = incubation.VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2,
