@@ -443,3 +443,82 @@ class TestCUDA:
     def test_vit_small(self, amp):
         vit_case("cuda", dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6,
                               num_classes=100, init_values=0.1), batch=4, autocast_dtype=amp)
+
+
+# --------------------------------------------------------------------------------------
+# autotune keys (issue 13, item 4)
+# --------------------------------------------------------------------------------------
+def tuning_key(autotuner, args, kwargs):
+    """The key triton.runtime.Autotuner.run computes for a launch (its own rule: the named
+    arguments present, then every tensor argument's dtype)."""
+    named = {**dict(zip(autotuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in autotuner.arg_names}
+    return tuple([named[k] for k in autotuner.keys if k in named] +
+                 [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+
+
+def launch_keys(monkeypatch, autotuner, calls):
+    """The tuning key of each launch of `autotuner` made by each call in `calls`."""
+    keys, run = [], autotuner.run
+
+    def recording_run(*args, **kwargs):
+        keys.append(tuning_key(autotuner, args, kwargs))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(autotuner, "run", recording_run)
+    with ops.use_backend("triton"):
+        for call in calls:
+            call()
+    return keys
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [kernels.bucket(n) for n in (0, 1, 2, 3, 64, 65, 197 * 7, 197 * 8)] == [1, 1, 2, 4, 64, 128, 2048, 2048]
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="launches on CPU tensors under the interpreter")
+def test_linear_key_buckets_rows_and_names_every_flag(monkeypatch):
+    """A partial last batch (7 of 8 images x 197 tokens) keys like the full one, so it reuses the
+    tuned config; a different epilogue (bias or layer scale on / off) keys apart."""
+    w, b, s = torch.randn(48, 32), torch.randn(48), torch.randn(48)
+    x = lambda rows: torch.randn(rows, 32)  # noqa: E731
+    keys = launch_keys(monkeypatch, triton_linear._forward_kernel, [
+        lambda: ops.linear(x(197 * 8), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 7), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 4), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 8), w, None, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 8), w, b, "gelu"),
+    ])
+    full, partial, half, no_bias, no_scale = keys
+    assert full == partial
+    assert len({full, half, no_bias, no_scale}) == 4
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="launches on CPU tensors under the interpreter")
+def test_attention_key_ignores_the_batch_and_names_its_constexprs(monkeypatch):
+    q = lambda batch, d=32: torch.randn(batch, 2, 50, d)  # noqa: E731
+    keys = launch_keys(monkeypatch, triton_attention._forward_kernel, [
+        lambda: ops.attention(q(3), q(3), q(3)), lambda: ops.attention(q(2), q(2), q(2)),
+        lambda: ops.attention(q(2, 24), q(2, 24), q(2, 24))])
+    assert keys[0] == keys[1] != keys[2]
+    for name in ("BLOCK_D", "UPCAST", "PRECISION"):
+        assert name in triton_attention._forward_kernel.keys
+
+
+def test_autotune_keeps_results_across_runs_where_triton_can():
+    import inspect
+
+    import triton
+    for autotuner in (triton_linear._forward_kernel, triton_attention._forward_kernel,
+                      triton_attention._dkdv_kernel, triton_attention._dq_kernel):
+        if "cache_results" in inspect.signature(triton.autotune).parameters and not kernels.INTERPRET:
+            assert autotuner.cache_results
+        for flag in ("HAS_BIAS", "HAS_LS", "GELU", "HAS_RESIDUAL", "STORE_PRE", "UPCAST", "PRECISION"):
+            if flag in autotuner.fn.arg_names:
+                assert flag in autotuner.keys, (autotuner.fn.__name__, flag)
+
+
+def test_device_guard_is_a_no_op_for_cpu_tensors():
+    with kernels.device_guard(torch.empty(1)):
+        pass
+    assert isinstance(kernels.device_guard(torch.empty(1)), __import__("contextlib").nullcontext)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, dense, unsupported
+from . import INTERPRET, dense, device_guard, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
 
@@ -131,11 +131,12 @@ class _AddLayerNorm(torch.autograd.Function):
         mean = torch.empty(M, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block_m, block_c, warps, _ = _tiling(C)
-        _forward_kernel[(triton.cdiv(M, block_m),)](
-            x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
-            0 if r2 is None else r2.stride(0), eps,
-            HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        with device_guard(x):
+            _forward_kernel[(triton.cdiv(M, block_m),)](
+                x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
+                0 if r2 is None else r2.stride(0), eps,
+                HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         # x or summed (an input or an output) and the parameters stay connected to the graph
         # for a differentiable backward; bias is kept for that only
         ctx.save_for_backward(x if summed is None else summed, weight, bias, mean, rstd)
@@ -165,11 +166,12 @@ class _AddLayerNorm(torch.autograd.Function):
         dx = torch.empty((M, C), dtype=s.dtype, device=s.device)
         dw_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_dw else None
         db_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_db else None
-        _backward_kernel[(programs,)](
-            dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
-            0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
-            HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        with device_guard(s):
+            _backward_kernel[(programs,)](
+                dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
+                0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
+                HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         dx = dx.view(ctx.shape)
         dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
         db = db_part.sum(0).to(bias.dtype) if want_db else None
