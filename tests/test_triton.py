@@ -289,14 +289,14 @@ def refused_calls(device):
     f32 = dict(device=device, dtype=torch.float32)
     big_head = torch.randn(1, 1, 4, 160, **f32)
     x64 = torch.randn(4, 8, device=device, dtype=torch.float64)
-    x16, r32 = torch.randn(4, 8, device=device, dtype=torch.float16), torch.randn(4, 8, **f32)
+    x16 = torch.randn(4, 8, device=device, dtype=torch.float16)
     wide = torch.randn(2, triton_norm.MAX_FEATURES + 1, **f32)
     return [
         ("attention", (big_head, big_head, big_head), (big_head, big_head, big_head, 0.1), triton_attention.check,
          "head dim 160"),
         ("attention", (x64[None, None],) * 3, (x64[None, None],) * 3 + (0.1,), triton_attention.check, "float64"),
-        ("add_layer_norm", (x16, r32, None, None), (x16, r32, None, None, EPS), triton_norm.check_add_layer_norm,
-         "residual dtype"),
+        ("add_layer_norm", (x16, x64, None, None), (x16, x64, None, None, EPS), triton_norm.check_add_layer_norm,
+         "residual has dtype torch.float64"),
         ("layer_norm", (wide, None, None), (wide, None, None, EPS), triton_norm.check_layer_norm, "features exceed"),
         ("linear", (x64, torch.randn(3, 8, device=device, dtype=torch.float64)),
          (x64, torch.randn(3, 8, device=device, dtype=torch.float64), None, None, None, None), triton_linear.check,
@@ -522,3 +522,43 @@ def test_device_guard_is_a_no_op_for_cpu_tensors():
     with kernels.device_guard(torch.empty(1)):
         pass
     assert isinstance(kernels.device_guard(torch.empty(1)), __import__("contextlib").nullcontext)
+
+
+# --------------------------------------------------------------------------------------
+# mixed dtypes as under autocast (issue 13, item 5): fp32 residual stream, half-precision branch
+# --------------------------------------------------------------------------------------
+def mixed_dtypes():
+    """(device, branch dtype): add + LayerNorm has no dots, so bf16 is right under the interpreter
+    too (its outputs are fp32; only the cast of dx to bf16 is torch's)."""
+    return [pytest.param(d.values[0], dtype, marks=d.marks, id=f"{d.values[0]}-{str(dtype)[6:]}")
+            for d in DEVICES for dtype in LOW]
+
+
+@pytest.mark.parametrize("device, dtype", mixed_dtypes())
+@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (3 * 50, 1000)])
+@pytest.mark.parametrize("param_dtype", ["fp32", "branch"])
+def test_add_layer_norm_fp32_residual_half_branch(device, dtype, rows, width, param_dtype):
+    """summed and normed come back fp32 (as eager's promotion), dx in the branch's dtype, the
+    residual's gradient fp32; all within the rule against float64."""
+    torch.manual_seed(rows + width)
+    pdtype = torch.float32 if param_dtype == "fp32" else dtype
+    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)
+    r = make((rows, width), torch.float32, device, scale=3.0)
+    w, b = make((width,), pdtype, device, scale=0.2, shift=1.0), make((width,), pdtype, device, scale=0.2)
+    assert triton_norm.check_add_layer_norm(x, r, w, b, EPS) is None
+    with ops.use_backend("triton"):
+        normed, summed = ops.add_layer_norm(x, r, w, b, EPS)
+    assert normed.dtype == summed.dtype == torch.float32
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
+    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, None, None, EPS), [x, r])
+    # the other way round (an fp32 branch onto a half-precision stream) promotes the same way
+    check_against_reference(lambda r, x: ops.add_layer_norm(r, x, w, b, EPS), [r, x])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_fp32_residual_epilogue_fp16_all_flags(device):
+    """The residual epilogue with every flag, fp16 GEMM onto an fp32 residual: out fp32."""
+    torch.manual_seed(5)
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    for epilogue in ("fc2_bias_scale_residual", "gelu_scale_residual"):
+        linear_case(device, dtype, 50, 64, 192, epilogue, residual_dtype=torch.float32)

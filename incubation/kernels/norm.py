@@ -1,9 +1,11 @@
 """LayerNorm over the last dimension, optionally fused with the residual add before it.
 
-Forward, one pass per tile of rows: summed = x + residual (fp32), stored in x's dtype, then
-its mean / rstd (fp32, saved) and the normalised, affine output in x's dtype. Backward: each
-program walks its own range of rows, writes dx (+ the gradient of `summed`, which is also dx
-for the residual) and keeps fp32 column sums of dy * xhat and dy; a second reduction over the
+Forward, one pass per tile of rows: summed = x + residual (fp32), stored in the dtype eager's
+x + residual has (x's, or the promoted one: an fp32 residual stream with a bf16 / fp16 branch
+under autocast gives fp32), then its mean / rstd (fp32, saved) and the normalised, affine output
+in that same dtype. Backward: each program walks its own range of rows, writes dx (+ the gradient
+of `summed`; x and residual get it each in their own dtype) and keeps fp32 column sums of
+dy * xhat and dy; a second reduction over the
 programs' partial sums gives dweight and dbias, so no atomics and any width is cheap.
 
 Inputs are viewed as rows (reshape) and copied only when their last dimension is strided;
@@ -126,8 +128,11 @@ class _AddLayerNorm(torch.autograd.Function):
         x2 = _rows(x, C)
         M = x2.shape[0]
         r2 = None if residual is None else _rows(residual, C)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # as eager's x + residual: an fp32 residual stream with a half-precision branch (autocast)
+        # sums in fp32, and the LayerNorm of that sum is fp32 too
+        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        y = torch.empty(x.shape, dtype=dtype, device=x.device)
+        summed = None if residual is None else torch.empty(x.shape, dtype=dtype, device=x.device)
         mean = torch.empty(M, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block_m, block_c, warps, _ = _tiling(C)
@@ -142,6 +147,7 @@ class _AddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(x if summed is None else summed, weight, bias, mean, rstd)
         ctx.shape = x.shape
         ctx.has_residual = residual is not None
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         return y if summed is None else (y, summed)
@@ -172,11 +178,10 @@ class _AddLayerNorm(torch.autograd.Function):
                 0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
                 HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
                 BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        dx = dx.view(ctx.shape)
+        ds = dx.view(ctx.shape)
         dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
         db = db_part.sum(0).to(bias.dtype) if want_db else None
-        dresidual = dx if ctx.has_residual else None
-        return dx, dresidual, dw, db, None
+        return (*_split(ds, ctx), dw, db, None)
 
     @staticmethod
     def _eager_backward(ctx, s, weight, bias, dy, dsummed):
@@ -192,7 +197,15 @@ class _AddLayerNorm(torch.autograd.Function):
                                                  (dy,))
         if dsummed is not None:
             ds = dsummed if ds is None else ds + dsummed
-        return ds, ds if ctx.has_residual else None, dw, db, None
+        return (*_split(ds, ctx), dw, db, None)
+
+
+def _split(ds, ctx):
+    """(dx, dresidual) from the gradient of summed, each in its input's dtype (summed's may be wider)."""
+    x_dtype, residual_dtype = ctx.dtypes
+    if ds is None:
+        return None, None
+    return ds.to(x_dtype), None if residual_dtype is None else ds.to(residual_dtype)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -209,8 +222,6 @@ def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:
     reason = unsupported(x=x, residual=residual, weight=weight, bias=bias)
     if reason:
         return reason
-    if residual is not None and residual.dtype != x.dtype:
-        return f"residual dtype {residual.dtype} differs from x dtype {x.dtype}"
     if x.shape[-1] == 0:
         return "the feature dimension is empty"
     if x.shape[-1] > MAX_FEATURES:
