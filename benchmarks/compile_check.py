@@ -118,7 +118,7 @@ _LINEAR_VARIANTS = {  # the epilogues the ViT block uses, and everything at once
 def _cases_linear_fwd(variants) -> list:
     M, N, K = 197 * 8, 3072, 768
     args = dict(X="*dt", W="*dt", BIAS="*dt", LS="*dt", RES="*dt", OUT="*dt", PRE="*dt", M=M, N=N, K=K,
-                sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1)
+                sxm=K, sxk=1, swn=K, swk=1, srm=N, srn=1, M_BUCKET=triton.next_power_of_2(M))
     return [(v, None, args, dict(_LINEAR_VARIANTS[v], UPCAST=False)) for v in variants]
 
 

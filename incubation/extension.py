@@ -79,10 +79,18 @@ def _layer_norm_fwd_fake(x, weight, bias, eps):
     return x.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
+def _mixed(x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """A float32 residual onto a bfloat16 / float16 x (autocast's residual stream and branch):
+    the kernels take it and give float32 outputs, as eager's type promotion does."""
+    return (residual is not None and residual.dtype == torch.float32
+            and x.dtype in (torch.float16, torch.bfloat16))
+
+
 @torch.library.register_fake("incubation::add_layer_norm_fwd")
 def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps):
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
-    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
+    like = residual if _mixed(x, residual) else x
+    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(like))
+    return like.new_empty(x.shape), like.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("incubation::layer_norm_bwd")
@@ -94,7 +102,7 @@ def _layer_norm_bwd_fake(grad_out, grad_input_extra, input, mean, rstd, weight, 
 
 @torch.library.register_fake("incubation::linear_epilogue_fwd")
 def _linear_epilogue_fwd_fake(y, bias, layer_scale, residual, gelu):
-    return y.new_empty(y.shape)
+    return (residual if _mixed(y, residual) else y).new_empty(y.shape)
 
 
 @torch.library.register_fake("incubation::linear_epilogue_bwd")
@@ -149,11 +157,12 @@ def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    _, _, weight, bias, eps = inputs
+    x, residual, weight, bias, eps = inputs
     _, summed, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)
     ctx.eps = eps
+    ctx.dtypes = (x.dtype, residual.dtype)   # summed's may be wider (a mixed residual)
     ctx.save_for_backward(summed, mean, rstd, weight, bias)
 
 
@@ -171,12 +180,15 @@ def _add_layer_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd)
     else:
         d_sum, dw, db = _layer_norm_grads(grad_out, grad_summed, summed, mean, rstd, weight, need_weight,
                                           need_bias)
-    return d_sum, d_sum, dw, db, None   # summed = x + residual: both get d_sum
+    # summed = x + residual: both get d_sum, each in its own dtype
+    d_x, d_residual = (None, None) if d_sum is None else (d_sum.to(ctx.dtypes[0]), d_sum.to(ctx.dtypes[1]))
+    return d_x, d_residual, dw, db, None
 
 
 def _linear_epilogue_setup(ctx, inputs, output):
     y, bias, layer_scale, _, gelu = inputs
     ctx.gelu = gelu
+    ctx.y_dtype = y.dtype   # grad has the output's dtype: the residual's when it is a mixed one
     ctx.fused_backward = gelu or layer_scale is not None   # else d y = grad
     ctx.save_for_backward(y if ctx.fused_backward else None, bias, layer_scale)
 
@@ -184,7 +196,8 @@ def _linear_epilogue_setup(ctx, inputs, output):
 def _linear_epilogue_backward(ctx, grad):
     y, bias, layer_scale = ctx.saved_tensors
     need_y, need_bias, need_scale, need_residual, _ = ctx.needs_input_grad
-    grad = grad.contiguous()
+    residual_grad = grad
+    grad = grad.to(ctx.y_dtype).contiguous()   # as eager's residual + out casts out's gradient
     if ctx.fused_backward and double_backward.needed():
         dy, dbias, dscale = double_backward.eager_grads(
             lambda y, b, s: _eager_epilogue(y, b, s, ctx.gelu), (y, bias, layer_scale),
@@ -195,7 +208,7 @@ def _linear_epilogue_backward(ctx, grad):
         dy, dscale = grad, None
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if need_bias else None
     return (dy if need_y else None, dbias if need_bias else None, dscale if need_scale else None,
-            grad if need_residual else None, None)
+            residual_grad if need_residual else None, None)
 
 
 torch.library.register_autograd("incubation::layer_norm_fwd", _layer_norm_backward,
@@ -221,8 +234,11 @@ def _layer_norm(x, weight, bias, eps):
 def _add_layer_norm(x, residual, weight, bias, eps):
     if residual is None:
         return _layer_norm(x, weight, bias, eps), x
-    out, summed, _, _ = _lib.add_layer_norm_fwd(x.contiguous(), residual.contiguous(), _prepared(weight, x.dtype),
-                                                _prepared(bias, x.dtype), eps)
+    if _mixed(residual, x):   # x + residual commutes: the kernels take the float32 one as residual
+        x, residual = residual, x
+    dtype = residual.dtype if _mixed(x, residual) else x.dtype   # the outputs', as eager's promotion
+    out, summed, _, _ = _lib.add_layer_norm_fwd(x.contiguous(), residual.contiguous(), _prepared(weight, dtype),
+                                                _prepared(bias, dtype), eps)
     return out, summed
 
 
@@ -242,8 +258,9 @@ def _unsupported(x: torch.Tensor, residual: Optional[torch.Tensor], features: in
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed) or "none"
         return f"dtype {x.dtype} is not supported on {x.device.type} (supported: {names})"
-    if residual is not None and residual.dtype != x.dtype:
-        return f"residual dtype {residual.dtype} differs from x dtype {x.dtype}"
+    if residual is not None and residual.dtype != x.dtype and not _mixed(x, residual):
+        return (f"residual dtype {residual.dtype} differs from x dtype {x.dtype} (the kernels take a float32 "
+                "residual onto a bfloat16 / float16 x, or the same dtype)")
     if features == 0:
         return "the feature dimension is empty"
     if norm and x.device.type == "cuda" and features > CUDA_MAX_FEATURES:
@@ -256,6 +273,8 @@ def _check_layer_norm(x, weight, bias, eps):
 
 
 def _check_add_layer_norm(x, residual, weight, bias, eps):
+    if residual is not None and _mixed(residual, x):   # served swapped (x + residual commutes)
+        x, residual = residual, x
     return _unsupported(x, residual, x.shape[-1], norm=True)
 
 

@@ -425,3 +425,60 @@ def test_vit_trains_on_extension(device, monkeypatch):
     eager = train(ops.use_backend("eager"))
     assert torch.isfinite(ours).all() and ours[-1] < 0.8 * ours[0], ours
     torch.testing.assert_close(ours, eager, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# mixed dtypes as under autocast (issue 13, item 5): fp32 residual stream, half-precision branch
+# --------------------------------------------------------------------------------------
+MIXED = [pytest.param(device, dtype, id=f"{device}-{str(dtype)[6:]}", marks=GPU_MARKS if device == "cuda" else ())
+         for device in ("cpu", "cuda") for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device, dtype", MIXED)
+@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (3 * 50, 1000), (5, 50)])
+def test_add_layer_norm_fp32_residual_half_branch(device, dtype, rows, width):
+    """summed and normed fp32 (eager's promotion), dx in the branch's dtype, dresidual fp32; also
+    with the fp32 tensor passed as x (served swapped) and with parameters in the branch's dtype."""
+    torch.manual_seed(rows + width)
+    backend = BACKEND[device]
+    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)
+    r = make((rows, width), torch.float32, device, scale=3.0)
+    w, b = make((width,), torch.float32, device, scale=0.2, shift=1.0), make((width,), torch.float32, device, scale=0.2)
+    assert extension._check_add_layer_norm(x, r, w, b, EPS) is None
+    with ops.use_backend(backend):
+        normed, summed = ops.add_layer_norm(x, r, w, b, EPS)
+    assert normed.dtype == summed.dtype == torch.float32
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b], backend)
+    check_against_reference(lambda r, x: ops.add_layer_norm(r, x, None, None, EPS), [r, x], backend)
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS),
+                            [x, r, w.to(dtype), b.to(dtype)], backend)
+
+
+@pytest.mark.usefixtures("poisoned")
+@pytest.mark.parametrize("device, dtype", MIXED)
+@pytest.mark.parametrize("epilogue", ["fc2_bias_scale_residual", "gelu_scale_residual", "residual_only"])
+def test_linear_residual_epilogue_fp32_residual_half_branch(device, dtype, epilogue):
+    """A half-precision GEMM onto an fp32 residual: out fp32, the residual's gradient fp32."""
+    torch.manual_seed(4)
+    activation, has_bias, has_scale, _ = EPILOGUES[epilogue]
+    rows, k, n = 50, 64, 192
+    inputs = [make((rows, k), dtype, device), make((n, k), dtype, device, scale=k ** -0.5),
+              make((n,), dtype, device, scale=0.5) if has_bias else None,
+              make((n,), dtype, device, scale=0.5, shift=0.5) if has_scale else None,
+              make((rows, n), torch.float32, device)]
+
+    def fn(x, w, b, s, r):
+        return ops.linear(x, w, b, activation, layer_scale=s, residual=r)
+
+    with ops.use_backend(BACKEND[device]):
+        assert fn(*inputs).dtype == torch.float32
+    check_against_reference(fn, inputs, BACKEND[device])
+
+
+def test_check_refuses_the_mixed_dtypes_the_kernels_lack():
+    half, f32 = torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(4, 16)
+    assert extension._check_linear(f32, torch.randn(16, 16), None, None, None, half) is not None   # fp32 GEMM, bf16 residual
+    assert "float32 residual onto a bfloat16" in extension._check_add_layer_norm(half, half.half(), None, None, EPS)
+    assert extension._check_add_layer_norm(f32, half, None, None, EPS) is None   # served swapped
+    assert extension._check_linear(half, torch.randn(16, 16, dtype=torch.bfloat16), None, None, None, f32) is None

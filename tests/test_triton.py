@@ -289,14 +289,14 @@ def refused_calls(device):
     f32 = dict(device=device, dtype=torch.float32)
     big_head = torch.randn(1, 1, 4, 160, **f32)
     x64 = torch.randn(4, 8, device=device, dtype=torch.float64)
-    x16, r32 = torch.randn(4, 8, device=device, dtype=torch.float16), torch.randn(4, 8, **f32)
+    x16 = torch.randn(4, 8, device=device, dtype=torch.float16)
     wide = torch.randn(2, triton_norm.MAX_FEATURES + 1, **f32)
     return [
         ("attention", (big_head, big_head, big_head), (big_head, big_head, big_head, 0.1), triton_attention.check,
          "head dim 160"),
         ("attention", (x64[None, None],) * 3, (x64[None, None],) * 3 + (0.1,), triton_attention.check, "float64"),
-        ("add_layer_norm", (x16, r32, None, None), (x16, r32, None, None, EPS), triton_norm.check_add_layer_norm,
-         "residual dtype"),
+        ("add_layer_norm", (x16, x64, None, None), (x16, x64, None, None, EPS), triton_norm.check_add_layer_norm,
+         "residual has dtype torch.float64"),
         ("layer_norm", (wide, None, None), (wide, None, None, EPS), triton_norm.check_layer_norm, "features exceed"),
         ("linear", (x64, torch.randn(3, 8, device=device, dtype=torch.float64)),
          (x64, torch.randn(3, 8, device=device, dtype=torch.float64), None, None, None, None), triton_linear.check,
@@ -443,3 +443,122 @@ class TestCUDA:
     def test_vit_small(self, amp):
         vit_case("cuda", dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6,
                               num_classes=100, init_values=0.1), batch=4, autocast_dtype=amp)
+
+
+# --------------------------------------------------------------------------------------
+# autotune keys (issue 13, item 4)
+# --------------------------------------------------------------------------------------
+def tuning_key(autotuner, args, kwargs):
+    """The key triton.runtime.Autotuner.run computes for a launch (its own rule: the named
+    arguments present, then every tensor argument's dtype)."""
+    named = {**dict(zip(autotuner.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in autotuner.arg_names}
+    return tuple([named[k] for k in autotuner.keys if k in named] +
+                 [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+
+
+def launch_keys(monkeypatch, autotuner, calls):
+    """The tuning key of each launch of `autotuner` made by each call in `calls`."""
+    keys, run = [], autotuner.run
+
+    def recording_run(*args, **kwargs):
+        keys.append(tuning_key(autotuner, args, kwargs))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(autotuner, "run", recording_run)
+    with ops.use_backend("triton"):
+        for call in calls:
+            call()
+    return keys
+
+
+def test_bucket_is_the_next_power_of_two():
+    assert [kernels.bucket(n) for n in (0, 1, 2, 3, 64, 65, 197 * 7, 197 * 8)] == [1, 1, 2, 4, 64, 128, 2048, 2048]
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="launches on CPU tensors under the interpreter")
+def test_linear_key_buckets_rows_and_names_every_flag(monkeypatch):
+    """A partial last batch (7 of 8 images x 197 tokens) keys like the full one, so it reuses the
+    tuned config; a different epilogue (bias or layer scale on / off) keys apart."""
+    w, b, s = torch.randn(48, 32), torch.randn(48), torch.randn(48)
+    x = lambda rows: torch.randn(rows, 32)  # noqa: E731
+    keys = launch_keys(monkeypatch, triton_linear._forward_kernel, [
+        lambda: ops.linear(x(197 * 8), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 7), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 4), w, b, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 8), w, None, "gelu", layer_scale=s),
+        lambda: ops.linear(x(197 * 8), w, b, "gelu"),
+    ])
+    full, partial, half, no_bias, no_scale = keys
+    assert full == partial
+    assert len({full, half, no_bias, no_scale}) == 4
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="launches on CPU tensors under the interpreter")
+def test_attention_key_ignores_the_batch_and_names_its_constexprs(monkeypatch):
+    q = lambda batch, d=32: torch.randn(batch, 2, 50, d)  # noqa: E731
+    keys = launch_keys(monkeypatch, triton_attention._forward_kernel, [
+        lambda: ops.attention(q(3), q(3), q(3)), lambda: ops.attention(q(2), q(2), q(2)),
+        lambda: ops.attention(q(2, 24), q(2, 24), q(2, 24))])
+    assert keys[0] == keys[1] != keys[2]
+    for name in ("BLOCK_D", "UPCAST", "PRECISION"):
+        assert name in triton_attention._forward_kernel.keys
+
+
+def test_autotune_keeps_results_across_runs_where_triton_can():
+    import inspect
+
+    import triton
+    for autotuner in (triton_linear._forward_kernel, triton_attention._forward_kernel,
+                      triton_attention._dkdv_kernel, triton_attention._dq_kernel):
+        if "cache_results" in inspect.signature(triton.autotune).parameters and not kernels.INTERPRET:
+            assert autotuner.cache_results
+        for flag in ("HAS_BIAS", "HAS_LS", "GELU", "HAS_RESIDUAL", "STORE_PRE", "UPCAST", "PRECISION"):
+            if flag in autotuner.fn.arg_names:
+                assert flag in autotuner.keys, (autotuner.fn.__name__, flag)
+
+
+def test_device_guard_is_a_no_op_for_cpu_tensors():
+    with kernels.device_guard(torch.empty(1)):
+        pass
+    assert isinstance(kernels.device_guard(torch.empty(1)), __import__("contextlib").nullcontext)
+
+
+# --------------------------------------------------------------------------------------
+# mixed dtypes as under autocast (issue 13, item 5): fp32 residual stream, half-precision branch
+# --------------------------------------------------------------------------------------
+def mixed_dtypes():
+    """(device, branch dtype): add + LayerNorm has no dots, so bf16 is right under the interpreter
+    too (its outputs are fp32; only the cast of dx to bf16 is torch's)."""
+    return [pytest.param(d.values[0], dtype, marks=d.marks, id=f"{d.values[0]}-{str(dtype)[6:]}")
+            for d in DEVICES for dtype in LOW]
+
+
+@pytest.mark.parametrize("device, dtype", mixed_dtypes())
+@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (3 * 50, 1000)])
+@pytest.mark.parametrize("param_dtype", ["fp32", "branch"])
+def test_add_layer_norm_fp32_residual_half_branch(device, dtype, rows, width, param_dtype):
+    """summed and normed come back fp32 (as eager's promotion), dx in the branch's dtype, the
+    residual's gradient fp32; all within the rule against float64."""
+    torch.manual_seed(rows + width)
+    pdtype = torch.float32 if param_dtype == "fp32" else dtype
+    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)
+    r = make((rows, width), torch.float32, device, scale=3.0)
+    w, b = make((width,), pdtype, device, scale=0.2, shift=1.0), make((width,), pdtype, device, scale=0.2)
+    assert triton_norm.check_add_layer_norm(x, r, w, b, EPS) is None
+    with ops.use_backend("triton"):
+        normed, summed = ops.add_layer_norm(x, r, w, b, EPS)
+    assert normed.dtype == summed.dtype == torch.float32
+    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
+    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, None, None, EPS), [x, r])
+    # the other way round (an fp32 branch onto a half-precision stream) promotes the same way
+    check_against_reference(lambda r, x: ops.add_layer_norm(r, x, w, b, EPS), [r, x])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_fp32_residual_epilogue_fp16_all_flags(device):
+    """The residual epilogue with every flag, fp16 GEMM onto an fp32 residual: out fp32."""
+    torch.manual_seed(5)
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    for epilogue in ("fc2_bias_scale_residual", "gelu_scale_residual"):
+        linear_case(device, dtype, 50, 64, 192, epilogue, residual_dtype=torch.float32)

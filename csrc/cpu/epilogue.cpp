@@ -20,9 +20,11 @@ inline void for_each_tile(int64_t n, const Fn& fn) {
   for (int64_t c0 = 0; c0 < n; c0 += kTile) fn(c0, std::min(kTile, n - c0));
 }
 
-template <typename scalar_t, bool kGelu>
-void epilogue_fwd_kernel(const scalar_t* y, const OptTensor& bias, const OptTensor& scale, const scalar_t* residual,
-                         int64_t rows, int64_t n, scalar_t* out) {
+// res_t: the residual's and out's type, y's scalar_t or float (a float residual stream under
+// autocast, onto a bfloat16 / float16 GEMM output)
+template <typename scalar_t, bool kGelu, typename res_t = scalar_t>
+void epilogue_fwd_kernel(const scalar_t* y, const OptTensor& bias, const OptTensor& scale, const res_t* residual,
+                         int64_t rows, int64_t n, res_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const auto b = vector_as_acc<scalar_t>(bias, n, acc_t(0));
@@ -32,7 +34,7 @@ void epilogue_fwd_kernel(const scalar_t* y, const OptTensor& bias, const OptTens
     for (int64_t r = begin; r < end; ++r) {
       for_each_tile(n, [&](int64_t c0, int64_t m) {
         const scalar_t* y_tile = y + r * n + c0;
-        scalar_t* out_tile = out + r * n + c0;
+        res_t* out_tile = out + r * n + c0;
         const acc_t* ya = row_as_acc(y_tile, scratch.data(), m);
         const acc_t* ra = residual != nullptr ? row_as_acc(residual + r * n + c0, scratch.data() + kTile, m) : nullptr;
         const acc_t *bt = b.data() + c0, *st = s.data() + c0;
@@ -91,8 +93,23 @@ at::Tensor linear_epilogue_fwd_cpu(const at::Tensor& y, const OptTensor& bias, c
                                    const OptTensor& residual, bool gelu) {
   constexpr const char* op = "incubation::linear_epilogue_fwd";
   const int64_t n = check_epilogue(op, y, bias, scale);
-  if (residual.has_value()) check_same_shape(op, "residual", *residual, "y", y);
+  if (residual.has_value()) check_residual(op, *residual, "y", y);
   const int64_t rows = y.numel() / n;
+  if (is_mixed_residual(y, residual)) {   // out in the residual's float32
+    auto out = at::empty(y.sizes(), residual->options());
+    AT_DISPATCH_SWITCH(y.scalar_type(), "linear_epilogue_fwd",
+        AT_DISPATCH_CASE(at::kHalf, [&] {
+          auto kernel = gelu ? epilogue_fwd_kernel<scalar_t, true, float> : epilogue_fwd_kernel<scalar_t, false, float>;
+          kernel(y.const_data_ptr<scalar_t>(), bias, scale, residual->const_data_ptr<float>(), rows, n,
+                 out.data_ptr<float>());
+        })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] {
+          auto kernel = gelu ? epilogue_fwd_kernel<scalar_t, true, float> : epilogue_fwd_kernel<scalar_t, false, float>;
+          kernel(y.const_data_ptr<scalar_t>(), bias, scale, residual->const_data_ptr<float>(), rows, n,
+                 out.data_ptr<float>());
+        }));
+    return out;
+  }
   auto out = at::empty(y.sizes(), y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "linear_epilogue_fwd", [&] {
     const scalar_t* res = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;

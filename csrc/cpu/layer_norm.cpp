@@ -37,16 +37,19 @@ Welford<acc_t> row_statistics(const acc_t* x, int64_t n) {
   return total;
 }
 
-// out = LayerNorm(x [+ residual]); summed = x + residual rounded to scalar_t, and the
-// statistics are taken of the rounded sum, the tensor the backward will see.
-template <typename scalar_t>
-void layer_norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const OptTensor& weight,
-                           const OptTensor& bias, double eps, int64_t rows, int64_t n, scalar_t* out,
-                           scalar_t* summed, at::opmath_type<scalar_t>* mean, at::opmath_type<scalar_t>* rstd) {
-  using acc_t = at::opmath_type<scalar_t>;
+// out = LayerNorm(x [+ residual]); summed = x + residual rounded to res_t, and the
+// statistics are taken of the rounded sum, the tensor the backward will see. res_t is x's
+// scalar_t, or float for a float residual onto a bfloat16 / float16 x (autocast's residual
+// stream); summed, out, weight and bias have res_t.
+template <typename scalar_t, typename res_t = scalar_t>
+void layer_norm_fwd_kernel(const scalar_t* x, const res_t* residual, const OptTensor& weight,
+                           const OptTensor& bias, double eps, int64_t rows, int64_t n, res_t* out,
+                           res_t* summed, at::opmath_type<res_t>* mean, at::opmath_type<res_t>* rstd) {
+  using acc_t = at::opmath_type<res_t>;
+  static_assert(std::is_same_v<acc_t, at::opmath_type<scalar_t>>, "x and the residual share their math type");
   using Vec = Vectorized<acc_t>;
-  const auto w = vector_as_acc<scalar_t>(weight, n, acc_t(1));
-  const auto b = vector_as_acc<scalar_t>(bias, n, acc_t(0));
+  const auto w = vector_as_acc<res_t>(weight, n, acc_t(1));
+  const auto b = vector_as_acc<res_t>(bias, n, acc_t(0));
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(2 * n);
     acc_t* buf0 = scratch.data();
@@ -61,8 +64,10 @@ void layer_norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const Op
         vec_loop<acc_t>(n, [&](int64_t i, auto c) { store(sum, i, c, load(xa, i, c) + load(ra, i, c)); });
         finish_row(sum, summed + r * n, n);
         src = row_as_acc(summed + r * n, buf0, n);
-      } else {
+      } else if constexpr (std::is_same_v<scalar_t, res_t>) {
         src = row_as_acc(x_row, buf0, n);
+      } else {
+        TORCH_INTERNAL_ASSERT(false, "a mixed-dtype LayerNorm needs its residual");
       }
       const auto stats = row_statistics(src, n);
       const acc_t mu = stats.mean, rs = welford_rstd(stats, acc_t(eps));
@@ -127,6 +132,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     double eps) {
   const int64_t n = check_layer_norm_fwd(op, x, residual, weight, bias, eps);
   const int64_t rows = x.numel() / n;
+  if (is_mixed_residual(x, residual)) {   // outputs in the residual's float32
+    auto out = at::empty(x.sizes(), residual->options());
+    auto summed = at::empty(x.sizes(), residual->options());
+    auto mean = at::empty(row_shape(x), residual->options());
+    auto rstd = at::empty(row_shape(x), residual->options());
+    AT_DISPATCH_SWITCH(x.scalar_type(), "add_layer_norm_fwd",
+        AT_DISPATCH_CASE(at::kHalf, [&] {
+          layer_norm_fwd_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), residual->const_data_ptr<float>(),
+                                                 weight, bias, eps, rows, n, out.data_ptr<float>(),
+                                                 summed.data_ptr<float>(), mean.data_ptr<float>(),
+                                                 rstd.data_ptr<float>());
+        })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] {
+          layer_norm_fwd_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), residual->const_data_ptr<float>(),
+                                                 weight, bias, eps, rows, n, out.data_ptr<float>(),
+                                                 summed.data_ptr<float>(), mean.data_ptr<float>(),
+                                                 rstd.data_ptr<float>());
+        }));
+    return {out, summed, mean, rstd};
+  }
   auto out = at::empty(x.sizes(), x.options());
   auto summed = residual.has_value() ? at::empty(x.sizes(), x.options()) : not_requested(x);
   auto mean = at::empty(row_shape(x), x.options().dtype(stats_dtype(x)));

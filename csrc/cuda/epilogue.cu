@@ -15,9 +15,11 @@ constexpr int kThreads = 256;
 constexpr int kColumnThreads = 32;
 constexpr int kRowThreads = 8;
 
-template <typename T, int VEC, bool GELU>
+// R: the residual's and out's type, T or float (a float residual stream under autocast onto a
+// bfloat16 / float16 GEMM output)
+template <typename T, int VEC, bool GELU, typename R = T>
 __global__ void epilogue_fwd_kernel(const T* __restrict__ y, const T* __restrict__ bias, const T* __restrict__ scale,
-                                    const T* __restrict__ residual, T* __restrict__ out, int64_t packs, int n) {
+                                    const R* __restrict__ residual, R* __restrict__ out, int64_t packs, int n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
     const int64_t e = p * VEC;
@@ -25,13 +27,13 @@ __global__ void epilogue_fwd_kernel(const T* __restrict__ y, const T* __restrict
     const Pack<T, VEC> yv = load_pack<VEC>(y + e);
     const Pack<T, VEC> bv = load_pack_or<VEC>(bias == nullptr ? nullptr : bias + c, 0.f);
     const Pack<T, VEC> sv = load_pack_or<VEC>(scale == nullptr ? nullptr : scale + c, 1.f);
-    const Pack<T, VEC> rv = load_pack_or<VEC>(residual == nullptr ? nullptr : residual + e, 0.f);
-    Pack<T, VEC> ov;
+    const Pack<R, VEC> rv = load_pack_or<VEC>(residual == nullptr ? nullptr : residual + e, 0.f);
+    Pack<R, VEC> ov;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       float z = static_cast<float>(yv.v[i]) + static_cast<float>(bv.v[i]);
       if (GELU) z = gelu(z);
-      ov.v[i] = T(static_cast<float>(rv.v[i]) + z * static_cast<float>(sv.v[i]));
+      ov.v[i] = R(static_cast<float>(rv.v[i]) + z * static_cast<float>(sv.v[i]));
     }
     store_pack(out + e, ov);
   }
@@ -92,9 +94,27 @@ __global__ void epilogue_bwd_kernel(const T* __restrict__ grad, const T* __restr
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, typename R = T>
 auto epilogue_fwd_for(bool gelu) {
-  return gelu ? epilogue_fwd_kernel<T, VEC, true> : epilogue_fwd_kernel<T, VEC, false>;
+  return gelu ? epilogue_fwd_kernel<T, VEC, true, R> : epilogue_fwd_kernel<T, VEC, false, R>;
+}
+
+// out = residual (float) + layer_scale * act(y + bias) for a bfloat16 / float16 y: packs of
+// 4 values (float's 16 bytes)
+template <typename T>
+void launch_mixed_epilogue_fwd(const at::Tensor& y, const OptTensor& bias, const OptTensor& scale,
+                               const at::Tensor& residual, bool gelu, at::Tensor& out, int64_t n) {
+  const T* b = ptr_or_null<T>(bias);
+  const T* s = ptr_or_null<T>(scale);
+  const float* r = residual.const_data_ptr<float>();
+  const bool packed = packs_fit<float>(n, {y.const_data_ptr(), b, s, r, out.const_data_ptr()});
+  const int vec = packed ? kPack<float> : 1;
+  const int64_t packs = y.numel() / vec;
+  const int64_t blocks = std::min(ceil_div(packs, kThreads), sm_count() * 32);
+  auto kernel = packed ? epilogue_fwd_for<T, kPack<float>, float>(gelu) : epilogue_fwd_for<T, 1, float>(gelu);
+  kernel<<<blocks, kThreads, 0, current_stream()>>>(y.const_data_ptr<T>(), b, s, r, out.data_ptr<float>(), packs,
+                                                     int(n));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int VEC>
@@ -106,9 +126,18 @@ at::Tensor linear_epilogue_fwd_cuda(const at::Tensor& y, const OptTensor& bias, 
                                     const OptTensor& residual, bool gelu) {
   constexpr const char* op = "incubation::linear_epilogue_fwd";
   const int64_t n = check_epilogue(op, y, bias, scale);
-  if (residual.has_value()) check_same_shape(op, "residual", *residual, "y", y);
+  if (residual.has_value()) check_residual(op, *residual, "y", y);
   TORCH_CHECK(n <= INT32_MAX, op, ": at most 2^31 - 1 features, got ", n);
   const c10::cuda::CUDAGuard guard(y.device());
+  if (is_mixed_residual(y, residual)) {   // out in the residual's float32
+    auto out = at::empty(y.sizes(), residual->options());
+    if (y.numel() == 0) return out;
+    AT_DISPATCH_SWITCH(y.scalar_type(), "linear_epilogue_fwd",
+        AT_DISPATCH_CASE(at::kHalf, [&] { launch_mixed_epilogue_fwd<scalar_t>(y, bias, scale, *residual, gelu, out, n); })
+        AT_DISPATCH_CASE(at::kBFloat16,
+                         [&] { launch_mixed_epilogue_fwd<scalar_t>(y, bias, scale, *residual, gelu, out, n); }));
+    return out;
+  }
   auto out = at::empty(y.sizes(), y.options());
   if (y.numel() == 0) return out;
   INCUBATION_DISPATCH_CUDA_TYPES(y.scalar_type(), "linear_epilogue_fwd", [&] {

@@ -15,11 +15,13 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int64_t kSharedBytes = 48 * 1024;
 constexpr int64_t kMaxColumnSumFeatures = kSharedBytes / (2 * sizeof(float));
 
-// summed = x + residual (rounded to T); out = LayerNorm(summed or x); mean, rstd per row.
-template <typename T, int VEC>
-__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                                      const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
-                                      T* summed, float* __restrict__ mean, float* __restrict__ rstd,
+// summed = x + residual (rounded to R); out = LayerNorm(summed or x); mean, rstd per row.
+// R is T, or float for a float residual onto a bfloat16 / float16 x (autocast's residual
+// stream): summed, out, weight and bias have R.
+template <typename T, typename R, int VEC>
+__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const R* __restrict__ residual,
+                                      const R* __restrict__ weight, const R* __restrict__ bias, R* __restrict__ out,
+                                      R* summed, float* __restrict__ mean, float* __restrict__ rstd,
                                       int64_t rows, int n, float eps) {
   const int lane = threadIdx.x % kWarp;
   const int warps_per_block = blockDim.x / kWarp;
@@ -28,15 +30,22 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
     const int64_t offset = row * n;
     Welford<float> stats{0.f, 0.f, 0.f};
     for (int c = lane * VEC; c < n; c += kWarp * VEC) {
-      Pack<T, VEC> xv = load_pack<VEC>(x + offset + c);
-      if (residual != nullptr) {
-        const Pack<T, VEC> rv = load_pack<VEC>(residual + offset + c);
+      const Pack<T, VEC> xv = load_pack<VEC>(x + offset + c);
+      float v[VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) xv.v[i] = T(static_cast<float>(xv.v[i]) + static_cast<float>(rv.v[i]));
-        store_pack(summed + offset + c, xv);
+      for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(xv.v[i]);
+      if (residual != nullptr) {
+        const Pack<R, VEC> rv = load_pack<VEC>(residual + offset + c);
+        Pack<R, VEC> sv;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          sv.v[i] = R(v[i] + static_cast<float>(rv.v[i]));
+          v[i] = static_cast<float>(sv.v[i]);   // the statistics of the rounded sum
+        }
+        store_pack(summed + offset + c, sv);
       }
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) welford_push(stats, static_cast<float>(xv.v[i]));
+      for (int i = 0; i < VEC; ++i) welford_push(stats, v[i]);
     }
 #pragma unroll
     for (int step = kWarp / 2; step > 0; step /= 2) {
@@ -51,16 +60,23 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const T* __restri
       mean[row] = mu;
       rstd[row] = rs;
     }
-    const T* src = residual != nullptr ? summed + offset : x + offset;   // this lane wrote its summed values
     for (int c = lane * VEC; c < n; c += kWarp * VEC) {
-      const Pack<T, VEC> sv = load_pack<VEC>(src + c);
-      const Pack<T, VEC> wv = load_pack_or<VEC>(weight == nullptr ? nullptr : weight + c, 1.f);
-      const Pack<T, VEC> bv = load_pack_or<VEC>(bias == nullptr ? nullptr : bias + c, 0.f);
-      Pack<T, VEC> ov;
+      float v[VEC];
+      if (residual != nullptr) {   // this lane wrote these summed values
+        const Pack<R, VEC> sv = load_pack<VEC>(summed + offset + c);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(sv.v[i]);
+      } else {
+        const Pack<T, VEC> xv = load_pack<VEC>(x + offset + c);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(xv.v[i]);
+      }
+      const Pack<R, VEC> wv = load_pack_or<VEC>(weight == nullptr ? nullptr : weight + c, 1.f);
+      const Pack<R, VEC> bv = load_pack_or<VEC>(bias == nullptr ? nullptr : bias + c, 0.f);
+      Pack<R, VEC> ov;
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
-        ov.v[i] = T(layer_norm_xhat(static_cast<float>(sv.v[i]), mu, rs) * static_cast<float>(wv.v[i]) +
-                    static_cast<float>(bv.v[i]));
+        ov.v[i] = R(layer_norm_xhat(v[i], mu, rs) * static_cast<float>(wv.v[i]) + static_cast<float>(bv.v[i]));
       store_pack(out + offset + c, ov);
     }
   }
@@ -136,22 +152,24 @@ __global__ void layer_norm_bwd_kernel(const T* __restrict__ grad_out, const T* _
   }
 }
 
-template <typename T>
+// R: see layer_norm_fwd_kernel. A mixed pair moves packs of R's 16 bytes (4 values, so 8 bytes of T).
+template <typename T, typename R = T>
 void launch_layer_norm_fwd(const at::Tensor& x, const OptTensor& residual, const OptTensor& weight,
                            const OptTensor& bias, double eps, at::Tensor& out, at::Tensor& summed, at::Tensor& mean,
                            at::Tensor& rstd) {
   const int64_t n = x.size(-1), rows = x.numel() / n;
   if (rows == 0) return;
-  const T* r = ptr_or_null<T>(residual);
-  const T* w = ptr_or_null<T>(weight);
-  const T* b = ptr_or_null<T>(bias);
-  T* s = residual.has_value() ? summed.data_ptr<T>() : nullptr;
+  const R* r = ptr_or_null<R>(residual);
+  const R* w = ptr_or_null<R>(weight);
+  const R* b = ptr_or_null<R>(bias);
+  R* s = residual.has_value() ? summed.data_ptr<R>() : nullptr;
   const int64_t blocks = std::min(ceil_div(rows, kWarpsPerBlock), sm_count() * 16);
   const cudaStream_t stream = current_stream();
-  auto kernel = packs_fit<T>(n, {x.const_data_ptr(), r, w, b, out.const_data_ptr(), s})
-                    ? layer_norm_fwd_kernel<T, kPack<T>>
-                    : layer_norm_fwd_kernel<T, 1>;
-  kernel<<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(x.const_data_ptr<T>(), r, w, b, out.data_ptr<T>(), s,
+  constexpr int kVec = std::min(kPack<T>, kPack<R>);
+  auto kernel = packs_fit<R>(n, {x.const_data_ptr(), r, w, b, out.const_data_ptr(), s}) && n % kVec == 0
+                    ? layer_norm_fwd_kernel<T, R, kVec>
+                    : layer_norm_fwd_kernel<T, R, 1>;
+  kernel<<<blocks, kWarpsPerBlock * kWarp, 0, stream>>>(x.const_data_ptr<T>(), r, w, b, out.data_ptr<R>(), s,
                                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), rows,
                                                          int(n), float(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -163,6 +181,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   const int64_t n = check_layer_norm_fwd(op, x, residual, weight, bias, eps);
   TORCH_CHECK(n <= INT32_MAX, op, ": at most 2^31 - 1 features, got ", n);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (is_mixed_residual(x, residual)) {   // outputs in the residual's float32
+    auto out = at::empty(x.sizes(), residual->options());
+    auto summed = at::empty(x.sizes(), residual->options());
+    auto mean = at::empty(row_shape(x), residual->options());
+    auto rstd = at::empty(row_shape(x), residual->options());
+    AT_DISPATCH_SWITCH(x.scalar_type(), "add_layer_norm_fwd",
+        AT_DISPATCH_CASE(at::kHalf, [&] {
+          launch_layer_norm_fwd<scalar_t, float>(x, residual, weight, bias, eps, out, summed, mean, rstd);
+        })
+        AT_DISPATCH_CASE(at::kBFloat16, [&] {
+          launch_layer_norm_fwd<scalar_t, float>(x, residual, weight, bias, eps, out, summed, mean, rstd);
+        }));
+    return {out, summed, mean, rstd};
+  }
   auto out = at::empty(x.sizes(), x.options());
   auto summed = residual.has_value() ? at::empty(x.sizes(), x.options()) : not_requested(x);
   auto mean = at::empty(row_shape(x), x.options().dtype(at::kFloat));

@@ -88,15 +88,38 @@ inline std::vector<int64_t> row_shape(const Tensor& x) {
 
 inline const void* data_or_null(const OptTensor& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 
+// A float32 residual onto a bfloat16 / float16 x: the fp32 residual stream and the half-precision
+// branch that autocast makes. The sum and what is computed from it are float32 then (as eager's
+// type promotion), so the outputs take the residual's dtype.
+inline bool is_mixed_residual(const Tensor& x, const OptTensor& residual) {
+  return residual.has_value() && residual->scalar_type() != x.scalar_type() &&
+         residual->scalar_type() == at::kFloat && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+}
+
+// residual has x's shape and x's dtype, or is a mixed residual (above)
+inline void check_residual(const char* op, const Tensor& residual, const char* ref_name, const Tensor& ref) {
+  if (is_mixed_residual(ref, residual)) {
+    TORCH_CHECK(residual.sizes() == ref.sizes(), op, ": residual must have ", ref_name, "'s shape ", ref.sizes(),
+                ", got ", residual.sizes());
+    TORCH_CHECK(residual.device() == ref.device(), op, ": residual is on ", residual.device(), " but ", ref_name,
+                " is on ", ref.device());
+    check_contiguous(op, "residual", residual);
+  } else {
+    check_same_shape(op, "residual", residual, ref_name, ref);
+  }
+}
+
 // ------------------------------------------------------------------------------------
 // per-op validation, called first by the CPU and the CUDA implementation
 // ------------------------------------------------------------------------------------
+// weight and bias have the outputs' dtype: x's, or the residual's when it is a mixed one
 inline int64_t check_layer_norm_fwd(const char* op, const Tensor& x, const OptTensor& residual,
                                     const OptTensor& weight, const OptTensor& bias, double eps) {
   int64_t n = check_rows_input(op, "x", x);
-  if (residual.has_value()) check_same_shape(op, "residual", *residual, "x", x);
-  check_vector(op, "weight", weight, n, "x", x);
-  check_vector(op, "bias", bias, n, "x", x);
+  if (residual.has_value()) check_residual(op, *residual, "x", x);
+  const bool mixed = is_mixed_residual(x, residual);
+  check_vector(op, "weight", weight, n, mixed ? "residual" : "x", mixed ? *residual : x);
+  check_vector(op, "bias", bias, n, mixed ? "residual" : "x", mixed ? *residual : x);
   check_eps(op, eps);
   return n;
 }

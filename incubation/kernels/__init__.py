@@ -15,14 +15,16 @@ dot operands are cast to fp32 there (the `UPCAST` constexpr of the kernels).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Optional
 
 import torch
 import triton
 from triton import knobs
 
-__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "SMEM_BYTES", "REGISTERS", "FMA_REGISTERS", "autotune", "dense",
-           "dot_precision", "fma_dots", "tile_registers", "upcast_dots", "unsupported"]
+__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "SMEM_BYTES", "REGISTERS", "FMA_REGISTERS", "autotune", "bucket",
+           "dense", "device_guard", "dot_precision", "fma_dots", "tile_registers", "upcast_dots", "unsupported"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,9 +53,26 @@ def fma_dots(meta: dict, element_bytes: int) -> bool:
     return element_bytes == 4 and meta.get("PRECISION") == "ieee"
 
 
+# Tuning results kept on disk across runs (Triton's cache dir), where this Triton has the option
+# (3.6.0 and 3.7.1 both do; Triton itself turns it off under the interpreter).
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def bucket(n: int) -> int:
+    """An autotune key for a size that varies with the batch: the next power of two, so that a
+    partial last batch or an evaluation batch reuses the tuned config instead of re-tuning."""
+    return triton.next_power_of_2(max(1, n))
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU, not the current one; nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str], footprint):
     """triton.autotune over the `gpu` configs, or the one `interpreter` config (the interpreter
-    cannot benchmark). The key adds the tensors' dtypes itself.
+    cannot benchmark). The key adds the tensors' dtypes itself; it must name every constexpr that
+    changes the kernel, and sizes that vary with the batch only through a `bucket` argument.
 
     `footprint(config, meta, element_bytes)` -> (shared memory bytes, registers per thread) of one
     config at this call's constexprs (`meta`: BLOCK_D, PRECISION, ...) and element size: it counts
@@ -69,7 +88,7 @@ def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str
         return fits or [min(configs, key=lambda c: (sizes[id(c)][1], sizes[id(c)][0]))]
 
     return triton.autotune(configs=[interpreter] if INTERPRET else gpu, key=key,
-                           prune_configs_by={"early_config_prune": prune})
+                           prune_configs_by={"early_config_prune": prune}, **_CACHE_RESULTS)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import autotune, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
+from . import autotune, device_guard, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -41,7 +41,9 @@ _BACKWARD_CONFIGS = [  # dK/dV accumulate BLOCK_N rows, dQ BLOCK_M rows: smaller
                          (32, 32, 4, 2), (64, 32, 4, 2), (16, 128, 8, 2)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
-_KEY = ["N_Q", "N_KV", "HEAD_DIM", "PRECISION"]
+# Every constexpr that changes the kernel is in the key. Sequence lengths stay exact: they do not
+# vary with the batch (B x H is only the grid), and the tile that wastes least depends on them.
+_KEY = ["N_Q", "N_KV", "HEAD_DIM", "BLOCK_D", "UPCAST", "PRECISION"]
 
 
 # Footprints for the prune (see incubation.kernels.autotune): shared memory holds the dot operand
@@ -245,8 +247,9 @@ class _Attention(torch.autograd.Function):
         lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
         qk_scale = scale * _LOG2E
         grid = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
-        _forward_kernel[grid](q, k, v, o, lse, qk_scale, *q.stride(), *k.stride(), *v.stride(),
-                              H, n_q, n_kv, D, **_meta(q))
+        with device_guard(q):
+            _forward_kernel[grid](q, k, v, o, lse, qk_scale, *q.stride(), *k.stride(), *v.stride(),
+                                  H, n_q, n_kv, D, **_meta(q))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         return o
@@ -262,17 +265,18 @@ class _Attention(torch.autograd.Function):
         meta = _meta(q)
         delta = torch.empty_like(lse)
         delta_rows = 64
-        _delta_kernel[(B * H, triton.cdiv(n_q, delta_rows))](
-            o, do, delta, *do.stride(), H, n_q, D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
         dq = torch.empty((B, H, n_q, D), dtype=q.dtype, device=q.device)
         dk = torch.empty((B, H, n_kv, D), dtype=k.dtype, device=k.device)
         dv = torch.empty_like(dk)
         strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
         qk_scale = ctx.scale * _LOG2E
-        _dkdv_kernel[lambda m: (B * H, triton.cdiv(n_kv, m["BLOCK_N"]))](
-            q, k, v, do, lse, delta, dk, dv, qk_scale, ctx.scale, *strides, H, n_q, n_kv, D, **meta)
-        _dq_kernel[lambda m: (B * H, triton.cdiv(n_q, m["BLOCK_M"]))](
-            q, k, v, do, lse, delta, dq, qk_scale, ctx.scale, *strides, H, n_q, n_kv, D, **meta)
+        with device_guard(q):
+            _delta_kernel[(B * H, triton.cdiv(n_q, delta_rows))](
+                o, do, delta, *do.stride(), H, n_q, D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
+            _dkdv_kernel[lambda m: (B * H, triton.cdiv(n_kv, m["BLOCK_N"]))](
+                q, k, v, do, lse, delta, dk, dv, qk_scale, ctx.scale, *strides, H, n_q, n_kv, D, **meta)
+            _dq_kernel[lambda m: (B * H, triton.cdiv(n_q, m["BLOCK_M"]))](
+                q, k, v, do, lse, delta, dq, qk_scale, ctx.scale, *strides, H, n_q, n_kv, D, **meta)
         return dq, dk, dv, None
 
 

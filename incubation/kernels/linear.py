@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, autotune, dense, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
+from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -52,10 +52,12 @@ def _forward_footprint(config, meta, elt):
     return smem, regs
 
 
-@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M", "N", "K", "PRECISION", "GELU", "HAS_RESIDUAL", "STORE_PRE"],
+# M (rows = batch x tokens) enters the key only as M_BUCKET, its next power of two
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS", "HAS_RESIDUAL",
+                                              "STORE_PRE", "UPCAST", "PRECISION"],
           _forward_footprint)
 @triton.jit
-def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn,
+def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn, M_BUCKET,
                     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
                     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -158,10 +160,11 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     dpre = torch.empty((M, N), dtype=dtype, device=g2.device)
     part = lambda want: torch.empty((programs_m, N), dtype=torch.float32, device=g2.device) if want else None  # noqa: E731
     db_part, dls_part = part(want_db), part(want_dls)
-    _epilogue_backward_kernel[(programs_m, tiles_n)](
-        g2, pre, layer_scale, dpre, db_part, dls_part, M, N, g2.stride(0), g2.stride(1), rows_per_program,
-        GELU=gelu, HAS_LS=layer_scale is not None, WANT_DB=want_db, WANT_DLS=want_dls,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+    with device_guard(g2):
+        _epilogue_backward_kernel[(programs_m, tiles_n)](
+            g2, pre, layer_scale, dpre, db_part, dls_part, M, N, g2.stride(0), g2.stride(1), rows_per_program,
+            GELU=gelu, HAS_LS=layer_scale is not None, WANT_DB=want_db, WANT_DLS=want_dls,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
@@ -181,12 +184,13 @@ class _Linear(torch.autograd.Function):
         pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if M > 0:  # (an empty batch would only key a needless autotuning run)
-            _forward_kernel[grid](
-                x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
-                *(r2.stride() if r2 is not None else (0, 0)),
-                HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
-                HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
-                UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
+            with device_guard(x):
+                _forward_kernel[grid](
+                    x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
+                    *(r2.stride() if r2 is not None else (0, 0)), bucket(M),
+                    HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
+                    HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
+                    UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
         # x itself (not the x2 view made here) and bias stay connected to the graph for a
         # differentiable backward; bias is kept for that only
         ctx.save_for_backward(x, weight, bias, layer_scale, pre)

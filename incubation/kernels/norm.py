@@ -1,9 +1,11 @@
 """LayerNorm over the last dimension, optionally fused with the residual add before it.
 
-Forward, one pass per tile of rows: summed = x + residual (fp32), stored in x's dtype, then
-its mean / rstd (fp32, saved) and the normalised, affine output in x's dtype. Backward: each
-program walks its own range of rows, writes dx (+ the gradient of `summed`, which is also dx
-for the residual) and keeps fp32 column sums of dy * xhat and dy; a second reduction over the
+Forward, one pass per tile of rows: summed = x + residual (fp32), stored in the dtype eager's
+x + residual has (x's, or the promoted one: an fp32 residual stream with a bf16 / fp16 branch
+under autocast gives fp32), then its mean / rstd (fp32, saved) and the normalised, affine output
+in that same dtype. Backward: each program walks its own range of rows, writes dx (+ the gradient
+of `summed`; x and residual get it each in their own dtype) and keeps fp32 column sums of
+dy * xhat and dy; a second reduction over the
 programs' partial sums gives dweight and dbias, so no atomics and any width is cheap.
 
 Inputs are viewed as rows (reshape) and copied only when their last dimension is strided;
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, dense, unsupported
+from . import INTERPRET, dense, device_guard, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
 
@@ -126,21 +128,26 @@ class _AddLayerNorm(torch.autograd.Function):
         x2 = _rows(x, C)
         M = x2.shape[0]
         r2 = None if residual is None else _rows(residual, C)
-        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        summed = None if residual is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        # as eager's x + residual: an fp32 residual stream with a half-precision branch (autocast)
+        # sums in fp32, and the LayerNorm of that sum is fp32 too
+        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        y = torch.empty(x.shape, dtype=dtype, device=x.device)
+        summed = None if residual is None else torch.empty(x.shape, dtype=dtype, device=x.device)
         mean = torch.empty(M, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
         block_m, block_c, warps, _ = _tiling(C)
-        _forward_kernel[(triton.cdiv(M, block_m),)](
-            x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
-            0 if r2 is None else r2.stride(0), eps,
-            HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        with device_guard(x):
+            _forward_kernel[(triton.cdiv(M, block_m),)](
+                x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
+                0 if r2 is None else r2.stride(0), eps,
+                HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
         # x or summed (an input or an output) and the parameters stay connected to the graph
         # for a differentiable backward; bias is kept for that only
         ctx.save_for_backward(x if summed is None else summed, weight, bias, mean, rstd)
         ctx.shape = x.shape
         ctx.has_residual = residual is not None
+        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         return y if summed is None else (y, summed)
@@ -165,16 +172,16 @@ class _AddLayerNorm(torch.autograd.Function):
         dx = torch.empty((M, C), dtype=s.dtype, device=s.device)
         dw_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_dw else None
         db_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_db else None
-        _backward_kernel[(programs,)](
-            dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
-            0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
-            HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        dx = dx.view(ctx.shape)
+        with device_guard(s):
+            _backward_kernel[(programs,)](
+                dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
+                0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
+                HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        ds = dx.view(ctx.shape)
         dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
         db = db_part.sum(0).to(bias.dtype) if want_db else None
-        dresidual = dx if ctx.has_residual else None
-        return dx, dresidual, dw, db, None
+        return (*_split(ds, ctx), dw, db, None)
 
     @staticmethod
     def _eager_backward(ctx, s, weight, bias, dy, dsummed):
@@ -190,7 +197,15 @@ class _AddLayerNorm(torch.autograd.Function):
                                                  (dy,))
         if dsummed is not None:
             ds = dsummed if ds is None else ds + dsummed
-        return ds, ds if ctx.has_residual else None, dw, db, None
+        return (*_split(ds, ctx), dw, db, None)
+
+
+def _split(ds, ctx):
+    """(dx, dresidual) from the gradient of summed, each in its input's dtype (summed's may be wider)."""
+    x_dtype, residual_dtype = ctx.dtypes
+    if ds is None:
+        return None, None
+    return ds.to(x_dtype), None if residual_dtype is None else ds.to(residual_dtype)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -207,8 +222,6 @@ def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:
     reason = unsupported(x=x, residual=residual, weight=weight, bias=bias)
     if reason:
         return reason
-    if residual is not None and residual.dtype != x.dtype:
-        return f"residual dtype {residual.dtype} differs from x dtype {x.dtype}"
     if x.shape[-1] == 0:
         return "the feature dimension is empty"
     if x.shape[-1] > MAX_FEATURES:
