@@ -26,8 +26,8 @@ New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser)
 Every option that takes a value has a checking `type=` (positive_int, positive_float, out_dir, ...;
 tests/test_cli_errors.py fuzzes each), so nonsense is refused before anything runs; a handler
 raises UsageError for what the parser cannot check alone. Exit status: see EXIT_STATUS (0 done,
-1 the run failed with a one-line error, 2 a bad command line, 130 interrupted; bugs keep their
-traceback, and INCUBATION_DEBUG=1 shows every traceback).
+1 the run failed with a one-line error, 2 a bad command line, 130 interrupted, 143 terminated;
+bugs keep their traceback, and INCUBATION_DEBUG=1 shows every traceback).
 """
 from __future__ import annotations
 
@@ -634,8 +634,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 EXIT_STATUS = """exit status: 0 done; 1 the run failed for a reason the user or the environment must fix (one line
 on stderr: bad or missing files, disk full, permissions, a failed job, ...); 2 the command line is
-wrong (argparse's usage line and the option at fault); 130 interrupted. Any other exception is a
-bug and keeps its traceback; INCUBATION_DEBUG=1 shows the traceback of every failure."""
+wrong (argparse's usage line and the option at fault); 130 interrupted (143: SIGTERM while --parallel
+jobs ran; they end too). Any other exception is a bug and keeps its traceback; INCUBATION_DEBUG=1
+shows the traceback of every failure."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -732,11 +733,11 @@ def run_main(prog: str, body: Callable[[], Optional[int]]) -> int:
         return body() or 0
     except SystemExit as exc:  # argparse of a nested command (bench) has printed its message
         return _exit_status(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except Exception as exc:  # noqa: BLE001 - sorted into expected failures and bugs right here
         message = error_message(exc)
         if message is None or debug:
