@@ -1,6 +1,8 @@
 """incubation.jobs: the process runner of `incubate --all --parallel` and of the study: thread
 budget, dependency order and skipping, failures naming their log, and no child left running
-after SIGINT / SIGTERM of the parent (for `incubate --all --parallel 2` itself: test_cli.py)."""
+after SIGINT / SIGTERM of the parent (for `incubate --all --parallel 2` itself: test_cli.py).
+And the child command line of `--parallel`: every common option of the parent reaches it."""
+import argparse
 import os
 import signal
 import subprocess
@@ -10,7 +12,7 @@ import time
 
 import pytest
 
-from incubation import jobs
+from incubation import cli, jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -103,3 +105,58 @@ def test_a_signal_to_the_parent_ends_every_child(tmp_path, signum):
     rerun = subprocess.run(_py(PARENT) + [str(tmp_path), "0"], env=ENV, capture_output=True, text=True, timeout=60)
     assert rerun.returncode == 0 and rerun.stdout.strip().endswith("]"), rerun.stderr
     assert sorted(eval(rerun.stdout.strip().splitlines()[-1])) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the child command line of `incubate --all --parallel`
+# ----------------------------------------------------------------------------------------------
+def _sample(action) -> list:
+    """A command-line value of `action` that parses to something other than its default."""
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [next(c for c in action.choices if c != action.default)]
+    special = {"--data": "folder:/some/images", "--device": "cpu", "--split": "3,1", "--modules": "2"}
+    if action.option_strings[-1] in special:
+        return [special[action.option_strings[-1]]]
+    for text in ("3", "0.5", "/some/dir"):
+        try:
+            if action.type(text) != action.default:
+                return [text]
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+    raise AssertionError(f"no sample value for {action.option_strings}")
+
+
+def _common_actions(parser):
+    """The options of `meta`, which takes the common options and nothing else."""
+    meta = parser._subparsers._group_actions[0].choices["meta"]
+    return [a for a in meta._actions if a.option_strings and a.dest != "help"]
+
+
+def _round_trip(parser):
+    given = [arg for a in _common_actions(parser) for arg in (a.option_strings[-1], *_sample(a))]
+    args = parser.parse_args(["incubate", "--all", "--parallel", "2", *given])
+    child = parser.parse_args(["incubate", "--module", "0", *cli.common_argv(args)])
+    return args, child
+
+
+def test_every_common_option_reaches_the_parallel_children():
+    parser = cli.build_parser()
+    assert len(_common_actions(parser)) >= 17
+    args, child = _round_trip(parser)
+    for action in _common_actions(parser):
+        assert getattr(child, action.dest) == getattr(args, action.dest) != action.default, action.option_strings
+
+
+def test_an_option_added_to_the_common_ones_reaches_the_children(monkeypatch):
+    plain = cli.add_common_arguments
+
+    def with_one_more(p):
+        return plain(p) + [p.add_argument("--new-knob", type=cli.positive_int, default=None)]
+
+    monkeypatch.setattr(cli, "add_common_arguments", with_one_more)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "meta", (*cli.SUBCOMMANDS["meta"][:1], with_one_more,
+                                                  cli.SUBCOMMANDS["meta"][2]))
+    args, child = _round_trip(cli.build_parser())
+    assert args.new_knob == 3 and child.new_knob == 3
