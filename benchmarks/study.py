@@ -18,7 +18,7 @@ in units of one E2E epoch (3 x forward FLOPs x the training images), and every m
 Every budget runs seed 0; the largest runs --seeds seeds (the final points, mean +- std).
 FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks without the
 backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
-cpu_count / parallel threads.
+its share of the cores (incubation.jobs.thread_budget).
 
 Each stage of each method is one job (`run` writes them all to <out>/plan.json), run as its own
 process (`_job`), which writes <out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 
 from incubation import ViTConfig, VisionTransformer, deep
+from incubation import jobs as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
 from incubation.growth import (ApolloViT, apollo_hook, default_stages, even_switch_steps, lemon_expand,
@@ -299,46 +300,30 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     # the job processes read their job from here instead of each planning the whole study again
     atomic_write(os.path.join(out, "plan.json"), json.dumps([dataclasses.asdict(j) for j in jobs]).encode())
     done = {j.name for j in jobs if _result(out, j.name) is not None}
-    pending, running, failed = [j for j in jobs if j.name not in done], {}, {}
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    todo = [runner.Job(j.name, [sys.executable, os.path.abspath(__file__), "_job", "--out", out, j.name],
+                     os.path.join(out, j.name, "log.txt"), j.needs) for j in jobs if j.name not in done]
     t0 = time.time()
     bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress)
+
+    finished = []
+
+    def report(job, what):
+        if what == "finished":
+            finished.append(job.name)
+            bar.update(1)
+            bar.set_postfix_str(job.name)
+
     try:
-        while pending or running:
-            for job in list(pending):
-                if any(n in failed for n in job.needs):
-                    pending.remove(job)
-                    failed[job.name] = "a job it needs failed"
-                elif len(running) < parallel and all(n in done for n in job.needs):
-                    pending.remove(job)
-                    os.makedirs(os.path.join(out, job.name), exist_ok=True)
-                    log = open(os.path.join(out, job.name, "log.txt"), "a")
-                    cmd = [sys.executable, os.path.abspath(__file__), "_job", "--out", out, job.name]
-                    running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-            time.sleep(0.2)
-            for name, (proc, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                log.close()
-                del running[name]
-                if proc.returncode:
-                    failed[name] = f"exit {proc.returncode}, see {os.path.join(out, name, 'log.txt')}"
-                else:
-                    done.add(name)
-                    bar.update(1)
-                    bar.set_postfix_str(name)
-    except BaseException:
-        for proc, log in running.values():
-            proc.terminate()
-            proc.wait()
-            log.close()
-        print(f"study interrupted: run the same command again to resume ({len(done)}/{len(jobs)} jobs done)",
-              file=sys.stderr)
+        outcome = runner.run_jobs(todo, parallel, done=done, report=report)
+    except KeyboardInterrupt:  # run_jobs has ended every job
+        print(f"study interrupted: run the same command again to resume ({len(done) + len(finished)}/{len(jobs)} "
+              "jobs done)", file=sys.stderr)
         raise
     finally:
         bar.close()
         _update_state(out, elapsed_s=_state(out).get("elapsed_s", 0.0) + time.time() - t0)
+    failed = {**{k: f"exit {f.returncode}, see {f.log}: {f.last_line}" for k, f in outcome.failed.items()},
+              **{k: "a job it needs failed" for k in outcome.skipped}}
     if failed:
         raise IncubationError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
     return write_report(out)

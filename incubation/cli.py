@@ -26,8 +26,8 @@ New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser)
 Every option that takes a value has a checking `type=` (positive_int, positive_float, out_dir, ...;
 tests/test_cli_errors.py fuzzes each), so nonsense is refused before anything runs; a handler
 raises UsageError for what the parser cannot check alone. Exit status: see EXIT_STATUS (0 done,
-1 the run failed with a one-line error, 2 a bad command line, 130 interrupted; bugs keep their
-traceback, and INCUBATION_DEBUG=1 shows every traceback).
+1 the run failed with a one-line error, 2 a bad command line, 130 interrupted, 143 terminated;
+bugs keep their traceback, and INCUBATION_DEBUG=1 shows every traceback).
 """
 from __future__ import annotations
 
@@ -37,22 +37,21 @@ import errno
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
 
-from . import deep, ops
+from . import deep, jobs, ops
 from .errors import IncubationError
 from .nn import VisionTransformer
 from .presets import PRESETS, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
 
-__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "build_parser", "UsageError", "error_message",
-           "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float", "positive_ints",
-           "nonempty_path", "out_dir", "output_prefix", "device_name", "data_name"]
+__all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "common_argv", "build_parser", "UsageError",
+           "error_message", "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float",
+           "positive_ints", "nonempty_path", "out_dir", "output_prefix", "device_name", "data_name"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,51 +153,48 @@ class UsageError(IncubationError, ValueError):
 # ----------------------------------------------------------------------------------------------
 # common arguments and the run context
 # ----------------------------------------------------------------------------------------------
-# (flag, dest) of the common options that take a value: a child process gets them back verbatim
-_VALUE_OPTIONS = (("--data", "data"), ("--data-dir", "data_dir"), ("--out", "out"), ("--preset", "preset"),
-                  ("--epochs", "epochs"), ("--batch-size", "batch_size"), ("--lr", "lr"), ("--seed", "seed"),
-                  ("--device", "device"), ("--accum-steps", "accum_steps"), ("--num-workers", "num_workers"),
-                  ("--modules", "modules"), ("--split", "split"), ("--limit-train", "limit_train"),
-                  ("--img-size", "img_size"), ("--limit-eval", "limit_eval"))
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every training subcommand shares."""
+def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options every training subcommand shares; returns their actions (common_argv reads them)."""
     g = p.add_argument_group("common options")
-    g.add_argument("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
-                   "'folder:<path>' (ImageFolder with train/ and val/)")
-    g.add_argument("--data-dir", type=nonempty_path, default=None,
-                   help="where the data set files are (default: discovered)")
-    g.add_argument("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)")
-    g.add_argument("--epochs", type=positive_float, default=None, help="epochs of the stage (default: the preset's)")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch per optimizer step")
-    g.add_argument("--lr", type=positive_float, default=None, help="base lr for a batch of 512 "
-                   "(peak = lr x batch / 512)")
-    g.add_argument("--img-size", type=positive_int, default=None, help="resize images to this size (default: "
-                   "the preset's, else the data set's own)")
-    g.add_argument("--seed", type=seed_int, default=0)
-    g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="folder data: skip unreadable images (counted, warned once each) instead of stopping")
-    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation micro-batches per step")
-    g.add_argument("--num-workers", type=non_negative_int, default=0, help="data loader worker processes")
-    g.add_argument("--modules", type=_modules, default=None, help="K, the number of modules (meta stage; "
-                   "later stages read it from the meta checkpoint)")
-    g.add_argument("--split", type=positive_ints, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)")
-    # for tests and quick looks: train / evaluate on a fixed random subset
-    g.add_argument("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS)
-    g.add_argument("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS)
+    add = g.add_argument
+    return [
+        add("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
+            "'folder:<path>' (ImageFolder with train/ and val/)"),
+        add("--data-dir", type=nonempty_path, default=None, help="where the data set files are (default: discovered)"),
+        add("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)"),
+        add("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)"),
+        add("--epochs", type=positive_float, default=None, help="epochs of the stage (default: the preset's)"),
+        add("--batch-size", type=positive_int, default=None, help="global batch per optimizer step"),
+        add("--lr", type=positive_float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)"),
+        add("--img-size", type=positive_int, default=None, help="resize images to this size (default: "
+            "the preset's, else the data set's own)"),
+        add("--seed", type=seed_int, default=0),
+        add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
+        add("--no-progress", action="store_true", help="no progress bars"),
+        add("--skip-bad-images", action="store_true",
+            help="folder data: skip unreadable images (counted, warned once each) instead of stopping"),
+        add("--accum-steps", type=positive_int, default=1, help="gradient accumulation micro-batches per step"),
+        add("--num-workers", type=non_negative_int, default=0, help="data loader worker processes"),
+        add("--modules", type=_modules, default=None, help="K, the number of modules (meta stage; "
+            "later stages read it from the meta checkpoint)"),
+        add("--split", type=positive_ints, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)"),
+        # for tests and quick looks: train / evaluate on a fixed random subset
+        add("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS),
+        add("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS),
+    ]
 
 
-def _common_argv(args) -> list[str]:
+def common_argv(args: argparse.Namespace) -> list[str]:
+    """The common options of `args` as a command line for a child process. Read off the actions
+    of add_common_arguments, so that an option added there reaches the children too."""
     argv = []
-    for flag, dest in _VALUE_OPTIONS:
-        value = getattr(args, dest)
-        if value is not None:
+    for action in add_common_arguments(argparse.ArgumentParser(add_help=False)):
+        value, flag = getattr(args, action.dest), action.option_strings[-1]
+        if action.nargs == 0:  # a switch (store_true)
+            argv += [flag] if value != action.default else []
+        elif value is not None:  # lists as the comma-separated text their type parses
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return argv + ["--no-progress"] * args.no_progress + ["--skip-bad-images"] * args.skip_bad_images
+    return argv
 
 
 def _subset(dataset, limit: Optional[int], seed: int):
@@ -324,49 +320,21 @@ def _incubate_all(run: _Run, init: str, parallel: int) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("argument --parallel: starts its own processes: do not combine it with torchrun")
     gpus = torch.cuda.device_count()
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    waiting, running, failed = list(range(K)), {}, []
-    try:
-        while waiting or running:
-            while waiting and len(running) < parallel:
-                i = waiting.pop(0)
-                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-                if gpus > 1:
-                    env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-                os.makedirs(stage_dir(run.run_dir, "incubate", i), exist_ok=True)
-                log_path = os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt")
-                cmd = [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i), "--init", init,
-                       *_common_argv(run.args), "--no-progress"]
-                log = open(log_path, "w")
-                running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, log_path)
-                _say(run.args, f"incubate-{i}: started (log {log_path})")
-            time.sleep(0.2)
-            for i, (proc, log, log_path) in list(running.items()):
-                if proc.poll() is not None:
-                    log.close()
-                    del running[i]
-                    if proc.returncode:
-                        failed.append(f"module {i} (exit {proc.returncode}: {_last_line(log_path)}; "
-                                      f"log {log_path})")
-                    else:
-                        _say(run.args, f"incubate-{i}: finished")
-    finally:  # interrupted or failed here: no job keeps running (or writing) behind our back
-        for proc, log, _ in running.values():
-            proc.terminate()
-            proc.wait()
-            log.close()
+    # the parent's options, without progress bars (they would only clutter the logs)
+    options = common_argv(argparse.Namespace(**{**vars(run.args), "no_progress": True}))
+    todo = [jobs.Job(f"incubate-{i}", [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i),
+                                       "--init", init, *options],
+                     os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt"),
+                     env={"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})
+            for i in range(K)]
+
+    def report(job, what):
+        _say(run.args, f"{job.name}: started (log {job.log})" if what == "started" else f"{job.name}: {what}")
+
+    failed = jobs.run_jobs(todo, parallel, report=report).failed
     if failed:
-        raise IncubationError("incubation failed for " + "; ".join(failed))
-
-
-def _last_line(log_path: str) -> str:
-    """The last non-empty line of a job's log: its one-line error, or the last line of a traceback."""
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "empty log"
+        raise IncubationError("incubation failed for " + "; ".join(
+            f"module {name.split('-')[1]} ({failure})" for name, failure in failed.items()))
 
 
 def _assemble(run: _Run):
@@ -638,8 +606,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 EXIT_STATUS = """exit status: 0 done; 1 the run failed for a reason the user or the environment must fix (one line
 on stderr: bad or missing files, disk full, permissions, a failed job, ...); 2 the command line is
-wrong (argparse's usage line and the option at fault); 130 interrupted. Any other exception is a
-bug and keeps its traceback; INCUBATION_DEBUG=1 shows the traceback of every failure."""
+wrong (argparse's usage line and the option at fault); 130 interrupted (143: SIGTERM while --parallel
+jobs ran; they end too). Any other exception is a bug and keeps its traceback; INCUBATION_DEBUG=1
+shows the traceback of every failure."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -736,11 +705,11 @@ def run_main(prog: str, body: Callable[[], Optional[int]]) -> int:
         return body() or 0
     except SystemExit as exc:  # argparse of a nested command (bench) has printed its message
         return _exit_status(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except Exception as exc:  # noqa: BLE001 - sorted into expected failures and bugs right here
         message = error_message(exc)
         if message is None or debug:

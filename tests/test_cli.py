@@ -1,6 +1,8 @@
 """The `incubation` command end to end on a tiny synthetic ImageFolder data set."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
 TINY = ["--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,41 @@ def test_incubate_all_in_parallel_processes(folder, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _children(pid) -> list:
+    """The pids whose parent is `pid` (the field after the state in /proc/<pid>/stat)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # it ended meanwhile
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the children in /proc")
+def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(folder, tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", folder, "--out", str(out), "--modules", "2", *TINY]
+    assert cli.main(["meta", *common]) == 0
+    argv = [sys.executable, "-m", "incubation.cli", "incubate", "--all", "--parallel", "2", *common]
+    parent = subprocess.Popen(argv, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().startswith("incubate-0: started")
+    assert parent.stdout.readline().startswith("incubate-1: started")
+    children = _children(parent.pid)
+    assert len(children) == 2
+    parent.terminate()
+    _, err = parent.communicate(timeout=60)
+    assert parent.returncode == 143 and err == "incubation incubate: interrupted\n"
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in children)  # reaped, not orphaned
+    rerun = subprocess.run(argv, env=_ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "incubate-0: finished" in rerun.stdout and "incubate-1: finished" in rerun.stdout
 
 
 def test_argument_errors(capsys):

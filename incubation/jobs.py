@@ -1,0 +1,171 @@
+"""Run jobs as processes: at most N at once, each on its share of the cores, in dependency order.
+
+Used by `incubation incubate --all --parallel N` and by the study. A failed job is reported with
+its exit status, the last line of its log and the log's path; the jobs that need it (directly or
+not) are skipped. If the parent is interrupted (SIGINT, SIGTERM, or an exception) every child gets
+the same signal, a short grace period, then SIGKILL: no job keeps writing behind a rerun's back.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+__all__ = ["Job", "Failure", "Outcome", "Interrupted", "run_jobs", "thread_budget", "last_line"]
+
+GRACE_S = 5.0  # between forwarding the parent's signal and SIGKILL
+
+
+@dataclass
+class Job:
+    name: str
+    argv: Sequence[str]
+    log: str                          # stdout and stderr, appended (a resumed job keeps its history)
+    needs: Sequence[str] = ()         # names of the jobs that must succeed first
+    env: dict = field(default_factory=dict)  # extra environment variables, e.g. CUDA_VISIBLE_DEVICES
+
+
+@dataclass
+class Failure:
+    returncode: int                   # negative: killed by that signal
+    log: str
+    last_line: str
+
+    def __str__(self) -> str:
+        return f"exit {self.returncode}: {self.last_line}; log {self.log}"
+
+
+@dataclass
+class Outcome:
+    done: list = field(default_factory=list)       # names, in the order they finished
+    failed: dict = field(default_factory=dict)     # name -> Failure
+    skipped: dict = field(default_factory=dict)    # name -> the failed or skipped job it needs
+
+
+class Interrupted(KeyboardInterrupt):
+    """The parent got SIGTERM (or SIGINT) while jobs ran; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def thread_budget(parallel: int) -> int:
+    """Threads per job: the cores this process may use, shared by `parallel` jobs, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // parallel)
+
+
+def last_line(log_path: str) -> str:
+    """The last non-empty line of a log: a job's one-line error, or the last line of a traceback."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "empty log"
+
+
+def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
+             report: Optional[Callable[[Job, str], None]] = None, grace_s: float = GRACE_S) -> Outcome:
+    """Run `jobs` in their order, as soon as what they need has succeeded; `done` names jobs that
+    finished before (their dependents may start). `report(job, what)` is told "started",
+    "finished", "failed" and "skipped". Raises Interrupted (a KeyboardInterrupt) on SIGTERM or
+    SIGINT, after every child has ended."""
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    pending, outcome = list(jobs), Outcome()
+    known = {j.name for j in pending} | set(done)
+    unknown = sorted({n for j in pending for n in j.needs} - known)
+    if unknown:
+        raise ValueError(f"jobs need unknown jobs: {', '.join(unknown)}")
+    succeeded = set(done)
+    threads = str(thread_budget(parallel))
+    running: dict = {}                        # name -> (job, Popen)
+    ended: queue.Queue = queue.Queue()        # names of exited children, from one waiter thread each
+    report = report or (lambda job, what: None)
+    previous = _raise_on_signals()
+    try:
+        while pending or running:
+            for job in list(pending):
+                blocker = next((n for n in job.needs if n in outcome.failed or n in outcome.skipped), None)
+                if blocker is not None:
+                    pending.remove(job)
+                    outcome.skipped[job.name] = blocker
+                    report(job, "skipped")
+                elif len(running) < parallel and all(n in succeeded for n in job.needs):
+                    pending.remove(job)
+                    running[job.name] = (job, _start(job, threads, ended))
+                    report(job, "started")
+            if not running:
+                if pending:  # nothing can start and nothing will finish
+                    raise ValueError(f"jobs need each other in a cycle: {', '.join(j.name for j in pending)}")
+                break
+            job, proc = running.pop(ended.get())  # blocks until a child exits (signals still interrupt it)
+            if proc.returncode == 0:
+                succeeded.add(job.name)
+                outcome.done.append(job.name)
+                report(job, "finished")
+            else:
+                outcome.failed[job.name] = Failure(proc.returncode, job.log, last_line(job.log))
+                report(job, "failed")
+    except BaseException as exc:
+        _stop([proc for _, proc in running.values()], getattr(exc, "signum", signal.SIGTERM), grace_s)
+        raise
+    finally:
+        _restore(previous)
+    return outcome
+
+
+def _start(job: Job, threads: str, ended: queue.Queue) -> subprocess.Popen:
+    os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
+    # torch sizes its intra-op pool from OMP_NUM_THREADS: N jobs on all cores each would oversubscribe
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **job.env}
+    with open(job.log, "a") as log:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(list(job.argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait():  # a thread per child: the parent sleeps in one queue.get instead of polling
+        proc.wait()
+        ended.put(job.name)
+
+    threading.Thread(target=wait, daemon=True).start()
+    return proc
+
+
+def _stop(procs: list, signum: int, grace_s: float) -> None:
+    """Forward `signum` to the children still running, give them `grace_s`, then SIGKILL; reap all."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut this short
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(sig, signal.SIG_IGN)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raise_on_signals() -> dict:
+    """SIGINT and SIGTERM raise Interrupted in the main thread (SIGTERM's default would end the
+    parent at once, leaving its children running); returns the handlers to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # only the main thread may set handlers; its owner must stop us
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore(previous: dict) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: set outside Python

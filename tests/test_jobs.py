@@ -1,0 +1,162 @@
+"""incubation.jobs: the process runner of `incubate --all --parallel` and of the study: thread
+budget, dependency order and skipping, failures naming their log, and no child left running
+after SIGINT / SIGTERM of the parent (for `incubate --all --parallel 2` itself: test_cli.py).
+And the child command line of `--parallel`: every common option of the parent reaches it."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from incubation import cli, jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+
+
+def _py(code: str) -> list:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def _job(tmp_path, name, code, needs=()):
+    return jobs.Job(name, _py(code), str(tmp_path / name / "log.txt"), needs)
+
+
+def test_thread_budget_reaches_every_child(tmp_path):
+    todo = [_job(tmp_path, "torch", "import torch; print(torch.get_num_threads())"),  # sizes its pool from it
+            *[_job(tmp_path, f"j{i}", "import os; print(os.environ['OMP_NUM_THREADS'])") for i in range(2)]]
+    outcome = jobs.run_jobs(todo, parallel=2)
+    assert sorted(outcome.done) == ["j0", "j1", "torch"] and not outcome.failed and not outcome.skipped
+    budget = jobs.thread_budget(2)
+    assert budget == max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [open(job.log).read().strip() for job in todo] == [str(budget)] * 3
+
+
+def test_failure_names_its_log_and_dependents_are_skipped(tmp_path):
+    seen = []
+    todo = [_job(tmp_path, "bad", "import sys; print('working'); sys.exit('bad: the input is damaged')"),
+            _job(tmp_path, "after-bad", "pass", needs=["bad"]),
+            _job(tmp_path, "after-after", "pass", needs=["after-bad"]),
+            _job(tmp_path, "after-old", "pass", needs=["old"]),
+            _job(tmp_path, "alone", "pass")]
+    outcome = jobs.run_jobs(todo, parallel=1, done={"old"}, report=lambda job, what: seen.append((job.name, what)))
+    assert sorted(outcome.done) == ["after-old", "alone"]
+    assert outcome.skipped == {"after-bad": "bad", "after-after": "after-bad"}
+    failure = outcome.failed["bad"]
+    assert str(failure) == f"exit 1: bad: the input is damaged; log {tmp_path / 'bad' / 'log.txt'}"
+    assert ("bad", "failed") in seen and ("after-after", "skipped") in seen
+    assert not os.path.exists(tmp_path / "after-bad")  # never started
+    with pytest.raises(ValueError, match="unknown jobs: nowhere"):
+        jobs.run_jobs([_job(tmp_path, "x", "pass", needs=["nowhere"])], 1)
+    with pytest.raises(ValueError, match="cycle"):
+        jobs.run_jobs([_job(tmp_path, "a", "pass", needs=["b"]), _job(tmp_path, "b", "pass", needs=["a"])], 2)
+
+
+# a parent running three jobs, two at once; each child writes its pid, then sleeps. The second
+# ignores SIGTERM and SIGINT: only the SIGKILL after the grace period ends it.
+PARENT = """
+import sys
+from incubation import cli, jobs
+sleeper = "import os, time; print(os.getpid(), flush=True); time.sleep(float(%r))"
+stubborn = "import os, signal; [signal.signal(s, signal.SIG_IGN) for s in (2, 15)]; " + sleeper
+out, seconds = sys.argv[1], sys.argv[2]
+todo = [jobs.Job(name, [sys.executable, "-c", code % seconds], f"{out}/{name}.log")
+        for name, code in (("a", sleeper), ("b", stubborn), ("c", sleeper))]
+sys.exit(cli.run_main("parent", lambda: print(jobs.run_jobs(todo, 2, report=print, grace_s=1.0).done)))
+"""
+
+
+def _pids(logs, timeout=60):
+    """The pids the children wrote into their logs, once they all have."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        texts = [open(p).read() if os.path.exists(p) else "" for p in logs]
+        if all(t.strip() for t in texts):
+            return [int(t.split()[0]) for t in texts]
+        time.sleep(0.05)
+    raise AssertionError(f"the children did not start: {logs}")
+
+
+def _gone(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_parent_ends_every_child(tmp_path, signum):
+    parent = subprocess.Popen(_py(PARENT) + [str(tmp_path), "600"], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    pids = _pids([tmp_path / "a.log", tmp_path / "b.log"])
+    parent.send_signal(signum)
+    out, err = parent.communicate(timeout=30)
+    assert parent.returncode == 128 + signum and err == "parent: interrupted\n", err
+    assert all(_gone(pid) for pid in pids)  # the stubborn one too: killed after the grace period
+    assert not os.path.exists(tmp_path / "c.log")  # and nothing new started
+    if signum == signal.SIGINT:
+        return
+    # a rerun starts from scratch with nobody else writing
+    rerun = subprocess.run(_py(PARENT) + [str(tmp_path), "0"], env=ENV, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0 and rerun.stdout.strip().endswith("]"), rerun.stderr
+    assert sorted(eval(rerun.stdout.strip().splitlines()[-1])) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the child command line of `incubate --all --parallel`
+# ----------------------------------------------------------------------------------------------
+def _sample(action) -> list:
+    """A command-line value of `action` that parses to something other than its default."""
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [next(c for c in action.choices if c != action.default)]
+    special = {"--data": "folder:/some/images", "--device": "cpu", "--split": "3,1", "--modules": "2"}
+    if action.option_strings[-1] in special:
+        return [special[action.option_strings[-1]]]
+    for text in ("3", "0.5", "/some/dir"):
+        try:
+            if action.type(text) != action.default:
+                return [text]
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+    raise AssertionError(f"no sample value for {action.option_strings}")
+
+
+def _common_actions(parser):
+    """The options of `meta`, which takes the common options and nothing else."""
+    meta = parser._subparsers._group_actions[0].choices["meta"]
+    return [a for a in meta._actions if a.option_strings and a.dest != "help"]
+
+
+def _round_trip(parser):
+    given = [arg for a in _common_actions(parser) for arg in (a.option_strings[-1], *_sample(a))]
+    args = parser.parse_args(["incubate", "--all", "--parallel", "2", *given])
+    child = parser.parse_args(["incubate", "--module", "0", *cli.common_argv(args)])
+    return args, child
+
+
+def test_every_common_option_reaches_the_parallel_children():
+    parser = cli.build_parser()
+    assert len(_common_actions(parser)) >= 17
+    args, child = _round_trip(parser)
+    for action in _common_actions(parser):
+        assert getattr(child, action.dest) == getattr(args, action.dest) != action.default, action.option_strings
+
+
+def test_an_option_added_to_the_common_ones_reaches_the_children(monkeypatch):
+    plain = cli.add_common_arguments
+
+    def with_one_more(p):
+        return plain(p) + [p.add_argument("--new-knob", type=cli.positive_int, default=None)]
+
+    monkeypatch.setattr(cli, "add_common_arguments", with_one_more)
+    monkeypatch.setitem(cli.SUBCOMMANDS, "meta", (*cli.SUBCOMMANDS["meta"][:1], with_one_more,
+                                                  cli.SUBCOMMANDS["meta"][2]))
+    args, child = _round_trip(cli.build_parser())
+    assert args.new_knob == 3 and child.new_knob == 3
