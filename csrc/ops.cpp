@@ -14,7 +14,8 @@ TORCH_LIBRARY(incubation, m) {
   // LayerNorm over the last dimension -> (out, mean, rstd); statistics are float32
   // (float64 for float64 inputs), one per row.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
-  // summed = x + residual (rounded to x's dtype), out = LayerNorm(summed)
+  // summed = x + residual in the residual's dtype (x half + residual float32 under autocast gives
+  // float32, as eager's promotion; else x's dtype), out = LayerNorm(summed) in that dtype
   //   -> (out, summed, mean, rstd)
   m.def("add_layer_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
