@@ -14,6 +14,24 @@ if not torch.cuda.is_available():
 os.environ.setdefault("INCUBATION_CACHE_DIR", tempfile.mkdtemp(prefix="incubation-test-cache-"))
 
 
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A tiny ImageFolder data set for the CLI tests, as `--data` wants it ("folder:<root>"):
+    root/{train,val}/<class>/*.png, three classes told apart by which third is bright."""
+    np = pytest.importorskip("numpy")
+    image = pytest.importorskip("PIL.Image")
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 6)):
+        for c in range(3):
+            os.makedirs(root / split / f"class{c}")
+            for j in range(n):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                img[:, c * 5:(c + 1) * 5] += 150
+                image.fromarray(img).save(root / split / f"class{c}" / f"{j}.png")
+    return f"folder:{root}"
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
     """INCUBATION_TEST_SHARD=i/n keeps shard i of n (0-based), so that n pytest processes can

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,26 +11,10 @@ from incubation import cli
 from incubation.train.checkpoint import load_checkpoint
 
 pytest.importorskip("torchvision")
-Image = pytest.importorskip("PIL.Image")
 
 TINY = ["--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """root/{train,val}/<class>/*.png: three classes told apart by which half is bright."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 6)):
-        for c in range(3):
-            os.makedirs(root / split / f"class{c}")
-            for j in range(n):
-                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                img[:, c * 5:(c + 1) * 5] += 150
-                Image.fromarray(img).save(root / split / f"class{c}" / f"{j}.png")
-    return f"folder:{root}"
 
 
 def _cli(*argv):

@@ -13,7 +13,7 @@ import torch
 from incubation import bench, cli
 from incubation.errors import IncubationError
 
-from test_cli import TINY, folder  # noqa: F401 - the shared tiny ImageFolder fixture
+from test_cli import TINY
 
 FUZZ = ["0", "-1", "nan", "inf", ""]
 ZERO_IS_VALID = {"--seed", "--module", "--num-workers"}  # the only numeric options where 0 means something
@@ -107,7 +107,7 @@ def test_output_paths(tmp_path, capsys):
     assert cli.main(["report", "--out", str(tmp_path / "afile")]) == 2
 
 
-def test_out_under_a_file_is_one_line(folder, tmp_path, capsys):  # noqa: F811
+def test_out_under_a_file_is_one_line(folder, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "run"
     assert cli.main(["meta", "--data", folder, "--out", str(out), "--epochs", "0.1", *TINY]) == 1
@@ -194,7 +194,7 @@ def test_bugs_keep_their_traceback_and_ctrl_c_is_one_line(monkeypatch, capsys):
         cli.main([name])
 
 
-def test_too_many_epochs_to_count(folder, tmp_path, capsys):  # noqa: F811
+def test_too_many_epochs_to_count(folder, tmp_path, capsys):
     assert cli.main(["meta", "--data", folder, "--out", str(tmp_path), "--epochs", "1e308", *TINY]) == 2
     err = capsys.readouterr().err
     assert "incubation meta: error: argument --epochs: 1e+308 epochs of 48 images are more steps" in err
@@ -229,7 +229,7 @@ def test_end_to_end_exit_status_and_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_parallel_job_is_one_line_naming_its_log(folder, tmp_path):  # noqa: F811
+def test_a_failed_parallel_job_is_one_line_naming_its_log(folder, tmp_path):
     out = tmp_path / "run"
     proc = _subprocess("incubate", "--all", "--parallel", "2", "--modules", "2", "--data", folder, "--out", out,
                        *TINY)  # no meta model yet: both jobs fail

@@ -5,7 +5,7 @@ import torch
 from incubation import VisionTransformer, ViTConfig, cli
 from incubation.train.checkpoint import load_checkpoint, save_checkpoint
 
-from test_cli import TINY, _cli, folder  # noqa: F401 - the shared tiny ImageFolder fixture
+from test_cli import TINY, _cli
 
 
 def _source_checkpoint(tmp_path, stage="e2e"):
@@ -44,7 +44,7 @@ def test_expand_errors(tmp_path, capsys):
     assert not (tmp_path / ".safetensors").exists()
 
 
-def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):  # noqa: F811
+def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert _cli("grow", "--data", folder, "--out", out, "--stages", "1,2,4", "--epochs", "2", *TINY) == 0
     assert "grow (Apollo): eval acc" in capsys.readouterr().out
