@@ -97,17 +97,11 @@ at::Tensor linear_epilogue_fwd_cpu(const at::Tensor& y, const OptTensor& bias, c
   const int64_t rows = y.numel() / n;
   if (is_mixed_residual(y, residual)) {   // out in the residual's float32
     auto out = at::empty(y.sizes(), residual->options());
-    AT_DISPATCH_SWITCH(y.scalar_type(), "linear_epilogue_fwd",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          auto kernel = gelu ? epilogue_fwd_kernel<scalar_t, true, float> : epilogue_fwd_kernel<scalar_t, false, float>;
-          kernel(y.const_data_ptr<scalar_t>(), bias, scale, residual->const_data_ptr<float>(), rows, n,
-                 out.data_ptr<float>());
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          auto kernel = gelu ? epilogue_fwd_kernel<scalar_t, true, float> : epilogue_fwd_kernel<scalar_t, false, float>;
-          kernel(y.const_data_ptr<scalar_t>(), bias, scale, residual->const_data_ptr<float>(), rows, n,
-                 out.data_ptr<float>());
-        }));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "linear_epilogue_fwd", [&] {
+      auto kernel = gelu ? epilogue_fwd_kernel<scalar_t, true, float> : epilogue_fwd_kernel<scalar_t, false, float>;
+      kernel(y.const_data_ptr<scalar_t>(), bias, scale, residual->const_data_ptr<float>(), rows, n,
+             out.data_ptr<float>());
+    });
     return out;
   }
   auto out = at::empty(y.sizes(), y.options());

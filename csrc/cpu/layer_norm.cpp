@@ -132,30 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     double eps) {
   const int64_t n = check_layer_norm_fwd(op, x, residual, weight, bias, eps);
   const int64_t rows = x.numel() / n;
+  auto [out, summed, mean, rstd] = layer_norm_outputs(x, residual);
   if (is_mixed_residual(x, residual)) {   // outputs in the residual's float32
-    auto out = at::empty(x.sizes(), residual->options());
-    auto summed = at::empty(x.sizes(), residual->options());
-    auto mean = at::empty(row_shape(x), residual->options());
-    auto rstd = at::empty(row_shape(x), residual->options());
-    AT_DISPATCH_SWITCH(x.scalar_type(), "add_layer_norm_fwd",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          layer_norm_fwd_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), residual->const_data_ptr<float>(),
-                                                 weight, bias, eps, rows, n, out.data_ptr<float>(),
-                                                 summed.data_ptr<float>(), mean.data_ptr<float>(),
-                                                 rstd.data_ptr<float>());
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          layer_norm_fwd_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), residual->const_data_ptr<float>(),
-                                                 weight, bias, eps, rows, n, out.data_ptr<float>(),
-                                                 summed.data_ptr<float>(), mean.data_ptr<float>(),
-                                                 rstd.data_ptr<float>());
-        }));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_fwd", [&] {
+      layer_norm_fwd_kernel<scalar_t, float>(x.const_data_ptr<scalar_t>(), residual->const_data_ptr<float>(), weight,
+                                             bias, eps, rows, n, out.data_ptr<float>(), summed.data_ptr<float>(),
+                                             mean.data_ptr<float>(), rstd.data_ptr<float>());
+    });
     return {out, summed, mean, rstd};
   }
-  auto out = at::empty(x.sizes(), x.options());
-  auto summed = residual.has_value() ? at::empty(x.sizes(), x.options()) : not_requested(x);
-  auto mean = at::empty(row_shape(x), x.options().dtype(stats_dtype(x)));
-  auto rstd = at::empty(row_shape(x), x.options().dtype(stats_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     layer_norm_fwd_kernel<scalar_t>(

@@ -132,10 +132,9 @@ at::Tensor linear_epilogue_fwd_cuda(const at::Tensor& y, const OptTensor& bias, 
   if (is_mixed_residual(y, residual)) {   // out in the residual's float32
     auto out = at::empty(y.sizes(), residual->options());
     if (y.numel() == 0) return out;
-    AT_DISPATCH_SWITCH(y.scalar_type(), "linear_epilogue_fwd",
-        AT_DISPATCH_CASE(at::kHalf, [&] { launch_mixed_epilogue_fwd<scalar_t>(y, bias, scale, *residual, gelu, out, n); })
-        AT_DISPATCH_CASE(at::kBFloat16,
-                         [&] { launch_mixed_epilogue_fwd<scalar_t>(y, bias, scale, *residual, gelu, out, n); }));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(y.scalar_type(), "linear_epilogue_fwd", [&] {
+      launch_mixed_epilogue_fwd<scalar_t>(y, bias, scale, *residual, gelu, out, n);
+    });
     return out;
   }
   auto out = at::empty(y.sizes(), y.options());

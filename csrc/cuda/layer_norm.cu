@@ -181,24 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   const int64_t n = check_layer_norm_fwd(op, x, residual, weight, bias, eps);
   TORCH_CHECK(n <= INT32_MAX, op, ": at most 2^31 - 1 features, got ", n);
   const c10::cuda::CUDAGuard guard(x.device());
+  auto [out, summed, mean, rstd] = layer_norm_outputs(x, residual);
   if (is_mixed_residual(x, residual)) {   // outputs in the residual's float32
-    auto out = at::empty(x.sizes(), residual->options());
-    auto summed = at::empty(x.sizes(), residual->options());
-    auto mean = at::empty(row_shape(x), residual->options());
-    auto rstd = at::empty(row_shape(x), residual->options());
-    AT_DISPATCH_SWITCH(x.scalar_type(), "add_layer_norm_fwd",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          launch_layer_norm_fwd<scalar_t, float>(x, residual, weight, bias, eps, out, summed, mean, rstd);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          launch_layer_norm_fwd<scalar_t, float>(x, residual, weight, bias, eps, out, summed, mean, rstd);
-        }));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "add_layer_norm_fwd", [&] {
+      launch_layer_norm_fwd<scalar_t, float>(x, residual, weight, bias, eps, out, summed, mean, rstd);
+    });
     return {out, summed, mean, rstd};
   }
-  auto out = at::empty(x.sizes(), x.options());
-  auto summed = residual.has_value() ? at::empty(x.sizes(), x.options()) : not_requested(x);
-  auto mean = at::empty(row_shape(x), x.options().dtype(at::kFloat));
-  auto rstd = at::empty(row_shape(x), x.options().dtype(at::kFloat));
   INCUBATION_DISPATCH_CUDA_TYPES(x.scalar_type(), "layer_norm_fwd", [&] {
     launch_layer_norm_fwd<scalar_t>(x, residual, weight, bias, eps, out, summed, mean, rstd);
   });

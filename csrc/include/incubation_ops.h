@@ -154,4 +154,16 @@ inline at::Tensor column_sum(const at::Tensor& sums, int64_t index, int64_t widt
 // an output that was not asked for
 inline at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
+// (out, summed, mean, rstd) of (add +) LayerNorm: out and summed in x's dtype, or in a mixed
+// residual's float32; summed only with a residual; the statistics in stats_dtype (float32 for
+// a mixed residual)
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_outputs(const at::Tensor& x,
+                                                                                     const OptTensor& residual) {
+  const bool mixed = is_mixed_residual(x, residual);
+  const auto options = mixed ? residual->options() : x.options();
+  const auto stats = x.options().dtype(mixed ? at::kFloat : stats_dtype(x));
+  return {at::empty(x.sizes(), options), residual.has_value() ? at::empty(x.sizes(), options) : not_requested(x),
+          at::empty(row_shape(x), stats), at::empty(row_shape(x), stats)};
+}
+
 }  // namespace incubation
