@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["needed", "eager_grads"]
+__all__ = ["needed", "eager_grads", "layer_norm_grads"]
 
 
 def needed() -> bool:
@@ -40,3 +41,18 @@ def eager_grads(fn: Callable, inputs: Sequence[Optional[torch.Tensor]], needs: S
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                          create_graph=True, materialize_grads=True))
     return [next(grads) if need else None for need in needs]
+
+
+def layer_norm_grads(s: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                     needs: Sequence[bool], dy: Optional[torch.Tensor], ds_direct: Optional[torch.Tensor] = None):
+    """(d s, d weight, d bias) of LayerNorm(s), differentiable, plus `ds_direct`: the gradient
+    that reached s itself (add_layer_norm's `summed` output). With a residual, s is that saved
+    output, and differentiating through it reaches x and residual via the op's own backward."""
+    def normed(s, w, b):
+        cast = lambda t: None if t is None else t.to(s.dtype)  # noqa: E731 - as eager casts them
+        return F.layer_norm(s, s.shape[-1:], cast(w), cast(b), eps)
+
+    ds, dw, db = eager_grads(normed, (s, weight, bias), needs, (dy,))
+    if ds_direct is not None:
+        ds = ds_direct if ds is None else ds + ds_direct
+    return ds, dw, db

@@ -123,10 +123,6 @@ def _layer_norm_grads(grad_out, grad_extra, input, mean, rstd, weight, need_weig
     return dx, (dw if need_weight else None), (db if need_bias else None)
 
 
-def _eager_layer_norm(x, weight, bias, eps):
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-
 def _eager_epilogue(y, bias, layer_scale, gelu):
     out = y if bias is None else y + bias
     out = F.gelu(out) if gelu else out
@@ -149,8 +145,8 @@ def _layer_norm_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_weight, need_bias, _ = ctx.needs_input_grad
     if double_backward.needed():
-        dx, dw, db = double_backward.eager_grads(lambda x, w, b: _eager_layer_norm(x, w, b, ctx.eps),
-                                                 (x, weight, bias), (need_x, need_weight, need_bias), (grad_out,))
+        dx, dw, db = double_backward.layer_norm_grads(x, weight, bias, ctx.eps, (need_x, need_weight, need_bias),
+                                                      grad_out)
     else:
         dx, dw, db = _layer_norm_grads(grad_out, None, x, mean, rstd, weight, need_weight, need_bias)
     return dx, dw, db, None
@@ -170,13 +166,8 @@ def _add_layer_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd)
     summed, mean, rstd, weight, bias = ctx.saved_tensors
     need_x, need_residual, need_weight, need_bias, _ = ctx.needs_input_grad
     if double_backward.needed():
-        # summed is a saved output: differentiating through it reaches x and residual via
-        # this op's own backward (d summed / d x = d summed / d residual = identity)
-        d_sum, dw, db = double_backward.eager_grads(
-            lambda s, w, b: _eager_layer_norm(s, w, b, ctx.eps), (summed, weight, bias),
-            (need_x or need_residual, need_weight, need_bias), (grad_out,))
-        if grad_summed is not None:
-            d_sum = grad_summed if d_sum is None else d_sum + grad_summed
+        d_sum, dw, db = double_backward.layer_norm_grads(
+            summed, weight, bias, ctx.eps, (need_x or need_residual, need_weight, need_bias), grad_out, grad_summed)
     else:
         d_sum, dw, db = _layer_norm_grads(grad_out, grad_summed, summed, mean, rstd, weight, need_weight,
                                           need_bias)

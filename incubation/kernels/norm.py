@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -185,18 +184,10 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def _eager_backward(ctx, s, weight, bias, dy, dsummed):
-        """The backward as differentiable eager math (for create_graph=True). With a residual,
-        s is the saved output `summed`, whose own gradient reaches x and residual through
-        this function's backward again."""
-        def normed(s, w, b):
-            cast = lambda t: None if t is None else t.to(s.dtype)  # noqa: E731 - as eager casts them
-            return F.layer_norm(s, s.shape[-1:], cast(w), cast(b), ctx.eps)
-
+        """The backward as differentiable eager math (for create_graph=True)."""
         need_x, need_residual, need_w, need_b, _ = ctx.needs_input_grad
-        ds, dw, db = double_backward.eager_grads(normed, (s, weight, bias), (need_x or need_residual, need_w, need_b),
-                                                 (dy,))
-        if dsummed is not None:
-            ds = dsummed if ds is None else ds + dsummed
+        ds, dw, db = double_backward.layer_norm_grads(s, weight, bias, ctx.eps,
+                                                      (need_x or need_residual, need_w, need_b), dy, dsummed)
         return (*_split(ds, ctx), dw, db, None)
 
 
