@@ -18,7 +18,6 @@ import incubation
 from incubation import ops
 from incubation.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, lr_at, save_checkpoint, train
 from incubation.train import checkpoint as ckpt
-from incubation.train.engine import _mix, _soft_targets
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 QUIET = dict(progress=False, label_smoothing=0.0)
@@ -161,6 +160,21 @@ def test_data_order_does_not_depend_on_loader_workers(tmp_path):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+def test_repeated_augmentation_order_is_deits():
+    """Each image R times in a row, cut to the data set's length, and rank r taking every
+    world-th sample of the global batch (DeiT's RASampler), deterministic per (seed, epoch)."""
+    from incubation.train.engine import _plan, _StepBatches
+    cfg = TrainConfig(steps=3, batch_size=12, aug_repeats=3, seed=7)
+    plan = _plan(36, cfg, 2)
+    ranks = [list(_StepBatches(36, plan, cfg, r, 2, 0)) for r in range(2)]
+    epoch = [i for step in zip(*ranks) for pair in zip(*step) for i in pair]   # re-interleave the ranks
+    assert len(epoch) == 36 and all(epoch[3 * k] == epoch[3 * k + 1] == epoch[3 * k + 2] for k in range(12))
+    assert len(set(epoch)) == 12                     # a third of the images, each thrice
+    assert ranks[0][0][:2] == [epoch[0], epoch[2]]   # copies of an image go to different ranks
+    assert ranks == [list(_StepBatches(36, plan, cfg, r, 2, 0)) for r in range(2)]
+    assert list(_StepBatches(36, plan, cfg, 0, 2, 1)) == ranks[0][1:]   # resume mid-epoch: the same order
+
+
 def test_short_run_learns(tmp_path):
     model = tiny_vit(dtype=torch.float32, global_pool="avg")
     train_set, eval_set = easy_data(256, seed=1, dtype=torch.float32), easy_data(128, seed=2, dtype=torch.float32)
@@ -224,19 +238,37 @@ def test_hooks_and_in_process_resume(tmp_path):
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in saved.items())
 
 
-def test_mixing_and_soft_targets():
-    cfg = TrainConfig(cutmix=1.0)
-    x = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)])
-    torch.manual_seed(3)
-    mixed, lam = _mix(x, cfg)
-    assert mixed[0].mean().item() == pytest.approx(1 - lam)   # pasted area from the partner
-    assert torch.equal(x[0], torch.zeros(1, 8, 8))            # input untouched
-    mixed, lam = _mix(x, TrainConfig(mixup=0.4))
-    torch.testing.assert_close(mixed[0], torch.full((1, 8, 8), 1 - lam))
-    t = _soft_targets(torch.tensor([0, 2]), 4, 0.7, 0.1, torch.float64)
-    ref = torch.tensor([[0.7 * 0.925 + 0.3 * 0.025, 0.025, 0.7 * 0.025 + 0.3 * 0.925, 0.025],
-                        [0.7 * 0.025 + 0.3 * 0.925, 0.025, 0.7 * 0.925 + 0.3 * 0.025, 0.025]], dtype=torch.float64)
-    torch.testing.assert_close(t, ref)
+def test_mixup_and_cutmix_are_timms(tmp_path, monkeypatch):
+    """The engine mixes with timm.data.Mixup and trains on exactly its soft targets."""
+    from timm.data import Mixup
+    calls, logits_seen = [], []
+    timm_call = Mixup.__call__
+
+    def spy(self, x, target):
+        before = x.clone()
+        mixed, soft = timm_call(self, x, target)
+        calls.append((self.mixup_alpha, self.cutmix_alpha, self.label_smoothing, before, mixed.clone(), soft))
+        return mixed, soft
+
+    monkeypatch.setattr(Mixup, "__call__", spy)
+    model = tiny_vit()
+    model.register_forward_hook(lambda m, args, out: logits_seen.append(out.detach()))
+    cfg = TrainConfig(steps=2, batch_size=8, lr=1e-3, mixup=0.8, cutmix=1.0, label_smoothing=0.1, progress=False)
+    train(model, easy_data(16), None, cfg, tmp_path)
+    assert [c[:3] for c in calls] == [(0.8, 1.0, 0.1)] * 2
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    for (_, _, _, before, mixed, soft), logits, line in zip(calls, logits_seen, lines):
+        assert not torch.equal(before, mixed)                      # the images were mixed
+        torch.testing.assert_close(soft.sum(-1), torch.ones(8, dtype=soft.dtype))
+        assert soft.min() >= 0.1 / 4 - 1e-12                      # smoothing kept in the soft targets
+        loss = -(soft.to(logits.dtype) * torch.log_softmax(logits, -1)).sum(-1).mean()
+        assert line["loss"] == pytest.approx(loss.item(), rel=1e-9)
+
+
+def test_mixup_needs_an_even_micro_batch(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        train(tiny_vit(), easy_data(16), None, TrainConfig(steps=1, batch_size=6, accum_steps=2, mixup=0.8,
+                                                           progress=False), tmp_path)
 
 
 def test_bad_input_is_rejected(tmp_path):
@@ -364,8 +396,11 @@ SCRIPT = textwrap.dedent("""
     from test_engine import tiny_vit, easy_data
     from incubation.train import TrainConfig, train
     out, mode, steps, batch, accum = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    extra = dict(mixup=0.8, cutmix=1.0, ema_decay=0.9, label_smoothing=0.1) if mode != "ddp" else {{}}
-    model = tiny_vit(drop_path_rate=0.1 if mode != "ddp" else 0.0)
+    ddp = mode.startswith("ddp")
+    extra = dict(mixup=0.8, cutmix=1.0, ema_decay=0.9, label_smoothing=0.1, aug_repeats=3) if not ddp else {{}}
+    if mode == "ddp-repeats":
+        extra["aug_repeats"] = 3
+    model = tiny_vit(drop_path_rate=0.1 if not ddp else 0.0)
     hooks = [lambda step, model: time.sleep(0.15)] if mode == "slow" else []
     cfg = TrainConfig(steps=steps, batch_size=batch, accum_steps=accum, lr=1e-3, warmup_steps=2,
                       checkpoint_every=2, eval_every=3, progress=False, **extra)
@@ -422,12 +457,15 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "ddp-repeats"])
+def test_ddp_two_processes_equal_one_process(tmp_path, mode):
+    """2 gloo ranks = 1 process with 2 micro-batches, also with repeated augmentation (whose
+    copies of an image go to different ranks)."""
     script = _script(tmp_path)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, script, one, "ddp", "4", "16", "1"], env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, script, one, mode, "4", "16", "1"], env=_env(), check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    script, two, "ddp", "4", "16", "2"], env=_env(), check=True, timeout=180)
+                    script, two, mode, "4", "16", "2"], env=_env(), check=True, timeout=180)
     a, b = _final(one), _final(two)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-10, msg=k)

@@ -3,11 +3,13 @@
 `load_dataset(name, split)` returns a torch Dataset of (float image (C, H, W), int label) with
 the attributes `num_classes`, `in_chans` and `img_size` that the model configs need.
     name = "fashion-mnist"          28x28 grayscale, 10 classes (see fashion_mnist.py)
-    name = "folder:/path/to/root"   root/{train,val|validation}/<class>/<image>, RGB (image_folder.py)
+    name = "folder:/path/to/root"   root/{train,val|validation}/<class>/<image>, RGB (image_folder.py),
+                                    augmented by timm.data.create_transform (see `Augment`)
 """
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -17,8 +19,8 @@ from torch.utils.data import Dataset
 from .fashion_mnist import CLASSES, DatasetError, find_fashion_mnist, load_fashion_mnist_arrays, read_idx
 from .image_folder import ImageFolder, find_classes, split_dir
 
-__all__ = ["load_dataset", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist", "read_idx",
-           "FASHION_MNIST_CLASSES"]
+__all__ = ["load_dataset", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
+           "read_idx", "default_workers", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = CLASSES
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -50,11 +52,60 @@ class TensorImageDataset(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_images: bool = False) -> ImageFolder:
-    try:
-        from torchvision import transforms
-    except ImportError as exc:  # pragma: no cover - torchvision comes with timm
-        raise ImportError(f"ImageFolder data needs torchvision: {exc}") from exc
+@dataclass(frozen=True)
+class Augment:
+    """How ImageFolder images become tensors: the arguments of timm.data.create_transform
+    (train: random-resized crop, flip, then these; eval: resize to img_size / crop_pct and
+    centre-crop). The defaults add nothing beyond crop and flip; the vit-* presets carry the
+    official recipe. Fashion-MNIST (in memory, 28 px) is not augmented."""
+    auto_augment: Optional[str] = None   # timm --aa, e.g. "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.0                 # random erasing probability (--reprob)
+    re_mode: str = "pixel"
+    re_count: int = 1
+    color_jitter: float = 0.0            # timm applies it only without auto_augment
+    interpolation: str = "bilinear"      # train and eval resizing
+    crop_pct: float = 0.875              # eval: resize to img_size / crop_pct, centre crop
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __post_init__(self):
+        if not 0.0 <= self.re_prob <= 1.0:
+            raise ValueError(f"re_prob must be in [0, 1], got {self.re_prob}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in ("bilinear", "bicubic", "nearest", "random"):
+            raise ValueError(f"interpolation must be bilinear, bicubic, nearest or random, got {self.interpolation!r}")
+
+    def transform(self, img_size: int, training: bool):
+        """The timm transform of this recipe for images of `img_size`."""
+        from timm.data import create_transform
+        if not training:
+            return create_transform(img_size, is_training=False, interpolation=self.interpolation,
+                                    crop_pct=self.crop_pct, mean=self.mean, std=self.std)
+        try:
+            return create_transform(img_size, is_training=True, auto_augment=self.auto_augment,
+                                    color_jitter=self.color_jitter or None, interpolation=self.interpolation,
+                                    re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count,
+                                    mean=self.mean, std=self.std)
+        except AssertionError as exc:   # timm's way of refusing an unknown --aa policy
+            raise ValueError(f"auto-augment policy {self.auto_augment!r}: {exc} (timm's --aa, e.g. "
+                             "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original)") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_workers(dataset) -> int:
+    """Loader worker processes per rank: none for the in-memory data sets (workers would only
+    copy them), else up to 8, sharing this machine's cores among its ranks (torchrun)."""
+    if isinstance(dataset, TensorImageDataset) or isinstance(getattr(dataset, "dataset", None), TensorImageDataset):
+        return 0
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 1) // ranks_here))
+
+
+def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_images: bool = False,
+                  augment: Optional[Augment] = None) -> ImageFolder:
     train, evaluation = split_dir(root, "train"), split_dir(root, "val")
     path = train if split == "train" else evaluation
     if path is None:
@@ -72,20 +123,18 @@ def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_image
                 f"{sorted(set(train_classes) - set(eval_classes))}; only in {os.path.basename(evaluation)}: "
                 f"{sorted(set(eval_classes) - set(train_classes))}): every later label would shift")
     size = img_size or 224
-    if split == "train":
-        tf = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
-    else:
-        tf = [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size)]
-    tf += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    ds = ImageFolder(path, transforms.Compose(tf), classes, skip_bad_images=skip_bad_images)
+    transform = (augment or Augment()).transform(size, training=split == "train")
+    ds = ImageFolder(path, transform, classes, skip_bad_images=skip_bad_images)
     ds.num_classes, ds.in_chans, ds.img_size = len(ds.classes), 3, size
     return ds
 
 
 def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir: Optional[str] = None,
-                 img_size: Optional[int] = None, download: bool = True, skip_bad_images: bool = False) -> Dataset:
+                 img_size: Optional[int] = None, download: bool = True, skip_bad_images: bool = False,
+                 augment: Optional[Augment] = None) -> Dataset:
     """The `split` ('train' or 'test'/'val') of data set `name` (see the module docstring).
 
+    augment (ImageFolder only): the transforms' recipe (default `Augment()`: crop and flip).
     skip_bad_images (ImageFolder only): skip unreadable images, counting them in the dataset's
     `bad_images`, instead of raising DatasetError naming the file."""
     if split not in ("train", "test", "val"):
@@ -95,5 +144,5 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir: Op
         return TensorImageDataset(images, labels, len(CLASSES), (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,),
                                   img_size)
     if name.startswith("folder:"):
-        return _image_folder(name[len("folder:"):], split, img_size, skip_bad_images)
+        return _image_folder(name[len("folder:"):], split, img_size, skip_bad_images, augment)
     raise ValueError(f"unknown data set {name!r}: use 'fashion-mnist' or 'folder:<path>'")

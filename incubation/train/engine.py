@@ -8,6 +8,15 @@ a rank-independent seed (all DDP ranks sample the same depth); augmentation and 
 a per-rank seed. Datasets with random transforms are only replayed exactly with
 num_workers=0 (worker processes have their own generators).
 
+Repeated augmentation (aug_repeats=R > 1, DeiT's RASampler / timm's RepeatAugSampler): an epoch
+is the shuffled indices with each one repeated R times in a row, cut to the data set's length;
+rank r takes every world-th sample of a global batch, so the copies of an image go to different
+ranks (with their own augmentation draws), as in DeiT. The order stays a pure function of
+(seed, epoch).
+
+Mixup / cutmix are timm.data.Mixup (batch mode, switch probability 0.5, label smoothing folded
+into the soft targets), so they need an even micro-batch.
+
 Global batch: every optimizer step consumes `batch_size` samples, cut into
 world_size x accum_steps equal micro-batches; the loss is the mean over the global batch
 whatever the split, so DDP and accumulation give the same step as one big batch.
@@ -16,8 +25,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -46,7 +57,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
 NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress")
+_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress", "compile")
 
 
 @dataclass
@@ -66,12 +77,14 @@ class TrainConfig:
     cutmix: float = 0.0            # cutmix alpha (0 = off)
     amp: bool = True               # bf16 autocast on CUDA; ignored on CPU
     ema_decay: Optional[float] = None
+    aug_repeats: int = 1           # repeated augmentation: each image this often per epoch (1 = off)
     seed: int = 0
     eval_every: int = 0            # steps between evaluations (0 = at the end only)
     checkpoint_every: int = 0      # steps between checkpoints (0 = end of each epoch and at the end)
     num_workers: int = 0
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
+    compile: bool = False          # torch.compile the model for training steps (eager ops under it)
 
     def __post_init__(self):
         errors = []
@@ -83,7 +96,7 @@ class TrainConfig:
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.steps is None or (isinstance(self.steps, int) and self.steps > 0),
              f"steps must be a positive integer or None, got {self.steps!r}")
-        for name in ("batch_size", "accum_steps"):
+        for name in ("batch_size", "accum_steps", "aug_repeats"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
@@ -176,6 +189,9 @@ def _plan(num_samples: int, cfg: TrainConfig, world: int) -> _Plan:
                          f"= {world} x {cfg.accum_steps}")
     if num_samples < cfg.batch_size:
         raise ValueError(f"the training set has {num_samples} samples, fewer than one batch of {cfg.batch_size}")
+    if (cfg.mixup or cfg.cutmix) and (cfg.batch_size // parts) % 2:
+        raise ValueError(f"mixup/cutmix pair each image with its mirror in the micro-batch, which must be even: "
+                         f"batch_size {cfg.batch_size} / (world_size x accum_steps = {parts}) = {cfg.batch_size // parts}")
     per_epoch = num_samples // cfg.batch_size  # incomplete last batch dropped: every step sees a full batch
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     decay = cfg.decay_steps if cfg.decay_steps is not None else max(0, total - cfg.warmup_steps)
@@ -202,7 +218,14 @@ class _StepBatches(Sampler):
                 epoch = e
                 g = torch.Generator().manual_seed(_derived_seed(self.cfg.seed, "epoch", e))
                 order = torch.randperm(self.n, generator=g)
+                if self.cfg.aug_repeats > 1:
+                    order = order.repeat_interleave(self.cfg.aug_repeats)[:self.n]
             global_batch = order[i * batch:(i + 1) * batch]
+            if self.cfg.aug_repeats > 1:   # copies of an image in a row: spread them over the ranks
+                mine = global_batch[self.rank::self.world]
+                for m in range(self.cfg.accum_steps):
+                    yield mine[m * mb:(m + 1) * mb].tolist()
+                continue
             for m in range(self.cfg.accum_steps):
                 j = m * self.world + self.rank
                 yield global_batch[j * mb:(j + 1) * mb].tolist()
@@ -251,32 +274,25 @@ def _barrier(world: int) -> None:
 # --------------------------------------------------------------------------------------
 # loss, mixing, evaluation
 # --------------------------------------------------------------------------------------
-def _mix(x: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, float]:
-    """Mixup or cutmix (one of them per micro-batch when both are on) of x with x.flip(0).
-    Returns the images and lambda, the weight of the original labels."""
-    modes = [m for m, alpha in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if alpha > 0]
-    if not modes or x.shape[0] < 2:
-        return x, 1.0
-    mode = modes[int(torch.randint(len(modes), ()))]
-    alpha = cfg.mixup if mode == "mixup" else cfg.cutmix
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    other = x.flip(0)
-    if mode == "mixup":
-        return x * lam + other * (1 - lam), lam
-    h, w = x.shape[-2:]  # cutmix: paste a box of area (1 - lam) from the partner image
-    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
-    top, left = int(torch.randint(h - bh + 1, ())), int(torch.randint(w - bw + 1, ()))
-    x = x.clone()
-    x[..., top:top + bh, left:left + bw] = other[..., top:top + bh, left:left + bw]
-    return x, 1 - bh * bw / (h * w)
+def _mixer(cfg: TrainConfig, model: nn.Module, dataset: Dataset):
+    """timm's Mixup for this run (None without mixup / cutmix): it mixes a micro-batch with its
+    mirror and returns the soft targets, label smoothing included."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from timm.data import Mixup
+    # ours, a Deep Incubation hybrid (its meta model's head), Apollo (its ViT), or the data set (maybe a Subset)
+    for owner in (model, getattr(model, "meta", None), getattr(model, "vit", None), dataset,
+                  getattr(dataset, "dataset", None)):
+        num_classes = getattr(owner, "num_classes", None)
+        if isinstance(num_classes, int) and num_classes > 0:
+            return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                         num_classes=num_classes)
+    raise ValueError("mixup/cutmix need the number of classes: give the model or the training set a "
+                     "num_classes attribute")
 
 
-def _soft_targets(y: torch.Tensor, num_classes: int, lam: float, smoothing: float,
-                  dtype: torch.dtype) -> torch.Tensor:
-    def smooth(labels):
-        return F.one_hot(labels, num_classes).to(dtype) * (1 - smoothing) + smoothing / num_classes
-    t = smooth(y)
-    return t if lam == 1.0 else lam * t + (1 - lam) * smooth(y.flip(0))
+def _soft_targets(y: torch.Tensor, num_classes: int, smoothing: float, dtype: torch.dtype) -> torch.Tensor:
+    return F.one_hot(y, num_classes).to(dtype) * (1 - smoothing) + smoothing / num_classes
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -290,16 +306,19 @@ def _autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, amp: bool,
-              rank: int = 0, world: int = 1) -> dict:
+def _eval_loader(dataset: Dataset, batch_size: int, device, rank: int = 0, world: int = 1,
+                 num_workers: int = 0) -> DataLoader:
+    """This rank's contiguous shard of `dataset` in order; workers persist across evaluations."""
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot evaluate on an empty data set")
-    lo, hi = n * rank // world, n * (rank + 1) // world  # contiguous shard per rank
-    indices = list(range(lo, hi))
-    loader = DataLoader(dataset, batch_sampler=[indices[i:i + batch_size] for i in range(0, len(indices), batch_size)],
-                        pin_memory=device.type == "cuda")
+    indices = list(range(n * rank // world, n * (rank + 1) // world))
+    return DataLoader(dataset, batch_sampler=[indices[i:i + batch_size] for i in range(0, len(indices), batch_size)],
+                      num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: int = 1) -> dict:
     was_training = model.training
     model.eval()
     correct, loss_sum = 0.0, 0.0
@@ -314,6 +333,7 @@ def _evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device, amp: 
     finally:
         model.train(was_training)
     correct, loss_sum = _all_sum([correct, loss_sum], world, device)
+    n = len(loader.dataset)
     return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
 
 
@@ -325,7 +345,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=N
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-    return _evaluate(model, dataset, batch_size, torch.device(device), amp)
+    device = torch.device(device)
+    return _evaluate(model, _eval_loader(dataset, batch_size, device), device, amp)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,6 +423,28 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     atomic_write(path, "".join(kept).encode())
 
 
+SUMMARY_COLUMNS = ("step", "epoch", "lr", "train_loss", "eval_loss", "eval_top1", "ema_eval_loss", "ema_eval_top1",
+                   "images", "wall_s")
+
+
+def _write_summary(metrics_path: str, summary_path: str) -> None:
+    """summary.csv, one row per evaluation (as timm's train.py writes it), from metrics.jsonl."""
+    rows = []
+    with open(metrics_path) as f:
+        for line in f:
+            m = json.loads(line)
+            if "eval_acc" in m:
+                rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"], "train_loss": m["loss"],
+                             "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
+                             "ema_eval_loss": m.get("ema_eval_loss", ""), "ema_eval_top1": m.get("ema_eval_acc", ""),
+                             "images": m["images"], "wall_s": m["wall_s"]})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(summary_path, text.getvalue().encode())
+
+
 # --------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------
@@ -476,7 +519,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         forward passes, under a seed shared by all ranks.
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
-    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, final.{safetensors,json}
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (one row per evaluation), final.{safetensors,json}
     (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
     second run on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
@@ -560,26 +603,32 @@ class _Runner:
         self.wall_before = counters.get("wall_seconds", 0.0)
         self.last_loss = counters.get("train_loss", float("nan"))
         self.last_eval = counters.get("eval", {})
+        self.mixer = _mixer(cfg, model, train_set)
+        self.eval_loader = None
 
     def _net(self):
-        if self.world == 1:
-            return self.model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # hooks may switch parts of the model off (Apollo's sampled depth): let DDP look for them
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
-                                                   find_unused_parameters=bool(self.hooks))
+        """What the steps call: the model, in DDP with several ranks (self.ddp, for no_sync),
+        compiled with cfg.compile (checkpoints still read self.model, whose keys are unchanged)."""
+        net = self.ddp = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # hooks may switch parts of the model off (Apollo's sampled depth): let DDP look for them
+            net = self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                                 find_unused_parameters=bool(self.hooks))
+        return torch.compile(net) if self.cfg.compile else net
 
     def _evaluate_all(self) -> dict:
         result = {}
         if self.eval_set is None:
             return result
-        ev = _evaluate(self.model, self.eval_set, max(256, self.plan.micro_batch), self.device, self.cfg.amp,
-                       self.rank, self.world)
+        if self.eval_loader is None:
+            self.eval_loader = _eval_loader(self.eval_set, max(256, self.plan.micro_batch), self.device, self.rank,
+                                            self.world, self.cfg.num_workers)
+        ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
         result.update(eval_acc=ev["acc"], eval_loss=ev["loss"])
         if self.ema is not None:
             with self.ema.swapped_in():
-                ev = _evaluate(self.model, self.eval_set, max(256, self.plan.micro_batch), self.device,
-                               self.cfg.amp, self.rank, self.world)
+                ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
             result.update(ema_eval_acc=ev["acc"], ema_eval_loss=ev["loss"])
         return result
 
@@ -631,14 +680,15 @@ class _Runner:
         for micro in range(cfg.accum_steps):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x, lam = _mix(x, cfg)
+            x, targets = self.mixer(x, y) if self.mixer is not None else (x, None)
             last = micro == cfg.accum_steps - 1
-            with contextlib.nullcontext() if (self.world == 1 or last) else net.no_sync():
+            with contextlib.nullcontext() if (self.world == 1 or last) else self.ddp.no_sync():
                 with _autocast(device, cfg.amp):
                     logits = net(x)
                 logits = _at_least_fp32(logits)
-                loss = F.cross_entropy(logits, _soft_targets(y, logits.shape[-1], lam, cfg.label_smoothing,
-                                                             logits.dtype))
+                if targets is None:
+                    targets = _soft_targets(y, logits.shape[-1], cfg.label_smoothing, logits.dtype)
+                loss = F.cross_entropy(logits, targets.to(logits.dtype))
                 (loss / cfg.accum_steps).backward()
             with torch.no_grad():
                 window += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
@@ -714,6 +764,8 @@ class _Runner:
                     if self.rank == 0:
                         with open(metrics_path, "a") as f:
                             f.write(json_dumps(line) + "\n")
+                        if evaluated:
+                            _write_summary(metrics_path, os.path.join(out_dir, "summary.csv"))
                         if bar is not None:
                             bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['acc']:.1f}",
                                             img_s=f"{line['img_per_s']:.0f}")
