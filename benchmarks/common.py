@@ -12,12 +12,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from incubation.utils import versions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,15 +193,6 @@ class PeakRSS:
 # --------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------
-def _git(*args: str) -> Optional[str]:
-    try:  # read-only queries; --no-optional-locks: never touch the index
-        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True,
-                             text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -212,34 +204,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> Optional[str]:
-    try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: report as missing
-        return None
-
-
 def environment(device: torch.device) -> dict:
     """Machine, date, commit and versions of the run (recorded in the JSON and RESULTS.md)."""
     from incubation import ops
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    code = versions()
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git("rev-parse", "--short=12", "HEAD"),
-        "dirty": None if status is None else bool(status),
+        "commit": code["commit"],
+        "dirty": code["dirty"],
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "timm": _version("timm"),
-        "incubation": _version("incubation"),
+        **{k: code[k] for k in ("python", "torch", "cuda", "triton", "timm", "incubation")},
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "backends": {op: entry["backend"] for op, entry in ops.backends(device).items()},
     }

@@ -43,11 +43,18 @@ from typing import Callable, Optional
 
 import torch
 
+from torch.utils.data import Dataset
+
 from . import deep, jobs, ops
+from .data import Augment, default_workers
 from .errors import IncubationError
-from .nn import VisionTransformer
-from .presets import PRESETS, Recipe, get_preset
+from .nn import VisionTransformer, ViTConfig
+from .presets import PRESETS, Preset, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
+from .timm_compat import timm_config
+from .train import TrainConfig
+from .train.checkpoint import atomic_write
+from .utils import json_dumps, versions
 
 __all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "common_argv", "build_parser", "UsageError",
            "error_message", "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float",
@@ -85,14 +92,49 @@ def _modules(text: str) -> int:
     return _int_at_least(text, 2, "an integer >= 2 (Deep Incubation splits the model into K >= 2 modules)")
 
 
-def positive_float(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan   # refused below with the option's own message
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
     if not (math.isfinite(value) and value > 0):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A rate in [0, 1): drop-path, label smoothing, random erasing."""
+    value = _float(text)
+    if not 0.0 <= value < 1.0:   # nan compares false
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def decay_rate(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def auto_augment(text: str) -> str:
+    """A timm auto-augment policy (rand-m9-mstd0.5-inc1, augmix-..., original, ...) or 'none'
+    (kept as text, so that child processes get it too); checked when the transforms are built."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1) or "
+                                         "'none', got ''")
+    return text
 
 
 def positive_ints(text: str) -> list[int]:
@@ -139,6 +181,16 @@ def device_name(text: str) -> str:
     return text
 
 
+def model_name(text: str) -> str:
+    """A timm model name (checked against timm's registry; the ViT options are checked when built)."""
+    import timm
+    if not text or not timm.is_model(text):
+        near = timm.list_models(f"*{text}*")[:5] if text else []
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm model name"
+                                         + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    return text
+
+
 def data_name(text: str) -> str:
     if text == "fashion-mnist" or (text.startswith("folder:") and len(text) > len("folder:")):
         return text
@@ -154,34 +206,63 @@ class UsageError(IncubationError, ValueError):
 # common arguments and the run context
 # ----------------------------------------------------------------------------------------------
 def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    """The options every training subcommand shares; returns their actions (common_argv reads them)."""
-    g = p.add_argument_group("common options")
+    """The options every training subcommand shares; returns their actions (common_argv reads them).
+    Recipe options take timm's train.py names (old spellings kept as aliases); each stage starts
+    from its preset's recipe and these replace what they name (for `run`: in every stage)."""
+    g = p.add_argument_group("data and model")
     add = g.add_argument
-    return [
+    actions = [
         add("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
-            "'folder:<path>' (ImageFolder with train/ and val/)"),
+            "'folder:<path>' (ImageFolder with train/ and val/ or validation/)"),
         add("--data-dir", type=nonempty_path, default=None, help="where the data set files are (default: discovered)"),
         add("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)"),
         add("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)"),
-        add("--epochs", type=positive_float, default=None, help="epochs of the stage (default: the preset's)"),
-        add("--batch-size", type=positive_int, default=None, help="global batch per optimizer step"),
-        add("--lr", type=positive_float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)"),
-        add("--img-size", type=positive_int, default=None, help="resize images to this size (default: "
-            "the preset's, else the data set's own)"),
-        add("--seed", type=seed_int, default=0),
-        add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
-        add("--no-progress", action="store_true", help="no progress bars"),
+        add("--model", type=model_name, default=None, help="a timm ViT by name as the target (built with "
+            "pretrained=False, converted by from_timm) instead of the preset's"),
+        add("--img-size", type=positive_int, default=None, help="resize images to this size (default: --model's, "
+            "else the preset's, else the data set's own)"),
+        add("--patch-size", type=positive_int, default=None, help="patch size of the target (default: the "
+            "preset's or --model's); --img-size must be a multiple of it"),
         add("--skip-bad-images", action="store_true",
             help="folder data: skip unreadable images (counted, warned once each) instead of stopping"),
-        add("--accum-steps", type=positive_int, default=1, help="gradient accumulation micro-batches per step"),
-        add("--num-workers", type=non_negative_int, default=0, help="data loader worker processes"),
+        add("-j", "--workers", "--num-workers", dest="workers", type=non_negative_int, default=None,
+            help="data loader processes per rank (default: 0 for Fashion-MNIST, which is in memory; else "
+                 "min(8, cores per rank))"),
         add("--modules", type=_modules, default=None, help="K, the number of modules (meta stage; "
             "later stages read it from the meta checkpoint)"),
         add("--split", type=positive_ints, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)"),
+    ]
+    g = p.add_argument_group("recipe (default: the preset's, per stage)")
+    add = g.add_argument
+    actions += [
+        add("--epochs", type=positive_float, default=None, help="epochs of the stage"),
+        add("-b", "--batch-size", type=positive_int, default=None, help="global batch per optimizer step"),
+        add("--lr", type=positive_float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)"),
+        add("--warmup-epochs", type=non_negative_float, default=None, help="linear warmup epochs"),
+        add("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay"),
+        add("--clip-grad", type=positive_float, default=None, help="max global gradient norm"),
+        add("--drop-path", type=fraction, default=None, help="stochastic depth rate of the trained model"),
+        add("--smoothing", type=fraction, default=None, help="label smoothing"),
+        add("--mixup", type=non_negative_float, default=None, help="mixup alpha (0 = off)"),
+        add("--cutmix", type=non_negative_float, default=None, help="cutmix alpha (0 = off)"),
+        add("--aa", type=auto_augment, default=None, help="folder data: timm auto-augment policy, e.g. "
+            "rand-m9-mstd0.5-inc1, or 'none'"),
+        add("--reprob", type=fraction, default=None, help="folder data: random erasing probability"),
+        add("--aug-repeats", type=positive_int, default=None, help="repeated augmentation: each image this often "
+            "per epoch, spread over the ranks (1 = off; the vit-* presets: 3)"),
+        add("--model-ema", action="store_true", help="keep an EMA of the weights (final_ema.*, ema_eval_acc)"),
+        add("--model-ema-decay", type=decay_rate, default=None, help="EMA decay (default 0.9998; implies --model-ema)"),
+        add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
+            help="gradient accumulation micro-batches per step"),
+        add("--compile", action="store_true", help="torch.compile the model for the training steps"),
+        add("--seed", type=seed_int, default=0),
+        add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
+        add("--no-progress", action="store_true", help="no progress bars"),
         # for tests and quick looks: train / evaluate on a fixed random subset
         add("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS),
         add("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS),
     ]
+    return actions
 
 
 def common_argv(args: argparse.Namespace) -> list[str]:
@@ -206,26 +287,37 @@ def _subset(dataset, limit: Optional[int], seed: int):
     return torch.utils.data.Subset(dataset, keep.tolist())
 
 
+# recipe options -> the Recipe fields they replace
+_RECIPE_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "warmup_epochs": "warmup_epochs",
+                   "weight_decay": "weight_decay", "clip_grad": "clip_grad", "drop_path": "drop_path",
+                   "smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix", "aug_repeats": "aug_repeats"}
+EMA_DECAY = 0.9998   # timm's --model-ema-decay default
+
+
 @dataclasses.dataclass
 class _Run:
     """Everything a stage needs, resolved once from the arguments."""
     args: argparse.Namespace
-    preset: object
+    preset: Preset
     run_dir: str
-    train_set: object
-    eval_set: object
-    target: object   # ViTConfig without drop-path (each stage sets its own)
+    train_set: Dataset
+    eval_set: Dataset
+    target: ViTConfig   # without drop-path (each stage sets its own)
+    augment: Augment
 
     def recipe(self, stage: str) -> Recipe:
-        changes = {k: v for k, v in (("epochs", self.args.epochs), ("batch_size", self.args.batch_size),
-                                     ("lr", self.args.lr)) if v is not None}
+        a = self.args
+        changes = {field: getattr(a, option) for option, field in _RECIPE_OPTIONS.items()
+                   if getattr(a, option) is not None}
+        if a.model_ema or a.model_ema_decay is not None:
+            changes["ema_decay"] = a.model_ema_decay if a.model_ema_decay is not None else EMA_DECAY
         recipe = dataclasses.replace(self.preset.recipe(stage), **changes)
         if not recipe.epochs * len(self.train_set) / recipe.batch_size < 2**53:  # a float counts exactly up to here
             raise UsageError(f"argument --epochs: {recipe.epochs:g} epochs of {len(self.train_set)} images "
                              f"are more steps than can be counted")
         return recipe
 
-    def target_for(self, recipe: Recipe):
+    def target_for(self, recipe: Recipe) -> ViTConfig:
         return self.target.replace(drop_path_rate=recipe.drop_path)
 
     def split(self) -> tuple[int, Optional[list]]:
@@ -246,10 +338,84 @@ class _Run:
         K = self.args.modules if self.args.modules is not None else (len(sizes) if sizes else self.preset.K)
         return K, sizes
 
-    def train_config(self, recipe: Recipe, steps: Optional[int] = None):
+    def train_config(self, recipe: Recipe, steps: Optional[int] = None) -> TrainConfig:
         a = self.args
+        workers = a.workers if a.workers is not None else default_workers(self.train_set)
         return recipe.train_config(len(self.train_set), steps, accum_steps=a.accum_steps, seed=a.seed,
-                                   num_workers=a.num_workers, device=a.device, progress=not a.no_progress)
+                                   num_workers=workers, device=a.device, progress=not a.no_progress,
+                                   compile=a.compile)
+
+    def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
+                     **extra) -> None:
+        """<stage dir>/config.json: everything that defines the stage, for the record (rank 0)."""
+        if os.environ.get("RANK", "0") != "0":
+            return
+        directory = stage_dir(self.run_dir, stage, module)
+        os.makedirs(directory, exist_ok=True)
+        data = {"name": self.args.data, "train_images": len(self.train_set), "eval_images": len(self.eval_set),
+                "classes": list(getattr(_base(self.train_set), "classes", [])),
+                "transforms": {"train": repr(getattr(_base(self.train_set), "transform", None)),
+                               "eval": repr(getattr(_base(self.eval_set), "transform", None))}}
+        record = {"stage": stage, "module": module, "command": ["incubation", *sys.argv[1:]], "preset": self.preset.name,
+                  "recipe": dataclasses.asdict(recipe), "train_config": cfg.to_dict(),
+                  "model": self.target_for(recipe).to_dict(), "timm_model": self.args.model,
+                  "augment": self.augment.to_dict(), "data": data, **extra, "versions": versions()}
+        atomic_write(os.path.join(directory, "config.json"), (json_dumps(record, indent=2) + "\n").encode())
+
+
+def _base(dataset):
+    """The data set under a Subset (--limit-train / --limit-eval)."""
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
+def _augment(args, preset: Preset) -> Augment:
+    changes = {}
+    if args.aa is not None:
+        changes["auto_augment"] = None if args.aa == "none" else args.aa
+    if args.reprob is not None:
+        changes["re_prob"] = args.reprob
+    return dataclasses.replace(preset.augment, **changes)
+
+
+def _img_size(args, preset: Preset) -> Optional[int]:
+    """--img-size, else --model's input size, else the preset's (None: the data set's own)."""
+    if args.img_size is not None:
+        return args.img_size
+    if args.model:
+        from timm.models import get_pretrained_cfg_value
+        return (get_pretrained_cfg_value(args.model, "input_size") or (3, 224, 224))[-1]
+    return preset.img_size
+
+
+def _target(args, preset: Preset, data) -> ViTConfig:
+    """The target ViT for this data: the preset's, or --model's, with --patch-size."""
+    size = data.img_size
+    patch = args.patch_size
+    if patch is None:
+        patch = _timm_patch_size(args.model) if args.model else preset.model["patch_size"]
+    if size % patch:
+        raise UsageError(f"argument --img-size: images of {size} px do not split into patches of {patch} px: give "
+                         f"--img-size a multiple of {patch}, or --patch-size a divisor of {size}")
+    if not args.model:
+        return ViTConfig(**{**preset.model, "patch_size": patch, "img_size": size, "in_chans": data.in_chans,
+                            "num_classes": data.num_classes})
+    import timm
+    model = timm.create_model(args.model, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans,
+                              img_size=size, patch_size=patch)
+    try:
+        return timm_config(model)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"argument --model: {args.model}: {exc}") from None
+
+
+def _timm_patch_size(name: str) -> int:
+    import timm
+    with torch.device("meta"):   # no memory, no init: only the patch size is read
+        model = timm.create_model(name, pretrained=False)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise UsageError(f"argument --model: {name} is not a Vision Transformer (it has no patch embedding)")
+    return patch[0]
 
 
 def _context(args) -> _Run:
@@ -257,12 +423,12 @@ def _context(args) -> _Run:
     preset = get_preset(args.preset)
     if args.out is None:
         args.out = os.path.join("runs", preset.name)
-    img_size = args.img_size if args.img_size is not None else preset.img_size
-    train_set = load_dataset(args.data, "train", args.data_dir, img_size=img_size, skip_bad_images=args.skip_bad_images)
-    eval_set = load_dataset(args.data, "test", args.data_dir, img_size=img_size, skip_bad_images=args.skip_bad_images)
-    target = preset.target_config(train_set.in_chans, train_set.num_classes, train_set.img_size)
+    img_size, augment = _img_size(args, preset), _augment(args, preset)
+    train_set, eval_set = (load_dataset(args.data, split, args.data_dir, img_size=img_size, augment=augment,
+                                        skip_bad_images=args.skip_bad_images) for split in ("train", "test"))
+    target = _target(args, preset, train_set)
     return _Run(args, preset, args.out, _subset(train_set, args.limit_train, args.seed),
-                _subset(eval_set, args.limit_eval, args.seed), target)
+                _subset(eval_set, args.limit_eval, args.seed), target, augment)
 
 
 def _say(args, text: str) -> None:
@@ -286,7 +452,9 @@ def _final(run: _Run, stage: str, module: Optional[int] = None) -> str:
 def _meta(run: _Run):
     recipe = run.recipe("meta")
     K, sizes = run.split()
-    result = deep.train_meta(run.target, K, run.train_set, run.eval_set, run.train_config(recipe),
+    cfg = run.train_config(recipe)
+    run.write_config("meta", recipe, cfg, K=K, sizes=sizes)
+    result = deep.train_meta(run.target, K, run.train_set, run.eval_set, cfg,
                              stage_dir(run.run_dir, "meta"), sizes=sizes, drop_path_rate=recipe.drop_path)
     _done(run.args, "meta", result)
     return result
@@ -305,6 +473,7 @@ def _incubate(run: _Run, module: int, init: str):
     if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, faster decay
         from .growth.lemon import lemon_schedule
         cfg = dataclasses.replace(cfg, **lemon_schedule(cfg.steps, warmup_steps=cfg.warmup_steps))
+    run.write_config("incubate", recipe, cfg, module, init=init)
     result = deep.train_module(meta, run.target_for(recipe), module, run.train_set, run.eval_set, cfg,
                                stage_dir(run.run_dir, "incubate", module), init=init)
     _done(run.args, f"incubate-{module}", result)
@@ -341,8 +510,10 @@ def _assemble(run: _Run):
     K, sizes = run.split()
     meta = _final(run, "meta")
     recipe = run.recipe("assemble")
+    cfg = run.train_config(recipe)
+    run.write_config("assemble", recipe, cfg, K=K, sizes=sizes)
     result = deep.train_assembled(run.target_for(recipe), [_final(run, "incubate", i) for i in range(K)],
-                                  run.train_set, run.eval_set, run.train_config(recipe),
+                                  run.train_set, run.eval_set, cfg,
                                   stage_dir(run.run_dir, "assemble"), sizes=sizes,
                                   meta_checkpoint=meta if os.path.exists(meta + ".json") else None)
     _done(run.args, "assemble", result)
@@ -359,8 +530,9 @@ def _e2e(run: _Run, matched: bool):
         steps = max(1, round(cost["flops"] / (3.0 * deep.flops_per_image(target) * recipe.batch_size)))
         _say(run.args, f"e2e: {steps} steps of {recipe.batch_size} images = the pipeline's "
                        f"{cost['flops'] / 1e12:.2f} TFLOP")
-    result = deep.train_e2e(target, run.train_set, run.eval_set, run.train_config(recipe, steps),
-                            stage_dir(run.run_dir, "e2e"))
+    cfg = run.train_config(recipe, steps)
+    run.write_config("e2e", recipe, cfg, matched_flops=cost["flops"] if cost else None)
+    result = deep.train_e2e(target, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "e2e"))
     _done(run.args, "e2e", result)
     return result
 
@@ -548,6 +720,7 @@ def _cmd_grow(args):
     target = run.target_for(recipe)
     stages = args.stages if args.stages is not None else default_stages(target.depth)
     cfg = run.train_config(recipe)
+    run.write_config("grow", recipe, cfg, stages=list(stages))
     torch.manual_seed(cfg.seed)
     model = ApolloViT(VisionTransformer(target), stages, even_switch_steps(cfg.steps, len(stages)), seed=cfg.seed)
     out_dir = stage_dir(run.run_dir, "grow")

@@ -3,6 +3,9 @@ import hashlib
 import json
 import math
 import os
+import platform
+import subprocess
+from typing import Optional
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -55,3 +58,33 @@ def default_file_mode() -> int:
     """The mode open() gives a new file (0o666 less the umask), for files made by code that
     picks its own (safetensors writes 0o600)."""
     return 0o666 & ~umask()
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def git(*args: str) -> Optional[str]:
+    """Output of a read-only git query about the checkout this package runs from (None when it
+    is installed from a wheel, or git is absent)."""
+    try:  # --no-optional-locks: never touch the index
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=PACKAGE_DIR, capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: recorded as missing
+        return None
+
+
+def versions() -> dict:
+    """The code a run used: commit (and whether the checkout had changes) and library versions."""
+    import torch
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": None if status is None else bool(status),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": _version("triton"), "timm": _version("timm"), "incubation": _version("incubation")}
