@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ViTConfig", "VisionTransformer", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
@@ -165,6 +166,18 @@ class ViTConfig:
 
     def replace(self, **changes) -> "ViTConfig":
         return ViTConfig.from_dict({**self.to_dict(), **changes})
+
+
+def default_pretrained_cfg(config: ViTConfig) -> dict:
+    """timm's `pretrained_cfg` for a model trained here: its own input size, and the ImageFolder
+    evaluation transform of `incubation.data` (bilinear resize, 0.875 centre crop, ImageNet
+    mean/std; for other than 3 channels the channel average of those, once per channel)."""
+    c = config.in_chans
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else \
+        ((sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c)
+    return dict(input_size=(c, *config.img_size), fixed_input_size=True, interpolation="bilinear",
+                crop_pct=0.875, crop_mode="center", mean=tuple(mean), std=tuple(std),
+                first_conv="patch_embed.proj", classifier="head")
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -343,6 +356,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = default_pretrained_cfg(c)  # from_timm copies the timm model's
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -401,3 +415,13 @@ class VisionTransformer(nn.Module):
 
     def flops_per_image(self) -> int:
         return self.config.flops_per_image()
+
+    # -- timm's model interface ---------------------------------------------------------
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg

@@ -1,0 +1,93 @@
+"""The parts of timm's ViT interface on incubation.VisionTransformer, checked against timm itself:
+pretrained_cfg, the classifier, optimizer grouping, grad checkpointing, intermediate features."""
+import pytest
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.models import group_parameters
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+from timm.optim import create_optimizer_v2
+
+import incubation
+from incubation import ops
+from incubation.timm_compat import timm_config
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+VARIANTS = {
+    "cls": TINY,
+    "regs-layer-scale": dict(TINY, reg_tokens=2, init_values=0.1),
+    "avg-no-cls-pre-norm": dict(TINY, class_token=False, global_pool="avg", pre_norm=True),
+    "no-embed-class-nonsquare": dict(TINY, img_size=(16, 40), no_embed_class=True, reg_tokens=1),
+}
+
+
+def _pair(cfg, seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    theirs = TimmViT(num_classes=num_classes, **cfg)
+    with torch.no_grad():  # every parameter non-trivial (timm zero-inits biases and tokens)
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return theirs, incubation.from_timm(theirs)
+
+
+def _images(cfg, n=2, dtype=torch.float32):
+    h, w = cfg["img_size"] if isinstance(cfg["img_size"], tuple) else (cfg["img_size"],) * 2
+    return torch.randn(n, cfg.get("in_chans", 3), h, w, dtype=dtype)
+
+
+def _assert_same(a, b):
+    """Equal structure (tuples, lists, dicts) and values to float64 rounding."""
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.is_contiguous() == b.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _assert_same(a[k], b[k])
+    else:
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+
+
+# -- pretrained_cfg ---------------------------------------------------------------------------
+def test_pretrained_cfg_round_trips_and_resolves_like_timm():
+    theirs = timm.create_model("vit_base_patch16_224.augreg_in21k_ft_in1k", pretrained=False,
+                               depth=1, embed_dim=48, num_heads=3)
+    ours = incubation.from_timm(theirs)
+    assert ours.pretrained_cfg == theirs.pretrained_cfg and ours.pretrained_cfg is not theirs.pretrained_cfg
+    assert ours.default_cfg is ours.pretrained_cfg
+    back = incubation.to_timm(ours)
+    assert back.pretrained_cfg == theirs.pretrained_cfg and back.default_cfg is back.pretrained_cfg
+    assert back.pretrained_cfg is not ours.pretrained_cfg
+
+    want = resolve_data_config({}, model=theirs)
+    assert want["mean"] == want["std"] == (0.5, 0.5, 0.5) and want["crop_pct"] == 0.9
+    assert resolve_data_config({}, model=ours) == want == resolve_data_config({}, model=back)
+
+    ours.pretrained_cfg["crop_pct"] = 1.0   # a deep copy: the timm model is untouched
+    assert theirs.pretrained_cfg["crop_pct"] == 0.9
+    ours.default_cfg = {"input_size": (3, 32, 32)}
+    assert ours.pretrained_cfg == {"input_size": (3, 32, 32)}
+
+
+@pytest.mark.parametrize("in_chans, img_size", [(1, 28), (3, (24, 40)), (4, 16)])
+def test_default_pretrained_cfg_describes_the_model(in_chans, img_size):
+    model = incubation.VisionTransformer(img_size=img_size, patch_size=8 if in_chans != 1 else 4,
+                                         in_chans=in_chans, embed_dim=32, depth=1, num_heads=2)
+    h, w = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+    cfg = resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (in_chans, h, w)
+    assert len(cfg["mean"]) == len(cfg["std"]) == in_chans
+    if in_chans == 3:   # incubation.data's ImageFolder normalisation
+        assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert resolve_data_config({}, model=incubation.to_timm(model)) == cfg
+    # timm's eval transform built from it yields what the model takes
+    from PIL import Image
+    image = Image.new("L" if in_chans == 1 else "RGB", (50, 60))
+    if in_chans == 4:
+        image = Image.new("RGBA", (50, 60))
+    x = create_transform(**cfg)(image)
+    assert x.shape == (in_chans, h, w)
+    assert model.eval()(x[None]).shape == (1, 1000)
