@@ -91,3 +91,65 @@ def test_default_pretrained_cfg_describes_the_model(in_chans, img_size):
     x = create_transform(**cfg)(image)
     assert x.shape == (in_chans, h, w)
     assert model.eval()(x[None]).shape == (1, 1000)
+
+
+# -- classifier -------------------------------------------------------------------------------
+def test_reset_classifier_matches_timm_and_updates_the_config():
+    theirs, ours = _pair(TINY)
+    assert ours.get_classifier() is ours.head
+    x = _images(TINY)
+    for args in [(5,), (0, "avg"), (7, "max"), (3, "token"), (0, "")]:
+        theirs.reset_classifier(*args)
+        ours.reset_classifier(*args)
+        assert isinstance(ours.get_classifier(), type(theirs.get_classifier()))
+        assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+               [(k, v.shape) for k, v in theirs.state_dict().items()]
+        assert ours.config == timm_config(theirs)   # the config describes the new head and pooling
+        assert ours.num_classes == args[0] and ours.global_pool == (args[1] if len(args) > 1 else "token")
+        rebuilt = incubation.VisionTransformer(ours.config)
+        assert [(k, v.shape) for k, v in rebuilt.state_dict().items()] == \
+               [(k, v.shape) for k, v in ours.state_dict().items()]
+        with ops.use_backend("eager"):
+            got = ours.eval()(x)
+        assert got.shape == theirs.eval()(x).shape
+        if args[0] == 0:   # no head: the pooled features themselves
+            torch.testing.assert_close(got, theirs(x), atol=2e-5, rtol=1e-4)
+    assert ours.config.fc_norm is False and isinstance(ours.norm, incubation.nn.LayerNorm)  # norm stayed put
+
+
+def test_new_head_is_initialised_like_ours_on_the_models_device_and_dtype():
+    model = incubation.VisionTransformer(**TINY, num_classes=0).double().train()
+    model.reset_classifier(500)
+    head = model.get_classifier()
+    assert head.weight.dtype == torch.float64 and head.training
+    assert torch.all(head.bias == 0) and 0.018 < head.weight.std().item() < 0.022
+    assert model(_images(TINY, dtype=torch.float64)).shape == (2, 500)
+
+
+def test_reset_classifier_rejects_bad_pooling_and_changes_nothing():
+    model = incubation.VisionTransformer(**TINY, class_token=False, global_pool="avg")
+    head, config = model.head, model.config
+    for bad in ["token", "map"]:
+        with pytest.raises(ValueError, match="class_token|global_pool"):
+            model.reset_classifier(3, bad)
+        assert model.head is head and model.config == config and model.global_pool == "avg"
+
+
+# -- optimizer grouping -------------------------------------------------------------------------
+def _groups(model, **kwargs):
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, **kwargs)
+    return sorted((g["weight_decay"], g.get("lr_scale", 1.0), sorted(names[id(p)] for p in g["params"]))
+                  for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_no_weight_decay_and_group_matcher_match_timm(name):
+    theirs, ours = _pair(VARIANTS[name])
+    present = {n for n in ("pos_embed", "cls_token", "reg_token") if getattr(theirs, n) is not None}
+    assert ours.no_weight_decay() == present <= theirs.no_weight_decay()
+    assert ours.group_matcher() == theirs.group_matcher() == ours.group_matcher(coarse=True)
+    assert group_parameters(ours, ours.group_matcher()) == group_parameters(theirs, theirs.group_matcher())
+    # what timm's optimizer factory does with them: the same weight decay and layer-decay groups
+    assert _groups(ours) == _groups(theirs)
+    assert _groups(ours, layer_decay=0.75) == _groups(theirs, layer_decay=0.75)

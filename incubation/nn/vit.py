@@ -425,3 +425,32 @@ class VisionTransformer(nn.Module):
     @default_cfg.setter
     def default_cfg(self, cfg: dict) -> None:
         self.pretrained_cfg = cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters kept out of weight decay: the position embedding and the prefix
+        tokens this model has (timm's set also names tokens it lacks, which changes nothing)."""
+        return {name for name in ("pos_embed", "cls_token", "reg_token") if getattr(self, name, None) is not None}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter-name patterns for timm's layer-wise groups (the same as timm's ViT): the stem,
+        one group per block, the final norm last; the head falls into timm's trailing group."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head of `num_classes` outputs (0: none), initialised like ours, and optionally a new
+        pooling. `config` records both; the final norm stays where it was (as in timm)."""
+        changes = dict(num_classes=num_classes)
+        if global_pool is not None:
+            changes.update(global_pool=global_pool, fc_norm=not isinstance(self.fc_norm, nn.Identity))
+        self.config = self.config.replace(**changes)  # raises before anything changes
+        self.num_classes, self.global_pool = self.config.num_classes, self.config.global_pool
+        p = next(self.parameters())
+        head = nn.Identity()
+        if num_classes > 0:
+            head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype)
+            _init_linear(head)
+        self.head = head.train(self.training)
