@@ -120,6 +120,7 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     _like(ours, model).load_state_dict(model.state_dict(), strict=True)
     if getattr(model, "pretrained_cfg", None) is not None:  # a timm model built directly has none
         ours.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
+    ours.set_grad_checkpointing(bool(getattr(model, "grad_checkpointing", False)))
     return ours
 
 
@@ -138,4 +139,5 @@ def to_timm(model: VisionTransformer) -> nn.Module:
         _like(theirs, model).load_state_dict(model.state_dict(), strict=True)
     theirs.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
     theirs.default_cfg = theirs.pretrained_cfg  # the alias timm's model factory sets
+    theirs.set_grad_checkpointing(model.grad_checkpointing)
     return theirs

@@ -153,3 +153,49 @@ def test_no_weight_decay_and_group_matcher_match_timm(name):
     # what timm's optimizer factory does with them: the same weight decay and layer-decay groups
     assert _groups(ours) == _groups(theirs)
     assert _groups(ours, layer_decay=0.75) == _groups(theirs, layer_decay=0.75)
+
+
+# -- gradient checkpointing -----------------------------------------------------------------------
+def _loss_and_grads(model, x, target, seed):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    torch.manual_seed(seed)
+    loss = ((model(x) - target) ** 2).sum()
+    loss.backward()
+    return loss.detach(), x.grad, {k: p.grad for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_grad_checkpointing_gives_identical_loss_and_gradients(backend, dtype):
+    cfg = dict(VARIANTS["regs-layer-scale"], depth=4, drop_path_rate=0.4, proj_drop_rate=0.1)
+    model = incubation.VisionTransformer(**cfg, num_classes=10).to(dtype).train()
+    x, target = _images(cfg, n=6, dtype=dtype), torch.randn(6, 10, dtype=dtype)
+    with ops.use_backend(backend):
+        loss, xgrad, grads = _loss_and_grads(model, x, target, seed=3)
+        model.set_grad_checkpointing()
+        assert model.grad_checkpointing
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            ckpt_loss, ckpt_xgrad, ckpt_grads = _loss_and_grads(model, x, target, seed=3)
+        other_seed_loss = _loss_and_grads(model, x, target, seed=4)[0]
+    assert torch.equal(loss, ckpt_loss) and torch.equal(xgrad, ckpt_xgrad)
+    for k in grads:
+        assert torch.equal(grads[k], ckpt_grads[k]), k
+    assert not torch.equal(loss, other_seed_loss)   # the drop-path masks are random, and repeated
+    # the blocks' activations were not kept: only a few tensors outside the blocks were saved
+    model.set_grad_checkpointing(False)
+    kept = []
+    with ops.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t,
+                                                                             lambda t: t):
+        model(x.requires_grad_(True)).sum()
+    assert 0 < len(saved) < len(kept) / 2
+
+
+def test_grad_checkpointing_survives_conversion_and_no_grad():
+    theirs, ours = _pair(TINY)
+    theirs.set_grad_checkpointing(True)
+    ours = incubation.from_timm(theirs)
+    assert ours.grad_checkpointing and incubation.to_timm(ours).grad_checkpointing
+    with torch.no_grad():
+        assert ours.eval()(_images(TINY)).shape == (2, 10)

@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..data import IMAGENET_MEAN, IMAGENET_STD
@@ -356,6 +357,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.pretrained_cfg = default_pretrained_cfg(c)  # from_timm copies the timm model's
         self.reset_parameters()
 
@@ -403,8 +405,22 @@ class VisionTransformer(nn.Module):
         """Tokens after the last block -> logits (final norm, pooling, fc_norm, head)."""
         return self.forward_head(self.norm(x))
 
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens through every block (each one checkpointed after `set_grad_checkpointing()`)."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # non-reentrant; the RNG state is restored for the recompute, so drop-path masks repeat
+            return checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+        return block(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.embed(x)))
+        return self.norm(self.forward_blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))
@@ -436,6 +452,10 @@ class VisionTransformer(nn.Module):
         one group per block, the final norm last; the head falls into timm's trailing group."""
         return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
