@@ -199,3 +199,62 @@ def test_grad_checkpointing_survives_conversion_and_no_grad():
     assert ours.grad_checkpointing and incubation.to_timm(ours).grad_checkpointing
     with torch.no_grad():
         assert ours.eval()(_images(TINY)).shape == (2, 10)
+
+
+# -- forward_features / forward_head / forward_intermediates ----------------------------------------
+COMBOS = [
+    dict(),
+    dict(indices=2),
+    dict(indices=[0, -1], return_prefix_tokens=True, norm=True),
+    dict(indices=[1], stop_early=True, output_fmt="NLC"),
+    dict(indices=(2, 0, 2), intermediates_only=True),
+    dict(indices=1, return_prefix_tokens=True, output_dict=True),
+    dict(norm=True, intermediates_only=True, output_dict=True, output_fmt="NLC"),
+]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_forward_intermediates_and_features_match_timm(name):
+    theirs, ours = _pair(VARIANTS[name])
+    theirs.double().eval(), ours.double().eval()
+    x = _images(VARIANTS[name], n=3, dtype=torch.float64)
+    with ops.use_backend("eager"):
+        _assert_same(ours.forward_features(x), theirs.forward_features(x))
+        feats = theirs.forward_features(x)
+        for pre_logits in (False, True):
+            _assert_same(ours.forward_head(feats, pre_logits=pre_logits), theirs.forward_head(feats, pre_logits))
+        for kwargs in COMBOS:
+            _assert_same(ours.forward_intermediates(x, **kwargs), theirs.forward_intermediates(x, **kwargs))
+        ours.set_grad_checkpointing(True)   # the same values through checkpointed blocks
+        _assert_same(ours.forward_intermediates(x, indices=2), theirs.forward_intermediates(x, indices=2))
+
+
+def test_forward_intermediates_bad_arguments():
+    model = incubation.VisionTransformer(**TINY)
+    x = _images(TINY)
+    for bad in [0, 4, [3], [-4], []]:
+        with pytest.raises(ValueError, match="indices"):
+            model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("indices, prune_norm, prune_head", [(1, False, True), ([0, 1], True, True),
+                                                             ([-2], True, False), (3, False, False)])
+@pytest.mark.parametrize("name", ["cls", "avg-no-cls-pre-norm"])
+def test_prune_intermediate_layers_matches_timm(name, indices, prune_norm, prune_head):
+    cfg = dict(VARIANTS[name], drop_path_rate=0.2)
+    theirs, ours = _pair(cfg)
+    theirs.double().eval(), ours.double().eval()
+    kept = ours.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+    assert kept == theirs.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert ours.config == timm_config(theirs)
+    rebuilt = incubation.VisionTransformer(ours.config)
+    assert list(rebuilt.state_dict()) == list(ours.state_dict())
+    assert [b.drop_path1.drop_prob for b in rebuilt.blocks] == \
+           pytest.approx([b.drop_path1.drop_prob for b in ours.blocks])
+    x = _images(cfg, dtype=torch.float64)
+    with ops.use_backend("eager"):
+        _assert_same(ours.forward_intermediates(x, indices=kept), theirs.forward_intermediates(x, indices=kept))
+        _assert_same(ours(x), theirs(x))

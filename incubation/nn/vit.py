@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -179,6 +179,22 @@ def default_pretrained_cfg(config: ViTConfig) -> dict:
     return dict(input_size=(c, *config.img_size), fixed_input_size=True, interpolation="bilinear",
                 crop_pct=0.875, crop_mode="center", mean=tuple(mean), std=tuple(std),
                 first_conv="patch_embed.proj", classifier="head")
+
+
+def _take_indices(n: int, indices: Union[int, Sequence[int], None]) -> tuple[list[int], int]:
+    """Block indices for forward_intermediates (timm's rule): None = all, an int k = the last k,
+    a sequence = those (negative ones count from the end). Returns (indices, the largest)."""
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"last-n indices ({indices}) must be in 1..{n}")
+        take = list(range(n - indices, n))
+    else:
+        take = [i + n if i < 0 else i for i in indices]
+        if not take or any(not 0 <= i < n for i in take):
+            raise ValueError(f"block indices {list(indices)} must be in -{n}..{n - 1} (and not empty)")
+    return take, max(take)
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -474,3 +490,56 @@ class VisionTransformer(nn.Module):
             head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype)
             _init_linear(head)
         self.head = head.train(self.training)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False):
+        """timm's forward_intermediates: the outputs of the blocks picked by `indices` (None: all, an int
+        k: the last k, a list: those), patch tokens only, as (B, D, H, W) or (B, L, D) (`output_fmt`);
+        with `return_prefix_tokens` each is a (patches, prefix tokens) pair; `norm` applies the final
+        norm to them. Returns (final features, intermediates), or only the list, or timm's dict."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x = self.embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in intermediates] if n else None
+        intermediates = [y[:, n:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.grid_size
+            intermediates = [y.reshape(B, h, w, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the head if asked), as
+        timm does; `config` is updated to describe what is left. Returns the absolute indices."""
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        no_norm, no_fc_norm = isinstance(self.norm, nn.Identity), isinstance(self.fc_norm, nn.Identity)
+        # the kept blocks' drop-path rates are linspace(0, r_last, last + 1), the config's rule
+        self.config = self.config.replace(depth=last + 1, drop_path_rate=self.blocks[-1].drop_path1.drop_prob,
+                                          final_norm=not (no_norm and no_fc_norm), fc_norm=not no_fc_norm)
+        return take
