@@ -1,6 +1,8 @@
-"""Lossless conversion between timm's VisionTransformer and ours (same state_dict keys)."""
+"""Lossless conversion between timm's VisionTransformer and ours (same state_dict keys);
+`pretrained_cfg` (timm's data config: input size, mean/std, crop, interpolation) goes along."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -116,6 +118,9 @@ def from_timm(model: nn.Module) -> VisionTransformer:
     """Our VisionTransformer with the same config and weights as a timm VisionTransformer."""
     ours = VisionTransformer(timm_config(model))
     _like(ours, model).load_state_dict(model.state_dict(), strict=True)
+    if getattr(model, "pretrained_cfg", None) is not None:  # a timm model built directly has none
+        ours.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
+    ours.set_grad_checkpointing(bool(getattr(model, "grad_checkpointing", False)))
     return ours
 
 
@@ -132,4 +137,7 @@ def to_timm(model: VisionTransformer) -> nn.Module:
     theirs = TimmViT(**kwargs, norm_layer=functools.partial(TimmLayerNorm, eps=c.norm_eps), weight_init="skip")
     with torch.no_grad():
         _like(theirs, model).load_state_dict(model.state_dict(), strict=True)
+    theirs.pretrained_cfg = copy.deepcopy(model.pretrained_cfg)
+    theirs.default_cfg = theirs.pretrained_cfg  # the alias timm's model factory sets
+    theirs.set_grad_checkpointing(model.grad_checkpointing)
     return theirs

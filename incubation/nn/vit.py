@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ViTConfig", "VisionTransformer", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
@@ -165,6 +167,34 @@ class ViTConfig:
 
     def replace(self, **changes) -> "ViTConfig":
         return ViTConfig.from_dict({**self.to_dict(), **changes})
+
+
+def default_pretrained_cfg(config: ViTConfig) -> dict:
+    """timm's `pretrained_cfg` for a model trained here: its own input size, and the ImageFolder
+    evaluation transform of `incubation.data` (bilinear resize, 0.875 centre crop, ImageNet
+    mean/std; for other than 3 channels the channel average of those, once per channel)."""
+    c = config.in_chans
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else \
+        ((sum(IMAGENET_MEAN) / 3,) * c, (sum(IMAGENET_STD) / 3,) * c)
+    return dict(input_size=(c, *config.img_size), fixed_input_size=True, interpolation="bilinear",
+                crop_pct=0.875, crop_mode="center", mean=tuple(mean), std=tuple(std),
+                first_conv="patch_embed.proj", classifier="head")
+
+
+def _take_indices(n: int, indices: Union[int, Sequence[int], None]) -> tuple[list[int], int]:
+    """Block indices for forward_intermediates (timm's rule): None = all, an int k = the last k,
+    a sequence = those (negative ones count from the end). Returns (indices, the largest)."""
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"last-n indices ({indices}) must be in 1..{n}")
+        take = list(range(n - indices, n))
+    else:
+        take = [i + n if i < 0 else i for i in indices]
+        if not take or any(not 0 <= i < n for i in take):
+            raise ValueError(f"block indices {list(indices)} must be in -{n}..{n - 1} (and not empty)")
+    return take, max(take)
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -343,6 +373,8 @@ class VisionTransformer(nn.Module):
         self.fc_norm = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(c.drop_rate)
         self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.pretrained_cfg = default_pretrained_cfg(c)  # from_timm copies the timm model's
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -389,8 +421,22 @@ class VisionTransformer(nn.Module):
         """Tokens after the last block -> logits (final norm, pooling, fc_norm, head)."""
         return self.forward_head(self.norm(x))
 
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens through every block (each one checkpointed after `set_grad_checkpointing()`)."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.blocks(x)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return x
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # non-reentrant; the RNG state is restored for the recompute, so drop-path masks repeat
+            return checkpoint(block, x, use_reentrant=False, preserve_rng_state=True)
+        return block(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.embed(x)))
+        return self.norm(self.forward_blocks(self.embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(self.fc_norm(self.pool(x)))
@@ -401,3 +447,99 @@ class VisionTransformer(nn.Module):
 
     def flops_per_image(self) -> int:
         return self.config.flops_per_image()
+
+    # -- timm's model interface ---------------------------------------------------------
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters kept out of weight decay: the position embedding and the prefix
+        tokens this model has (timm's set also names tokens it lacks, which changes nothing)."""
+        return {name for name in ("pos_embed", "cls_token", "reg_token") if getattr(self, name, None) is not None}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter-name patterns for timm's layer-wise groups (the same as timm's ViT): the stem,
+        one group per block, the final norm last; the head falls into timm's trailing group."""
+        return dict(stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh head of `num_classes` outputs (0: none), initialised like ours, and optionally a new
+        pooling. `config` records both; the final norm stays where it was (as in timm)."""
+        changes = dict(num_classes=num_classes)
+        if global_pool is not None:
+            changes.update(global_pool=global_pool, fc_norm=not isinstance(self.fc_norm, nn.Identity))
+        self.config = self.config.replace(**changes)  # raises before anything changes
+        self.num_classes, self.global_pool = self.config.num_classes, self.config.global_pool
+        p = next(self.parameters())
+        head = nn.Identity()
+        if num_classes > 0:
+            head = nn.Linear(self.embed_dim, num_classes, device=p.device, dtype=p.dtype)
+            _init_linear(head)
+        self.head = head.train(self.training)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              output_dict: bool = False):
+        """timm's forward_intermediates: the outputs of the blocks picked by `indices` (None: all, an int
+        k: the last k, a list: those), patch tokens only, as (B, D, H, W) or (B, L, D) (`output_fmt`);
+        with `return_prefix_tokens` each is a (patches, prefix tokens) pair; `norm` applies the final
+        norm to them. Returns (final features, intermediates), or only the list, or timm's dict."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x = self.embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        n = self.num_prefix_tokens
+        prefix = [y[:, :n] for y in intermediates] if n else None
+        intermediates = [y[:, n:] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.grid_size
+            intermediates = [y.reshape(B, h, w, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices` (and the final norm / the head if asked), as
+        timm does; `config` is updated to describe what is left. Returns the absolute indices."""
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        no_norm, no_fc_norm = isinstance(self.norm, nn.Identity), isinstance(self.fc_norm, nn.Identity)
+        # the kept blocks' drop-path rates are linspace(0, r_last, last + 1), the config's rule
+        self.config = self.config.replace(depth=last + 1, drop_path_rate=self.blocks[-1].drop_path1.drop_prob,
+                                          final_norm=not (no_norm and no_fc_norm), fc_norm=not no_fc_norm)
+        return take
