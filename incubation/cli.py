@@ -183,9 +183,10 @@ def device_name(text: str) -> str:
 
 def model_name(text: str) -> str:
     """A timm model name (checked against timm's registry; the ViT options are checked when built)."""
+    import difflib
     import timm
     if not text or not timm.is_model(text):
-        near = timm.list_models(f"*{text}*")[:5] if text else []
+        near = difflib.get_close_matches(text, timm.list_models(), n=3) if text else []
         raise argparse.ArgumentTypeError(f"{text!r} is not a timm model name"
                                          + (f" (did you mean {', '.join(near)}?)" if near else ""))
     return text
@@ -255,6 +256,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
             help="gradient accumulation micro-batches per step"),
         add("--compile", action="store_true", help="torch.compile the model for the training steps"),
+        add("--grad-checkpointing", action="store_true", help="recompute each block's activations in the "
+            "backward pass (less memory, ~1/3 more compute)"),
         add("--seed", type=seed_int, default=0),
         add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
         add("--no-progress", action="store_true", help="no progress bars"),
@@ -343,7 +346,7 @@ class _Run:
         workers = a.workers if a.workers is not None else default_workers(self.train_set)
         return recipe.train_config(len(self.train_set), steps, accum_steps=a.accum_steps, seed=a.seed,
                                    num_workers=workers, device=a.device, progress=not a.no_progress,
-                                   compile=a.compile)
+                                   compile=a.compile, grad_checkpointing=a.grad_checkpointing)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

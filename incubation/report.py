@@ -41,13 +41,17 @@ def read_stage(directory: str) -> Optional[dict]:
         with open(metrics) as f:
             lines = [json.loads(line) for line in f if line.strip()]
     last = lines[-1] if lines else {}
+    config = None
+    if os.path.exists(os.path.join(directory, "config.json")):   # written by the CLI (absent for API runs)
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
     evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
               "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
     return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),
             "sizes": final.get("sizes"), "target_config": final.get("target_config"),
             "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"),
             "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
-            "flops": last.get("flops", 0.0), "images": last.get("images", 0), "evals": evals}
+            "flops": last.get("flops", 0.0), "images": last.get("images", 0), "evals": evals, "config": config}
 
 
 def _incubations(run_dir: str) -> list[dict]:
@@ -157,6 +161,28 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _recipe_table(report: dict) -> list[str]:
+    """The important fields of each stage's config.json (see there for everything)."""
+    rows = []
+    for name, s in report["stages"].items():
+        c = s.get("config")
+        if not c:
+            continue
+        t, a, d = c["train_config"], c["augment"], c["data"]
+        aug = f"{a['auto_augment'] or '-'} / {a['re_prob']:g} / x{t['aug_repeats']}" if not d["name"].startswith(
+            "fashion") else f"- / - / x{t['aug_repeats']}"
+        rows.append(f"| {name} | {d['name']} ({d['train_images']} / {d['eval_images']}) | {c['recipe']['epochs']:g} | "
+                    f"{t['batch_size']} | {t['lr']:.3g} | {t['warmup_steps']} | {t['weight_decay']:g} | "
+                    f"{c['model']['drop_path_rate']:g} | {t['label_smoothing']:g} | {t['mixup']:g} / {t['cutmix']:g} | "
+                    f"{aug} | {t['ema_decay'] or '-'} | {c['versions']['commit'] or '-'} |")
+    if not rows:
+        return []
+    return ["", "Recipes (each stage's config.json holds the whole record):", "",
+            "| stage | data (train / eval images) | epochs | batch | peak lr | warmup steps | weight decay | drop-path | "
+            "smoothing | mixup / cutmix | auto-augment / erasing / repeats | EMA | commit |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|", *rows]
+
+
 def _markdown(report: dict, plots: list[str]) -> str:
     unit, unit_name = _flop_unit(report)
     lines = ["# Deep Incubation run report", "", f"Run dir: `{report['run_dir']}`", ""]
@@ -181,6 +207,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
+    lines += _recipe_table(report)
     lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images, less the backward a hybrid's "
                   "frozen meta blocks skip (no weight gradients; none at all before the module).", ""]
     lines += [f"![{p}]({p})" for p in plots]

@@ -57,7 +57,8 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
 NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress", "compile")
+_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress", "compile",
+                "grad_checkpointing")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainConfig:
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
     compile: bool = False          # torch.compile the model for training steps (eager ops under it)
+    grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)
 
     def __post_init__(self):
         errors = []
@@ -543,6 +545,12 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         os.makedirs(out_dir, exist_ok=True)
     flops = _train_flops(model)
 
+    if cfg.grad_checkpointing:
+        if callable(getattr(model, "set_grad_checkpointing", None)):
+            model.set_grad_checkpointing(True)
+        else:
+            warnings.warn(f"{type(model).__name__} has no set_grad_checkpointing: stage {stage!r} trains without "
+                          "gradient checkpointing", stacklevel=2)
     lock = _lock_run_dir(out_dir, rank, world, device)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     trained_ids = {id(p) for _, p in trained}
