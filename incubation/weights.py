@@ -96,12 +96,16 @@ class _Weights:
     official: Optional["OfficialCheckpoint"] = None
 
 
-def _is_our_record(json_path: str) -> bool:
+def _has_our_record(json_path: str) -> bool:
+    """Whether `json_path` is our checkpoint record, or a damaged one (load_checkpoint then says
+    what is wrong, rather than the weights loading unverified)."""
+    if not os.path.exists(json_path):
+        return False
     try:
         with open(json_path) as f:
             record = json.load(f)
     except (OSError, ValueError):
-        return False
+        return True
     return isinstance(record, dict) and record.get("format") == FORMAT
 
 
@@ -115,7 +119,7 @@ def _kind(path: str) -> str:
         raise CheckpointError(f"{path} does not exist")
     if path.endswith(".json"):
         return "incubation"
-    if path.endswith(".safetensors") and _is_our_record(path[: -len(".safetensors")] + ".json"):
+    if path.endswith(".safetensors") and _has_our_record(path[: -len(".safetensors")] + ".json"):
         return "incubation"
     with open(path, "rb") as f:
         head = f.read(9)
@@ -175,6 +179,15 @@ def _clean(state_dict: dict) -> dict:
     return clean_state_dict(state_dict)
 
 
+def _is_official(obj) -> bool:
+    """A Deep Incubation checkpoint: 'model_stages', or a 'model' with the stages' copies."""
+    if not isinstance(obj, dict):
+        return False
+    model = obj.get("model")
+    return "model_stages" in obj or (isinstance(model, dict) and any(
+        isinstance(k, str) and k.startswith("stages.") for k in model))
+
+
 def _read(path, use_ema: bool = False) -> _Weights:
     path = os.fspath(path)
     kind = _kind(path)
@@ -188,7 +201,7 @@ def _read(path, use_ema: bool = False) -> _Weights:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
         return _Weights(_clean(_tensor_dict(state_dict, path, "the file")), None, kind)
     obj = _torch_load(path)
-    if isinstance(obj, dict) and "model_stages" in obj:
+    if _is_official(obj):
         official = _official(obj, path)
         return _Weights(official.state_dict, None, "deep-incubation", official)
     return _Weights(_clean(_unwrap(obj, path, use_ema)), None, kind)
@@ -437,7 +450,11 @@ def _from_model(model, path: str) -> tuple[dict, Optional[list], dict]:
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.numel() and a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True   # one tensor saved under two keys (torch.save keeps shared storage shared)
+    return torch.equal(a, b)
 
 
 def _official(obj: dict, path: str) -> OfficialCheckpoint:
@@ -471,10 +488,10 @@ def read_official(path) -> OfficialCheckpoint:
     if _kind(path) != "torch":
         raise CheckpointError(f"{path} is not a torch file: official Deep Incubation checkpoints are .pth files")
     obj = _torch_load(path)
-    if not isinstance(obj, dict) or not ("model_stages" in obj or "model" in obj):
+    if not _is_official(obj):
         what = f"a dict of {_listed(sorted(map(str, obj)))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise CheckpointError(f"{path} is not a Deep Incubation checkpoint: it holds {what}, without "
-                              f"'model_stages' or 'model'")
+                              f"'model_stages' or a 'model' with the stages' keys (stages.<i>...)")
     return _official(obj, path)
 
 

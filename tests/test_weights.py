@@ -392,10 +392,14 @@ def test_unreadable_files_are_named(tmp_path):
              "nomodel.pth": "without a state_dict", "mixed.pth": r"not named tensors: \[n\]",
              "pickled.pth": "holds a argparse.Namespace", "truncated.pth": "not a readable weights file",
              "bad.safetensors": "not a readable safetensors file"}
+    save_checkpoint(tmp_path / "ours", {"w": torch.zeros(2)}, {"stage": "e2e"})
+    (tmp_path / "ours.json").write_text("{ damaged")     # never loaded unverified as plain safetensors
+    cases["ours.safetensors"] = "ours.json is unreadable"
     for name, message in cases.items():
         with pytest.raises(CheckpointError, match=message) as info:
             load_state_dict_file(tmp_path / name)
-        assert str(tmp_path / name) in str(info.value)
+        assert str(tmp_path / name.replace(".safetensors", ".json" if name == "ours.safetensors" else
+                                           ".safetensors")) in str(info.value)
 
 
 def test_pos_embed_resampling(tmp_path):
@@ -487,3 +491,8 @@ def test_load_into_reads_official_checkpoints(tmp_path):
     x = _images()
     torch.testing.assert_close(_logits(model, x), _reference_logits(stages, x, eps=1e-6), rtol=1e-12, atol=1e-12)
     assert json.loads(json.dumps(read_official(src).keys))["blocks.2.attn.qkv.bias"] == "model.blocks.2.attn.qkv.bias"
+    # a 'model' entry alone (the other entries stripped) is still recognised by its stages.* keys
+    torch.save({"model": _official_model_state(stages)}, tmp_path / "stripped.pth")
+    state, md = load_state_dict_file(tmp_path / "stripped.pth")
+    assert md is None and set(state) == set(model.state_dict())
+    assert read_official(tmp_path / "stripped.pth").sizes == [1, 2, 1]
