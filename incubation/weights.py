@@ -609,13 +609,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
         raise CheckpointError(f"{path}: its weights are not the authors' ViT as read off them: " + "; ".join(problems))
     K = len(official.sizes) if official.sizes else None
     is_meta = kind == "meta" or (kind == "auto" and K is not None and K > 1 and official.sizes == [1] * K)
-    provenance = {"source": os.path.abspath(path), "source_sha256": file_sha256(path),
-                  "source_format": "deep-incubation", "source_entry": official.source,
-                  "source_entries": official.entries, "official_model": model or family,
-                  "official_sizes": official.sizes, "keys": official.keys}
-    if _grid(cfg) != source_grid:
-        provenance.update(pos_embed_resampled_from_grid=list(source_grid), pos_embed_antialias=antialias)
-    if is_meta:
+    if is_meta:   # the options first: nothing is hashed or written for a wrong command
         if official.sizes is not None and official.sizes != [1] * len(official.sizes):
             raise ValueError(f"{path} is not a meta model: its stages hold {official.sizes} blocks, a meta model "
                              f"one each")
@@ -627,24 +621,33 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
             target_depth = _FAMILIES[family][1]
         target = cfg.replace(depth=target_depth)
         spans = deep.split_modules(target, K, sizes)
-        meta_cfg = deep.meta_config(target, K)
-        metadata = {**deep._plan("meta", target, spans, meta_config=meta_cfg.to_dict()), "imported": provenance}
-        saved = save_checkpoint(output, state_dict, metadata)
-        _, md, _ = deep.load_meta(output, target)     # what `incubation incubate` does with it
-        result_sizes = md["sizes"]
     else:
         if target_depth is not None and target_depth != cfg.depth:
             raise ValueError(f"--target-depth {target_depth}: {path} holds a whole model of depth {cfg.depth} "
                              f"(a target depth applies to meta models)")
         if sizes is not None:
             raise ValueError(f"{path}: a split applies to meta models; this is a whole model")
+        target = cfg
+    provenance = {"source": os.path.abspath(path), "source_sha256": file_sha256(path),
+                  "source_format": "deep-incubation", "source_entry": official.source,
+                  "source_entries": official.entries, "official_model": model or family,
+                  "official_sizes": official.sizes, "keys": official.keys}
+    if _grid(cfg) != source_grid:
+        provenance.update(pos_embed_resampled_from_grid=list(source_grid), pos_embed_antialias=antialias)
+    if is_meta:
+        metadata = {**deep._plan("meta", target, spans, meta_config=deep.meta_config(target, K).to_dict()),
+                    "imported": provenance}
+        saved = save_checkpoint(output, state_dict, metadata)
+        _, md, _ = deep.load_meta(output, target)     # what `incubation incubate` does with it
+        result_sizes = md["sizes"]
+    else:
         metadata = {"stage": "import", "target_config": cfg.to_dict(), **provenance}
         saved = save_checkpoint(output, state_dict, metadata)
         stored, md = load_checkpoint(output)
         problems = _misfits(_expected_shapes(ViTConfig.from_dict(md["target_config"])), stored)
         if problems:   # cannot happen unless the file changed under us
             raise CheckpointError(f"{saved} does not hold the model its metadata names: " + "; ".join(problems))
-        target, result_sizes = cfg, official.sizes
+        result_sizes = official.sizes
     return ImportResult("meta" if is_meta else "model", saved, cfg, target, K, result_sizes, official.source,
                         metadata)
 

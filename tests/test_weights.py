@@ -198,6 +198,9 @@ def test_import_official_meta_model_is_what_incubation_starts_from(tmp_path):
     src2 = _save_official(tmp_path / "assembled.pth", _official_stages([2, 2, 2, 2]))
     with pytest.raises(ValueError, match=r"not a meta model: its stages hold \[2, 2, 2, 2\]"):
         import_official(src2, tmp_path / "y", num_heads=HEADS, norm_eps=1e-6, kind="meta", target_depth=16)
+    with pytest.raises(ValueError, match="a target depth applies to meta models"):
+        import_official(src2, tmp_path / "y", num_heads=HEADS, norm_eps=1e-6, target_depth=16)
+    assert not list(tmp_path.glob("y.*"))     # a wrong command writes nothing
 
 
 def test_import_official_resamples_to_another_image_size(tmp_path):
