@@ -762,6 +762,37 @@ def _add_bench(p):
                    help="ops|train|study and their options (incubation bench ops --help)")
 
 
+def _add_import_official(p):
+    from .weights import OFFICIAL_MODELS
+    p.add_argument("checkpoint", type=nonempty_path,
+                   help="the authors' .pth: a released model (pretrained/vit_*.pth) or a training checkpoint "
+                        "(log_dir/*/finished_checkpoint.pth)")
+    p.add_argument("-o", "--output", type=output_prefix, required=True,
+                   help="output prefix: writes <output>.safetensors/.json (a meta model at <run>/meta/final "
+                        "starts `incubation incubate`)")
+    p.add_argument("--as", dest="kind", choices=("auto", "meta", "model"), default="auto",
+                   help="meta: a meta model for incubation; model: a whole ViT; auto (default): meta when "
+                        "every stage holds one block")
+    p.add_argument("--model", choices=sorted(OFFICIAL_MODELS),
+                   help="their --model name (default: by width, 768 base, 1024 large, 1280 huge)")
+    p.add_argument("--target-depth", type=positive_int,
+                   help="meta: depth of the target ViT (default: the family's, 12 / 24 / 32)")
+    p.add_argument("--split", type=positive_ints, default=None,
+                   help="meta: blocks per module of the target, e.g. 3,3,3,3 (default: even)")
+    p.add_argument("--num-heads", type=positive_int, help="attention heads (default: the family's)")
+    p.add_argument("--norm-eps", type=positive_float, help="LayerNorm eps (default: the family's)")
+    p.add_argument("--img-size", type=positive_int,
+                   help="image size to resample the position embedding to (default: the checkpoint's)")
+
+
+def _cmd_import_official(args):
+    from .weights import import_official
+    result = import_official(args.checkpoint, args.output, model=args.model, target_depth=args.target_depth,
+                             num_heads=args.num_heads, norm_eps=args.norm_eps, img_size=args.img_size,
+                             kind=args.kind, sizes=args.split)
+    _say(args, f"imported {result.summary()}")
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "run": ("the whole pipeline, the E2E baseline at matched FLOPs, and the report", _add_run, _cmd_run),
     "meta": ("stage 1: train the meta model", add_common_arguments, _cmd_meta),
@@ -777,6 +808,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "backends": ("show which backend serves each op, with timings and reasons (cpu, and cuda if present)",
                  lambda p: p.add_argument("--device", choices=("cpu", "cuda"), help="only this device type"),
                  _cmd_backends),
+    "import-official": ("convert the Deep Incubation authors' released checkpoint (.pth) into this format",
+                        _add_import_official, _cmd_import_official),
 }
 
 
