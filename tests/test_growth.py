@@ -11,8 +11,9 @@ from torch.utils.data import TensorDataset
 
 import incubation
 from incubation import ops
-from incubation.growth import (ApolloViT, apollo_hook, even_switch_steps, expand_block, interpolation_sources,
-                               lemon_expand, lemon_schedule, lvps_depth, shared_blocks)
+from incubation.growth import (ApolloViT, apollo_hook, apollo_schedule, default_stages, even_switch_steps,
+                               expand_block, interpolation_sources, lemon_expand, lemon_schedule, lvps_depth,
+                               shared_blocks)
 from incubation.growth.lemon import LEMON_DECAY_FRACTION
 
 BASE = dict(img_size=16, patch_size=8, num_classes=7, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -302,6 +303,58 @@ def test_sharing_and_interpolation_maps():
     assert interpolation_sources(1, 3) == [0, 0, 0]
     assert interpolation_sources(6, 12) == [j // 2 for j in range(12)]
     assert even_switch_steps(100, 4) == [25, 50, 75]
+
+
+@pytest.mark.parametrize("depth, steps, stages, switches", [
+    (12, 400, [1, 3, 6, 12], [20, 40, 100]),     # the authors' ViT / BERT-base setting
+    (12, 40, [1, 3, 6, 12], [2, 4, 10]),         # --apollo_epoch_list 2,4,10,40
+    (24, 1000, [2, 6, 12, 24], [50, 100, 250]),
+    (6, 100, [1, 2, 3, 6], [5, 10, 25]),         # 6/12 and 6/4 round half up to 1 and 2
+    (10, 200, [1, 3, 5, 10], [10, 20, 50]),      # 10/4 = 2.5 -> 3
+    (4, 100, [1, 2, 4], [10, 25]),               # values 1, 1, 2, 4: the switch after 5 % is dropped
+    (3, 100, [1, 2, 3], [10, 25]),               # 1, 1, 2, 3 (3/4 -> 1, 3/2 -> 2)
+    (2, 100, [1, 2], [25]),                      # 1, 1, 1, 2
+    (1, 100, [1], []),                           # a single stage
+    (12, 15, [1, 3, 6, 12], [1, 2, 4]),          # the fewest steps giving every stage a step
+    (2, 3, [1, 2], [1]),                         # 25 % of 3 rounds to 1
+])
+def test_apollo_schedule_values(depth, steps, stages, switches):
+    assert apollo_schedule(depth, steps) == (stages, switches)
+
+
+def test_apollo_schedule_rejects_bad_input():
+    for depth, steps, message in [(0, 100, "depth"), (12.0, 100, "depth"), (True, 100, "depth"),
+                                  (12, 0, "total_steps"), (12, -5, "total_steps"), (12, 100.0, "total_steps"),
+                                  (12, None, "total_steps")]:
+        with pytest.raises(ValueError, match=message):
+            apollo_schedule(depth, steps)
+    with pytest.raises(ValueError, match="at least 15 steps"):  # 5 % and 10 % of 14 both round to 1
+        apollo_schedule(12, 14)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        apollo_schedule(2, 1)
+
+
+def test_apollo_vit_schedule_options():
+    vit = _source(dtype=torch.float32, depth=12, embed_dim=8, num_heads=1)
+    default = ApolloViT(vit, total_steps=400)  # the authors' schedule by default
+    assert (default.stages, default.switch_steps) == ((1, 3, 6, 12), (20, 40, 100))
+    assert [default.stage_at(s) for s in (0, 19, 20, 39, 40, 99, 100, 399)] == [1, 1, 3, 3, 6, 6, 12, 12]
+    assert ApolloViT(vit, [1, 3, 6, 12], total_steps=400).switch_steps == (20, 40, 100)  # its own stages: fine
+    even = ApolloViT(vit, total_steps=400, schedule="even")  # the equal-length schedule
+    assert even.stages == tuple(default_stages(12)) == (3, 6, 12) and even.switch_steps == (133, 267)
+    assert ApolloViT(vit, (1, 6, 12), total_steps=300, schedule="even").switch_steps == (100, 200)
+    explicit = ApolloViT(vit, (2, 12), (7,))
+    assert (explicit.stages, explicit.switch_steps) == ((2, 12), (7,))
+    for kwargs, message in [(dict(), "total_steps"), (dict(stages=(1, 12)), "total_steps"),
+                            (dict(stages=(1, 12), switch_steps=(5,), total_steps=10), "not both"),
+                            (dict(switch_steps=(5,)), "needs the stages"),
+                            (dict(stages=(2, 12), total_steps=400), "sets the stages itself"),
+                            (dict(total_steps=400, schedule="linear"), "schedule must be one of"),
+                            (dict(total_steps=10), "at least 15 steps"),
+                            (dict(total_steps=2, schedule="even"), "total_steps"),
+                            (dict(total_steps=0, schedule="even"), "total_steps")]:
+        with pytest.raises(ValueError, match=message):
+            ApolloViT(vit, **kwargs)
 
 
 def test_shared_block_is_one_tensor_with_summed_gradients():
