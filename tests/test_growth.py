@@ -210,18 +210,50 @@ def test_lemon_bad_inputs_raise():
         expand_block(torch.nn.Linear(2, 2), 2)
 
 
-def test_lemon_schedule_keeps_peak_lr_and_decays_faster():
+def _lrs(changes, lr=1e-3, min_lr=1e-6):
     from incubation.train import TrainConfig, lr_at
-    changes = lemon_schedule(1000, warmup_steps=100)
+    cfg = dataclasses.replace(TrainConfig(lr=lr, min_lr=min_lr), **changes)
+    return [lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
+            for s in range(cfg.steps)]
+
+
+@pytest.mark.parametrize("steps, warmup", [(1000, 100), (50, 0), (7, 3), (3, 1), (2, 0)])
+def test_lemon_schedule_paper_shape_is_one_cosine_to_the_end(steps, warmup):
+    changes = lemon_schedule(steps, warmup_steps=warmup)  # the default shape
+    assert changes == lemon_schedule(steps, warmup_steps=warmup, shape="cosine")
+    assert changes["steps"] == steps and changes["warmup_steps"] == warmup
+    lr = _lrs(changes)
+    assert max(lr) == pytest.approx(1e-3)  # from-scratch peak kept, at the first post-warmup step
+    assert lr[warmup] == pytest.approx(1e-3)
+    assert lr[-1] == pytest.approx(1e-6)  # min_lr reached on the last step ...
+    assert all(v > 1e-6 * (1 + 1e-9) for v in lr[:-1])  # ... and not before
+    after = lr[warmup:]
+    assert all(a > b for a, b in zip(after, after[1:]))  # strictly decreasing after the warmup
+    t = [(s - warmup) / max(1, steps - 1 - warmup) for s in range(warmup, steps)]
+    assert after == pytest.approx([1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * x)) for x in t])
+
+
+def test_lemon_schedule_single_post_warmup_step_runs_at_the_peak():
+    for steps, warmup in ((1, 0), (5, 4)):
+        assert _lrs(lemon_schedule(steps, warmup_steps=warmup))[-1] == pytest.approx(1e-3)
+
+
+def test_lemon_schedule_hold_option_decays_then_holds_min_lr():
+    changes = lemon_schedule(1000, warmup_steps=100, shape="hold")
     assert changes == {"steps": 1000, "warmup_steps": 100, "decay_steps": round(LEMON_DECAY_FRACTION * 900)}
-    cfg = dataclasses.replace(TrainConfig(lr=1e-3, min_lr=1e-6), **changes)
-    lr = [lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
-          for s in range(cfg.steps)]
+    assert lemon_schedule(1000, warmup_steps=100, shape="hold", decay_fraction=0.5)["decay_steps"] == 450
+    lr = _lrs(changes)
     assert max(lr) == pytest.approx(1e-3)  # from-scratch peak kept
-    end = cfg.warmup_steps + cfg.decay_steps
+    end = changes["warmup_steps"] + changes["decay_steps"]
     assert all(v == pytest.approx(1e-6) for v in lr[end:])  # then min_lr held
-    assert lr[end - 10] > 1e-6
-    for bad in (dict(total_steps=0), dict(total_steps=10, warmup_steps=10), dict(total_steps=10, decay_fraction=0)):
+    assert lr[end - 10] > 1e-6 and end < 1000 - 300
+
+
+def test_lemon_schedule_rejects_bad_input():
+    for bad in (dict(total_steps=0), dict(total_steps=10, warmup_steps=10), dict(total_steps=2.0),
+                dict(total_steps=10, shape="linear"), dict(total_steps=10, decay_fraction=0.5),
+                dict(total_steps=10, shape="hold", decay_fraction=0), dict(total_steps=10, shape="hold",
+                                                                          decay_fraction=1.5)):
         with pytest.raises(ValueError):
             lemon_schedule(**bad)
 
