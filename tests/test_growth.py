@@ -91,9 +91,9 @@ def test_lemon_expansion_keeps_the_function(name, dtype, rtol):
         assert torch.equal(v, before[k]), k
 
 
-def test_lemon_duplicates_are_not_copies_and_new_blocks_add_zero():
+def test_lemon_duplicates_are_not_copies_and_zero_blocks_add_zero():
     src = _source(init_values=0.1)
-    big = lemon_expand(src, embed_dim=40, depth=4)  # x2.5: two copies and a pad
+    big = lemon_expand(src, embed_dim=40, depth=4, depth_init="zero")  # x2.5: two copies and a pad
     hidden_s = src.config.mlp_hidden_dim
     fc1 = big.blocks[0].mlp.fc1.weight
     for j in range(hidden_s):  # neuron j is duplicated as j + hidden_s (and j + 2 hidden_s)
@@ -157,10 +157,10 @@ def test_lemon_is_reproducible_and_seeded():
     assert not torch.equal(a.blocks[0].mlp.fc1.weight, c.blocks[0].mlp.fc1.weight)
 
 
-def test_expand_block():
+def test_expand_block_zero_mode():
     src = _source(dtype=torch.float32, init_values=0.1)
     block = src.blocks[1]
-    blocks = expand_block(block, 3)
+    blocks = expand_block(block, 3, depth_init="zero")
     assert len(blocks) == 3 and blocks[0] is block
     x = torch.randn(2, 5, 16)
     seq = torch.nn.Sequential(*blocks)
@@ -178,6 +178,119 @@ def test_expand_block():
         seq(x).square().sum().backward()
     assert blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
     assert expand_block(block, 1) == [block]
+
+
+# ---------------------------------------------------------------- depth_init="cancel"
+CANCEL_CASES = {  # name: (source changes, target)
+    "depth-x2": ({}, dict(depth=4)),
+    "width-x2-depth+1": ({}, dict(embed_dim=32, depth=3)),
+    "layer-scale-x1.5-depth-x2": (dict(init_values=0.1), dict(embed_dim=24, depth=4)),
+    "three-heads-odd-hidden": (dict(embed_dim=12, num_heads=3, mlp_ratio=1.25), dict(depth=4)),
+    "one-head": (dict(embed_dim=8, num_heads=1), dict(depth=3)),
+    "pre-norm-no-biases": (dict(pre_norm=True, proj_bias=False, qkv_bias=False), dict(depth=4)),
+    "no-final-norm-avg-layer-scale": (dict(final_norm=False, global_pool="avg", init_values=0.1), dict(depth=3)),
+}
+
+
+def _new_blocks(src_depth, depth):
+    """Indices of the blocks lemon_expand adds (source block i is followed by its new blocks)."""
+    firsts = {i * depth // src_depth for i in range(src_depth)}
+    return [j for j in range(depth) if j not in firsts]
+
+
+def _first_backward(model, seed=0):
+    model.train()
+    x = _images(model, n=4, seed=seed)
+    y = torch.randint(0, 7, (4,), generator=torch.Generator().manual_seed(seed))
+    with ops.use_backend("eager"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def _without_gradient(blocks):
+    return [name for j, block in blocks for name, p in block.named_parameters(prefix=str(j))
+            if p.grad is None or not p.grad.abs().max() > 1e-10]
+
+
+@pytest.mark.parametrize("name", list(CANCEL_CASES))
+def test_lemon_cancel_depth_is_lossless_and_every_new_parameter_learns(name):
+    changes, target = CANCEL_CASES[name]
+    src = _source(**changes)
+    big = lemon_expand(src, **target)  # depth_init="cancel" is the default
+    x = _images(src)
+    ref = _logits(src, x)
+    assert (_logits(big, x) - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max())
+    new = _new_blocks(src.config.depth, big.config.depth)
+    for j in new:  # the output weights are not zero: they cancel
+        assert big.blocks[j].attn.proj.weight.abs().sum() > 0
+        assert big.blocks[j].mlp.fc2.weight.abs().sum() > 0
+    _first_backward(big)
+    assert _without_gradient([(j, big.blocks[j]) for j in new]) == []
+
+    zero = lemon_expand(src, depth_init="zero", **target)  # the check can fail: zero blocks are half dead
+    assert (_logits(zero, x) - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max())
+    _first_backward(zero)
+    dead = _without_gradient([(j, zero.blocks[j]) for j in new])
+    assert {f"{j}.{key}" for j in new for key in ("attn.qkv.weight", "mlp.fc1.weight", "norm1.weight",
+                                                    "norm2.bias")} <= set(dead)
+
+
+def test_lemon_cancel_blocks_pair_heads_and_neurons_with_cancelling_outputs():
+    src = _source()
+    big = lemon_expand(src, depth=4, seed=3)
+    block, source = big.blocks[1], big.blocks[0]  # a new block and its source block
+    d, head_dim, hidden = 16, 8, src.config.mlp_hidden_dim
+    qkv = block.attn.qkv.weight
+    # the two heads are copies of the source's head 0 (queries and keys)
+    for part in (0, 1):
+        rows = slice(part * d, part * d + head_dim)
+        assert torch.equal(qkv[rows], source.attn.qkv.weight[rows])
+        assert torch.equal(qkv[part * d + head_dim:(part + 1) * d], source.attn.qkv.weight[rows])
+    proj = block.attn.proj.weight
+    torch.testing.assert_close(proj[:, :head_dim - 1] + proj[:, head_dim:2 * head_dim - 1],
+                               torch.zeros(d, head_dim - 1, dtype=torch.float64), rtol=0, atol=0)
+    fc1, fc2 = block.mlp.fc1.weight, block.mlp.fc2.weight
+    assert torch.equal(fc1[0], fc1[1]) and torch.equal(fc1[0], source.mlp.fc1.weight[0])
+    assert torch.equal(fc2[:, 0], -fc2[:, 1]) and fc2[:, 0].abs().sum() > 0
+    assert torch.equal(block.mlp.fc2.bias, torch.zeros(d, dtype=torch.float64))
+    # the last neuron reads the direction every LayerNorm output is blind to: zero for any input
+    x = torch.randn(3, 5, d, dtype=torch.float64) * 4 + 2
+    with ops.use_backend("eager"), torch.no_grad():
+        h = block.norm2(x)
+        assert (h @ fc1[hidden - 1] + block.mlp.fc1.bias[hidden - 1]).abs().max() < 1e-13
+        torch.testing.assert_close(block(x), x, rtol=0, atol=1e-13)
+    # the copies get opposite gradients, so one optimizer step makes them differ
+    _first_backward(big)
+    g = block.mlp.fc1.weight.grad
+    torch.testing.assert_close(g[0], -g[1], rtol=1e-10, atol=1e-15)
+    assert g[0].abs().max() > 1e-8
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    opt.step()
+    assert not torch.allclose(fc1[0], fc1[1])
+    assert lemon_expand(src, depth=4, seed=4).blocks[1].mlp.fc2.weight.ne(
+        lemon_expand(src, depth=4, seed=3).blocks[1].mlp.fc2.weight).any()  # seeded
+
+
+def test_expand_block_cancel_mode():
+    src = _source(init_values=0.1)
+    block = src.blocks[1]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    blocks = expand_block(block, 3, seed=1)  # depth_init="cancel" is the default
+    assert len(blocks) == 3 and blocks[0] is block
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())  # the source is untouched
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    seq = torch.nn.Sequential(*blocks)
+    with ops.use_backend("eager"), torch.no_grad():
+        torch.testing.assert_close(seq(x), block(x), rtol=0, atol=1e-12)
+    assert not torch.equal(blocks[1].mlp.fc2.weight, blocks[2].mlp.fc2.weight)  # each draws its own
+    with ops.use_backend("eager"):
+        seq(x).square().sum().backward()
+    assert _without_gradient([(1, blocks[1]), (2, blocks[2])]) == []
+    for p in seq.parameters():
+        p.grad = None
+    zero = torch.nn.Sequential(*expand_block(block, 2, depth_init="zero"))
+    with ops.use_backend("eager"):
+        zero(x).square().sum().backward()
+    assert "1.attn.qkv.weight" in _without_gradient([(1, zero[1])])
 
 
 @pytest.mark.parametrize("changes, target, message", [
@@ -208,6 +321,10 @@ def test_lemon_bad_inputs_raise():
             expand_block(block, n)
     with pytest.raises(TypeError, match="Block"):
         expand_block(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="depth_init"):
+        expand_block(block, 2, depth_init="copy")
+    with pytest.raises(ValueError, match="depth_init"):
+        lemon_expand(_source(dtype=torch.float32), depth=3, depth_init=None)
 
 
 def _lrs(changes, lr=1e-3, min_lr=1e-6):
