@@ -24,9 +24,11 @@ How every weight is built:
     becomes c * norm_eps.
   * Depth: new blocks follow their source blocks, and both of their residual branches add
     exactly zero (to rounding). Two ways (`depth_init`):
-      "cancel" (default; the idea of the authors' "copymix_cancel"): the new block's heads and
-        MLP neurons come in groups of identical copies (pairs, a triple when the count is odd)
-        of the source block's first heads / neurons, and the output weights of a group (the
+      "cancel" (default; the idea of the authors' "copymix_cancel", which cancels the copies a
+        simultaneous width expansion makes; here the copies are made inside the block, so it
+        works at any width): the new block's heads and MLP neurons come in groups of identical
+        copies (pairs, a triple when the count is odd) of the source block's first heads /
+        neurons, and the output weights of a group (the
         attn.proj / mlp.fc2 columns) are random and sum to zero over the group, so the group's
         outputs cancel while each copy sees a non-zero gradient: qkv, proj, fc1 and fc2 all
         learn from the first step, the copies with opposite gradients (symmetry broken). The
@@ -44,8 +46,8 @@ How every weight is built:
         gamma, and its gamma learns. With a single head, its query / key rows get no first-step
         gradient (the value channels are paired inside the head instead).
       "zero": a copy of the source block with the output projections (attn.proj and mlp.fc2,
-        weights and biases) zeroed; only they (and the biases / layer scale after them) get a
-        first-step gradient, the rest of the block follows from the second step.
+        weights and biases) zeroed; only they get a first-step gradient (not even the layer
+        scale); the rest of the block follows from the second step.
 
 Not lossless, hence refused when the width is not a multiple of the source width (p > 0):
 pre_norm (its LayerNorm would write the zero-expanded vector into the residual stream) and
