@@ -27,11 +27,17 @@ Usage:
                          train_set, eval_set, cfg, "runs/x/assemble", meta_checkpoint="runs/x/meta/final")
 
 Choices (where this differs from the authors' DeiT-based code, on purpose):
-- The frozen meta parts of a hybrid are always in eval mode, with requires_grad=False (the
-  official code builds the hybrid with one drop-path schedule over all its blocks, so drop-path
-  stays active in the frozen meta blocks). The module thus learns against the deterministic
-  function the meta model computes at test time, which is also what its neighbours will feed
-  it after assembly. The module's own blocks use the target's drop-path rates.
+- The frozen meta parts of a hybrid (requires_grad=False either way) run in one of two modes,
+  `meta_mode` of `build_hybrid` / `train_module`, recorded in the module checkpoint's metadata:
+  "eval" (default): the meta parts stay in eval mode whatever `train()` says, so the module
+    learns against the deterministic function the meta model computes at test time, which is
+    also what its neighbours will feed it after assembly. The module's own blocks use the
+    target's drop-path rates (those of their positions in the target).
+  "train" (the authors' hybrid): the whole hybrid follows `train()`, and drop-path is spread by
+    timm's rule, linspace(0, target drop_path_rate, depth), over all the hybrid's K - 1 + n
+    blocks in order (the frozen meta blocks included, the module's blocks at their positions in
+    the hybrid), so drop-path (and any dropout of the meta config) stays active in the frozen
+    meta blocks. This sets the drop-path rates of the meta model's blocks in place.
 - Module parameters live under the target's own state_dict keys (`blocks.<global index>...`),
   so a module checkpoint (keys `module.<target key>`) maps to the target without renaming rules.
 - When L is not a multiple of K, `split_modules` gives the first L % K modules one extra block.
@@ -52,13 +58,16 @@ from .train.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["split_modules", "meta_config", "build_meta_model", "TargetModule", "Hybrid", "build_hybrid",
            "weights_sha256", "flops_per_image", "load_meta", "assemble", "train_meta", "train_module",
-           "train_assembled", "train_e2e", "MODULE_PREFIX"]
+           "train_assembled", "train_e2e", "MODULE_PREFIX", "META_MODES"]
 
 MODULE_PREFIX = "module."          # key prefix of a TargetModule inside a Hybrid (and its checkpoint)
 STEM = ("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")  # owned by module 0
 HEAD = ("norm", "fc_norm", "head")                                        # owned by module K-1
 # Config fields that only change training (regularisation), not the weights' meaning or shapes.
 _TRAINING_FIELDS = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+META_MODES = ("eval", "train")     # how a hybrid runs its frozen meta parts (see the module docstring)
+# Plan entries added later, and the value a checkpoint written before them implies.
+_PLAN_DEFAULTS = {"meta_mode": "eval"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,12 +176,15 @@ class Hybrid(nn.Module):
     """The meta model with its block `index` replaced by target module `index` (a TargetModule);
     for index 0 the module's stem, for index K-1 the module's final norm / head are used.
 
-    The meta model is frozen: its parameters get requires_grad=False and it stays in eval mode
-    whatever `train()` says (see the module docstring). Only `self.module` trains; its keys in
-    the hybrid's state_dict are `module.<target key>` (`module_keys()`)."""
+    The meta model is frozen: its parameters get requires_grad=False. With meta_mode="eval" it
+    stays in eval mode whatever `train()` says; with meta_mode="train" it follows `train()` and
+    drop-path is spread over all the hybrid's blocks (see the module docstring). Only
+    `self.module` trains; its keys in the hybrid's state_dict are `module.<target key>`
+    (`module_keys()`)."""
 
-    def __init__(self, meta: VisionTransformer, module: TargetModule, index: int):
+    def __init__(self, meta: VisionTransformer, module: TargetModule, index: int, meta_mode: str = "eval"):
         super().__init__()
+        _check_meta_mode(meta_mode)
         if not isinstance(meta, VisionTransformer) or not isinstance(module, TargetModule):
             raise TypeError(f"Hybrid needs a VisionTransformer meta model and a TargetModule, got "
                             f"{type(meta).__name__} and {type(module).__name__}")
@@ -184,13 +196,25 @@ class Hybrid(nn.Module):
         diff = _differences(_architecture(meta.config), _architecture(module.config.replace(depth=module.K)))
         if diff:
             raise ValueError("the meta model does not match the target (other than depth): " + "; ".join(diff))
-        self.index, self.K = index, module.K
+        self.index, self.K, self.meta_mode = index, module.K, meta_mode
         self.meta = meta.requires_grad_(False).eval()
         self.module = module
+        if meta_mode == "train":
+            rates = torch.linspace(0, module.config.drop_path_rate, len(self.hybrid_blocks())).tolist()
+            for block, rate in zip(self.hybrid_blocks(), rates):
+                block.drop_path1.drop_prob = block.drop_path2.drop_prob = rate
+        self.train(module.training)
+
+    def hybrid_blocks(self) -> list[nn.Module]:
+        """The hybrid's blocks in forward order: meta blocks 0..index-1, the module's blocks,
+        meta blocks index+1..K-1."""
+        meta = list(self.meta.blocks)
+        return meta[:self.index] + [self.module.blocks[b] for b in self.module.span] + meta[self.index + 1:]
 
     def train(self, mode: bool = True) -> "Hybrid":
         super().train(mode)
-        self.meta.eval()
+        if self.meta_mode == "eval":
+            self.meta.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,19 +242,28 @@ class Hybrid(nn.Module):
 
 
 def build_hybrid(meta: VisionTransformer, target_cfg: ViTConfig, index: int,
-                 sizes: Optional[Sequence[int]] = None, init: str = "random") -> Hybrid:
+                 sizes: Optional[Sequence[int]] = None, init: str = "random", meta_mode: str = "eval") -> Hybrid:
     """The hybrid that incubates module `index` of the target (K = the meta model's depth).
 
     init="random": the module is initialised like the target (timm's init).
     init="lemon":  the module is the LEMON depth expansion of meta block `index`
-                   (`incubation.growth.lemon.expand_block`), with the meta stem (module 0) or
-                   head (module K-1) copied, so the hybrid starts as the meta model's function."""
+                   (`incubation.growth.lemon.expand_block`, its default depth_init), with the
+                   meta stem (module 0) or head (module K-1) copied, so the hybrid starts as the
+                   meta model's function.
+    meta_mode: "eval" (frozen meta parts in eval mode) or "train" (the authors' hybrid); see
+    the module docstring."""
     if init not in ("random", "lemon"):
         raise ValueError(f"init must be 'random' or 'lemon', got {init!r}")
+    _check_meta_mode(meta_mode)
     module = TargetModule(target_cfg, meta.config.depth, index, sizes)
     if init == "lemon":
         _lemon_init(module, meta)
-    return Hybrid(meta, module, index)
+    return Hybrid(meta, module, index, meta_mode)
+
+
+def _check_meta_mode(meta_mode) -> None:
+    if meta_mode not in META_MODES:
+        raise ValueError(f"meta_mode must be one of {META_MODES}, got {meta_mode!r}")
 
 
 def _lemon_init(module: TargetModule, meta: VisionTransformer) -> None:
@@ -378,7 +411,7 @@ def _train(model, train_set, eval_set, cfg, out_dir, plan: dict, **train_kwargs)
         except CheckpointError:
             md = None  # unreadable: the engine reports or replaces it
         if md is not None and md.get("stage") == plan["stage"]:
-            differ = sorted(k for k in plan if md.get(k) != plan[k])
+            differ = sorted(k for k in plan if md.get(k, _PLAN_DEFAULTS.get(k)) != plan[k])
             if differ:
                 raise CheckpointError(f"{previous}.json belongs to another {plan['stage']} run ({', '.join(differ)} "
                                       f"differ): delete {out_dir} or choose another output directory")
@@ -397,15 +430,17 @@ def train_meta(target_cfg: ViTConfig, K: int, train_set, eval_set, cfg, out_dir:
 
 
 def train_module(meta_checkpoint: str, target_cfg: ViTConfig, index: int, train_set, eval_set, cfg,
-                 out_dir: str, *, init: str = "random", **train_kwargs):
+                 out_dir: str, *, init: str = "random", meta_mode: str = "eval", **train_kwargs):
     """Stage 2: incubate module `index` in the hybrid of the meta model in `meta_checkpoint`
-    (its K and split come from there). Only the module trains and only it is saved."""
+    (its K and split come from there). Only the module trains and only it is saved. `init` and
+    `meta_mode` as in `build_hybrid`; both are recorded in the checkpoint metadata."""
+    _check_meta_mode(meta_mode)
     meta, md, meta_sha = load_meta(meta_checkpoint, target_cfg)
     spans = split_modules(target_cfg, md["K"], md["sizes"])
     torch.manual_seed(cfg.seed)  # the module's blocks are those a full target init gives its positions
-    hybrid = build_hybrid(meta, target_cfg, index, md["sizes"], init)
+    hybrid = build_hybrid(meta, target_cfg, index, md["sizes"], init, meta_mode)
     plan = _plan("incubate", target_cfg, spans, module=index, meta_config=meta.config.to_dict(),
-                 meta_sha256=meta_sha, init=init)
+                 meta_sha256=meta_sha, init=init, meta_mode=meta_mode)
     return _train(hybrid, train_set, eval_set, cfg, out_dir, plan, params=list(hybrid.module.parameters()),
                   save_keys=hybrid.module_keys(), **train_kwargs)
 

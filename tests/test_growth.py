@@ -11,8 +11,9 @@ from torch.utils.data import TensorDataset
 
 import incubation
 from incubation import ops
-from incubation.growth import (ApolloViT, apollo_hook, even_switch_steps, expand_block, interpolation_sources,
-                               lemon_expand, lemon_schedule, lvps_depth, shared_blocks)
+from incubation.growth import (ApolloViT, apollo_hook, apollo_schedule, default_stages, even_switch_steps,
+                               expand_block, interpolation_sources, lemon_expand, lemon_schedule, lvps_depth,
+                               shared_blocks)
 from incubation.growth.lemon import LEMON_DECAY_FRACTION
 
 BASE = dict(img_size=16, patch_size=8, num_classes=7, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -90,9 +91,9 @@ def test_lemon_expansion_keeps_the_function(name, dtype, rtol):
         assert torch.equal(v, before[k]), k
 
 
-def test_lemon_duplicates_are_not_copies_and_new_blocks_add_zero():
+def test_lemon_duplicates_are_not_copies_and_zero_blocks_add_zero():
     src = _source(init_values=0.1)
-    big = lemon_expand(src, embed_dim=40, depth=4)  # x2.5: two copies and a pad
+    big = lemon_expand(src, embed_dim=40, depth=4, depth_init="zero")  # x2.5: two copies and a pad
     hidden_s = src.config.mlp_hidden_dim
     fc1 = big.blocks[0].mlp.fc1.weight
     for j in range(hidden_s):  # neuron j is duplicated as j + hidden_s (and j + 2 hidden_s)
@@ -156,10 +157,10 @@ def test_lemon_is_reproducible_and_seeded():
     assert not torch.equal(a.blocks[0].mlp.fc1.weight, c.blocks[0].mlp.fc1.weight)
 
 
-def test_expand_block():
+def test_expand_block_zero_mode():
     src = _source(dtype=torch.float32, init_values=0.1)
     block = src.blocks[1]
-    blocks = expand_block(block, 3)
+    blocks = expand_block(block, 3, depth_init="zero")
     assert len(blocks) == 3 and blocks[0] is block
     x = torch.randn(2, 5, 16)
     seq = torch.nn.Sequential(*blocks)
@@ -177,6 +178,119 @@ def test_expand_block():
         seq(x).square().sum().backward()
     assert blocks[1].mlp.fc2.weight.grad.abs().sum() > 0
     assert expand_block(block, 1) == [block]
+
+
+# ---------------------------------------------------------------- depth_init="cancel"
+CANCEL_CASES = {  # name: (source changes, target)
+    "depth-x2": ({}, dict(depth=4)),
+    "width-x2-depth+1": ({}, dict(embed_dim=32, depth=3)),
+    "layer-scale-x1.5-depth-x2": (dict(init_values=0.1), dict(embed_dim=24, depth=4)),
+    "three-heads-odd-hidden": (dict(embed_dim=12, num_heads=3, mlp_ratio=1.25), dict(depth=4)),
+    "one-head": (dict(embed_dim=8, num_heads=1), dict(depth=3)),
+    "pre-norm-no-biases": (dict(pre_norm=True, proj_bias=False, qkv_bias=False), dict(depth=4)),
+    "no-final-norm-avg-layer-scale": (dict(final_norm=False, global_pool="avg", init_values=0.1), dict(depth=3)),
+}
+
+
+def _new_blocks(src_depth, depth):
+    """Indices of the blocks lemon_expand adds (source block i is followed by its new blocks)."""
+    firsts = {i * depth // src_depth for i in range(src_depth)}
+    return [j for j in range(depth) if j not in firsts]
+
+
+def _first_backward(model, seed=0):
+    model.train()
+    x = _images(model, n=4, seed=seed)
+    y = torch.randint(0, 7, (4,), generator=torch.Generator().manual_seed(seed))
+    with ops.use_backend("eager"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def _without_gradient(blocks):
+    return [name for j, block in blocks for name, p in block.named_parameters(prefix=str(j))
+            if p.grad is None or not p.grad.abs().max() > 1e-10]
+
+
+@pytest.mark.parametrize("name", list(CANCEL_CASES))
+def test_lemon_cancel_depth_is_lossless_and_every_new_parameter_learns(name):
+    changes, target = CANCEL_CASES[name]
+    src = _source(**changes)
+    big = lemon_expand(src, **target)  # depth_init="cancel" is the default
+    x = _images(src)
+    ref = _logits(src, x)
+    assert (_logits(big, x) - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max())
+    new = _new_blocks(src.config.depth, big.config.depth)
+    for j in new:  # the output weights are not zero: they cancel
+        assert big.blocks[j].attn.proj.weight.abs().sum() > 0
+        assert big.blocks[j].mlp.fc2.weight.abs().sum() > 0
+    _first_backward(big)
+    assert _without_gradient([(j, big.blocks[j]) for j in new]) == []
+
+    zero = lemon_expand(src, depth_init="zero", **target)  # the check can fail: zero blocks are half dead
+    assert (_logits(zero, x) - ref).abs().max() <= 1e-12 * max(1.0, ref.abs().max())
+    _first_backward(zero)
+    dead = _without_gradient([(j, zero.blocks[j]) for j in new])
+    assert {f"{j}.{key}" for j in new for key in ("attn.qkv.weight", "mlp.fc1.weight", "norm1.weight",
+                                                    "norm2.bias")} <= set(dead)
+
+
+def test_lemon_cancel_blocks_pair_heads_and_neurons_with_cancelling_outputs():
+    src = _source()
+    big = lemon_expand(src, depth=4, seed=3)
+    block, source = big.blocks[1], big.blocks[0]  # a new block and its source block
+    d, head_dim, hidden = 16, 8, src.config.mlp_hidden_dim
+    qkv = block.attn.qkv.weight
+    # the two heads are copies of the source's head 0 (queries and keys)
+    for part in (0, 1):
+        rows = slice(part * d, part * d + head_dim)
+        assert torch.equal(qkv[rows], source.attn.qkv.weight[rows])
+        assert torch.equal(qkv[part * d + head_dim:(part + 1) * d], source.attn.qkv.weight[rows])
+    proj = block.attn.proj.weight
+    torch.testing.assert_close(proj[:, :head_dim - 1] + proj[:, head_dim:2 * head_dim - 1],
+                               torch.zeros(d, head_dim - 1, dtype=torch.float64), rtol=0, atol=0)
+    fc1, fc2 = block.mlp.fc1.weight, block.mlp.fc2.weight
+    assert torch.equal(fc1[0], fc1[1]) and torch.equal(fc1[0], source.mlp.fc1.weight[0])
+    assert torch.equal(fc2[:, 0], -fc2[:, 1]) and fc2[:, 0].abs().sum() > 0
+    assert torch.equal(block.mlp.fc2.bias, torch.zeros(d, dtype=torch.float64))
+    # the last neuron reads the direction every LayerNorm output is blind to: zero for any input
+    x = torch.randn(3, 5, d, dtype=torch.float64) * 4 + 2
+    with ops.use_backend("eager"), torch.no_grad():
+        h = block.norm2(x)
+        assert (h @ fc1[hidden - 1] + block.mlp.fc1.bias[hidden - 1]).abs().max() < 1e-13
+        torch.testing.assert_close(block(x), x, rtol=0, atol=1e-13)
+    # the copies get opposite gradients, so one optimizer step makes them differ
+    _first_backward(big)
+    g = block.mlp.fc1.weight.grad
+    torch.testing.assert_close(g[0], -g[1], rtol=1e-10, atol=1e-15)
+    assert g[0].abs().max() > 1e-8
+    opt = torch.optim.SGD(big.parameters(), lr=0.1)
+    opt.step()
+    assert not torch.allclose(fc1[0], fc1[1])
+    assert lemon_expand(src, depth=4, seed=4).blocks[1].mlp.fc2.weight.ne(
+        lemon_expand(src, depth=4, seed=3).blocks[1].mlp.fc2.weight).any()  # seeded
+
+
+def test_expand_block_cancel_mode():
+    src = _source(init_values=0.1)
+    block = src.blocks[1]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    blocks = expand_block(block, 3, seed=1)  # depth_init="cancel" is the default
+    assert len(blocks) == 3 and blocks[0] is block
+    assert all(torch.equal(v, before[k]) for k, v in block.state_dict().items())  # the source is untouched
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    seq = torch.nn.Sequential(*blocks)
+    with ops.use_backend("eager"), torch.no_grad():
+        torch.testing.assert_close(seq(x), block(x), rtol=0, atol=1e-12)
+    assert not torch.equal(blocks[1].mlp.fc2.weight, blocks[2].mlp.fc2.weight)  # each draws its own
+    with ops.use_backend("eager"):
+        seq(x).square().sum().backward()
+    assert _without_gradient([(1, blocks[1]), (2, blocks[2])]) == []
+    for p in seq.parameters():
+        p.grad = None
+    zero = torch.nn.Sequential(*expand_block(block, 2, depth_init="zero"))
+    with ops.use_backend("eager"):
+        zero(x).square().sum().backward()
+    assert "1.attn.qkv.weight" in _without_gradient([(1, zero[1])])
 
 
 @pytest.mark.parametrize("changes, target, message", [
@@ -207,20 +321,56 @@ def test_lemon_bad_inputs_raise():
             expand_block(block, n)
     with pytest.raises(TypeError, match="Block"):
         expand_block(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="depth_init"):
+        expand_block(block, 2, depth_init="copy")
+    with pytest.raises(ValueError, match="depth_init"):
+        lemon_expand(_source(dtype=torch.float32), depth=3, depth_init=None)
 
 
-def test_lemon_schedule_keeps_peak_lr_and_decays_faster():
+def _lrs(changes, lr=1e-3, min_lr=1e-6):
     from incubation.train import TrainConfig, lr_at
-    changes = lemon_schedule(1000, warmup_steps=100)
+    cfg = dataclasses.replace(TrainConfig(lr=lr, min_lr=min_lr), **changes)
+    return [lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
+            for s in range(cfg.steps)]
+
+
+@pytest.mark.parametrize("steps, warmup", [(1000, 100), (50, 0), (7, 3), (3, 1), (2, 0)])
+def test_lemon_schedule_paper_shape_is_one_cosine_to_the_end(steps, warmup):
+    changes = lemon_schedule(steps, warmup_steps=warmup)  # the default shape
+    assert changes == lemon_schedule(steps, warmup_steps=warmup, shape="cosine")
+    assert changes["steps"] == steps and changes["warmup_steps"] == warmup
+    lr = _lrs(changes)
+    assert max(lr) == pytest.approx(1e-3)  # from-scratch peak kept, at the first post-warmup step
+    assert lr[warmup] == pytest.approx(1e-3)
+    assert lr[-1] == pytest.approx(1e-6)  # min_lr reached on the last step ...
+    assert all(v > 1e-6 * (1 + 1e-9) for v in lr[:-1])  # ... and not before
+    after = lr[warmup:]
+    assert all(a > b for a, b in zip(after, after[1:]))  # strictly decreasing after the warmup
+    t = [(s - warmup) / max(1, steps - 1 - warmup) for s in range(warmup, steps)]
+    assert after == pytest.approx([1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * x)) for x in t])
+
+
+def test_lemon_schedule_single_post_warmup_step_runs_at_the_peak():
+    for steps, warmup in ((1, 0), (5, 4)):
+        assert _lrs(lemon_schedule(steps, warmup_steps=warmup))[-1] == pytest.approx(1e-3)
+
+
+def test_lemon_schedule_hold_option_decays_then_holds_min_lr():
+    changes = lemon_schedule(1000, warmup_steps=100, shape="hold")
     assert changes == {"steps": 1000, "warmup_steps": 100, "decay_steps": round(LEMON_DECAY_FRACTION * 900)}
-    cfg = dataclasses.replace(TrainConfig(lr=1e-3, min_lr=1e-6), **changes)
-    lr = [lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
-          for s in range(cfg.steps)]
+    assert lemon_schedule(1000, warmup_steps=100, shape="hold", decay_fraction=0.5)["decay_steps"] == 450
+    lr = _lrs(changes)
     assert max(lr) == pytest.approx(1e-3)  # from-scratch peak kept
-    end = cfg.warmup_steps + cfg.decay_steps
+    end = changes["warmup_steps"] + changes["decay_steps"]
     assert all(v == pytest.approx(1e-6) for v in lr[end:])  # then min_lr held
-    assert lr[end - 10] > 1e-6
-    for bad in (dict(total_steps=0), dict(total_steps=10, warmup_steps=10), dict(total_steps=10, decay_fraction=0)):
+    assert lr[end - 10] > 1e-6 and end < 1000 - 300
+
+
+def test_lemon_schedule_rejects_bad_input():
+    for bad in (dict(total_steps=0), dict(total_steps=10, warmup_steps=10), dict(total_steps=2.0),
+                dict(total_steps=10, shape="linear"), dict(total_steps=10, decay_fraction=0.5),
+                dict(total_steps=10, shape="hold", decay_fraction=0), dict(total_steps=10, shape="hold",
+                                                                          decay_fraction=1.5)):
         with pytest.raises(ValueError):
             lemon_schedule(**bad)
 
@@ -302,6 +452,58 @@ def test_sharing_and_interpolation_maps():
     assert interpolation_sources(1, 3) == [0, 0, 0]
     assert interpolation_sources(6, 12) == [j // 2 for j in range(12)]
     assert even_switch_steps(100, 4) == [25, 50, 75]
+
+
+@pytest.mark.parametrize("depth, steps, stages, switches", [
+    (12, 400, [1, 3, 6, 12], [20, 40, 100]),     # the authors' ViT / BERT-base setting
+    (12, 40, [1, 3, 6, 12], [2, 4, 10]),         # --apollo_epoch_list 2,4,10,40
+    (24, 1000, [2, 6, 12, 24], [50, 100, 250]),
+    (6, 100, [1, 2, 3, 6], [5, 10, 25]),         # 6/12 and 6/4 round half up to 1 and 2
+    (10, 200, [1, 3, 5, 10], [10, 20, 50]),      # 10/4 = 2.5 -> 3
+    (4, 100, [1, 2, 4], [10, 25]),               # values 1, 1, 2, 4: the switch after 5 % is dropped
+    (3, 100, [1, 2, 3], [10, 25]),               # 1, 1, 2, 3 (3/4 -> 1, 3/2 -> 2)
+    (2, 100, [1, 2], [25]),                      # 1, 1, 1, 2
+    (1, 100, [1], []),                           # a single stage
+    (12, 15, [1, 3, 6, 12], [1, 2, 4]),          # the fewest steps giving every stage a step
+    (2, 3, [1, 2], [1]),                         # 25 % of 3 rounds to 1
+])
+def test_apollo_schedule_values(depth, steps, stages, switches):
+    assert apollo_schedule(depth, steps) == (stages, switches)
+
+
+def test_apollo_schedule_rejects_bad_input():
+    for depth, steps, message in [(0, 100, "depth"), (12.0, 100, "depth"), (True, 100, "depth"),
+                                  (12, 0, "total_steps"), (12, -5, "total_steps"), (12, 100.0, "total_steps"),
+                                  (12, None, "total_steps")]:
+        with pytest.raises(ValueError, match=message):
+            apollo_schedule(depth, steps)
+    with pytest.raises(ValueError, match="at least 15 steps"):  # 5 % and 10 % of 14 both round to 1
+        apollo_schedule(12, 14)
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        apollo_schedule(2, 1)
+
+
+def test_apollo_vit_schedule_options():
+    vit = _source(dtype=torch.float32, depth=12, embed_dim=8, num_heads=1)
+    default = ApolloViT(vit, total_steps=400)  # the authors' schedule by default
+    assert (default.stages, default.switch_steps) == ((1, 3, 6, 12), (20, 40, 100))
+    assert [default.stage_at(s) for s in (0, 19, 20, 39, 40, 99, 100, 399)] == [1, 1, 3, 3, 6, 6, 12, 12]
+    assert ApolloViT(vit, [1, 3, 6, 12], total_steps=400).switch_steps == (20, 40, 100)  # its own stages: fine
+    even = ApolloViT(vit, total_steps=400, schedule="even")  # the equal-length schedule
+    assert even.stages == tuple(default_stages(12)) == (3, 6, 12) and even.switch_steps == (133, 267)
+    assert ApolloViT(vit, (1, 6, 12), total_steps=300, schedule="even").switch_steps == (100, 200)
+    explicit = ApolloViT(vit, (2, 12), (7,))
+    assert (explicit.stages, explicit.switch_steps) == ((2, 12), (7,))
+    for kwargs, message in [(dict(), "total_steps"), (dict(stages=(1, 12)), "total_steps"),
+                            (dict(stages=(1, 12), switch_steps=(5,), total_steps=10), "not both"),
+                            (dict(switch_steps=(5,)), "needs the stages"),
+                            (dict(stages=(2, 12), total_steps=400), "sets the stages itself"),
+                            (dict(total_steps=400, schedule="linear"), "schedule must be one of"),
+                            (dict(total_steps=10), "at least 15 steps"),
+                            (dict(total_steps=2, schedule="even"), "total_steps"),
+                            (dict(total_steps=0, schedule="even"), "total_steps")]:
+        with pytest.raises(ValueError, match=message):
+            ApolloViT(vit, **kwargs)
 
 
 def test_shared_block_is_one_tensor_with_summed_gradients():

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from incubation import ViTConfig, VisionTransformer, deep, ops
+from incubation.nn.vit import DropPath
 from incubation.train import TrainConfig, train
 from incubation.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -123,6 +124,60 @@ def test_hybrid_keeps_meta_frozen_and_in_eval_mode():
     assert hybrid.module_keys() == ["module." + k for k in hybrid.module.state_dict()]
 
 
+def _drop_paths(module):
+    return [m for m in module.modules() if isinstance(m, DropPath)]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_hybrid_meta_mode_train_spreads_drop_path_over_all_blocks(index):
+    target = TARGET.replace(drop_path_rate=0.6)
+    torch.manual_seed(0)
+    meta = deep.build_meta_model(target, K)  # the meta model itself has no drop-path
+    hybrid = deep.build_hybrid(meta, target, index, meta_mode="train").train()
+    assert hybrid.meta_mode == "train"
+    blocks = hybrid.hybrid_blocks()
+    n = len(hybrid.module.span)
+    assert len(blocks) == K - 1 + n
+    assert blocks[index] is hybrid.module.blocks[hybrid.module.span[0]]
+    rates = torch.linspace(0, 0.6, K - 1 + n).tolist()  # timm's rule over the hybrid's blocks
+    assert [b.drop_path1.drop_prob for b in blocks] == pytest.approx(rates)
+    assert [b.drop_path2.drop_prob for b in blocks] == pytest.approx(rates)
+    assert all(m.training for m in hybrid.modules())  # the whole hybrid follows train()
+    frozen = [b for k, b in enumerate(meta.blocks) if k != index]
+    assert all(dp.training for b in frozen for dp in _drop_paths(b))
+    assert frozen[-1].drop_path1.drop_prob > 0  # the last meta block sits past position 0
+    assert not any(p.requires_grad for p in hybrid.meta.parameters())
+    x = torch.randn(8, 2, 16)
+    with ops.use_backend("eager"), torch.no_grad():
+        assert not torch.equal(frozen[-1](x), frozen[-1](x))  # drop-path active in a frozen meta block
+    hybrid.eval()
+    assert not any(m.training for m in hybrid.modules())
+    with ops.use_backend("eager"), torch.no_grad():
+        assert torch.equal(frozen[-1](x), frozen[-1](x))
+
+
+@pytest.mark.parametrize("meta_mode", ["eval", "train"])
+def test_hybrid_meta_parameters_get_no_gradient_in_either_mode(meta_mode):
+    target = TARGET.replace(drop_path_rate=0.3)
+    torch.manual_seed(0)
+    meta = deep.build_meta_model(target, K)
+    hybrid = deep.build_hybrid(meta, target, 1, meta_mode=meta_mode).train()
+    frozen = [meta.blocks[0], meta.blocks[2]]
+    if meta_mode == "eval":  # today's default: the meta parts stay deterministic
+        assert not any(m.training for m in hybrid.meta.modules())
+        assert not any(dp.training for b in frozen for dp in _drop_paths(b))
+        x = torch.randn(8, 2, 16)
+        with ops.use_backend("eager"), torch.no_grad():
+            assert torch.equal(frozen[-1](x), frozen[-1](x))
+        rates = torch.linspace(0, 0.3, TARGET.depth).tolist()  # the module keeps the target's rates
+        assert [hybrid.module.blocks[b].drop_path1.drop_prob for b in hybrid.module.span] == \
+            pytest.approx(rates[2:4])
+    with ops.use_backend("eager"):
+        hybrid(torch.randn(4, 1, 8, 8)).square().sum().backward()
+    assert all(p.grad is None for p in hybrid.meta.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hybrid.module.parameters())
+
+
 def test_hybrid_rejects_mismatched_parts():
     meta = deep.build_meta_model(TARGET, K)
     with pytest.raises(ValueError, match="meta model has 3 blocks, but the target is cut into K=4"):
@@ -137,6 +192,9 @@ def test_hybrid_rejects_mismatched_parts():
         deep.build_hybrid(meta, TARGET, 0, init="copy")
     with pytest.raises(TypeError, match="TargetModule"):
         deep.Hybrid(meta, meta, 0)
+    for bad in ("training", None, True):
+        with pytest.raises(ValueError, match="meta_mode must be one of"):
+            deep.build_hybrid(meta, TARGET, 0, meta_mode=bad)
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -207,6 +265,7 @@ def test_module_checkpoint_metadata(pipeline):
         state, md = load_checkpoint(path)
         assert md["stage"] == "incubate" and md["module"] == i and md["K"] == K and md["step"] == 2
         assert md["meta_sha256"] == meta_sha
+        assert md["init"] == "random" and md["meta_mode"] == "eval"
         assert ViTConfig.from_dict(md["target_config"]) == TARGET
         assert ViTConfig.from_dict(md["meta_config"]) == meta.config
         # only module i's weights, under the target's keys
@@ -298,6 +357,27 @@ def test_different_meta_model_is_rejected_end_to_end(pipeline, tmp_path):
     # resuming module 1's directory with the original meta model is refused, not silently mixed
     with pytest.raises(CheckpointError, match="belongs to another incubate run .meta_sha256 differ"):
         deep.train_module(meta_path, TARGET, 1, data, None, _cfg(), tmp_path / "m1")
+
+
+def test_meta_mode_is_recorded_and_guards_resume(pipeline, tmp_path):
+    _, meta_path, modules = pipeline
+    data = _data()
+    result = deep.train_module(meta_path, TARGET, 1, data, None, _cfg(steps=1), tmp_path / "train-mode",
+                               meta_mode="train")
+    assert load_checkpoint(result.checkpoint_path)[1]["meta_mode"] == "train"
+    with pytest.raises(CheckpointError, match="meta_mode differ"):  # not resumed in the other mode
+        deep.train_module(meta_path, TARGET, 1, data, None, _cfg(steps=1), tmp_path / "train-mode")
+    with pytest.raises(ValueError, match="meta_mode"):
+        deep.train_module(meta_path, TARGET, 1, data, None, _cfg(steps=1), tmp_path / "x", meta_mode="frozen")
+    # a run written before meta_mode existed resumes as the "eval" run it was
+    old = tmp_path / "old"
+    shutil.copytree(os.path.dirname(modules[1]), old)
+    record = json.load(open(old / "checkpoint.json"))
+    del record["metadata"]["meta_mode"]
+    json.dump(record, open(old / "checkpoint.json", "w"))
+    deep.train_module(meta_path, TARGET, 1, data, None, _cfg(seed=1), old)
+    with pytest.raises(CheckpointError, match="meta_mode differ"):
+        deep.train_module(meta_path, TARGET, 1, data, None, _cfg(seed=1), old, meta_mode="train")
 
 
 def test_load_meta_rejects_other_targets_and_stages(pipeline):

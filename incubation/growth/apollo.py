@@ -12,6 +12,12 @@ Training runs in stages with N unique blocks (e.g. 1, 3, 6, 12) for a target of 
     floor(j * N_old / N_new).
   * Evaluation always runs the full depth L (with the current sharing).
 
+The schedule (`apollo_schedule`, ApolloViT's default): the authors' pretraining scripts
+(run_pretrain_*_apollo*.sh: --apollo_layers 1,3,6,12 --apollo_epoch_list 2,4,10,40) train
+L/12, L/4, L/2 and L unique blocks and switch after 5 %, 10 % and 25 % of training, so the
+full-depth stage gets the last 75 %. `even_switch_steps` (schedule="even") gives every stage
+the same number of steps instead.
+
 Parameters and the optimizer: `ApolloViT` wraps a VisionTransformer of the target depth L, so
 all L blocks are parameters from the start and the optimizer holds them all. The unique blocks
 live in `slots` (indices into vit.blocks), recorded in the persistent buffer `unique_slots` so
@@ -36,10 +42,15 @@ from torch import nn
 
 from ..nn.vit import ViTConfig, VisionTransformer
 
-__all__ = ["ApolloViT", "apollo_hook", "lvps_depth", "shared_blocks", "interpolation_sources",
-           "even_switch_steps", "default_stages"]
+__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "lvps_depth", "shared_blocks", "interpolation_sources",
+           "even_switch_steps", "default_stages", "APOLLO_STAGE_FRACTIONS", "APOLLO_SWITCH_FRACTIONS"]
 
 LVPS_X_LOW = 1e-6  # x ~ U(1e-6, 1)
+# The authors' schedule, as exact fractions (numerator, denominator): unique blocks of each
+# stage as a fraction of the depth, and the steps after which stages 2, 3 and 4 begin.
+APOLLO_STAGE_FRACTIONS = ((1, 12), (1, 4), (1, 2), (1, 1))
+APOLLO_SWITCH_FRACTIONS = ((1, 20), (1, 10), (1, 4))
+SCHEDULES = ("apollo", "even")
 
 
 # --------------------------------------------------------------------------------------
@@ -71,8 +82,61 @@ def interpolation_sources(n_old: int, n_new: int) -> list[int]:
 
 
 def default_stages(depth: int) -> list[int]:
-    """Unique-block counts of the stages when none are given: depth/4, depth/2, depth."""
+    """Unique-block counts of the equal-length schedule (ApolloViT(schedule="even")) when no
+    stages are given: depth/4, depth/2, depth. Apollo's own stages come from `apollo_schedule`."""
     return sorted({max(1, depth // 2 ** k) for k in range(3)})
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _round_half_up(n: int, fraction: tuple[int, int]) -> int:
+    """n * a / b rounded to the nearest integer, halves up (exact integer arithmetic)."""
+    a, b = fraction
+    return (2 * n * a + b) // (2 * b)
+
+
+def _apollo_plan(depth: int, total_steps: int) -> tuple[list[int], list[int]]:
+    values = [max(1, _round_half_up(depth, f)) for f in APOLLO_STAGE_FRACTIONS]
+    bounds = [_round_half_up(total_steps, f) for f in APOLLO_SWITCH_FRACTIONS]
+    stages, switches = [values[0]], []
+    for value, step in zip(values[1:], bounds):
+        if value != stages[-1]:  # a stage equal to the previous one just continues it
+            stages.append(value)
+            switches.append(step)
+    return stages, switches
+
+
+def _valid_switches(switches: Sequence[int], total_steps: int) -> bool:
+    return all(a < b for a, b in zip([0] + list(switches), list(switches) + [total_steps]))
+
+
+def apollo_schedule(depth: int, total_steps: int) -> tuple[list[int], list[int]]:
+    """(stages, switch_steps) of the authors' Apollo schedule for a target of `depth` blocks
+    trained for `total_steps` optimizer steps (ApolloViT's default).
+
+    stages: the sorted distinct values of max(1, round(depth * f)) for f in 1/12, 1/4, 1/2, 1
+    (halves rounded up). switch_steps: stages 2, 3 and 4 begin after round(5 %), round(10 %)
+    and round(25 %) of total_steps. Where values collapse (small depths, e.g. depth 4 gives
+    1, 1, 2, 4), the stage keeps running: the switch into an equal value is dropped, and every
+    distinct value begins where it begins in the four-stage schedule (depth 4: stages [1, 2, 4]
+    switching after 10 % and 25 %). depth 12, 400 steps: ([1, 3, 6, 12], [20, 40, 100]).
+
+    Raises ValueError unless every stage gets at least one step (total_steps >= 15 always
+    suffices)."""
+    depth, total_steps = _positive("depth", depth), _positive("total_steps", total_steps)
+    stages, switches = _apollo_plan(depth, total_steps)
+    if not _valid_switches(switches, total_steps):
+        least = next(t for t in range(total_steps + 1, 10 ** 6)
+                     if _valid_switches(_apollo_plan(depth, t)[1], t))
+        raise ValueError(f"total_steps={total_steps} is too few for Apollo's schedule of depth {depth}: stages "
+                         f"{stages} would switch at steps {switches} (after 5 %, 10 %, 25 %), leaving a stage "
+                         f"without steps; use at least {least} steps, or give switch_steps "
+                         f"(e.g. even_switch_steps)")
+    return stages, switches
 
 
 def even_switch_steps(total_steps: int, num_stages: int) -> list[int]:
@@ -95,6 +159,29 @@ def _ints(name: str, values) -> tuple[int, ...]:
     return values
 
 
+def _schedule(depth: int, stages, switch_steps, total_steps, schedule) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """ApolloViT's (stages, switch_steps) from its arguments (see the class docstring)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if switch_steps is not None:
+        if total_steps is not None:
+            raise ValueError("give either switch_steps or total_steps (which derives them), not both")
+        if stages is None:
+            raise ValueError("switch_steps needs the stages they switch between")
+        return _ints("stages", stages), _ints("switch_steps", switch_steps)
+    if total_steps is None:
+        raise ValueError("ApolloViT needs its schedule: total_steps (schedule 'apollo' or 'even'), "
+                         "or stages and switch_steps")
+    if schedule == "apollo":
+        own, switches = apollo_schedule(depth, total_steps)
+        if stages is not None and _ints("stages", stages) != tuple(own):
+            raise ValueError(f"schedule='apollo' sets the stages itself ({own} for depth {depth}), got "
+                             f"{tuple(stages)}: use schedule='even' or give switch_steps for other stages")
+        return tuple(own), tuple(switches)
+    stages = _ints("stages", default_stages(depth) if stages is None else stages)
+    return stages, _ints("switch_steps", even_switch_steps(_positive("total_steps", total_steps), len(stages)))
+
+
 def _vit_flops(config: ViTConfig, depth: int) -> int:
     return config.replace(depth=depth).flops_per_image()
 
@@ -102,19 +189,26 @@ def _vit_flops(config: ViTConfig, depth: int) -> int:
 class ApolloViT(nn.Module):
     """Apollo training mode of a VisionTransformer of the target depth L.
 
-    stages: unique-block counts, strictly increasing, in [1, L] (e.g. (1, 3, 6, 12)).
-    switch_steps: the optimizer steps at which stages 2, 3, ... begin (len(stages) - 1 values).
+    The schedule, either explicit or from the run's length:
+      * stages and switch_steps: stages are unique-block counts, strictly increasing, in [1, L]
+        (e.g. (1, 3, 6, 12)); switch_steps are the optimizer steps at which stages 2, 3, ...
+        begin (len(stages) - 1 values).
+      * total_steps (no switch_steps): schedule="apollo" (the default) is the authors'
+        `apollo_schedule(L, total_steps)`, which sets the stages too (stages, if given, must
+        equal its own); schedule="even" gives `stages` (default `default_stages(L)`) equal
+        numbers of steps (`even_switch_steps`).
     Pass `apollo_hook` to the engine's hooks: before each optimizer step it grows the model at
     stage switches and samples the step's depth. `export()` gives the plain depth-L ViT.
     """
 
-    def __init__(self, model: VisionTransformer, stages: Sequence[int], switch_steps: Sequence[int],
-                 seed: int = 0):
+    def __init__(self, model: VisionTransformer, stages: Optional[Sequence[int]] = None,
+                 switch_steps: Optional[Sequence[int]] = None, seed: int = 0, *,
+                 total_steps: Optional[int] = None, schedule: str = "apollo"):
         super().__init__()
         if not isinstance(model, VisionTransformer):
             raise TypeError(f"ApolloViT wraps an incubation.VisionTransformer, got {type(model).__name__}")
         depth = model.config.depth
-        stages, switch_steps = _ints("stages", stages), _ints("switch_steps", switch_steps)
+        stages, switch_steps = _schedule(depth, stages, switch_steps, total_steps, schedule)
         if not stages or stages[0] < 1 or stages[-1] > depth:
             raise ValueError(f"stages must be unique-block counts in [1, depth={depth}], got {stages}")
         if len(switch_steps) != len(stages) - 1:
@@ -126,6 +220,7 @@ class ApolloViT(nn.Module):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.vit = model
         self.stages, self.switch_steps, self.seed = stages, switch_steps, seed
+        self.schedule = schedule if total_steps is not None else "explicit"
         slots = torch.full((depth,), -1, dtype=torch.long)
         slots[:stages[0]] = torch.arange(stages[0])
         self.register_buffer("unique_slots", slots)
@@ -224,8 +319,8 @@ class ApolloViT(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"stages={self.stages}, switch_steps={self.switch_steps}, seed={self.seed}, "
-                f"num_unique={self.num_unique}")
+        return (f"stages={self.stages}, switch_steps={self.switch_steps}, schedule={self.schedule}, "
+                f"seed={self.seed}, num_unique={self.num_unique}")
 
 
 def apollo_hook(step: int, model: nn.Module) -> None:
