@@ -47,8 +47,7 @@ from incubation import ViTConfig, VisionTransformer, deep
 from incubation import jobs as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
-from incubation.growth import (ApolloViT, apollo_hook, default_stages, even_switch_steps, lemon_expand,
-                               lemon_schedule)
+from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
 from incubation.presets import get_preset
 from incubation.train.checkpoint import atomic_write, load_checkpoint
 
@@ -131,8 +130,15 @@ def _small(target: ViTConfig) -> ViTConfig:
 
 
 def _apollo(target: ViTConfig, steps: int, seed: int) -> ApolloViT:
-    stages = default_stages(target.depth)
-    return ApolloViT(VisionTransformer(target), stages, even_switch_steps(steps, len(stages)), seed=seed)
+    return ApolloViT(VisionTransformer(target), total_steps=steps, seed=seed)   # the authors' schedule
+
+
+def _apollo_fits(depth: int, steps: int) -> bool:
+    try:
+        apollo_schedule(depth, steps)
+    except ValueError:
+        return False
+    return True
 
 
 def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int:
@@ -144,7 +150,8 @@ def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int
         model = _apollo(target, steps, seed)
         return sum(per_depth[model.depth_at(s)] for s in range(steps))
 
-    low, high = len(default_stages(target.depth)), 4 * math.ceil(flops / per_depth[target.depth])
+    low = next(n for n in range(1, 1 << 20) if _apollo_fits(target.depth, n))   # every stage gets a step
+    high = max(low, 4 * math.ceil(flops / per_depth[target.depth]))
     while low < high:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if cost(mid) <= flops else (low, mid - 1)
@@ -221,7 +228,7 @@ def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
 
     def config(stage, lemon=False):
         c = _recipe(stage).train_config(n, job.steps, seed=job.seed, progress=False, checkpoint_every=CHECKPOINT_EVERY)
-        return dataclasses.replace(c, **lemon_schedule(c.steps, warmup_steps=c.warmup_steps)) if lemon else c
+        return lemon_config(c) if lemon else c
 
     data = (train_set, eval_set)
     if job.stage == "e2e":
@@ -246,10 +253,7 @@ def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
         result = train(big, *data, config("e2e", lemon=True), d, stage="lemon",
                        metadata={"stage": "lemon", "target_config": big.config.to_dict()})
     elif job.stage == "apollo":
-        torch.manual_seed(job.seed)
-        model = _apollo(target, job.steps, job.seed)
-        result = train(model, *data, config("e2e"), d, stage="apollo", hooks=[apollo_hook],
-                       metadata={"stage": "apollo", "stages": list(model.stages), "target_config": target.to_dict()})
+        result = train_apollo(target, *data, config("e2e"), d, stage="apollo")[0]
     else:
         raise ValueError(f"unknown stage {job.stage!r}")
     summary = {"acc": result.eval_acc, "flops": result.train_flops, "wall_s": result.wall_seconds,

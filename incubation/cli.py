@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from . import deep, jobs, ops
 from .data import Augment, default_workers
 from .errors import IncubationError
+from .growth import lemon_config
 from .nn import VisionTransformer, ViTConfig
 from .presets import PRESETS, Preset, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
@@ -224,6 +225,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
             "else the preset's, else the data set's own)"),
         add("--patch-size", type=positive_int, default=None, help="patch size of the target (default: the "
             "preset's or --model's); --img-size must be a multiple of it"),
+        add("--initial-checkpoint", type=nonempty_path, default=None, help="start from these weights (meta, "
+            "e2e, grow): ours, a timm state dict (.pth/.bin) or .safetensors; pos_embed is resampled to "
+            "--img-size, a head for other classes is left fresh"),
         add("--skip-bad-images", action="store_true",
             help="folder data: skip unreadable images (counted, warned once each) instead of stopping"),
         add("-j", "--workers", "--num-workers", dest="workers", type=non_negative_int, default=None,
@@ -423,6 +427,9 @@ def _timm_patch_size(name: str) -> int:
 
 def _context(args) -> _Run:
     from .data import load_dataset
+    if args.initial_checkpoint is not None and args.command not in ("meta", "e2e", "grow"):
+        raise UsageError(f"argument --initial-checkpoint: starts the model of `meta`, `e2e` or `grow`; "
+                         f"`{args.command}` builds its model from the previous stages")
     preset = get_preset(args.preset)
     if args.out is None:
         args.out = os.path.join("runs", preset.name)
@@ -457,13 +464,14 @@ def _meta(run: _Run):
     K, sizes = run.split()
     cfg = run.train_config(recipe)
     run.write_config("meta", recipe, cfg, K=K, sizes=sizes)
-    result = deep.train_meta(run.target, K, run.train_set, run.eval_set, cfg,
-                             stage_dir(run.run_dir, "meta"), sizes=sizes, drop_path_rate=recipe.drop_path)
+    result = deep.train_meta(run.target, K, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "meta"),
+                             sizes=sizes, drop_path_rate=recipe.drop_path,
+                             initial_checkpoint=run.args.initial_checkpoint)
     _done(run.args, "meta", result)
     return result
 
 
-def _incubate(run: _Run, module: int, init: str):
+def _incubate(run: _Run, module: int):
     meta = _final(run, "meta")
     if not os.path.exists(meta + ".json"):
         raise FileNotFoundError(f"incubation needs the meta model {meta}.safetensors: run `incubation meta` first")
@@ -473,21 +481,21 @@ def _incubate(run: _Run, module: int, init: str):
                          f"0..{K - 1}")
     recipe = run.recipe("incubate")
     cfg = run.train_config(recipe)
-    if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, faster decay
-        from .growth.lemon import lemon_schedule
-        cfg = dataclasses.replace(cfg, **lemon_schedule(cfg.steps, warmup_steps=cfg.warmup_steps))
-    run.write_config("incubate", recipe, cfg, module, init=init)
+    init, meta_mode = run.args.init, run.args.meta_mode
+    if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, no long tail
+        cfg = lemon_config(cfg)
+    run.write_config("incubate", recipe, cfg, module, init=init, meta_mode=meta_mode)
     result = deep.train_module(meta, run.target_for(recipe), module, run.train_set, run.eval_set, cfg,
-                               stage_dir(run.run_dir, "incubate", module), init=init)
+                               stage_dir(run.run_dir, "incubate", module), init=init, meta_mode=meta_mode)
     _done(run.args, f"incubate-{module}", result)
     return result
 
 
-def _incubate_all(run: _Run, init: str, parallel: int) -> None:
+def _incubate_all(run: _Run, parallel: int) -> None:
     K, _ = run.split()
     if parallel <= 1:
         for i in range(K):
-            _incubate(run, i, init)
+            _incubate(run, i)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("argument --parallel: starts its own processes: do not combine it with torchrun")
@@ -495,7 +503,7 @@ def _incubate_all(run: _Run, init: str, parallel: int) -> None:
     # the parent's options, without progress bars (they would only clutter the logs)
     options = common_argv(argparse.Namespace(**{**vars(run.args), "no_progress": True}))
     todo = [jobs.Job(f"incubate-{i}", [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i),
-                                       "--init", init, *options],
+                                       "--init", run.args.init, "--meta-mode", run.args.meta_mode, *options],
                      os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt"),
                      env={"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})
             for i in range(K)]
@@ -535,7 +543,8 @@ def _e2e(run: _Run, matched: bool):
                        f"{cost['flops'] / 1e12:.2f} TFLOP")
     cfg = run.train_config(recipe, steps)
     run.write_config("e2e", recipe, cfg, matched_flops=cost["flops"] if cost else None)
-    result = deep.train_e2e(target, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "e2e"))
+    result = deep.train_e2e(target, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "e2e"),
+                            initial_checkpoint=run.args.initial_checkpoint)
     _done(run.args, "e2e", result)
     return result
 
@@ -552,9 +561,9 @@ def _cmd_incubate(args):
         raise UsageError("argument --parallel: needs --all")
     run = _context(args)
     if args.all:
-        _incubate_all(run, args.init, args.parallel)
+        _incubate_all(run, args.parallel)
     else:
-        _incubate(run, args.module, args.init)
+        _incubate(run, args.module)
 
 
 def _cmd_assemble(args):
@@ -573,7 +582,7 @@ def _cmd_e2e(args):
 def _cmd_run(args):
     run = _context(args)
     _meta(run)
-    _incubate_all(run, args.init, args.parallel)
+    _incubate_all(run, args.parallel)
     _assemble(run)
     _e2e(run, matched=True)
     _cmd_report(args)
@@ -662,6 +671,9 @@ def _add_incubate(p):
 
 def _add_incubation_options(p):
     p.add_argument("--parallel", type=positive_int, default=1, help="with --all: modules trained at once, as processes")
+    p.add_argument("--meta-mode", choices=deep.META_MODES, default="eval",
+                   help="the frozen meta blocks of a hybrid: eval (default: deterministic, as after assembly) or "
+                        "train (the authors': drop-path spread over every block of the hybrid)")
     p.add_argument("--init", choices=("random", "lemon"), default="random",
                    help="module init: random (the paper) or lemon (LEMON expansion of the meta block)")
 
@@ -714,23 +726,25 @@ def _cmd_expand(args):
 
 
 def _cmd_grow(args):
-    from .growth import ApolloViT, apollo_hook, default_stages, even_switch_steps
-
-    from .train import train
-    from .train.checkpoint import save_checkpoint
+    from .growth import train_apollo
+    if args.switch is not None and args.stages is None:
+        raise UsageError("argument --switch: needs --stages (the stages it switches between)")
+    if args.switch is not None and len(args.switch) != len(args.stages) - 1:
+        raise UsageError(f"argument --switch: {len(args.switch)} fractions for the {len(args.stages) - 1} switches "
+                         f"between --stages {','.join(map(str, args.stages))}")
     run = _context(args)
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
-    stages = args.stages if args.stages is not None else default_stages(target.depth)
     cfg = run.train_config(recipe)
-    run.write_config("grow", recipe, cfg, stages=list(stages))
-    torch.manual_seed(cfg.seed)
-    model = ApolloViT(VisionTransformer(target), stages, even_switch_steps(cfg.steps, len(stages)), seed=cfg.seed)
-    out_dir = stage_dir(run.run_dir, "grow")
-    result = train(model, run.train_set, run.eval_set, cfg, out_dir, stage="grow", hooks=[apollo_hook],
-                   metadata={"stage": "grow", "stages": list(stages), "target_config": target.to_dict()})
-    path = save_checkpoint(os.path.join(out_dir, "model"), model.export().state_dict(),
-                           {"stage": "grow", "target_config": target.to_dict(), "eval_acc": result.eval_acc})
+    run.write_config("grow", recipe, cfg, stages=args.stages, switch=args.switch, schedule=args.schedule)
+    try:
+        result, path = train_apollo(target, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "grow"),
+                                    stages=args.stages, switch_fractions=args.switch, schedule=args.schedule,
+                                    initial_checkpoint=args.initial_checkpoint)
+    except ValueError as exc:
+        if "stages" in str(exc) or "switch" in str(exc):   # the schedule options do not fit this target
+            raise UsageError(f"argument --stages/--switch/--schedule: {exc}") from None
+        raise
     _done(args, "grow (Apollo)", result)
     _say(args, f"grown model (plain VisionTransformer, depth {target.depth}) -> {path}")
 
@@ -746,10 +760,25 @@ def _add_expand(p):
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the symmetry-breaking splits")
 
 
+def fractions(text: str) -> list[float]:
+    """Comma-separated numbers in (0, 1), increasing: e.g. Apollo's switches 0.05,0.10,0.25."""
+    values = [_float(v) for v in text.split(",")]
+    if not all(0.0 < v < 1.0 for v in values) or values != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"expected increasing comma-separated numbers in (0, 1) like "
+                                         f"0.05,0.10,0.25, got {text!r}")
+    return values
+
+
 def _add_grow(p):
     add_common_arguments(p)
-    p.add_argument("--stages", type=positive_ints, default=None,
-                   help="unique-block counts per stage, e.g. 1,3,6,12 (default: depth/4, depth/2, depth)")
+    p.add_argument("--schedule", choices=("apollo", "even"), default="apollo",
+                   help="apollo (default, the authors'): stages of depth/12, /4, /2 and all unique blocks, "
+                        "switching after 5, 10 and 25 %% of the steps; even: --stages (default depth/4, /2, all) "
+                        "for equal numbers of steps")
+    p.add_argument("--stages", type=positive_ints, default=None, help="unique-block counts per stage, e.g. 1,3,6,12")
+    p.add_argument("--switch", type=fractions, default=None,
+                   help="with --stages: fractions of the steps after which each later stage begins, e.g. "
+                        "0.05,0.10,0.25")
 
 
 def _cmd_bench(args):

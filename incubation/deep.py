@@ -55,6 +55,7 @@ from torch import nn
 
 from .nn import ViTConfig, VisionTransformer
 from .train.checkpoint import CheckpointError, load_checkpoint
+from .weights import load_into
 
 __all__ = ["split_modules", "meta_config", "build_meta_model", "TargetModule", "Hybrid", "build_hybrid",
            "weights_sha256", "flops_per_image", "load_meta", "assemble", "train_meta", "train_module",
@@ -418,14 +419,26 @@ def _train(model, train_set, eval_set, cfg, out_dir, plan: dict, **train_kwargs)
     return train(model, train_set, eval_set, cfg, out_dir, stage=plan["stage"], metadata=plan, **train_kwargs)
 
 
+def _start_from(model: VisionTransformer, initial_checkpoint: Optional[str], plan: dict) -> None:
+    """Load `initial_checkpoint` (any format incubation.weights reads) into the fresh model and
+    record it in the plan (a resume from another start is then refused)."""
+    if initial_checkpoint is None:
+        return
+    load_into(model, initial_checkpoint)
+    plan["initial_checkpoint"] = os.path.abspath(initial_checkpoint)
+
+
 def train_meta(target_cfg: ViTConfig, K: int, train_set, eval_set, cfg, out_dir: str, *,
-               sizes: Optional[Sequence[int]] = None, drop_path_rate: float = 0.0, **train_kwargs):
-    """Stage 1: train the meta model of `target_cfg` cut into K modules. Returns the TrainResult.
+               sizes: Optional[Sequence[int]] = None, drop_path_rate: float = 0.0,
+               initial_checkpoint: Optional[str] = None, **train_kwargs):
+    """Stage 1: train the meta model of `target_cfg` cut into K modules (from the weights in
+    `initial_checkpoint` if given). Returns the TrainResult.
     (Every stage seeds torch with cfg.seed before building its model, so runs repeat exactly.)"""
     spans = split_modules(target_cfg, K, sizes)
     torch.manual_seed(cfg.seed)
     meta = build_meta_model(target_cfg, K, drop_path_rate)
     plan = _plan("meta", target_cfg, spans, meta_config=meta.config.to_dict())
+    _start_from(meta, initial_checkpoint, plan)
     return _train(meta, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)
 
 
@@ -457,9 +470,11 @@ def train_assembled(target_cfg: ViTConfig, module_checkpoints: Sequence[str], tr
     return _train(model, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)
 
 
-def train_e2e(target_cfg: ViTConfig, train_set, eval_set, cfg, out_dir: str, **train_kwargs):
-    """The baseline: the same target trained directly."""
+def train_e2e(target_cfg: ViTConfig, train_set, eval_set, cfg, out_dir: str, *,
+              initial_checkpoint: Optional[str] = None, **train_kwargs):
+    """The baseline: the same target trained directly (or fine-tuned from `initial_checkpoint`)."""
     torch.manual_seed(cfg.seed)
     model = VisionTransformer(target_cfg)
     plan = {"stage": "e2e", "target_config": target_cfg.to_dict()}
+    _start_from(model, initial_checkpoint, plan)
     return _train(model, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)

@@ -52,7 +52,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import deep
 from .nn import ViTConfig, VisionTransformer
 from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from .utils import file_sha256
@@ -342,8 +341,8 @@ def load_into(model: VisionTransformer, path, *, strict_head: bool = False, use_
     path = os.fspath(path)
     w = _read(path, use_ema)
     if w.metadata and w.metadata.get("stage") == "incubate":
-        raise CheckpointError(f"{path} holds one incubated module (keys {deep.MODULE_PREFIX}...), not a whole "
-                              f"model: assemble the modules first")
+        raise CheckpointError(f"{path} holds one incubated module, not a whole model: assemble the modules "
+                              f"first (incubation assemble)")
     grid = _metadata_grid(w.metadata)
     try:
         state_dict = resample_pos_embed(w.state_dict, model.config, old_grid=grid, antialias=antialias)
@@ -594,6 +593,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     `img_size` resamples pos_embed to another image size (`resample_pos_embed`; by default without
     antialiasing, as the authors' fine-tuning does); `model`, `num_heads`, `norm_eps`: see
     `official_config`."""
+    from . import deep   # deep loads initial weights through this module
     if kind not in ("auto", "meta", "model"):
         raise ValueError(f"kind must be 'auto', 'meta' or 'model', got {kind!r}")
     official = read_official(path)

@@ -63,9 +63,9 @@ def test_stages_one_by_one(folder, tmp_path, capsys):
     assert "K=2 modules of [4, 4] blocks; --modules/--split disagree" in capsys.readouterr().err
     assert _cli("incubate", "--module", "2", *common) == 2  # a usage error, found once K is known
     assert "error: argument --module: 2 is not a module of this run: it has K=2 modules" in capsys.readouterr().err
-    assert _cli("incubate", "--module", "1", "--init", "lemon", *common) == 0
+    assert _cli("incubate", "--module", "1", "--init", "lemon", "--meta-mode", "train", *common) == 0
     _, md = load_checkpoint(out / "incubate-1" / "final")
-    assert md["init"] == "lemon" and md["K"] == 2
+    assert md["init"] == "lemon" and md["K"] == 2 and md["meta_mode"] == "train"
     assert _cli("assemble", *common) == 1  # module 0 is missing
     assert "incubate-0/final.json does not exist" in capsys.readouterr().err
     assert _cli("incubate", "--module", "0", *common) == 0

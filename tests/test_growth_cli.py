@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from incubation import VisionTransformer, ViTConfig, cli
+from incubation.growth import apollo_schedule
 from incubation.train.checkpoint import load_checkpoint, save_checkpoint
 
 from test_cli import TINY, _cli
@@ -46,8 +47,11 @@ def test_expand_errors(tmp_path, capsys):
 
 def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli("grow", "--data", folder, "--out", out, "--stages", "1,2,4", "--epochs", "2", *TINY) == 0
+    assert _cli("grow", "--data", folder, "--out", out, "--stages", "1,2,4", "--switch", "0.2,0.5", "--epochs", "2",
+                *TINY) == 0
     assert "grow (Apollo): eval acc" in capsys.readouterr().out
+    _, run = load_checkpoint(out / "grow" / "final")
+    assert (run["stages"], run["switch_steps"]) == ([1, 2, 4], [2, 6])   # 12 steps
     state, md = load_checkpoint(out / "grow" / "model")
     cfg = ViTConfig.from_dict(md["target_config"])
     model = VisionTransformer(cfg)
@@ -55,3 +59,44 @@ def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):
     blocks = [torch.cat([p.flatten() for p in b.parameters()]) for b in model.blocks]
     assert len(blocks) == cfg.depth
     assert len({tuple(b[:8].tolist()) for b in blocks}) > 1  # grown blocks have diverged
+
+
+def test_grow_defaults_to_apollos_schedule_and_checks_the_options(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli("grow", "--data", folder, "--out", out, "--epochs", "3", *TINY) == 0
+    _, run = load_checkpoint(out / "grow" / "final")
+    # depth 8: 1/12, 1/4, 1/2, 1 of it; switches after 5, 10 and 25 % of the 18 steps
+    assert (run["stages"], run["switch_steps"]) == ([1, 2, 4, 8], [1, 2, 5])
+    assert apollo_schedule(8, 18) == ([1, 2, 4, 8], [1, 2, 5])
+    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.1,0.2", *TINY) == 2
+    assert "argument --switch: needs --stages" in capsys.readouterr().err
+    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,8", "--switch", "0.1,0.2",
+                *TINY) == 2
+    assert "2 fractions for the 1 switches" in capsys.readouterr().err
+    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.3,0.2", *TINY) == 2
+    assert "expected increasing comma-separated numbers in (0, 1)" in capsys.readouterr().err
+    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,2,4", *TINY) == 2
+    assert "argument --stages/--switch/--schedule" in capsys.readouterr().err
+
+
+def test_initial_checkpoint_starts_e2e_and_grow_and_is_refused_elsewhere(folder, tmp_path, capsys):
+    source = tmp_path / "src"
+    cfg = ViTConfig(img_size=28, patch_size=7, in_chans=3, num_classes=5, embed_dim=64, depth=8, num_heads=4)
+    torch.manual_seed(3)
+    save_checkpoint(str(source), VisionTransformer(cfg).state_dict(), {"stage": "e2e", "target_config": cfg.to_dict()})
+    out = tmp_path / "run"
+    # 28 px -> 14 px: pos_embed resampled; 5 classes -> 3: the head stays fresh (with a warning)
+    with pytest.warns(UserWarning, match="head is for 5 classes, the model's for 3"):
+        assert _cli("e2e", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "0.2",
+                    *TINY) == 0
+    _, md = load_checkpoint(out / "e2e" / "final")
+    assert md["initial_checkpoint"] == str(source)
+    with pytest.warns(UserWarning, match="head is for 5 classes"):
+        assert _cli("grow", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "3",
+                    *TINY) == 0
+    assert _cli("assemble", "--data", folder, "--out", out, "--initial-checkpoint", source, *TINY) == 2
+    assert "`assemble` builds its model from the previous stages" in capsys.readouterr().err
+    assert _cli("e2e", "--data", folder, "--out", tmp_path / "y", "--initial-checkpoint", tmp_path / "nothing",
+                *TINY) == 1
+    err = capsys.readouterr().err
+    assert "nothing" in err and "Traceback" not in err

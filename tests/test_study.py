@@ -10,7 +10,7 @@ from incubation import bench, deep
 study = bench.load_benchmark("study")
 
 MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets", "1,2", "--seeds", "2",
-        "--limit-train", "384", "--limit-eval", "128", "--no-progress"]
+        "--limit-train", "768", "--limit-eval", "128", "--no-progress"]
 
 
 def _apollo_flops(target, steps, seed, batch=128):
@@ -136,7 +136,7 @@ def test_incubation_bench_runs_the_study(tmp_path, capsys):
 def test_a_failing_job_is_named_and_its_dependents_skipped(tmp_path, capsys):
     out = str(tmp_path / "study")
     args = ["run", "--out", out, *MINI[:MINI.index("--budgets")], "--budgets", "1", "--seeds", "1",
-            "--methods", "deep", "--limit-train", "384", "--limit-eval", "128", "--no-progress"]
+            "--methods", "deep", "--limit-train", "768", "--limit-eval", "128", "--no-progress"]
     assert study.main(args) == 0
     for job in ("incubate-random-0/b1-s0", "assemble-random/b1-s0"):
         os.remove(os.path.join(out, job, "result.json"))

@@ -34,6 +34,7 @@ from __future__ import annotations
 import bisect
 import copy
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -41,8 +42,11 @@ import torch
 from torch import nn
 
 from ..nn.vit import ViTConfig, VisionTransformer
+from ..train import TrainResult, train
+from ..train.checkpoint import save_checkpoint
+from ..weights import load_into
 
-__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "lvps_depth", "shared_blocks", "interpolation_sources",
+__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "train_apollo", "lvps_depth", "shared_blocks", "interpolation_sources",
            "even_switch_steps", "default_stages", "APOLLO_STAGE_FRACTIONS", "APOLLO_SWITCH_FRACTIONS"]
 
 LVPS_X_LOW = 1e-6  # x ~ U(1e-6, 1)
@@ -329,3 +333,41 @@ def apollo_hook(step: int, model: nn.Module) -> None:
     if not isinstance(target, ApolloViT):
         raise TypeError(f"apollo_hook needs an ApolloViT model, got {type(target).__name__}")
     target.prepare_step(step)
+
+
+# --------------------------------------------------------------------------------------
+# a whole Apollo run
+# --------------------------------------------------------------------------------------
+def train_apollo(target: ViTConfig, train_set, eval_set, cfg, out_dir: str, *, stages: Optional[Sequence[int]] = None,
+                 switch_fractions: Optional[Sequence[float]] = None, schedule: str = "apollo",
+                 initial_checkpoint: Optional[str] = None, stage: str = "grow") -> tuple[TrainResult, str]:
+    """Train `target` the Apollo way for cfg.steps steps into `out_dir` (the engine's files) and
+    write the grown plain ViT to out_dir/model.safetensors. Returns (result, that path).
+
+    The schedule: `switch_fractions` (the fractions of the steps after which stages 2, 3, ...
+    begin, e.g. 0.05, 0.10, 0.25) with `stages`; else ApolloViT's `schedule` ("apollo": the
+    authors', "even": equal stages) over cfg.steps. `initial_checkpoint`: weights for the
+    target before Apollo's first stage (any format incubation.weights reads)."""
+    if cfg.steps is None:
+        raise ValueError("train_apollo needs cfg.steps: the schedule is laid out over them")
+    torch.manual_seed(cfg.seed)
+    vit = VisionTransformer(target)
+    if initial_checkpoint is not None:
+        load_into(vit, initial_checkpoint)
+    if switch_fractions is not None:
+        if stages is None:
+            raise ValueError("switch_fractions need the stages they switch between")
+        if list(switch_fractions) != sorted(switch_fractions) or not all(0 < f < 1 for f in switch_fractions):
+            raise ValueError(f"switch fractions must increase within (0, 1), got {list(switch_fractions)}")
+        switches = [max(1, round(f * cfg.steps)) for f in switch_fractions]
+        model = ApolloViT(vit, stages, switches, seed=cfg.seed)
+    else:
+        model = ApolloViT(vit, stages, total_steps=cfg.steps, schedule=schedule, seed=cfg.seed)
+    metadata = {"stage": stage, "stages": list(model.stages), "switch_steps": list(model.switch_steps),
+                "target_config": target.to_dict()}
+    if initial_checkpoint is not None:
+        metadata["initial_checkpoint"] = os.path.abspath(initial_checkpoint)
+    result = train(model, train_set, eval_set, cfg, out_dir, stage=stage, hooks=[apollo_hook], metadata=metadata)
+    path = save_checkpoint(os.path.join(out_dir, "model"), model.export().state_dict(),
+                           {"stage": stage, "target_config": target.to_dict(), "eval_acc": result.eval_acc})
+    return result, path

@@ -56,6 +56,7 @@ max / avgmax pooling followed by fc_norm (the max of the pad is not the mean of 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Optional
 
@@ -64,7 +65,7 @@ from torch import nn
 
 from ..nn.vit import Block, ViTConfig, VisionTransformer
 
-__all__ = ["lemon_expand", "expand_block", "lemon_schedule", "LEMON_DECAY_FRACTION", "LEMON_SHAPES", "DEPTH_INITS"]
+__all__ = ["lemon_expand", "expand_block", "lemon_schedule", "lemon_config", "LEMON_DECAY_FRACTION", "LEMON_SHAPES", "DEPTH_INITS"]
 
 # lemon_schedule(shape="hold") (our variant, a tunable choice, not a number from the paper): the
 # cosine reaches min_lr after this fraction of the post-warmup steps and min_lr is held for the rest.
@@ -137,6 +138,11 @@ def expand_block(block: Block, n: int, *, depth_init: str = "cancel", seed: int 
 def _check_depth_init(depth_init) -> None:
     if depth_init not in DEPTH_INITS:
         raise ValueError(f"depth_init must be one of {DEPTH_INITS}, got {depth_init!r}")
+
+
+def lemon_config(cfg, *, shape: str = "cosine"):
+    """The TrainConfig `cfg` with LEMON's schedule over its steps (`lemon_schedule`)."""
+    return dataclasses.replace(cfg, **lemon_schedule(cfg.steps, warmup_steps=cfg.warmup_steps, shape=shape))
 
 
 def lemon_schedule(total_steps: int, *, warmup_steps: int = 0, shape: str = "cosine",
