@@ -45,6 +45,7 @@ Choices (where this differs from the authors' DeiT-based code, on purpose):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -462,7 +463,9 @@ def train_assembled(target_cfg: ViTConfig, module_checkpoints: Sequence[str], tr
                     out_dir: str, *, meta_checkpoint: Optional[str] = None,
                     sizes: Optional[Sequence[int]] = None, **train_kwargs):
     """Stage 3: assemble the incubated modules (checked against `meta_checkpoint` if given) and
-    fine-tune the target end to end."""
+    fine-tune the target end to end. The assembled model is evaluated before the first step too
+    (metrics line of step 0): how well the modules fit together before any fine-tuning."""
+    cfg = dataclasses.replace(cfg, eval_at_start=True)
     meta_sha = load_meta(meta_checkpoint, target_cfg)[2] if meta_checkpoint is not None else None
     model, meta_sha, module_shas = _assemble(target_cfg, module_checkpoints, sizes, meta_sha)
     spans = split_modules(target_cfg, len(module_checkpoints), sizes)

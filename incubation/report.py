@@ -109,7 +109,19 @@ def _summarise(run_dir: str) -> dict:
     if e2e is not None:
         curves["end to end"] = _curve(e2e)
         summary["end to end"] = {"acc": e2e["eval_acc"], "flops": e2e["flops"], "wall_s": e2e["wall_s"]}
-    return {"run_dir": os.path.abspath(run_dir), "stages": stages, "curves": curves, "summary": summary}
+    return {"run_dir": os.path.abspath(run_dir), "stages": stages, "curves": curves, "summary": summary,
+            "assembly": _assembly(meta, incubations, assemble)}
+
+
+def _assembly(meta, incubations, assemble) -> Optional[dict]:
+    """How well the modules fit together: the meta model, each hybrid (the meta model with only
+    module i substituted), and the assembled model (all of them) before and after fine-tuning."""
+    if assemble is None:
+        return None
+    start = next((e["acc"] for e in assemble["evals"] if e["step"] == 0), None)
+    return {"meta": meta["eval_acc"] if meta else None,
+            "hybrids": {s["module"]: s["eval_acc"] for s in incubations},
+            "assembled_before_fine_tuning": start, "assembled": assemble["eval_acc"]}
 
 
 def _flop_unit(report: dict) -> tuple[float, str]:
@@ -161,6 +173,18 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _assembly_table(a: Optional[dict]) -> list[str]:
+    if not a:
+        return []
+    rows = [f"| meta model alone | {_fmt(a['meta'], '.2f')} |"]
+    rows += [f"| meta model with only module {i} (hybrid {i}) | {_fmt(acc, '.2f')} |"
+             for i, acc in sorted(a["hybrids"].items())]
+    rows += [f"| all modules assembled, before fine-tuning (step 0) | {_fmt(a['assembled_before_fine_tuning'], '.2f')} |",
+             f"| all modules assembled, after fine-tuning | {_fmt(a['assembled'], '.2f')} |"]
+    return ["", "Assembly: how well the incubated modules fit together (eval acc %):", "",
+            "| model | eval acc % |", "|---|---:|", *rows]
+
+
 def _recipe_table(report: dict) -> list[str]:
     """The important fields of each stage's config.json (see there for everything)."""
     rows = []
@@ -207,6 +231,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
+    lines += _assembly_table(report.get("assembly"))
     lines += _recipe_table(report)
     lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images, less the backward a hybrid's "
                   "frozen meta blocks skip (no weight gradients; none at all before the module).", ""]

@@ -41,7 +41,16 @@ def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
     assert set(report["stages"]) == set(stages)
     for name in ("report.md", "acc_vs_flops.png", "acc_vs_time.png", "stage_time.png"):
         assert (out / name).stat().st_size > 0
-    assert "| assemble |" in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "| assemble |" in report_md
+    # the assembled model is evaluated before fine-tuning, and the report says how it compares
+    first = json.loads(open(out / "assemble" / "metrics.jsonl").readline())
+    assert first["step"] == 0 and first["images"] == 0 and 0 <= first["eval_acc"] <= 100
+    assert report["assembly"]["assembled_before_fine_tuning"] == first["eval_acc"]
+    assert sorted(report["assembly"]["hybrids"]) == ["0", "1", "2", "3"]
+    assert f"| all modules assembled, before fine-tuning (step 0) | {first['eval_acc']:.2f} |" in report_md
+    assert "| meta model with only module 2 (hybrid 2) |" in report_md
+    assert "| data (train / eval images) |" in report_md and "| e2e | folder:" in report_md
     printed = capsys.readouterr().out
     assert "deep incubation: eval acc" in printed and "end to end: eval acc" in printed
 

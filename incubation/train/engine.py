@@ -57,7 +57,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
 NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("eval_every", "checkpoint_every", "num_workers", "device", "progress", "compile",
+_FREE_FIELDS = ("eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress", "compile",
                 "grad_checkpointing")
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     aug_repeats: int = 1           # repeated augmentation: each image this often per epoch (1 = off)
     seed: int = 0
     eval_every: int = 0            # steps between evaluations (0 = at the end only)
+    eval_at_start: bool = False    # also evaluate before the first step (a metrics line of step 0)
     checkpoint_every: int = 0      # steps between checkpoints (0 = end of each epoch and at the end)
     num_workers: int = 0
     device: str = "auto"           # auto -> cuda if available else cpu
@@ -436,7 +437,7 @@ def _write_summary(metrics_path: str, summary_path: str) -> None:
         for line in f:
             m = json.loads(line)
             if "eval_acc" in m:
-                rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"], "train_loss": m["loss"],
+                rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"], "train_loss": m.get("loss", ""),
                              "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
                              "ema_eval_loss": m.get("ema_eval_loss", ""), "ema_eval_top1": m.get("ema_eval_acc", ""),
                              "images": m["images"], "wall_s": m["wall_s"]})
@@ -742,6 +743,13 @@ class _Runner:
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
+        if cfg.eval_at_start and start == 0 and self.eval_set is not None:
+            line = {"step": 0, "epoch": 0.0, "lr": 0.0, "wall_s": self.wall_before, "images": 0, **self._evaluate_all()}
+            if self.flops is not None:
+                line["flops"] = 0.0
+            if self.rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json_dumps(line) + "\n")
         self.model.train()
         try:
             for step in range(start, total):
