@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,9 +49,12 @@ from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
 from incubation.presets import get_preset
 from incubation.train.checkpoint import atomic_write, load_checkpoint
+from incubation.utils import versions
 
 METHODS = {"e2e": "E2E", "deep": "Deep Incubation", "deep-lemon": "Deep Incubation, LEMON init",
-           "lemon": "LEMON", "apollo": "Apollo"}
+           "deep-metatrain": "Deep Incubation, meta in train mode", "lemon": "LEMON", "apollo": "Apollo"}
+# the Deep Incubation variants: (module init, how the hybrid runs its frozen meta blocks); all share the meta model
+DEEP_VARIANTS = {"deep": ("random", "eval"), "deep-lemon": ("lemon", "eval"), "deep-metatrain": ("random", "train")}
 DEEP_EPOCHS = {"meta": 3.0, "incubate": 1.0, "assemble": 1.0}  # the paper's 300 : 100 : 100
 LEMON_SMALL_SHARE = 0.25     # of the budget spent on training the small model
 CHECKPOINT_EVERY = 100       # steps: an interruption loses at most this much of a job
@@ -71,6 +73,7 @@ class StudyConfig:
     data_dir: Optional[str] = None
     limit_train: Optional[int] = None  # for the CI miniature: train / evaluate on N random images
     limit_eval: Optional[int] = None
+    val_size: Optional[int] = None     # evaluate on this many held-out training images (choices); test at the end
 
     def __post_init__(self):
         errors = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
@@ -176,14 +179,15 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
             jobs.append(Job(f"{stage}/{tag}", stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
             return stage
 
-        if {"deep", "deep-lemon"} & set(cfg.methods):
+        if set(DEEP_VARIANTS) & set(cfg.methods):
             scale = flops / deep_epoch  # a stage's epochs: DEEP_EPOCHS x scale
             steps = {k: _epoch_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
             add("meta", steps["meta"])
-            for init, method in (("random", "deep"), ("lemon", "deep-lemon")):
+            for method in DEEP_VARIANTS:
                 if method in cfg.methods:
-                    modules = [add(f"incubate-{init}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
-                    add(f"assemble-{init}", steps["assemble"], ["meta", *modules])
+                    variant = _variant(method)
+                    modules = [add(f"incubate-{variant}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
+                    add(f"assemble-{variant}", steps["assemble"], ["meta", *modules])
         if "lemon" in cfg.methods:
             small = 3.0 * _small(target).flops_per_image() * batch
             add("lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
@@ -197,18 +201,29 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
 
 def method_stages(method: str, K: int) -> list[str]:
     """The stages whose costs add up to a method's (the last one gives its accuracy)."""
-    if method in ("deep", "deep-lemon"):
-        init = "random" if method == "deep" else "lemon"
-        return ["meta", *[f"incubate-{init}-{i}" for i in range(K)], f"assemble-{init}"]
+    if method in DEEP_VARIANTS:
+        variant = _variant(method)
+        return ["meta", *[f"incubate-{variant}-{i}" for i in range(K)], f"assemble-{variant}"]
     return {"lemon": ["lemon-small", "lemon"]}.get(method, [method])
 
 
+def _variant(method: str) -> str:
+    """The stage-name part of a Deep Incubation variant: random, lemon or metatrain."""
+    return {"deep": "random", "deep-lemon": "lemon", "deep-metatrain": "metatrain"}[method]
+
+
 def _datasets(cfg: StudyConfig):
+    """(train, eval, test): eval is the validation split with --val-size (test stays for the
+    final numbers), else the test split itself."""
     from torch.utils.data import Subset
-    from incubation.data import load_dataset
+    from incubation.data import holdout, load_dataset
+    test = load_dataset("fashion-mnist", "test", cfg.data_dir)
+    if cfg.val_size:
+        train, evaluation = holdout("fashion-mnist", cfg.val_size, data_dir=cfg.data_dir)
+    else:
+        train, evaluation = load_dataset("fashion-mnist", "train", cfg.data_dir), test
     sets = []
-    for split, limit in (("train", cfg.limit_train), ("test", cfg.limit_eval)):
-        data = load_dataset("fashion-mnist", split, cfg.data_dir)
+    for data, limit in ((train, cfg.limit_train), (evaluation, cfg.limit_eval), (test, cfg.limit_eval)):
         if limit is not None and limit < len(data):
             keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
             data = Subset(data, keep.tolist())
@@ -218,8 +233,8 @@ def _datasets(cfg: StudyConfig):
 
 def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
     """Train one job (resuming its checkpoint if any); write and return its result.json."""
-    from incubation.train import train
-    train_set, eval_set = _datasets(cfg)
+    from incubation.train import evaluate, train
+    train_set, eval_set, test_set = _datasets(cfg)
     target, n, d = cfg.target(), len(train_set), os.path.join(out, job.name)
     tag = job.name.split("/", 1)[1]
 
@@ -236,12 +251,14 @@ def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
     elif job.stage == "meta":
         result = deep.train_meta(target, cfg.K, *data, config("meta"), d)
     elif job.stage.startswith("incubate-"):
-        _, init, i = job.stage.split("-")
+        _, variant, i = job.stage.split("-")
+        init, meta_mode = ("lemon", "eval") if variant == "lemon" else ("random", "train" if variant == "metatrain"
+                                                                        else "eval")
         result = deep.train_module(final("meta"), target, int(i), *data, config("incubate", init == "lemon"), d,
-                                   init=init)
+                                   init=init, meta_mode=meta_mode)
     elif job.stage.startswith("assemble-"):
-        init = job.stage.split("-")[1]
-        result = deep.train_assembled(target, [final(f"incubate-{init}-{i}") for i in range(cfg.K)], *data,
+        variant = job.stage.split("-")[1]
+        result = deep.train_assembled(target, [final(f"incubate-{variant}-{i}") for i in range(cfg.K)], *data,
                                       config("assemble"), d, meta_checkpoint=final("meta"))
     elif job.stage == "lemon-small":
         result = deep.train_e2e(_small(target), *data, config("e2e"), d)
@@ -253,11 +270,15 @@ def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
         result = train(big, *data, config("e2e", lemon=True), d, stage="lemon",
                        metadata={"stage": "lemon", "target_config": big.config.to_dict()})
     elif job.stage == "apollo":
-        result = train_apollo(target, *data, config("e2e"), d, stage="apollo")[0]
+        result, exported = train_apollo(target, *data, config("e2e"), d, stage="apollo")
     else:
         raise ValueError(f"unknown stage {job.stage!r}")
     summary = {"acc": result.eval_acc, "flops": result.train_flops, "wall_s": result.wall_seconds,
-               "steps": result.steps, "threads": torch.get_num_threads(), "commit": _machine()["commit"]}
+               "steps": result.steps, "threads": torch.get_num_threads(), "commit": versions()["commit"]}
+    if cfg.val_size and not job.stage.startswith(("meta", "incubate-", "lemon-small")):   # a method's final model
+        model = VisionTransformer(target if job.stage != "lemon" else big.config)
+        model.load_state_dict(load_checkpoint(exported if job.stage == "apollo" else result.checkpoint_path)[0])
+        summary["test_acc"] = evaluate(model, test_set)["acc"]
     atomic_write(os.path.join(d, "result.json"), json.dumps(summary).encode())
     return summary
 
@@ -362,6 +383,7 @@ def collect(cfg: StudyConfig, out: str) -> list[dict]:
             incubations = [w for s, w in walls.items() if s.startswith("incubate-")]
             parallel = sum(walls.values()) - sum(incubations) + max(incubations, default=0.0)
             points.append({"method": method, "budget": budget, "seed": seed, "acc": results[-1]["acc"],
+                           "test_acc": results[-1].get("test_acc"),
                            "flops": sum(r["flops"] for r in results), "wall_s": sum(walls.values()),
                            "wall_s_k_machines": parallel})
     return points
@@ -384,7 +406,10 @@ def summarise(cfg: StudyConfig, points: list[dict]) -> dict:
             if not mine:
                 continue
             acc, std = _mean_std([p["acc"] for p in mine])
-            rows.append({"budget": budget, "seeds": len(mine), "acc": acc, "acc_std": std,
+            tests = [p["test_acc"] for p in mine if p.get("test_acc") is not None]
+            test, test_std = _mean_std(tests) if tests else (None, None)
+            rows.append({"budget": budget, "seeds": len(mine), "acc": acc, "acc_std": std, "test_acc": test,
+                         "test_acc_std": test_std,
                          **{k: statistics.fmean(p[k] for p in mine) for k in ("flops", "wall_s", "wall_s_k_machines")}})
         table[method] = {"curve": rows}
     reference = table.get("e2e", {}).get("curve")
@@ -415,13 +440,9 @@ def _cost_to_reach(curve: list, acc: float, key: str) -> Optional[dict]:
 
 
 def _machine() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
+    code = versions()
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": code["torch"],
+            "python": code["python"], "commit": code["commit"],
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -464,17 +485,24 @@ def markdown(study: dict) -> str:
     top = cfg.budgets[-1]
     lines = [f"Target: ViT depth {cfg.depth}, width {cfg.width}, {cfg.heads} heads, patch {cfg.patch}, K = {cfg.K}; "
              f"budget unit = one E2E epoch = {study['budget_unit_flops'] / 1e12:.3f} TFLOP.", "",
-             f"At the largest budget ({top:g} E2E epochs, {cfg.seeds} seeds; mean ± std of top-1 %). "
-             "'To reach E2E' is the cost at which the method's curve reaches E2E's accuracy at this budget "
+             f"At the largest budget ({top:g} E2E epochs, {cfg.seeds} seeds; mean ± std of top-1 %"
+             + (f" on the validation split of {cfg.val_size} held-out training images, which every comparison "
+                "uses; the test split's top-1 is reported beside it, once per final model" if cfg.val_size else "")
+             + "). 'To reach E2E' is the cost at which the method's curve reaches E2E's accuracy at this budget "
              "(speedup = E2E's cost / that; '<=' when its cheapest point already does).", "",
-             "| method | top-1 % | TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | "
-             "to reach E2E: wall, K machines (s) |", "|---|---|---|---|---|---|---|"]
+             f"| method | {'val ' if cfg.val_size else ''}top-1 % |" + (" test top-1 % |" if cfg.val_size else "")
+             + " TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | to reach E2E: wall, K machines (s) |",
+             "|---|---|" + ("---|" if cfg.val_size else "") + "---|---|---|---|---|"]
     for method, entry in summary.items():
         row = entry["curve"][-1] if entry["curve"] and entry["curve"][-1]["budget"] == top else None
         if row is None:
             continue
         reach = entry.get("to_e2e_acc", {})
-        lines.append(f"| {METHODS[method]} | {_fmt_acc(row)} | {row['flops'] / 1e12:.2f} | {row['wall_s']:.0f} | "
+        test = ""
+        if cfg.val_size:
+            test = "-" if row.get("test_acc") is None else _fmt_acc({"acc": row["test_acc"], "acc_std": row["test_acc_std"]})
+            test = f" {test} |"
+        lines.append(f"| {METHODS[method]} | {_fmt_acc(row)} |{test} {row['flops'] / 1e12:.2f} | {row['wall_s']:.0f} | "
                      f"{row['wall_s_k_machines']:.0f} | {_fmt_reach(reach.get('flops'), 1e12)} | "
                      f"{_fmt_reach(reach.get('wall_s_k_machines'), 1)} |")
     lines += ["", "Top-1 % at every budget (seed 0 below the largest budget) and, in brackets, the FLOPs E2E needs "
@@ -545,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", type=nonempty_path, default=None)
     r.add_argument("--parallel", type=positive_int, default=2, help="jobs at once (default 2)")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--val-size", type=positive_int, default=None,
+                   help="evaluate on this many held-out training images (every curve and choice); the final "
+                        "models are also tested on the test split")
     r.add_argument("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS)
     rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs")
@@ -559,7 +590,8 @@ def _main(args) -> None:
     if args.command == "run":
         cfg = StudyConfig(depth=args.depth, width=args.width, heads=args.heads, patch=args.patch, K=args.K,
                           budgets=args.budgets, seeds=args.seeds, methods=args.methods.split(","),
-                          data_dir=args.data_dir, limit_train=args.limit_train, limit_eval=args.limit_eval)
+                          data_dir=args.data_dir, limit_train=args.limit_train, limit_eval=args.limit_eval,
+                          val_size=args.val_size)
         study = run(cfg, args.out, args.parallel, progress=not args.no_progress)
     elif args.command == "report":
         study = write_report(args.out)

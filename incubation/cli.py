@@ -217,6 +217,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
             "'folder:<path>' (ImageFolder with train/ and val/ or validation/)"),
         add("--data-dir", type=nonempty_path, default=None, help="where the data set files are (default: discovered)"),
+        add("--val-size", type=positive_int, default=None, help="evaluate on this many training images held out "
+            "(a fixed draw) instead of the test split: choose recipes there, keep the test split for the end"),
         add("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)"),
         add("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)"),
         add("--model", type=model_name, default=None, help="a timm ViT by name as the target (built with "
@@ -360,6 +362,8 @@ class _Run:
         directory = stage_dir(self.run_dir, stage, module)
         os.makedirs(directory, exist_ok=True)
         data = {"name": self.args.data, "train_images": len(self.train_set), "eval_images": len(self.eval_set),
+                "eval_split": "test" if self.args.val_size is None else
+                f"validation: {self.args.val_size} images held out of the training split",
                 "classes": list(getattr(_base(self.train_set), "classes", [])),
                 "transforms": {"train": repr(getattr(_base(self.train_set), "transform", None)),
                                "eval": repr(getattr(_base(self.eval_set), "transform", None))}}
@@ -371,8 +375,10 @@ class _Run:
 
 
 def _base(dataset):
-    """The data set under a Subset (--limit-train / --limit-eval)."""
-    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    """The data set under its Subsets (--val-size, --limit-train / --limit-eval)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
 
 
 def _augment(args, preset: Preset) -> Augment:
@@ -426,7 +432,7 @@ def _timm_patch_size(name: str) -> int:
 
 
 def _context(args) -> _Run:
-    from .data import load_dataset
+    from .data import holdout, load_dataset
     if args.initial_checkpoint is not None and args.command not in ("meta", "e2e", "grow"):
         raise UsageError(f"argument --initial-checkpoint: starts the model of `meta`, `e2e` or `grow`; "
                          f"`{args.command}` builds its model from the previous stages")
@@ -434,9 +440,12 @@ def _context(args) -> _Run:
     if args.out is None:
         args.out = os.path.join("runs", preset.name)
     img_size, augment = _img_size(args, preset), _augment(args, preset)
-    train_set, eval_set = (load_dataset(args.data, split, args.data_dir, img_size=img_size, augment=augment,
-                                        skip_bad_images=args.skip_bad_images) for split in ("train", "test"))
-    target = _target(args, preset, train_set)
+    load = dict(data_dir=args.data_dir, img_size=img_size, augment=augment, skip_bad_images=args.skip_bad_images)
+    if args.val_size is not None:
+        train_set, eval_set = holdout(args.data, args.val_size, **load)
+    else:
+        train_set, eval_set = (load_dataset(args.data, split, **load) for split in ("train", "test"))
+    target = _target(args, preset, _base(train_set))
     return _Run(args, preset, args.out, _subset(train_set, args.limit_train, args.seed),
                 _subset(eval_set, args.limit_eval, args.seed), target, augment)
 

@@ -124,3 +124,19 @@ def test_grad_checkpointing_flag_gives_the_same_run(folder, tmp_path):
     a, b = (load_checkpoint(tmp_path / run / "e2e" / "final")[0] for run in ("plain", "checkpointed"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_validation_split_is_held_out_of_the_training_images(folder, tmp_path):
+    train, val = data.holdout(folder, 12, img_size=16)
+    assert (len(train), len(val)) == (36, 12)
+    assert not set(train.indices) & set(val.indices)                      # disjoint
+    assert "RandomResizedCrop" in repr(train.dataset.transform) and "CenterCrop" in repr(val.dataset.transform)
+    assert data.holdout(folder, 12, img_size=16)[1].indices == val.indices  # the same draw every time
+    with pytest.raises(ValueError, match="validation split of 48 images"):
+        data.holdout(folder, 48)
+    out = tmp_path / "run"
+    assert _cli("e2e", "--data", folder, "--out", out, "--val-size", "12", "--img-size", "14", "--epochs", "0.5",
+                *QUICK) == 0
+    record = json.loads((out / "e2e" / "config.json").read_text())["data"]
+    assert (record["train_images"], record["eval_images"]) == (36, 12)
+    assert record["eval_split"] == "validation: 12 images held out of the training split"

@@ -6,11 +6,12 @@ import os
 import pytest
 
 from incubation import bench, deep
+from incubation.train.checkpoint import load_checkpoint
 
 study = bench.load_benchmark("study")
 
 MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets", "1,2", "--seeds", "2",
-        "--limit-train", "768", "--limit-eval", "128", "--no-progress"]
+        "--limit-train", "768", "--limit-eval", "128", "--val-size", "256", "--no-progress"]
 
 
 def _apollo_flops(target, steps, seed, batch=128):
@@ -94,6 +95,7 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
                   for s in study.method_stages(method, cfg.K)]
         assert abs(p["flops"] - budget * unit) <= sum(s["flops"] / s["steps"] for s in stages), (method, budget)
         assert 0 <= p["acc"] <= 100 and p["wall_s"] > 0
+        assert 0 <= p["test_acc"] <= 100   # the final model, on the test split (the curves use validation)
     # Deep Incubation's cost is the sum of its stages, its accuracy the assembled model's
     tag = "b2-s1"
     stages = [json.load(open(os.path.join(out, s, tag, "result.json")))
@@ -106,13 +108,16 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
     assert result["summary"]["e2e"]["to_e2e_acc"]["flops"]["speedup"] == pytest.approx(1.0)
     md = open(os.path.join(out, "study.md")).read()
     assert all(name in md for name in study.METHODS.values())
+    assert "| method | val top-1 % | test top-1 % |" in md and "validation split of 256 held-out" in md
+    _, meta_md = load_checkpoint(os.path.join(out, "incubate-metatrain-1", tag, "final"))
+    assert meta_md["meta_mode"] == "train"
     assert open(os.path.join(out, "study.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # a second run finds everything done; a lost job is redone alone, to the same result
     lost = os.path.join(out, "assemble-lemon", tag)
     before = json.load(open(os.path.join(lost, "result.json")))
     mtimes = {j.name: os.path.getmtime(os.path.join(out, j.name, "result.json"))
-              for j in study.plan_jobs(cfg, 384)}
+              for j in study.plan_jobs(cfg, 768)}
     for name in os.listdir(lost):
         os.remove(os.path.join(lost, name))
     assert study.main(["run", "--out", out, "--parallel", "2", *MINI]) == 0  # same threads: same numbers
@@ -136,7 +141,7 @@ def test_incubation_bench_runs_the_study(tmp_path, capsys):
 def test_a_failing_job_is_named_and_its_dependents_skipped(tmp_path, capsys):
     out = str(tmp_path / "study")
     args = ["run", "--out", out, *MINI[:MINI.index("--budgets")], "--budgets", "1", "--seeds", "1",
-            "--methods", "deep", "--limit-train", "768", "--limit-eval", "128", "--no-progress"]
+            "--methods", "deep", "--limit-train", "768", "--limit-eval", "128", "--val-size", "256", "--no-progress"]
     assert study.main(args) == 0
     for job in ("incubate-random-0/b1-s0", "assemble-random/b1-s0"):
         os.remove(os.path.join(out, job, "result.json"))

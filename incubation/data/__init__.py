@@ -14,12 +14,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .fashion_mnist import CLASSES, DatasetError, find_fashion_mnist, load_fashion_mnist_arrays, read_idx
 from .image_folder import ImageFolder, find_classes, split_dir
 
-__all__ = ["load_dataset", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
+__all__ = ["load_dataset", "holdout", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
            "read_idx", "default_workers", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = CLASSES
@@ -105,7 +105,7 @@ def default_workers(dataset) -> int:
 
 
 def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_images: bool = False,
-                  augment: Optional[Augment] = None) -> ImageFolder:
+                  augment: Optional[Augment] = None, augmented: Optional[bool] = None) -> ImageFolder:
     train, evaluation = split_dir(root, "train"), split_dir(root, "val")
     path = train if split == "train" else evaluation
     if path is None:
@@ -123,7 +123,7 @@ def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_image
                 f"{sorted(set(train_classes) - set(eval_classes))}; only in {os.path.basename(evaluation)}: "
                 f"{sorted(set(eval_classes) - set(train_classes))}): every later label would shift")
     size = img_size or 224
-    transform = (augment or Augment()).transform(size, training=split == "train")
+    transform = (augment or Augment()).transform(size, training=split == "train" if augmented is None else augmented)
     ds = ImageFolder(path, transform, classes, skip_bad_images=skip_bad_images)
     ds.num_classes, ds.in_chans, ds.img_size = len(ds.classes), 3, size
     return ds
@@ -131,18 +131,36 @@ def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_image
 
 def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir: Optional[str] = None,
                  img_size: Optional[int] = None, download: bool = True, skip_bad_images: bool = False,
-                 augment: Optional[Augment] = None) -> Dataset:
-    """The `split` ('train' or 'test'/'val') of data set `name` (see the module docstring).
+                 augment: Optional[Augment] = None, augmented: Optional[bool] = None) -> Dataset:
+    """The `split` ('train' or 'test'/'val': the data set's test images) of data set `name` (see
+    the module docstring). For a validation split carved from the training images see `holdout`.
 
-    augment (ImageFolder only): the transforms' recipe (default `Augment()`: crop and flip).
+    augment (ImageFolder only): the transforms' recipe (default `Augment()`: crop and flip);
+    augmented: training (True) or evaluation (False) transforms, default by the split.
     skip_bad_images (ImageFolder only): skip unreadable images, counting them in the dataset's
     `bad_images`, instead of raising DatasetError naming the file."""
     if split not in ("train", "test", "val"):
         raise ValueError(f"split must be 'train', 'test' or 'val', got {split!r}")
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist_arrays("train" if split == "train" else "test", data_dir, download)
-        return TensorImageDataset(images, labels, len(CLASSES), (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,),
-                                  img_size)
+        ds = TensorImageDataset(images, labels, len(CLASSES), (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,), img_size)
+        ds.classes = list(CLASSES)
+        return ds
     if name.startswith("folder:"):
-        return _image_folder(name[len("folder:"):], split, img_size, skip_bad_images, augment)
+        return _image_folder(name[len("folder:"):], split, img_size, skip_bad_images, augment, augmented)
     raise ValueError(f"unknown data set {name!r}: use 'fashion-mnist' or 'folder:<path>'")
+
+
+HOLDOUT_SEED = 0   # one fixed draw: every run and every method validates on the same images
+
+
+def holdout(name: str, size: int, **load_kwargs) -> tuple[Dataset, Dataset]:
+    """(train, validation): `size` images of the training split held out to validate on (with
+    the evaluation transforms), the rest to train on. Recipes and defaults are chosen on this
+    validation split; the test split is kept for final numbers. `load_kwargs`: load_dataset's."""
+    train = load_dataset(name, "train", **load_kwargs)
+    if not 0 < size < len(train):
+        raise ValueError(f"a validation split of {size} images needs 0 < size < {len(train)}, the training images")
+    view = train if name == "fashion-mnist" else load_dataset(name, "train", augmented=False, **load_kwargs)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(HOLDOUT_SEED)).tolist()
+    return Subset(train, order[size:]), Subset(view, order[:size])
