@@ -43,11 +43,13 @@ from typing import Optional
 import torch
 
 from incubation import ViTConfig, VisionTransformer, deep
+from incubation.nn import train_flops_per_image
 from incubation import jobs as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
 from incubation.presets import get_preset
+from incubation.train import epochs_to_steps
 from incubation.train.checkpoint import atomic_write, load_checkpoint
 from incubation.utils import versions
 
@@ -113,10 +115,6 @@ def _tag(budget: float, seed: int) -> str:
     return f"b{budget:g}-s{seed}"
 
 
-def _epoch_steps(epochs: float, num_train: int, batch: int) -> int:
-    return max(1, round(epochs * num_train / batch))
-
-
 @dataclass
 class Job:
     name: str               # <stage>/b<budget>-s<seed>: also its directory under --out
@@ -147,7 +145,7 @@ def _apollo_fits(depth: int, steps: int) -> bool:
 def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int:
     """The most Apollo steps whose training FLOPs stay within `flops` (its sampled depths are a
     pure function of (seed, step), so the cost of a run is known before it starts)."""
-    per_depth = {d: 3.0 * batch * target.replace(depth=d).flops_per_image() for d in range(1, target.depth + 1)}
+    per_depth = {d: batch * train_flops_per_image(target.replace(depth=d)) for d in range(1, target.depth + 1)}
 
     def cost(steps):
         model = _apollo(target, steps, seed)
@@ -165,12 +163,12 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
     """Every job of the study, in the order they start: the largest budgets first, so that the
     small jobs fill the end of a parallel run; in a run, the longest chain (Deep Incubation) first."""
     target, K, batch = cfg.target(), cfg.K, _recipe("e2e").batch_size
-    epoch = 3.0 * target.flops_per_image() * num_train  # the budget unit
+    epoch = train_flops_per_image(target) * num_train  # the budget unit
     meta = deep.build_meta_model(target, K)
-    deep_epoch = num_train * (DEEP_EPOCHS["meta"] * 3.0 * meta.flops_per_image()
+    deep_epoch = num_train * (DEEP_EPOCHS["meta"] * train_flops_per_image(meta)
                               + DEEP_EPOCHS["incubate"] * sum(deep.build_hybrid(meta, target, i).train_flops_per_image()
                                                               for i in range(K))
-                              + DEEP_EPOCHS["assemble"] * 3.0 * target.flops_per_image())
+                              + DEEP_EPOCHS["assemble"] * train_flops_per_image(target))
     jobs = []
     for budget, seed in reversed(cfg.runs()):
         flops, tag = budget * epoch, _tag(budget, seed)
@@ -181,7 +179,7 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
 
         if set(DEEP_VARIANTS) & set(cfg.methods):
             scale = flops / deep_epoch  # a stage's epochs: DEEP_EPOCHS x scale
-            steps = {k: _epoch_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
+            steps = {k: epochs_to_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
             add("meta", steps["meta"])
             for method in DEEP_VARIANTS:
                 if method in cfg.methods:
@@ -189,13 +187,13 @@ def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
                     modules = [add(f"incubate-{variant}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
                     add(f"assemble-{variant}", steps["assemble"], ["meta", *modules])
         if "lemon" in cfg.methods:
-            small = 3.0 * _small(target).flops_per_image() * batch
+            small = train_flops_per_image(_small(target)) * batch
             add("lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
             add("lemon", max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / batch)), ["lemon-small"])
         if "apollo" in cfg.methods:
             add("apollo", _apollo_steps(target, flops, batch, seed))
         if "e2e" in cfg.methods:
-            add("e2e", _epoch_steps(budget, num_train, batch))
+            add("e2e", epochs_to_steps(budget, num_train, batch))
     return jobs
 
 
@@ -455,7 +453,7 @@ def write_report(out: str) -> dict:
     state = _state(out)
     study = {"config": dataclasses.asdict(cfg), "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
              "elapsed_s": state.get("elapsed_s"), "num_train": state["num_train"],
-             "budget_unit_flops": 3.0 * cfg.target().flops_per_image() * state["num_train"],
+             "budget_unit_flops": train_flops_per_image(cfg.target()) * state["num_train"],
              "points": points, "summary": summarise(cfg, points)}
     atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1).encode())
     atomic_write(os.path.join(out, "study.md"), markdown(study).encode())

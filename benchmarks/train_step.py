@@ -33,6 +33,7 @@ from common import (DTYPES, MODELS, REPO, TRITON_ON_CPU, PeakRSS, describe_envir
 
 import incubation  # noqa: E402
 from incubation import ops  # noqa: E402
+from incubation.nn import train_flops_per_image  # noqa: E402
 
 PROVIDERS = ("ours-eager", "ours-triton", "ours-cuda", "ours-cpp", "ours-auto", "timm", "timm-compile")
 GPU_BATCH = {"Ti": 256, "S": 256, "B": 256, "L": 128, "H": 64, "demo": 1024}
@@ -261,7 +262,7 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
         c = ours.config
         images = torch.randn(size, c.in_chans, *c.img_size, device=dev)
         labels = torch.randint(0, c.num_classes, (size,), device=dev)
-        flops = 3 * ours.flops_per_image() * size  # forward + backward (2x)
+        flops = train_flops_per_image(ours) * size
         base = dict(model=model, batch=size, amp=amp)
         results = bench_providers(providers, ours, images, labels, autocast, dev, quick, warmup, log)
         for provider in providers:

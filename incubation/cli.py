@@ -49,7 +49,7 @@ from . import deep, jobs, ops
 from .data import Augment, default_workers
 from .errors import IncubationError
 from .growth import lemon_config
-from .nn import VisionTransformer, ViTConfig
+from .nn import VisionTransformer, ViTConfig, train_flops_per_image
 from .presets import PRESETS, Preset, Recipe, get_preset
 from .report import pipeline_cost, read_stage, stage_dir, write_report
 from .timm_compat import timm_config
@@ -547,7 +547,7 @@ def _e2e(run: _Run, matched: bool):
     if matched and cost is None:
         raise FileNotFoundError(f"{run.run_dir} has no finished meta + incubate + assemble stages to match")
     if cost is not None:  # the same training FLOPs as the whole Deep Incubation pipeline
-        steps = max(1, round(cost["flops"] / (3.0 * deep.flops_per_image(target) * recipe.batch_size)))
+        steps = max(1, round(cost["flops"] / (train_flops_per_image(target) * recipe.batch_size)))
         _say(run.args, f"e2e: {steps} steps of {recipe.batch_size} images = the pipeline's "
                        f"{cost['flops'] / 1e12:.2f} TFLOP")
     cfg = run.train_config(recipe, steps)

@@ -55,11 +55,12 @@ import torch
 from torch import nn
 
 from .nn import ViTConfig, VisionTransformer
+from .nn.vit import TRAIN_FLOPS_PER_FORWARD
 from .train.checkpoint import CheckpointError, load_checkpoint
 from .weights import load_into
 
 __all__ = ["split_modules", "meta_config", "build_meta_model", "TargetModule", "Hybrid", "build_hybrid",
-           "weights_sha256", "flops_per_image", "load_meta", "assemble", "train_meta", "train_module",
+           "weights_sha256", "load_meta", "assemble", "train_meta", "train_module",
            "train_assembled", "train_e2e", "MODULE_PREFIX", "META_MODES"]
 
 MODULE_PREFIX = "module."          # key prefix of a TargetModule inside a Hybrid (and its checkpoint)
@@ -164,14 +165,9 @@ class TargetModule(VisionTransformer):
         return _block_flops(self.config) * len(self.span)
 
 
-def flops_per_image(cfg: ViTConfig) -> int:
-    """Forward FLOPs per image of a whole model of config `cfg` (without building it)."""
-    return cfg.flops_per_image()
-
-
 def _block_flops(cfg: ViTConfig) -> int:
     """Forward FLOPs per image of one transformer block of config `cfg`."""
-    return flops_per_image(cfg.replace(depth=2)) - flops_per_image(cfg.replace(depth=1))
+    return cfg.replace(depth=2).flops_per_image() - cfg.replace(depth=1).flops_per_image()
 
 
 class Hybrid(nn.Module):
@@ -232,7 +228,7 @@ class Hybrid(nn.Module):
 
     def flops_per_image(self) -> int:
         """Forward FLOPs: those of a ViT with the hybrid's depth (K - 1 + module blocks)."""
-        return flops_per_image(self.meta.config.replace(depth=self.K - 1 + len(self.module.span)))
+        return self.meta.config.replace(depth=self.K - 1 + len(self.module.span)).flops_per_image()
 
     def train_flops_per_image(self) -> int:
         """FLOPs of one training image: 3x forward, less the backward the frozen meta blocks skip.
@@ -240,7 +236,7 @@ class Hybrid(nn.Module):
         backpropagate input gradients but compute no weight gradients (1x forward instead of 2x).
         The stem / head are counted as trained (a negligible overcount)."""
         before, after = self.index, self.K - 1 - self.index
-        return 3 * self.flops_per_image() - _block_flops(self.meta.config) * (2 * before + after)
+        return TRAIN_FLOPS_PER_FORWARD * self.flops_per_image() - _block_flops(self.meta.config) * (2 * before + after)
 
 
 def build_hybrid(meta: VisionTransformer, target_cfg: ViTConfig, index: int,

@@ -23,6 +23,7 @@ from typing import Optional
 
 from .data import Augment
 from .nn import ViTConfig
+from .train import TrainConfig, epochs_to_steps
 
 __all__ = ["Recipe", "Preset", "PRESETS", "STAGES", "OFFICIAL_AUGMENT", "get_preset"]
 
@@ -54,18 +55,17 @@ class Recipe:
 
     def steps(self, num_train: int) -> int:
         """Optimizer steps of `epochs` passes over `num_train` images (at least 1)."""
-        return max(1, round(self.epochs * num_train / self.batch_size))
+        return epochs_to_steps(self.epochs, num_train, self.batch_size)
 
     def train_config(self, num_train: int, steps: Optional[int] = None, **options):
         """The engine's TrainConfig of this recipe on `num_train` images; `steps` overrides the
         epochs; `options` are the TrainConfig fields a recipe leaves open (seed, device, ...)."""
-        from .train import TrainConfig
         steps = steps or self.steps(num_train)
         evals = self.evals or max(1, round(steps * self.batch_size / num_train))  # default: every epoch
         return TrainConfig(
             steps=steps, batch_size=self.batch_size, lr=self.peak_lr, min_lr=min(self.min_lr, self.peak_lr),
             weight_decay=self.weight_decay, clip_grad=self.clip_grad, label_smoothing=self.label_smoothing,
-            warmup_steps=min(round(self.warmup_epochs * num_train / self.batch_size), steps - 1),
+            warmup_steps=min(epochs_to_steps(self.warmup_epochs, num_train, self.batch_size, minimum=0), steps - 1),
             mixup=self.mixup, cutmix=self.cutmix, ema_decay=self.ema_decay, aug_repeats=self.aug_repeats,
             eval_every=math.ceil(steps / evals), **options)
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ViTConfig", "VisionTransformer", "Block", "Attention", "Mlp", "LayerScale",
+__all__ = ["ViTConfig", "VisionTransformer", "train_flops_per_image", "TRAIN_FLOPS_PER_FORWARD", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
 
 POOLS = ("", "token", "avg", "avgmax", "max")
@@ -195,6 +195,21 @@ def _take_indices(n: int, indices: Union[int, Sequence[int], None]) -> tuple[lis
         if not take or any(not 0 <= i < n for i in take):
             raise ValueError(f"block indices {list(indices)} must be in -{n}..{n - 1} (and not empty)")
     return take, max(take)
+
+
+# A training image costs its forward pass plus a backward pass of about twice that (gradients
+# with respect to the inputs and to the weights).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+def train_flops_per_image(model) -> float:
+    """Training FLOPs of one image for a model (or a ViTConfig): its own
+    train_flops_per_image() where it knows better (a hybrid's frozen blocks skip the weight
+    gradients), else TRAIN_FLOPS_PER_FORWARD x its forward FLOPs."""
+    own = getattr(model, "train_flops_per_image", None)
+    if callable(own):
+        return float(own())
+    return float(TRAIN_FLOPS_PER_FORWARD * model.flops_per_image())
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:

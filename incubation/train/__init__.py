@@ -2,7 +2,7 @@
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import DivergedError, TrainConfig, TrainResult, evaluate, train
 from .lock import RunDirLocked
-from .schedule import lr_at
+from .schedule import epochs_to_steps, lr_at
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_at", "save_checkpoint", "load_checkpoint",
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_at", "epochs_to_steps", "save_checkpoint", "load_checkpoint",
            "CheckpointError", "DivergedError", "RunDirLocked"]

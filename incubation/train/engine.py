@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import ops
 from ..errors import IncubationError
+from ..nn.vit import train_flops_per_image
 from ..utils import json_dumps
 from .checkpoint import (CheckpointError, atomic_write, first_nonfinite, load_checkpoint, load_checkpoint_state,
                          recover_checkpoint, save_checkpoint)
@@ -456,13 +457,10 @@ def _trajectory(cfg: TrainConfig) -> dict:
 
 
 def _train_flops(model: nn.Module) -> Optional[Callable[[], float]]:
-    """Training FLOPs per image, asked at every log line (Apollo's cost changes with the sampled
-    depth): model.train_flops_per_image() where the model knows better (a hybrid's frozen parts
-    skip the weight gradients), else 3 x model.flops_per_image() (forward + 2x backward)."""
-    if callable(getattr(model, "train_flops_per_image", None)):
-        return model.train_flops_per_image
-    if callable(getattr(model, "flops_per_image", None)):
-        return lambda: 3.0 * model.flops_per_image()
+    """Training FLOPs per image (`train_flops_per_image`), asked at every log line (Apollo's
+    cost changes with the sampled depth); None for a model that cannot count its FLOPs."""
+    if any(callable(getattr(model, name, None)) for name in ("train_flops_per_image", "flops_per_image")):
+        return lambda: train_flops_per_image(model)
     return None
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lr_at"]
+__all__ = ["lr_at", "epochs_to_steps"]
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -17,3 +17,9 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps
         return lr * (step + 1) / warmup_steps
     t = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+def epochs_to_steps(epochs: float, num_train: int, batch_size: int, minimum: int = 1) -> int:
+    """Optimizer steps of `epochs` passes over `num_train` images in batches of `batch_size`
+    (rounded, at least `minimum`)."""
+    return max(minimum, round(epochs * num_train / batch_size))
