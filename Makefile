@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(PY) -m incubation.cli run
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 install: $(STAMP)

@@ -7,6 +7,7 @@ Timing: `triton.testing.do_bench` on CUDA (median, L2 flushed between repeats) a
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import math
@@ -118,7 +119,7 @@ def measure_ceilings(device: torch.device, dtypes: Sequence[str], quick: bool = 
     nbytes = (1 << 30 if gpu else 128 << 20) // (4 if quick else 1)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src), device, quick=quick)
+    copy_ms = median_ms(functools.partial(dst.copy_, src), device, quick=quick)
     del src, dst
     n = (8192 if gpu else 1024) // (2 if quick else 1)
     matmul = {}

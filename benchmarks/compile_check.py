@@ -89,7 +89,6 @@ def _attention_args(head_dim: int, dkdv_or_dq: bool) -> dict:
 
 def _cases_attention(kernel: str, head_dims) -> list:
     """(label, args, constexprs, autotuned) for the attention kernels."""
-    from incubation.kernels import attention as a
     cases = []
     for hd in head_dims:
         if kernel == "attention_fwd":
@@ -286,7 +285,7 @@ def compile_one(job: dict) -> dict:
                       smem_bytes=compiled.metadata.shared, static_smem_bytes=static_smem, registers=regs,
                       spill_bytes=int(spills.group(1)) if spills else stack + local,  # (no log: the frame)
                       stack_bytes=stack + local, mma=mma)
-    except Exception as exc:  # a config that does not compile is a finding, not a crash
+    except Exception as exc:  # noqa: BLE001 - a config that does not compile is a finding, not a crash
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [""]
         if lines[0].startswith("at ") and len(lines) > 1:  # Triton's frontend: "at L:C:", the source, the message
             message = f"{lines[0]} {lines[-1]}"

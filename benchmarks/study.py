@@ -42,16 +42,16 @@ from typing import Optional
 
 import torch
 
-from incubation import ViTConfig, VisionTransformer, deep
-from incubation.nn import train_flops_per_image
+from incubation import VisionTransformer, ViTConfig, deep
 from incubation import jobs as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
+from incubation.nn import train_flops_per_image
 from incubation.presets import get_preset
 from incubation.train import epochs_to_steps
-from incubation.train.checkpoint import atomic_write, load_checkpoint
-from incubation.utils import versions
+from incubation.train.checkpoint import load_checkpoint
+from incubation.utils import atomic_write, versions
 
 METHODS = {"e2e": "E2E", "deep": "Deep Incubation", "deep-lemon": "Deep Incubation, LEMON init",
            "deep-metatrain": "Deep Incubation, meta in train mode", "lemon": "LEMON", "apollo": "Apollo"}
@@ -214,6 +214,7 @@ def _datasets(cfg: StudyConfig):
     """(train, eval, test): eval is the validation split with --val-size (test stays for the
     final numbers), else the test split itself."""
     from torch.utils.data import Subset
+
     from incubation.data import holdout, load_dataset
     test = load_dataset("fashion-mnist", "test", cfg.data_dir)
     if cfg.val_size:

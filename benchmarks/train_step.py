@@ -27,9 +27,28 @@ import torch.nn.functional as F
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (incubation bench)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (DTYPES, MODELS, REPO, TRITON_ON_CPU, PeakRSS, describe_environment,  # noqa: E402
-                    describe_error, environment, fmt, free_memory, median_ms, parse_list, pyplot, resolve_device,
-                    set_threads, table, target, targets_markdown, targets_text, write_outputs)
+from common import (  # noqa: E402
+    DTYPES,
+    MODELS,
+    REPO,
+    TRITON_ON_CPU,
+    PeakRSS,
+    describe_environment,
+    describe_error,
+    environment,
+    fmt,
+    free_memory,
+    median_ms,
+    parse_list,
+    pyplot,
+    resolve_device,
+    set_threads,
+    table,
+    target,
+    targets_markdown,
+    targets_text,
+    write_outputs,
+)
 
 import incubation  # noqa: E402
 from incubation import ops  # noqa: E402

@@ -6,7 +6,7 @@ Deep Incubation (meta model -> modules incubated independently -> assembled), mo
 __version__ = "0.1.0"  # before the imports: incubation.dispatch reads it
 
 from . import ops
-from .nn import (Attention, Block, LayerScale, Mlp, PatchEmbed, ViTConfig, VisionTransformer)
+from .nn import Attention, Block, LayerScale, Mlp, PatchEmbed, VisionTransformer, ViTConfig
 from .timm_compat import from_timm, to_timm
 
 __all__ = ["ops", "Attention", "Block", "LayerScale", "Mlp", "PatchEmbed", "ViTConfig",

@@ -42,7 +42,6 @@ import time
 from typing import Callable, Optional
 
 import torch
-
 from torch.utils.data import Dataset
 
 from . import deep, jobs, ops
@@ -51,11 +50,11 @@ from .errors import IncubationError
 from .growth import lemon_config
 from .nn import VisionTransformer, ViTConfig, train_flops_per_image
 from .presets import PRESETS, Preset, Recipe, get_preset
-from .report import pipeline_cost, read_stage, stage_dir, write_report
+from .report import write_report
+from .rundir import pipeline_cost, read_stage, stage_dir
 from .timm_compat import timm_config
 from .train import TrainConfig
-from .train.checkpoint import atomic_write
-from .utils import json_dumps, versions
+from .utils import atomic_write, json_dumps, versions
 
 __all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "common_argv", "build_parser", "UsageError",
            "error_message", "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float",
@@ -185,6 +184,7 @@ def device_name(text: str) -> str:
 def model_name(text: str) -> str:
     """A timm model name (checked against timm's registry; the ViT options are checked when built)."""
     import difflib
+
     import timm
     if not text or not timm.is_model(text):
         near = difflib.get_close_matches(text, timm.list_models(), n=3) if text else []
@@ -620,6 +620,7 @@ def _tune_models(args) -> list[torch.nn.Module]:
     since stochastic depth changes which fused ops a block calls."""
     if args.model:
         import timm
+
         from .timm_compat import from_timm
         try:
             return [from_timm(timm.create_model(args.model, pretrained=False))]
@@ -712,7 +713,6 @@ def _model_config(path: str, md: dict):
 
 def _cmd_expand(args):
     from .growth import lemon_expand
-
     from .train.checkpoint import load_checkpoint, save_checkpoint
     state, md = load_checkpoint(args.checkpoint)
     source = VisionTransformer(_model_config(args.checkpoint, md))

@@ -54,7 +54,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .nn import ViTConfig, VisionTransformer
+from .nn import VisionTransformer, ViTConfig
 from .nn.vit import TRAIN_FLOPS_PER_FORWARD
 from .train.checkpoint import CheckpointError, load_checkpoint
 from .weights import load_into

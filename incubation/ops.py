@@ -28,8 +28,19 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .dispatch import (BACKENDS, OPS, BackendError, backends, current_backend, format_backends, implements,
-                       register, share_decisions, tune, use_backend)
+from .dispatch import (
+    BACKENDS,
+    OPS,
+    BackendError,
+    backends,
+    current_backend,
+    format_backends,
+    implements,
+    register,
+    share_decisions,
+    tune,
+    use_backend,
+)
 
 __all__ = [
     "attention", "layer_norm", "add_layer_norm", "linear",

@@ -8,7 +8,7 @@ import functools
 import torch
 from torch import nn
 
-from .nn.vit import ViTConfig, VisionTransformer
+from .nn.vit import VisionTransformer, ViTConfig
 
 __all__ = ["from_timm", "to_timm", "timm_config"]
 
@@ -16,7 +16,8 @@ __all__ = ["from_timm", "to_timm", "timm_config"]
 def _timm():
     try:
         from timm.layers import Attention, LayerScale, Mlp, PatchEmbed
-        from timm.models.vision_transformer import Block, VisionTransformer as TimmViT
+        from timm.models.vision_transformer import Block
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
     except ImportError as exc:  # pragma: no cover - timm is a dependency
         raise ImportError(f"timm is needed for conversion: {exc}") from exc
     return TimmViT, Block, Attention, Mlp, PatchEmbed, LayerScale

@@ -60,6 +60,29 @@ def default_file_mode() -> int:
     return 0o666 & ~umask()
 
 
+TMP_SUFFIX = ".tmp"   # a file being written: renamed over its name when complete
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or creation of `path` durable: fsync the directory holding it."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old or the new content, never a part."""
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path)
+
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

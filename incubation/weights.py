@@ -52,7 +52,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .nn import ViTConfig, VisionTransformer
+from .nn import VisionTransformer, ViTConfig
 from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from .utils import file_sha256
 
@@ -174,7 +174,7 @@ def _unwrap(obj, path: str, use_ema: bool) -> dict:
 
 
 def _clean(state_dict: dict) -> dict:
-    from timm.models import clean_state_dict   # strips 'module.' (DDP) and '_orig_mod.' (torch.compile)
+    from timm.models import clean_state_dict  # strips 'module.' (DDP) and '_orig_mod.' (torch.compile)
     return clean_state_dict(state_dict)
 
 
@@ -593,7 +593,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     `img_size` resamples pos_embed to another image size (`resample_pos_embed`; by default without
     antialiasing, as the authors' fine-tuning does); `model`, `num_heads`, `norm_eps`: see
     `official_config`."""
-    from . import deep   # deep loads initial weights through this module
+    from . import deep  # deep loads initial weights through this module
     if kind not in ("auto", "meta", "model"):
         raise ValueError(f"kind must be 'auto', 'meta' or 'model', got {kind!r}")
     official = read_official(path)

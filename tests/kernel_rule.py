@@ -1,4 +1,4 @@
-"""Shared checks for every fast backend (extension, Triton): DESIGN.md's tolerance rule.
+"""Shared checks for every fast backend (extension, Triton): docs/DESIGN.md's tolerance rule.
 
 A kernel's error against a float64 reference may be at most `factor` (2) times eager PyTorch's
 error in the same dtype, plus an atol of a few float32 ulps at the reference's scale; outputs

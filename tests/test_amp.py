@@ -1,7 +1,7 @@
 """Mixed dtypes as autocast makes them (issue 13, item 5): a whole ViT block under autocast, with
 the fused add + LayerNorm and the linear residual epilogue serving an fp32 residual stream and a
 half-precision branch, on the forced backend (a refusal would raise BackendError), its output
-and every gradient within DESIGN.md's rule against float64.
+and every gradient within docs/DESIGN.md's rule against float64.
 
 Triton under the interpreter runs fp16 autocast: its bf16 casts truncate (tests/test_triton.py),
 so bf16 is judged on the GPU twin. The cpp backend runs bf16 and fp16 autocast on CPU.
@@ -19,10 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from kernel_rule import assert_within_rule, poisoned_memory  # noqa: E402
 
 from incubation import ops  # noqa: E402
 from incubation.nn.vit import Block  # noqa: E402
-from kernel_rule import assert_within_rule, poisoned_memory  # noqa: E402
 
 
 def _module(name):

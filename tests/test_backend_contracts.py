@@ -2,7 +2,7 @@
 
 - Second derivatives (create_graph=True, then differentiating the gradient again, as a
   gradient penalty does) are exact: gradgradcheck in float64 on the C++ kernels, and
-  Hessian-vector products against eager float64 with DESIGN.md's rule on every backend.
+  Hessian-vector products against eager float64 with docs/DESIGN.md's rule on every backend.
 - 1-D parameters (LayerNorm weight / bias, linear bias / layer scale) of any stride, sliced
   (w[::2]) or expanded (stride 0), and activations with odd layouts (stride-0 rows, a
   transposed last dimension) give eager's outputs and gradients (an expanded tensor's
@@ -16,10 +16,10 @@ import itertools
 
 import pytest
 import torch
+from kernel_rule import assert_within_rule, backend_params, check_against_reference, make, poisoned_memory
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from incubation import ops
-from kernel_rule import assert_within_rule, backend_params, check_against_reference, make, poisoned_memory
 
 EPS = 1e-5
 LINEAR_FLAGS = list(itertools.product((False, True), repeat=4))   # bias, gelu, layer_scale, residual

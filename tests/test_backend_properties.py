@@ -1,4 +1,4 @@
-"""Property tests: every fast backend's ops against eager float64 (DESIGN.md's rule, outputs and
+"""Property tests: every fast backend's ops against eager float64 (docs/DESIGN.md's rule, outputs and
 every gradient) over random shapes, layouts of the 1-D parameters (contiguous, sliced,
 expanded from a scalar, offset in their storage), layouts of the activations and the ops'
 flags. Few examples per run, since the Triton interpreter is slow; derandomized, so a run
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_rule import assert_within_rule, backend_params, make, poisoned_memory
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from incubation import ops  # noqa: E402
-from kernel_rule import assert_within_rule, backend_params, make, poisoned_memory  # noqa: E402
+from incubation import ops
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
 VECTOR_LAYOUTS = ("contiguous", "sliced", "expanded", "offset")

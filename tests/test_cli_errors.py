@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
+from test_cli import TINY
 
 from incubation import bench, cli
 from incubation.errors import IncubationError
-
-from test_cli import TINY
 
 FUZZ = ["0", "-1", "nan", "inf", ""]
 ZERO_IS_VALID = {"--seed", "--module", "--num-workers", "--drop-path", "--smoothing", "--reprob", "--mixup", "--cutmix",
@@ -134,8 +133,9 @@ def test_expand_output_under_a_file(tmp_path, capsys):
     (errno.EPERM, "permission denied: {path}"),
 ])
 def test_environment_faults_when_writing_are_one_line(code, expected, tmp_path, capsys, monkeypatch):
-    from incubation.train import checkpoint
     from test_growth_cli import _source_checkpoint
+
+    from incubation.train import checkpoint
     _source_checkpoint(tmp_path)
     path = str(tmp_path / "big.safetensors")
 
@@ -238,5 +238,5 @@ def test_a_failed_parallel_job_is_one_line_naming_its_log(folder, tmp_path):
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("incubation incubate: error: incubation failed for module ")
     for i in range(2):
-        assert f"(exit 1: incubation incubate: error: incubation needs the meta model" in proc.stderr
+        assert "(exit 1: incubation incubate: error: incubation needs the meta model" in proc.stderr
         assert f"log {out / f'incubate-{i}' / 'log.txt'})" in proc.stderr

@@ -1,7 +1,7 @@
 """The compiled extension incubation._C: the "cpp" (CPU) and "cuda" backends of incubation.ops.
 
 Every kernel is checked against a float64 eager reference with the tolerance rule of
-DESIGN.md (error at most 2x eager's error in the same dtype, plus an atol for rounding),
+docs/DESIGN.md (error at most 2x eager's error in the same dtype, plus an atol for rounding),
 outputs and every gradient, on odd shapes, with outputs poisoned (NaN) before the call.
 CUDA twins of the CPU tests run when a GPU and a CUDA build are present.
 """
@@ -13,10 +13,10 @@ import importlib
 
 import pytest
 import torch
+from kernel_rule import assert_within_rule, check_against_reference, make, poisoned_memory
 
 from incubation import ops
 from incubation.nn import VisionTransformer
-from kernel_rule import assert_within_rule, check_against_reference, make, poisoned_memory
 
 try:
     from incubation import extension

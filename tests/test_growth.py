@@ -11,9 +11,19 @@ from torch.utils.data import TensorDataset
 
 import incubation
 from incubation import ops
-from incubation.growth import (ApolloViT, apollo_hook, apollo_schedule, default_stages, even_switch_steps,
-                               expand_block, interpolation_sources, lemon_expand, lemon_schedule, lvps_depth,
-                               shared_blocks)
+from incubation.growth import (
+    ApolloViT,
+    apollo_hook,
+    apollo_schedule,
+    default_stages,
+    even_switch_steps,
+    expand_block,
+    interpolation_sources,
+    lemon_expand,
+    lemon_schedule,
+    lvps_depth,
+    shared_blocks,
+)
 from incubation.growth.lemon import LEMON_DECAY_FRACTION
 
 BASE = dict(img_size=16, patch_size=8, num_classes=7, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)

@@ -1,12 +1,11 @@
 """`incubation expand` (LEMON) and `incubation grow` (Apollo) end to end."""
 import pytest
 import torch
+from test_cli import TINY, _cli
 
-from incubation import VisionTransformer, ViTConfig, cli
+from incubation import VisionTransformer, ViTConfig
 from incubation.growth import apollo_schedule
 from incubation.train.checkpoint import load_checkpoint, save_checkpoint
-
-from test_cli import TINY, _cli
 
 
 def _source_checkpoint(tmp_path, stage="e2e"):

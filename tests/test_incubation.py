@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from incubation import ViTConfig, VisionTransformer, deep, ops
+from incubation import VisionTransformer, ViTConfig, deep, ops
 from incubation.nn.vit import DropPath
 from incubation.train import TrainConfig, train
 from incubation.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

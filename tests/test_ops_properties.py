@@ -7,7 +7,7 @@ bfloat16), strides (transposed, sliced, expanded inputs) and NaN/Inf inputs:
   only what its check documents (an empty feature dimension);
 - the same output positions are non-finite as eager's;
 - elsewhere its error against a float64 reference is at most 2x eager's plus an atol for
-  the dtype (DESIGN.md's rule), for outputs and for every gradient (finite inputs).
+  the dtype (docs/DESIGN.md's rule), for outputs and for every gradient (finite inputs).
 attention has no CPU kernel: ops.attention is checked against SDPA itself.
 Strided 1-D parameters (weight[::2], expanded biases) are tested with the kernels, not here.
 """

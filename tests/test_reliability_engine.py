@@ -22,8 +22,15 @@ from test_engine import QUIET, easy_data, tiny_vit
 
 from incubation import ViTConfig, cli, deep, ops
 from incubation.report import write_report
-from incubation.train import (CheckpointError, DivergedError, RunDirLocked, TrainConfig, load_checkpoint,
-                              save_checkpoint, train)
+from incubation.train import (
+    CheckpointError,
+    DivergedError,
+    RunDirLocked,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 from incubation.train.lock import RunDirLock
 from incubation.utils import file_sha256
 

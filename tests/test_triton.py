@@ -3,7 +3,7 @@
 Without a GPU the kernels run under the Triton interpreter on CPU tensors (fp32 and fp16;
 bf16 in one test of the interpreter's workarounds); with one, the same tests run on CUDA with
 bf16 too, and TestCUDA adds ViT sizes. Every output and every gradient is checked against float64
-with DESIGN.md's rule: error at most 2x eager's error in the same dtype, plus an atol for
+with docs/DESIGN.md's rule: error at most 2x eager's error in the same dtype, plus an atol for
 rounding; outputs are poisoned (NaN) before the call so unwritten elements show.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import kernel_rule  # noqa: E402
 import pytest  # noqa: E402
+from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
 
 from incubation import ops  # noqa: E402
 from incubation.nn import VisionTransformer  # noqa: E402
-import kernel_rule  # noqa: E402
-from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
 
 kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
 from incubation.kernels import attention as triton_attention, linear as triton_linear, norm as triton_norm  # noqa: E402,I001

@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
-from incubation import ViTConfig, VisionTransformer, cli, deep, ops
+from incubation import VisionTransformer, ViTConfig, cli, deep, ops
 from incubation.train import TrainConfig
 from incubation.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from incubation.weights import (OFFICIAL_MODELS, import_official, load_into, load_state_dict_file,
-                                official_config, read_official, resample_pos_embed)
+from incubation.weights import (
+    OFFICIAL_MODELS,
+    import_official,
+    load_into,
+    load_state_dict_file,
+    official_config,
+    read_official,
+    resample_pos_embed,
+)
 
 EMBED, HEADS, PATCH, IMG, CHANS, CLASSES = 48, 3, 8, 32, 3, 5
 GRID = IMG // PATCH

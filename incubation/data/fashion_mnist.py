@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..errors import IncubationError
-from ..utils import file_sha256 as _sha256, user_cache_dir
+from ..utils import file_sha256 as _sha256
+from ..utils import user_cache_dir
 
 __all__ = ["FILES", "CLASSES", "DatasetError", "find_fashion_mnist", "read_idx", "load_fashion_mnist_arrays"]
 

@@ -2,8 +2,17 @@
 
 Both only build models (and hooks / schedule settings); training goes through incubation.train.
 """
-from .apollo import (ApolloViT, apollo_hook, apollo_schedule, default_stages, even_switch_steps,
-                     interpolation_sources, lvps_depth, shared_blocks, train_apollo)
+from .apollo import (
+                     ApolloViT,
+                     apollo_hook,
+                     apollo_schedule,
+                     default_stages,
+                     even_switch_steps,
+                     interpolation_sources,
+                     lvps_depth,
+                     shared_blocks,
+                     train_apollo,
+)
 from .lemon import LEMON_DECAY_FRACTION, expand_block, lemon_config, lemon_expand, lemon_schedule
 
 __all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "train_apollo", "default_stages", "even_switch_steps",

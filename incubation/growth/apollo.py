@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..nn.vit import ViTConfig, VisionTransformer
+from ..nn.vit import VisionTransformer, ViTConfig
 from ..train import TrainResult, train
 from ..train.checkpoint import save_checkpoint
 from ..weights import load_into

@@ -63,7 +63,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..nn.vit import Block, ViTConfig, VisionTransformer
+from ..nn.vit import Block, VisionTransformer, ViTConfig
 
 __all__ = ["lemon_expand", "expand_block", "lemon_schedule", "lemon_config", "LEMON_DECAY_FRACTION", "LEMON_SHAPES", "DEPTH_INITS"]
 

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import autotune, device_guard, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
+from . import autotune, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from . import tile_registers as _regs
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, tile_registers as _regs, unsupported, upcast_dots
+from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from . import tile_registers as _regs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -27,15 +27,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import IncubationError
-from ..utils import default_file_mode, json_dumps
+from ..utils import TMP_SUFFIX as TMP
+from ..utils import atomic_write, default_file_mode, json_dumps
 from ..utils import file_sha256 as _sha256
+from ..utils import fsync_dir as _fsync_dir
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
-           "CheckpointError", "atomic_write", "first_nonfinite"]
+           "CheckpointError", "first_nonfinite"]
 
 FORMAT = "incubation-checkpoint/1"
 WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
-TMP, PENDING = ".tmp", ".json.pending"
+PENDING = ".json.pending"
 
 
 class CheckpointError(IncubationError, RuntimeError):
@@ -50,28 +52,9 @@ def _prefix(path: str) -> str:
     return path
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: str) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new content, never a part."""
-    tmp = path + TMP
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path)
 
 
 def first_nonfinite(tensors: dict) -> Optional[str]:

@@ -48,9 +48,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import ops
 from ..errors import IncubationError
 from ..nn.vit import train_flops_per_image
-from ..utils import json_dumps
-from .checkpoint import (CheckpointError, atomic_write, first_nonfinite, load_checkpoint, load_checkpoint_state,
-                         recover_checkpoint, save_checkpoint)
+from ..utils import atomic_write, json_dumps
+from .checkpoint import (
+    CheckpointError,
+    first_nonfinite,
+    load_checkpoint,
+    load_checkpoint_state,
+    recover_checkpoint,
+    save_checkpoint,
+)
 from .lock import RunDirLock, RunDirLocked
 from .schedule import lr_at
 
