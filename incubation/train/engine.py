@@ -416,52 +416,199 @@ class _EMA:
 
 
 # --------------------------------------------------------------------------------------
-# metrics log
+# the run's two records: the metrics log and the checkpoints
 # --------------------------------------------------------------------------------------
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint (and any torn line)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
-            except (ValueError, KeyError, TypeError):
-                pass
-    atomic_write(path, "".join(kept).encode())
-
-
 SUMMARY_COLUMNS = ("step", "epoch", "lr", "train_loss", "eval_loss", "eval_top1", "ema_eval_loss", "ema_eval_top1",
                    "images", "wall_s")
 
 
-def _write_summary(metrics_path: str, summary_path: str) -> None:
-    """summary.csv, one row per evaluation (as timm's train.py writes it), from metrics.jsonl."""
-    rows = []
-    with open(metrics_path) as f:
-        for line in f:
-            m = json.loads(line)
-            if "eval_acc" in m:
-                rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"], "train_loss": m.get("loss", ""),
-                             "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
-                             "ema_eval_loss": m.get("ema_eval_loss", ""), "ema_eval_top1": m.get("ema_eval_acc", ""),
-                             "images": m["images"], "wall_s": m["wall_s"]})
-    text = io.StringIO()
-    writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(summary_path, text.getvalue().encode())
+@dataclass
+class _Place:
+    """Where this process trains: its rank among `world` processes, on `device`."""
+    rank: int
+    world: int
+    device: torch.device
+
+
+class _MetricsLog:
+    """metrics.jsonl (a line every ~1 % of the steps and at every evaluation), summary.csv (one
+    row per evaluation, as timm writes it) and the progress bar; it owns the timing of the run
+    and the window of per-step losses since the last line. Only rank 0 writes."""
+
+    def __init__(self, out_dir: str, stage: str, cfg: TrainConfig, plan: _Plan, place: _Place, start: int,
+                 wall_before: float, flops: Optional[Callable[[], float]]):
+        self.path, self.summary_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "summary.csv")
+        self.cfg, self.plan, self.place, self.flops = cfg, plan, place, flops
+        self.every = max(1, plan.total_steps // 100)
+        self.t0, self.wall_before = time.time(), wall_before
+        self.window = torch.zeros(2, dtype=torch.float64, device=place.device)  # loss sum, correct: no sync per step
+        self.window_t, self.window_images = self.t0, 0
+        self.bar = None
+        if place.rank == 0:
+            self._truncate(start)
+            if cfg.progress:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True)
+
+    def _truncate(self, last_step: int) -> None:
+        """Drop the lines a killed run wrote after its last checkpoint (and any torn line)."""
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+        atomic_write(self.path, "".join(kept).encode())
+
+    def wall(self) -> float:
+        """Seconds of training so far, the runs this one resumed included."""
+        return self.wall_before + time.time() - self.t0
+
+    def stepped(self) -> None:
+        self.window_images += self.cfg.batch_size
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0
+
+    def line(self, done: int, lr: float, grad_norm: torch.Tensor, evaluation: Optional[dict]) -> dict:
+        """Write the line of step `done` (every rank calls it: the window is summed over them);
+        returns it."""
+        now = time.time()
+        loss_sum, correct = _all_sum(self.window.tolist(), self.place.world, self.place.device)
+        line = {"step": done, "epoch": done / self.plan.steps_per_epoch, "lr": lr,
+                "img_per_s": self.window_images / max(now - self.window_t, 1e-9), "wall_s": self.wall(),
+                "images": done * self.cfg.batch_size, "loss": loss_sum / self.window_images,
+                "acc": 100.0 * correct / self.window_images, "grad_norm": float(grad_norm)}
+        if self.flops is not None:
+            line["flops"] = self.flops() * done * self.cfg.batch_size
+        self._write({**line, **(evaluation or {})}, evaluation is not None)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['acc']:.1f}", img_s=f"{line['img_per_s']:.0f}")
+        self.window.zero_()
+        self.window_t, self.window_images = time.time(), 0
+        return line
+
+    def start_line(self, evaluation: dict) -> None:
+        """The evaluation before the first step (step 0)."""
+        line = {"step": 0, "epoch": 0.0, "lr": 0.0, "wall_s": self.wall_before, "images": 0, **evaluation}
+        if self.flops is not None:
+            line["flops"] = 0.0
+        self._write(line, False)
+
+    def _write(self, line: dict, evaluated: bool) -> None:
+        if self.place.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json_dumps(line) + "\n")
+        if evaluated:
+            self._write_summary()
+
+    def _write_summary(self) -> None:
+        rows = []
+        with open(self.path) as f:
+            for line in f:
+                m = json.loads(line)
+                if "eval_acc" in m:
+                    rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"],
+                                 "train_loss": m.get("loss", ""), "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
+                                 "ema_eval_loss": m.get("ema_eval_loss", ""),
+                                 "ema_eval_top1": m.get("ema_eval_acc", ""), "images": m["images"], "wall_s": m["wall_s"]})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.summary_path, text.getvalue().encode())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _trajectory(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS}
+
+
+class _Checkpointer:
+    """out_dir/checkpoint.* (what a resume reads: weights, optimizer, EMA, RNG, counters),
+    written at the end of every epoch (or every cfg.checkpoint_every steps) and at the end, and
+    out_dir/final.* / final_ema.* (what the stage leaves). `save_keys`: the state_dict keys
+    written (a hybrid saves only its module). Only rank 0 writes."""
+
+    def __init__(self, out_dir: str, stage: str, cfg: TrainConfig, plan: _Plan, place: _Place, save_keys: list,
+                 metadata: dict):
+        self.out_dir, self.prefix = out_dir, os.path.join(out_dir, "checkpoint")
+        self.stage, self.cfg, self.place, self.save_keys = stage, cfg, place, save_keys
+        self.metadata = {**metadata, "stage": stage}
+        self.every = cfg.checkpoint_every or plan.steps_per_epoch
+        self.total = plan.total_steps
+        self.saved_step: Optional[int] = None
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.total
+
+    def _weights(self, model: nn.Module) -> dict:
+        sd = model.state_dict()
+        return {k: sd[k] for k in self.save_keys}
+
+    def resume(self, model, optimizer, ema: Optional["_EMA"]) -> tuple[int, dict]:
+        """Load the checkpoint of this stage into model / optimizer / EMA; (start step, counters)."""
+        prefix, place = self.prefix, self.place
+        if place.rank == 0:
+            recover_checkpoint(prefix)
+        _barrier(place.world)
+        if not os.path.exists(prefix + ".json"):
+            return 0, {}
+        state_dict, meta = load_checkpoint(prefix)
+        if meta.get("stage") != self.stage:
+            warnings.warn(f"{prefix}.json belongs to stage {meta.get('stage')!r}, not {self.stage!r}: starting afresh")
+            return 0, {}
+        state, trajectory = load_checkpoint_state(prefix), _trajectory(self.cfg)
+        if state["trajectory"] != trajectory:
+            diff = sorted(k for k in state["trajectory"] if state["trajectory"].get(k) != trajectory.get(k))
+            raise CheckpointError(f"checkpoint {prefix}.json was written with a different config ({diff}); "
+                                  f"use resume=False or another out_dir")
+        if sorted(state_dict) != sorted(self.save_keys):
+            raise CheckpointError(f"checkpoint {prefix}.safetensors holds other keys than save_keys")
+        model.load_state_dict(state_dict, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise CheckpointError(f"checkpoint {prefix}.state.pt has no EMA state but ema_decay is set")
+            ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
+        _set_rng_state(state["rng"])
+        self.saved_step = state["step"] or None
+        return state["step"], state["counters"]
+
+    def save(self, step: int, model, optimizer, ema: Optional["_EMA"], counters: dict) -> None:
+        if self.place.rank == 0:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
+                     "ema": ema.shadow if ema else None, "rng": _rng_state(), "counters": counters}
+            save_checkpoint(self.prefix, self._weights(model), {**self.metadata, "step": step}, state=state)
+        self.saved_step = step
+
+    def save_final(self, model, ema: Optional["_EMA"], summary: dict) -> str:
+        """final.* (and final_ema.*, the averaged weights); returns final.safetensors' path."""
+        final = os.path.join(self.out_dir, "final")
+        if self.place.rank == 0:
+            summary = {**self.metadata, "step": self.total, **summary}
+            save_checkpoint(final, self._weights(model), summary)
+            if ema is not None:
+                with ema.swapped_in():
+                    save_checkpoint(os.path.join(self.out_dir, "final_ema"), self._weights(model),
+                                    {**summary, "ema_decay": self.cfg.ema_decay})
+        _barrier(self.place.world)
+        return final + ".safetensors"
 
 
 # --------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------
-def _trajectory(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _FREE_FIELDS}
-
-
 def _train_flops(model: nn.Module) -> Optional[Callable[[], float]]:
     """Training FLOPs per image (`train_flops_per_image`), asked at every log line (Apollo's
     cost changes with the sampled depth); None for a model that cannot count its FLOPs."""
@@ -484,32 +631,26 @@ def _check_save_keys(model, save_keys, trained) -> list[str]:
     return save_keys
 
 
-def _resume(prefix, stage, cfg, model, optimizer, ema, save_keys, rank, world) -> tuple[int, dict]:
-    """Load the checkpoint of this stage into model/optimizer/EMA; (start step, saved counters)."""
-    if rank == 0:
-        recover_checkpoint(prefix)
-    _barrier(world)
-    if not os.path.exists(prefix + ".json"):
-        return 0, {}
-    state_dict, meta = load_checkpoint(prefix)
-    if meta.get("stage") != stage:
-        warnings.warn(f"{prefix}.json belongs to stage {meta.get('stage')!r}, not {stage!r}: starting afresh")
-        return 0, {}
-    state = load_checkpoint_state(prefix)
-    if state["trajectory"] != _trajectory(cfg):
-        diff = sorted(k for k in state["trajectory"] if state["trajectory"].get(k) != _trajectory(cfg).get(k))
-        raise CheckpointError(f"checkpoint {prefix}.json was written with a different config ({diff}); "
-                              f"use resume=False or another out_dir")
-    if sorted(state_dict) != sorted(save_keys):
-        raise CheckpointError(f"checkpoint {prefix}.safetensors holds other keys than save_keys")
-    model.load_state_dict(state_dict, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None:
-        if state["ema"] is None:
-            raise CheckpointError(f"checkpoint {prefix}.state.pt has no EMA state but ema_decay is set")
-        ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
-    _set_rng_state(state["rng"])
-    return state["step"], state["counters"]
+def _grad_checkpointing(model: nn.Module, stage: str) -> None:
+    if callable(getattr(model, "set_grad_checkpointing", None)):
+        model.set_grad_checkpointing(True)
+    else:
+        warnings.warn(f"{type(model).__name__} has no set_grad_checkpointing: stage {stage!r} trains without "
+                      "gradient checkpointing", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _only_trained_require_grad(model: nn.Module, trained):
+    """Frozen parameters get no gradients (and DDP ignores them); restored afterwards."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    ids = {id(p) for _, p in trained}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
 
 
 def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg: TrainConfig, out_dir: str, *,
@@ -526,8 +667,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         forward passes, under a seed shared by all ranks.
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
-    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (one row per evaluation), final.{safetensors,json}
-    (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (one row per
+    evaluation), final.{safetensors,json} (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
     second run on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
     step; checkpoints are never written from such weights, so out_dir keeps the last good one.
@@ -537,58 +678,42 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     if metadata is not None and metadata.get("stage", stage) != stage:
         raise ValueError(f"metadata['stage']={metadata['stage']!r} contradicts stage={stage!r}")
     rank, world, local_rank = _distributed()
-    device = _device(cfg.device, world, local_rank)
+    place = _Place(rank, world, _device(cfg.device, world, local_rank))
     plan = _plan(len(train_set), cfg, world)
-    model.to(device)
+    model.to(place.device)
     trained = _trained_parameters(model, params)
-    save_keys = _check_save_keys(model, save_keys, trained)
-    meta = {**(metadata or {}), "stage": stage}
     out_dir = os.fspath(out_dir)
-    prefix = os.path.join(out_dir, "checkpoint")
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    checkpointer = _Checkpointer(out_dir, stage, cfg, plan, place, _check_save_keys(model, save_keys, trained),
+                                 metadata or {})
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    flops = _train_flops(model)
-
     if cfg.grad_checkpointing:
-        if callable(getattr(model, "set_grad_checkpointing", None)):
-            model.set_grad_checkpointing(True)
-        else:
-            warnings.warn(f"{type(model).__name__} has no set_grad_checkpointing: stage {stage!r} trains without "
-                          "gradient checkpointing", stacklevel=2)
-    lock = _lock_run_dir(out_dir, rank, world, device)
-    grad_flags = {p: p.requires_grad for p in model.parameters()}
-    trained_ids = {id(p) for _, p in trained}
+        _grad_checkpointing(model, stage)
+    lock = _lock_run_dir(out_dir, place)
     try:
-        for p in model.parameters():  # frozen parameters get no gradients (and DDP ignores them)
-            p.requires_grad_(id(p) in trained_ids)
-        optimizer = _adamw(trained, cfg)
-        ema = _EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
-        start, counters = 0, {}
-        if resume:
-            start, counters = _resume(prefix, stage, cfg, model, optimizer, ema, save_keys, rank, world)
-        if rank == 0:
-            _truncate_metrics(metrics_path, start)
-        runner = _Runner(model, train_set, eval_set, cfg, plan, device, rank, world, trained, optimizer, ema,
-                         hooks, flops, counters)
-        return runner.run(start, prefix, metrics_path, save_keys, meta, stage, out_dir)
+        with _only_trained_require_grad(model, trained):
+            optimizer = _adamw(trained, cfg)
+            ema = _EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
+            start, counters = checkpointer.resume(model, optimizer, ema) if resume else (0, {})
+            log = _MetricsLog(out_dir, stage, cfg, plan, place, start, counters.get("wall_seconds", 0.0),
+                              _train_flops(model))
+            runner = _Runner(model, train_set, eval_set, cfg, plan, place, trained, optimizer, ema, hooks, counters)
+            return runner.run(start, log, checkpointer)
     finally:
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
         if lock is not None:
             lock.release()
 
 
-def _lock_run_dir(out_dir: str, rank: int, world: int, device) -> Optional[RunDirLock]:
+def _lock_run_dir(out_dir: str, place: _Place) -> Optional[RunDirLock]:
     """Rank 0's lock on out_dir (only rank 0 writes there). If it is taken, every rank raises
     RunDirLocked: the others would otherwise wait for rank 0 at the first barrier."""
     lock, refused = None, None
-    if rank == 0:
+    if place.rank == 0:
         try:
             lock = RunDirLock(out_dir).acquire()
         except RunDirLocked as exc:
             refused = exc
-    if _all_sum([float(refused is not None)], world, device)[0]:
+    if _all_sum([float(refused is not None)], place.world, place.device)[0]:
         raise refused or RunDirLocked(f"{out_dir} is in use by another run (rank 0 could not lock it)")
     return lock
 
@@ -606,14 +731,14 @@ def _agree_on_kernels(model, data, batch: int, device, amp: bool, rank: int) -> 
 
 
 class _Runner:
-    """The training loop and its bookkeeping (one object so the loop reads top to bottom)."""
+    """The training loop: step -> log -> evaluate -> save. `_MetricsLog` and `_Checkpointer`
+    decide when they are due and write the files; the runner trains and evaluates."""
 
-    def __init__(self, model, train_set, eval_set, cfg, plan, device, rank, world, trained, optimizer, ema,
-                 hooks, flops, counters):
+    def __init__(self, model, train_set, eval_set, cfg: TrainConfig, plan: _Plan, place: _Place, trained, optimizer,
+                 ema, hooks, counters: dict):
         self.model, self.train_set, self.eval_set, self.cfg, self.plan = model, train_set, eval_set, cfg, plan
-        self.device, self.rank, self.world = device, rank, world
-        self.trained, self.optimizer, self.ema, self.hooks, self.flops = trained, optimizer, ema, hooks, flops
-        self.wall_before = counters.get("wall_seconds", 0.0)
+        self.place, self.device, self.rank, self.world = place, place.device, place.rank, place.world
+        self.trained, self.optimizer, self.ema, self.hooks = trained, optimizer, ema, hooks
         self.last_loss = counters.get("train_loss", float("nan"))
         self.last_eval = counters.get("eval", {})
         self.mixer = _mixer(cfg, model, train_set)
@@ -645,14 +770,6 @@ class _Runner:
             result.update(ema_eval_acc=ev["acc"], ema_eval_loss=ev["loss"])
         return result
 
-    def _save(self, prefix, step, save_keys, meta):
-        sd = self.model.state_dict()
-        state = {"step": step, "optimizer": self.optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
-                 "ema": self.ema.shadow if self.ema else None, "rng": _rng_state(),
-                 "counters": {"wall_seconds": self.wall_before + time.time() - self.t0,
-                              "train_loss": self.last_loss, "eval": self.last_eval}}
-        save_checkpoint(prefix, {k: sd[k] for k in save_keys}, {**meta, "step": step}, state=state)
-
     def _check_finite(self, done: int, save_keys=None) -> None:
         """Raise DivergedError if a step since the last check had a non-finite loss or gradient
         norm, or (with save_keys, before a checkpoint) a weight to save is not finite. The guard
@@ -671,9 +788,10 @@ class _Runner:
         if not math.isfinite(bad):
             return
         weight = f" (first non-finite weight: {bad_key!r})" if bad_key is not None else ""
-        kept = (f"the last good checkpoint {self.prefix}.safetensors (step {self.saved_step}) is kept and a resume "
-                f"starts from it" if self.saved_step else "this run wrote no checkpoint")
-        raise DivergedError(f"stage {self.stage!r} diverged at step {int(bad)}: the loss, the gradient norm or the "
+        ckpt = self.checkpointer
+        kept = (f"the last good checkpoint {ckpt.prefix}.safetensors (step {ckpt.saved_step}) is kept and a resume "
+                f"starts from it" if ckpt.saved_step else "this run wrote no checkpoint")
+        raise DivergedError(f"stage {ckpt.stage!r} diverged at step {int(bad)}: the loss, the gradient norm or the "
                             f"weights became NaN or infinite{weight}; {kept}. Lower the learning rate (peak "
                             f"{self.cfg.lr:g}), add warmup or set clip_grad")
 
@@ -725,95 +843,51 @@ class _Runner:
             self.ema.update()
         return lr, grad_norm
 
-    def run(self, start, prefix, metrics_path, save_keys, meta, stage, out_dir) -> TrainResult:
-        cfg, plan, device, world = self.cfg, self.plan, self.device, self.world
-        total = plan.total_steps
-        self.t0 = time.time()
-        self.stage, self.prefix, self.saved_step = stage, prefix, start or None
-        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)  # first non-finite step
-        self.done_t = torch.full((), float(start), dtype=torch.float64, device=device)
-        if world > 1:
-            _agree_on_kernels(self.model, self.train_set, plan.micro_batch, device, cfg.amp, self.rank)
-        net = self._net()
-        loader = DataLoader(self.train_set, batch_sampler=_StepBatches(len(self.train_set), plan, cfg, self.rank,
-                                                                       world, start),
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed))  # keeps global RNG untouched
-        batches = iter(loader)
-        log_every = max(1, total // 100)
-        window = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct (no sync per step)
-        window_t, window_images = time.time(), 0
-        bar = None
-        if cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
+    def _batches(self, start: int):
+        """This rank's micro-batches of steps [start, total), in order (see _StepBatches)."""
+        sampler = _StepBatches(len(self.train_set), self.plan, self.cfg, self.rank, self.world, start)
+        return iter(DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+                               pin_memory=self.device.type == "cuda",
+                               generator=torch.Generator().manual_seed(self.cfg.seed)))  # global RNG untouched
+
+    def run(self, start: int, log: _MetricsLog, checkpointer: _Checkpointer) -> TrainResult:
+        cfg, total = self.cfg, self.plan.total_steps
+        self.checkpointer = checkpointer
+        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=self.device)  # first non-finite step
+        self.done_t = torch.full((), float(start), dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            _agree_on_kernels(self.model, self.train_set, self.plan.micro_batch, self.device, cfg.amp, self.rank)
+        net, batches = self._net(), self._batches(start)
         if cfg.eval_at_start and start == 0 and self.eval_set is not None:
-            line = {"step": 0, "epoch": 0.0, "lr": 0.0, "wall_s": self.wall_before, "images": 0, **self._evaluate_all()}
-            if self.flops is not None:
-                line["flops"] = 0.0
-            if self.rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json_dumps(line) + "\n")
+            log.start_line(self._evaluate_all())
         self.model.train()
         try:
             for step in range(start, total):
-                lr, grad_norm = self._step(step, net, batches, window)
+                lr, grad_norm = self._step(step, net, batches, log.window)
                 done = step + 1
-                window_images += cfg.batch_size
-                if bar is not None:
-                    bar.update(1)
-                evaluated = done == total or (cfg.eval_every and done % cfg.eval_every == 0)
-                logged = evaluated or done % log_every == 0
-                saved = done % (cfg.checkpoint_every or plan.steps_per_epoch) == 0 or done == total
+                log.stepped()
+                evaluated = done == total or bool(cfg.eval_every and done % cfg.eval_every == 0)
+                logged, saved = evaluated or log.due(done), checkpointer.due(done)
                 if logged or saved:
-                    self._check_finite(done, save_keys if saved else None)
+                    self._check_finite(done, checkpointer.save_keys if saved else None)
+                if evaluated:
+                    self.last_eval = self._evaluate_all()
                 if logged:
-                    now = time.time()
-                    line = {"step": done, "epoch": done / plan.steps_per_epoch, "lr": lr,
-                            "img_per_s": window_images / max(now - window_t, 1e-9),
-                            "wall_s": self.wall_before + now - self.t0, "images": done * cfg.batch_size}
-                    loss_sum, correct = _all_sum(window.tolist(), world, device)
-                    self.last_loss = line["loss"] = loss_sum / window_images
-                    line["acc"] = 100.0 * correct / window_images
-                    line["grad_norm"] = float(grad_norm)
-                    if self.flops is not None:
-                        line["flops"] = self.flops() * done * cfg.batch_size
-                    if evaluated:
-                        self.last_eval = self._evaluate_all()
-                        line.update(self.last_eval)
-                    if self.rank == 0:
-                        with open(metrics_path, "a") as f:
-                            f.write(json_dumps(line) + "\n")
-                        if evaluated:
-                            _write_summary(metrics_path, os.path.join(out_dir, "summary.csv"))
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line['acc']:.1f}",
-                                            img_s=f"{line['img_per_s']:.0f}")
-                    window.zero_()
-                    window_t, window_images = time.time(), 0
-                if saved and self.rank == 0:
-                    self._save(prefix, done, save_keys, meta)
-                    self.saved_step = done
+                    self.last_loss = log.line(done, lr, grad_norm, self.last_eval if evaluated else None)["loss"]
+                if saved:
+                    counters = {"wall_seconds": log.wall(), "train_loss": self.last_loss, "eval": self.last_eval}
+                    checkpointer.save(done, self.model, self.optimizer, self.ema, counters)
         finally:
-            if bar is not None:
-                bar.close()
+            log.close()
+        return self._finish(start, log, checkpointer)
 
+    def _finish(self, start: int, log: _MetricsLog, checkpointer: _Checkpointer) -> TrainResult:
+        total, images = self.plan.total_steps, self.plan.total_steps * self.cfg.batch_size
         if start == total and not self.last_eval and self.eval_set is not None:
             self.last_eval = self._evaluate_all()  # resumed a finished run whose eval was not recorded
-        wall = self.wall_before + time.time() - self.t0
-        final = os.path.join(out_dir, "final")
-        if self.rank == 0:
-            sd = self.model.state_dict()
-            summary = {**meta, "step": total, "train_loss": self.last_loss, **self.last_eval}
-            save_checkpoint(final, {k: sd[k] for k in save_keys}, summary)
-            if self.ema is not None:
-                with self.ema.swapped_in():
-                    sd = self.model.state_dict()
-                    save_checkpoint(os.path.join(out_dir, "final_ema"), {k: sd[k] for k in save_keys},
-                                    {**summary, "ema_decay": cfg.ema_decay})
-        _barrier(world)
-        images = total * cfg.batch_size
+        wall = log.wall()
+        path = checkpointer.save_final(self.model, self.ema, {"train_loss": self.last_loss, **self.last_eval})
         return TrainResult(train_loss=self.last_loss, eval_acc=self.last_eval.get("eval_acc"),
                            eval_loss=self.last_eval.get("eval_loss"), steps=total, images_seen=images,
-                           wall_seconds=wall, train_flops=self.flops() * images if self.flops else None,
-                           checkpoint_path=final + ".safetensors", metrics_path=metrics_path)
+                           wall_seconds=wall, train_flops=log.flops() * images if log.flops else None,
+                           checkpoint_path=path, metrics_path=log.path)
