@@ -45,16 +45,18 @@ import torch
 from torch.utils.data import Dataset
 
 from . import deep, jobs, ops
-from .data import Augment, default_workers
+from .data import Augment, default_workers, holdout, load_dataset
 from .errors import IncubationError
-from .growth import lemon_config
+from .growth import lemon_config, lemon_expand, train_apollo
 from .nn import VisionTransformer, ViTConfig, train_flops_per_image
 from .presets import PRESETS, Preset, Recipe, get_preset
 from .report import write_report
 from .rundir import pipeline_cost, read_stage, stage_dir
-from .timm_compat import timm_config
+from .timm_compat import from_timm, timm_config
 from .train import TrainConfig
+from .train.checkpoint import load_checkpoint, save_checkpoint
 from .utils import atomic_write, json_dumps, versions
+from .weights import OFFICIAL_MODELS, import_official
 
 __all__ = ["main", "SUBCOMMANDS", "add_common_arguments", "common_argv", "build_parser", "UsageError",
            "error_message", "run_main", "positive_int", "non_negative_int", "seed_int", "positive_float",
@@ -432,7 +434,6 @@ def _timm_patch_size(name: str) -> int:
 
 
 def _context(args) -> _Run:
-    from .data import holdout, load_dataset
     if args.initial_checkpoint is not None and args.command not in ("meta", "e2e", "grow"):
         raise UsageError(f"argument --initial-checkpoint: starts the model of `meta`, `e2e` or `grow`; "
                          f"`{args.command}` builds its model from the previous stages")
@@ -621,7 +622,6 @@ def _tune_models(args) -> list[torch.nn.Module]:
     if args.model:
         import timm
 
-        from .timm_compat import from_timm
         try:
             return [from_timm(timm.create_model(args.model, pretrained=False))]
         except RuntimeError as exc:   # timm's "Unknown model"
@@ -703,7 +703,6 @@ def _add_report(p):
 # ----------------------------------------------------------------------------------------------
 def _model_config(path: str, md: dict):
     """The config of the whole model stored in a checkpoint (meta model or target)."""
-    from .nn import ViTConfig
     key = "meta_config" if md.get("stage") == "meta" else "target_config"
     if key not in md or md.get("stage") == "incubate":
         raise ValueError(f"{path} holds no whole model (stage {md.get('stage')!r}); expand takes a meta, "
@@ -712,8 +711,6 @@ def _model_config(path: str, md: dict):
 
 
 def _cmd_expand(args):
-    from .growth import lemon_expand
-    from .train.checkpoint import load_checkpoint, save_checkpoint
     state, md = load_checkpoint(args.checkpoint)
     source = VisionTransformer(_model_config(args.checkpoint, md))
     source.load_state_dict(state)
@@ -735,7 +732,6 @@ def _cmd_expand(args):
 
 
 def _cmd_grow(args):
-    from .growth import train_apollo
     if args.switch is not None and args.stages is None:
         raise UsageError("argument --switch: needs --stages (the stages it switches between)")
     if args.switch is not None and len(args.switch) != len(args.stages) - 1:
@@ -801,7 +797,6 @@ def _add_bench(p):
 
 
 def _add_import_official(p):
-    from .weights import OFFICIAL_MODELS
     p.add_argument("checkpoint", type=nonempty_path,
                    help="the authors' .pth: a released model (pretrained/vit_*.pth) or a training checkpoint "
                         "(log_dir/*/finished_checkpoint.pth)")
@@ -824,7 +819,6 @@ def _add_import_official(p):
 
 
 def _cmd_import_official(args):
-    from .weights import import_official
     result = import_official(args.checkpoint, args.output, model=args.model, target_depth=args.target_depth,
                              num_heads=args.num_heads, norm_eps=args.norm_eps, img_size=args.img_size,
                              kind=args.kind, sizes=args.split)

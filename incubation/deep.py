@@ -56,6 +56,7 @@ from torch import nn
 
 from .nn import VisionTransformer, ViTConfig
 from .nn.vit import TRAIN_FLOPS_PER_FORWARD
+from .train import train
 from .train.checkpoint import CheckpointError, load_checkpoint
 from .weights import load_into
 
@@ -401,7 +402,6 @@ def assemble(target_cfg: ViTConfig, module_checkpoints: Sequence[str], *, sizes:
 def _train(model, train_set, eval_set, cfg, out_dir, plan: dict, **train_kwargs):
     """engine.train with `plan` as metadata, refusing to resume a checkpoint of another plan
     (e.g. a module checkpoint incubated from a meta model that has since been retrained)."""
-    from .train import train
     previous = os.path.join(os.fspath(out_dir), "checkpoint")
     if train_kwargs.get("resume", True) and os.path.exists(previous + ".json"):
         try:
