@@ -213,9 +213,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """The options every training subcommand shares; returns their actions (common_argv reads them).
     Recipe options take timm's train.py names (old spellings kept as aliases); each stage starts
     from its preset's recipe and these replace what they name (for `run`: in every stage)."""
-    g = p.add_argument_group("data and model")
-    add = g.add_argument
-    actions = [
+    return _add_data_and_model_options(p) + _add_recipe_options(p)
+
+
+def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    add = p.add_argument_group("data and model").add_argument
+    return [
         add("--data", type=data_name, default="fashion-mnist", help="'fashion-mnist' (default) or "
             "'folder:<path>' (ImageFolder with train/ and val/ or validation/)"),
         add("--data-dir", type=nonempty_path, default=None, help="where the data set files are (default: discovered)"),
@@ -241,9 +244,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
             "later stages read it from the meta checkpoint)"),
         add("--split", type=positive_ints, default=None, help="blocks per module, e.g. 4,2,2,4 (meta stage)"),
     ]
-    g = p.add_argument_group("recipe (default: the preset's, per stage)")
-    add = g.add_argument
-    actions += [
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
+    add = p.add_argument_group("recipe (default: the preset's, per stage)").add_argument
+    return [
         add("--epochs", type=positive_float, default=None, help="epochs of the stage"),
         add("-b", "--batch-size", type=positive_int, default=None, help="global batch per optimizer step"),
         add("--lr", type=positive_float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)"),
@@ -273,7 +278,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS),
         add("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS),
     ]
-    return actions
 
 
 def common_argv(args: argparse.Namespace) -> list[str]:

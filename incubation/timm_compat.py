@@ -27,11 +27,9 @@ def _is_identity(m) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def timm_config(model: nn.Module) -> ViTConfig:
-    """Read our ViTConfig off a timm VisionTransformer; raise listing every unsupported option."""
-    TimmViT, TimmBlock, TimmAttention, TimmMlp, TimmPatchEmbed, TimmLayerScale = _timm()
-    if not isinstance(model, TimmViT):
-        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(model).__name__}")
+def _unsupported_model(model: nn.Module) -> list[str]:
+    """Model-level timm options our ViT does not have (subclasses, pooling, patch embedding)."""
+    TimmViT, _, _, _, TimmPatchEmbed, _ = _timm()
     bad = []
     if type(model) is not TimmViT:
         bad.append(f"subclass {type(model).__name__}")
@@ -54,7 +52,13 @@ def timm_config(model: nn.Module) -> ViTConfig:
         bad.append("pos_embed='none'")
     if not _is_identity(getattr(model, "patch_drop", None)):
         bad.append("patch_drop_rate > 0")
+    return bad
 
+
+def _unsupported_layers(model: nn.Module) -> list[str]:
+    """Norm, attention, MLP and layer-scale options our blocks do not have."""
+    _, TimmBlock, TimmAttention, TimmMlp, _, TimmLayerScale = _timm()
+    bad = []
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     other_norms = [type(m).__name__ for name, m in model.named_modules()
                    if "norm" in type(m).__name__.lower() and not isinstance(m, nn.LayerNorm)]
@@ -83,9 +87,19 @@ def timm_config(model: nn.Module) -> ViTConfig:
         for ls in (blk.ls1, blk.ls2):
             if not (_is_identity(ls) or type(ls) is TimmLayerScale):
                 bad.append(f"blocks[{i}] layer scale {type(ls).__name__}")
+    return bad
+
+
+def timm_config(model: nn.Module) -> ViTConfig:
+    """Read our ViTConfig off a timm VisionTransformer; raise listing every unsupported option."""
+    TimmViT, _, _, _, _, TimmLayerScale = _timm()
+    if not isinstance(model, TimmViT):
+        raise TypeError(f"from_timm expects a timm VisionTransformer, got {type(model).__name__}")
+    bad = _unsupported_model(model) + _unsupported_layers(model)
     if bad:
         raise ValueError("timm VisionTransformer options not supported by incubation: " + "; ".join(bad))
-
+    blocks, pe = list(model.blocks), model.patch_embed
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} or {1e-6}
     b0 = blocks[0]
     hidden = b0.mlp.fc1.out_features
     mlp_ratio = hidden / model.embed_dim

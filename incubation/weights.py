@@ -575,6 +575,35 @@ class ImportResult:
                 f"img {c.img_size[0]}), from '{self.source}' -> {self.checkpoint}")
 
 
+def _import_target(official: "OfficialCheckpoint", cfg: ViTConfig, family: Optional[str], kind: str,
+                   target_depth: Optional[int], sizes) -> tuple:
+    """(is it a meta model, K, the target config, the module spans) of an official checkpoint;
+    refuses options that do not fit it before anything is hashed or written."""
+    from . import deep
+    path, K, spans = official.path, (len(official.sizes) if official.sizes else None), None
+    is_meta = kind == "meta" or (kind == "auto" and K is not None and K > 1 and official.sizes == [1] * K)
+    if is_meta:   # the options first: nothing is hashed or written for a wrong command
+        if official.sizes is not None and official.sizes != [1] * len(official.sizes):
+            raise ValueError(f"{path} is not a meta model: its stages hold {official.sizes} blocks, a meta model "
+                             f"one each")
+        K = cfg.depth
+        if target_depth is None:
+            if family is None:
+                raise ValueError(f"{path}: give the target depth of this meta model (--target-depth): its width "
+                                 f"{cfg.embed_dim} is none of the authors' base / large / huge")
+            target_depth = _FAMILIES[family][1]
+        target = cfg.replace(depth=target_depth)
+        spans = deep.split_modules(target, K, sizes)
+    else:
+        if target_depth is not None and target_depth != cfg.depth:
+            raise ValueError(f"--target-depth {target_depth}: {path} holds a whole model of depth {cfg.depth} "
+                             f"(a target depth applies to meta models)")
+        if sizes is not None:
+            raise ValueError(f"{path}: a split applies to meta models; this is a whole model")
+        target = cfg
+    return is_meta, K, target, spans
+
+
 def import_official(path, output, *, model: Optional[str] = None, target_depth: Optional[int] = None,
                     num_heads: Optional[int] = None, norm_eps: Optional[float] = None,
                     img_size: Optional[Union[int, Sequence[int]]] = None, kind: str = "auto",
@@ -607,27 +636,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     problems = _misfits(_expected_shapes(cfg), state_dict)
     if problems:
         raise CheckpointError(f"{path}: its weights are not the authors' ViT as read off them: " + "; ".join(problems))
-    K = len(official.sizes) if official.sizes else None
-    is_meta = kind == "meta" or (kind == "auto" and K is not None and K > 1 and official.sizes == [1] * K)
-    if is_meta:   # the options first: nothing is hashed or written for a wrong command
-        if official.sizes is not None and official.sizes != [1] * len(official.sizes):
-            raise ValueError(f"{path} is not a meta model: its stages hold {official.sizes} blocks, a meta model "
-                             f"one each")
-        K = cfg.depth
-        if target_depth is None:
-            if family is None:
-                raise ValueError(f"{path}: give the target depth of this meta model (--target-depth): its width "
-                                 f"{cfg.embed_dim} is none of the authors' base / large / huge")
-            target_depth = _FAMILIES[family][1]
-        target = cfg.replace(depth=target_depth)
-        spans = deep.split_modules(target, K, sizes)
-    else:
-        if target_depth is not None and target_depth != cfg.depth:
-            raise ValueError(f"--target-depth {target_depth}: {path} holds a whole model of depth {cfg.depth} "
-                             f"(a target depth applies to meta models)")
-        if sizes is not None:
-            raise ValueError(f"{path}: a split applies to meta models; this is a whole model")
-        target = cfg
+    is_meta, K, target, spans = _import_target(official, cfg, family, kind, target_depth, sizes)
     provenance = {"source": os.path.abspath(path), "source_sha256": file_sha256(path),
                   "source_format": "deep-incubation", "source_entry": official.source,
                   "source_entries": official.entries, "official_model": model or family,

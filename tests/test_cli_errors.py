@@ -135,14 +135,13 @@ def test_expand_output_under_a_file(tmp_path, capsys):
 def test_environment_faults_when_writing_are_one_line(code, expected, tmp_path, capsys, monkeypatch):
     from test_growth_cli import _source_checkpoint
 
-    from incubation.train import checkpoint
     _source_checkpoint(tmp_path)
     path = str(tmp_path / "big.safetensors")
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code), path)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", fail)
+    monkeypatch.setattr(cli, "save_checkpoint", fail)   # where `incubation expand` writes
     argv = ["expand", str(tmp_path / "src"), "-o", str(tmp_path / "big"), "--depth", "3"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
