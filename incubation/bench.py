@@ -16,7 +16,7 @@ from typing import Optional
 
 __all__ = ["BENCHMARKS", "load_benchmark", "main"]
 
-BENCHMARKS = {"ops": "ops.py", "train": "train_step.py", "study": "study.py"}
+BENCHMARKS = {"ops": "ops.py", "train": "train_step.py", "study": "study.py", "assembly": "assembly.py"}
 BENCHMARK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 

@@ -113,6 +113,19 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _verdict(summary: dict) -> list[str]:
+    """One plain sentence: which method reached the higher accuracy, at what training cost."""
+    di, e2e = summary.get("deep incubation"), summary.get("end to end")
+    if not (di and e2e) or di["acc"] is None or e2e["acc"] is None:
+        return []
+    won = "Deep Incubation" if di["acc"] > e2e["acc"] else "End-to-end training" if e2e["acc"] > di["acc"] else None
+    costs = f"{di['flops'] / 1e12:.2f} vs {e2e['flops'] / 1e12:.2f} TFLOP"
+    if won is None:
+        return ["", f"**Tie**: both reached {di['acc']:.2f} % ({costs})."]
+    return ["", f"**{won} won**: {max(di['acc'], e2e['acc']):.2f} % against {min(di['acc'], e2e['acc']):.2f} % "
+                f"at matched training cost ({costs})."]
+
+
 def _assembly_table(a: Optional[dict]) -> list[str]:
     if not a:
         return []
@@ -172,6 +185,7 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
+        lines += _verdict(summary)
     lines += _assembly_table(report.get("assembly"))
     lines += _recipe_table(report)
     lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images, less the backward a hybrid's "

@@ -51,6 +51,9 @@ def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
     assert f"| all modules assembled, before fine-tuning (step 0) | {first['eval_acc']:.2f} |" in report_md
     assert "| meta model with only module 2 (hybrid 2) |" in report_md
     assert "| data (train / eval images) |" in report_md and "| e2e | folder:" in report_md
+    di, e2e = report["summary"]["deep incubation"]["acc"], report["summary"]["end to end"]["acc"]
+    winner = "**Deep Incubation won**" if di > e2e else "**End-to-end training won**" if e2e > di else "**Tie**"
+    assert winner in report_md
     printed = capsys.readouterr().out
     assert "deep incubation: eval acc" in printed and "end to end: eval acc" in printed
 

@@ -113,6 +113,16 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
     assert meta_md["meta_mode"] == "train"
     assert open(os.path.join(out, "study.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
+    # the assembly diagnosis: every mix of meta blocks and modules; all of them = the assembled
+    # model that the assembly stage evaluated before its first step
+    assembly = bench.load_benchmark("assembly")
+    modules = [os.path.join(out, f"incubate-random-{i}", tag, "final") for i in range(cfg.K)]
+    found = assembly.diagnose(os.path.join(out, "meta", tag, "final"), modules, study._datasets(cfg)[1])
+    step0 = json.loads(open(os.path.join(out, "assemble-random", tag, "metrics.jsonl")).readline())
+    assert step0["step"] == 0 and found["assembled"] == pytest.approx(step0["eval_acc"])
+    assert found["hybrid"] == pytest.approx([s["acc"] for s in stages[1:-1]])   # each hybrid's own final eval
+    assert len(found["all_but"]) == cfg.K and 0 <= found["meta"] <= 100
+
     # a second run finds everything done; a lost job is redone alone, to the same result
     lost = os.path.join(out, "assemble-lemon", tag)
     before = json.load(open(os.path.join(lost, "result.json")))
