@@ -26,7 +26,7 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*.h)
 .PHONY: demo test install clean
 
 demo: $(STAMP)
-	$(PY) -m incubation.cli run
+	$(PY) -m incubation.cli run --preset demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -332,6 +332,10 @@ class _Run:
                              f"are more steps than can be counted")
         return recipe
 
+    def init(self) -> str:
+        """How incubation starts each module: --init, else the preset's."""
+        return self.args.init or self.preset.init
+
     def target_for(self, recipe: Recipe) -> ViTConfig:
         return self.target.replace(drop_path_rate=recipe.drop_path)
 
@@ -495,7 +499,7 @@ def _incubate(run: _Run, module: int):
                          f"0..{K - 1}")
     recipe = run.recipe("incubate")
     cfg = run.train_config(recipe)
-    init, meta_mode = run.args.init, run.args.meta_mode
+    init, meta_mode = run.init(), run.args.meta_mode
     if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, no long tail
         cfg = lemon_config(cfg)
     run.write_config("incubate", recipe, cfg, module, init=init, meta_mode=meta_mode)
@@ -517,7 +521,7 @@ def _incubate_all(run: _Run, parallel: int) -> None:
     # the parent's options, without progress bars (they would only clutter the logs)
     options = common_argv(argparse.Namespace(**{**vars(run.args), "no_progress": True}))
     todo = [jobs.Job(f"incubate-{i}", [sys.executable, "-m", "incubation.cli", "incubate", "--module", str(i),
-                                       "--init", run.args.init, "--meta-mode", run.args.meta_mode, *options],
+                                       "--init", run.init(), "--meta-mode", run.args.meta_mode, *options],
                      os.path.join(stage_dir(run.run_dir, "incubate", i), "log.txt"),
                      env={"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus > 1 else {})
             for i in range(K)]
@@ -688,8 +692,9 @@ def _add_incubation_options(p):
     p.add_argument("--meta-mode", choices=deep.META_MODES, default="eval",
                    help="the frozen meta blocks of a hybrid: eval (default: deterministic, as after assembly) or "
                         "train (the authors': drop-path spread over every block of the hybrid)")
-    p.add_argument("--init", choices=("random", "lemon"), default="random",
-                   help="module init: random (the paper) or lemon (LEMON expansion of the meta block)")
+    p.add_argument("--init", choices=("random", "lemon"), default=None,
+                   help="module init: random (the paper) or lemon (LEMON expansion of the meta block); default: the "
+                        "preset's (demo: lemon, the others: random)")
 
 
 def _add_run(p):

@@ -1,8 +1,11 @@
 """Named recipes for the CLI: a target ViT, its split into K modules, one training recipe per
 stage (meta, incubate, assemble, e2e) and the data augmentation.
 
-- "tiny" (default): Fashion-MNIST on a CPU; the whole `incubation run` (meta + K incubations +
-  assembly + the E2E baseline) is sized to finish in about 10 minutes on 2 cores.
+- "tiny" (default): an 8-block ViT for Fashion-MNIST on a CPU, for quick looks and tests.
+- "demo" (`make demo`): the pipeline docs/STUDY.md recommends, where it helps: a 24-block,
+  64-wide target, modules initialised by LEMON (`--init lemon`), stage lengths in the paper's
+  proportions (meta 3 : each module 1 : assembly 1) at one E2E epoch of training FLOPs; the
+  whole `incubation run` with its E2E baseline takes under 10 minutes on 2 cores.
 - "vit-b", "vit-l", "vit-h": the official Deep Incubation recipe on ImageNet-sized data, value
   by value from the authors' code (LeapLabTHU/Deep-Incubation): main.py's defaults (the DeiT
   recipe: lr 5e-4 x batch/512, 20 warmup epochs, min lr 1e-5, weight decay 0.05, label
@@ -82,6 +85,7 @@ class Preset:
     K: int = 4
     sizes: Optional[tuple] = None      # blocks per module (None: even split)
     img_size: Optional[int] = None     # images are resized to this (None: the data set's own size)
+    init: str = "random"               # how incubation starts each module (--init): random or lemon
     augment: Augment = Augment()       # ImageFolder transforms (Fashion-MNIST is not augmented)
 
     def recipe(self, stage: str) -> Recipe:
@@ -118,6 +122,13 @@ PRESETS = {
         meta=_TINY, incubate=replace(_TINY, epochs=1.0, evals=1),
         assemble=replace(_TINY, epochs=1.0, warmup_epochs=0.0, clip_grad=1.0, evals=4),
         e2e=replace(_TINY, evals=4)),
+    # the study's 24-block target at one E2E epoch: meta 1.09, each module 0.36, assembly 0.36 epochs
+    "demo": Preset(
+        name="demo", description="a 24-block, 64-wide ViT (patch 7) for Fashion-MNIST, LEMON-initialised modules",
+        model=dict(patch_size=7, embed_dim=64, depth=24, num_heads=4), init="lemon",
+        meta=replace(_TINY, epochs=1.09), incubate=replace(_TINY, epochs=0.36, evals=1),
+        assemble=replace(_TINY, epochs=0.36, warmup_epochs=0.0, clip_grad=1.0, evals=4),
+        e2e=replace(_TINY, epochs=1.0, evals=4)),
     "vit-b": _official("vit-b", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), 0.1),
     "vit-l": _official("vit-l", dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16), 0.5),
     "vit-h": _official("vit-h", dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, qkv_bias=False,

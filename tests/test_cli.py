@@ -231,7 +231,7 @@ def test_presets_build_the_paper_models():
     from incubation.presets import PRESETS
     vit_b = VisionTransformer(PRESETS["vit-b"].target_config(3, 1000, 224))
     assert sum(p.numel() for p in vit_b.parameters()) == 86_567_656  # timm vit_base_patch16_224
-    expected = {"tiny": [2, 2, 2, 2], "vit-b": [3, 3, 3, 3], "vit-l": [6, 6, 6, 6], "vit-h": [8, 8, 8, 8]}
+    expected = {"tiny": [2, 2, 2, 2], "demo": [6, 6, 6, 6], "vit-b": [3, 3, 3, 3], "vit-l": [6, 6, 6, 6], "vit-h": [8, 8, 8, 8]}
     for name, preset in PRESETS.items():
         target = preset.target_config(3, 1000, preset.img_size or 28)
         assert [len(s) for s in deep.split_modules(target, preset.K, preset.sizes)] == expected[name]
