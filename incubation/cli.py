@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import deep, jobs, ops
-from .data import Augment, default_workers, holdout, load_dataset
+from .data import Augment, base_dataset, default_workers, holdout, load_dataset
 from .errors import IncubationError
 from .growth import lemon_config, lemon_expand, train_apollo
 from .nn import VisionTransformer, ViTConfig, train_flops_per_image
@@ -374,21 +374,14 @@ class _Run:
         data = {"name": self.args.data, "train_images": len(self.train_set), "eval_images": len(self.eval_set),
                 "eval_split": "test" if self.args.val_size is None else
                 f"validation: {self.args.val_size} images held out of the training split",
-                "classes": list(getattr(_base(self.train_set), "classes", [])),
-                "transforms": {"train": repr(getattr(_base(self.train_set), "transform", None)),
-                               "eval": repr(getattr(_base(self.eval_set), "transform", None))}}
+                "classes": list(getattr(base_dataset(self.train_set), "classes", [])),
+                "transforms": {"train": repr(getattr(base_dataset(self.train_set), "transform", None)),
+                               "eval": repr(getattr(base_dataset(self.eval_set), "transform", None))}}
         record = {"stage": stage, "module": module, "command": ["incubation", *sys.argv[1:]], "preset": self.preset.name,
                   "recipe": dataclasses.asdict(recipe), "train_config": cfg.to_dict(),
                   "model": self.target_for(recipe).to_dict(), "timm_model": self.args.model,
                   "augment": self.augment.to_dict(), "data": data, **extra, "versions": versions()}
         atomic_write(os.path.join(directory, "config.json"), (json_dumps(record, indent=2) + "\n").encode())
-
-
-def _base(dataset):
-    """The data set under its Subsets (--val-size, --limit-train / --limit-eval)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    return dataset
 
 
 def _augment(args, preset: Preset) -> Augment:
@@ -454,7 +447,7 @@ def _context(args) -> _Run:
         train_set, eval_set = holdout(args.data, args.val_size, **load)
     else:
         train_set, eval_set = (load_dataset(args.data, split, **load) for split in ("train", "test"))
-    target = _target(args, preset, _base(train_set))
+    target = _target(args, preset, base_dataset(train_set))
     return _Run(args, preset, args.out, _subset(train_set, args.limit_train, args.seed),
                 _subset(eval_set, args.limit_eval, args.seed), target, augment)
 

@@ -220,10 +220,6 @@ def load_state_dict_file(path, *, use_ema: bool = False) -> tuple[dict, Optional
 # ----------------------------------------------------------------------------------------------
 # position embeddings
 # ----------------------------------------------------------------------------------------------
-def _grid(cfg: ViTConfig) -> tuple[int, int]:
-    return cfg.img_size[0] // cfg.patch_size[0], cfg.img_size[1] // cfg.patch_size[1]
-
-
 def _guess_grid(positions: int, like: tuple[int, int]) -> tuple[int, int]:
     """The patch grid of a pos_embed with `positions` patch positions: square if it can be, else
     with the aspect ratio of `like`."""
@@ -257,7 +253,7 @@ def resample_pos_embed(state_dict: dict, config: Union[ViTConfig, VisionTransfor
     if not isinstance(pos, torch.Tensor) or pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != cfg.embed_dim:
         return out
     prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
-    new_grid = _grid(cfg)
+    new_grid = cfg.grid_size
     positions = pos.shape[1] - prefix
     if positions < 1:
         raise ValueError(f"pos_embed has {pos.shape[1]} tokens, no patch positions after the model's {prefix} "
@@ -311,7 +307,7 @@ def _metadata_grid(md: Optional[dict]) -> Optional[tuple[int, int]]:
         return None
     key = "meta_config" if md.get("stage") == "meta" else "target_config"
     try:
-        return _grid(ViTConfig.from_dict(md[key]))
+        return ViTConfig.from_dict(md[key]).grid_size
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -354,8 +350,8 @@ def load_into(model: VisionTransformer, path, *, strict_head: bool = False, use_
     pos = w.state_dict.get("pos_embed")
     if pos is not None and state_dict["pos_embed"] is not pos:
         prefix = 0 if model.config.no_embed_class else model.config.num_prefix_tokens
-        report.pos_embed_resampled = (grid or _guess_grid(pos.shape[1] - prefix, _grid(model.config)),
-                                      _grid(model.config))
+        report.pos_embed_resampled = (grid or _guess_grid(pos.shape[1] - prefix, model.config.grid_size),
+                                      model.config.grid_size)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     given = {k: tuple(v.shape) for k, v in state_dict.items()}
     head = sorted(k for k in set(expected) | set(given) if k.split(".")[0] == "head")
@@ -629,7 +625,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     path = official.path
     state_dict = official.state_dict
     cfg, family = official_config(state_dict, model=model, num_heads=num_heads, norm_eps=norm_eps, path=path)
-    source_grid = _grid(cfg)
+    source_grid = cfg.grid_size
     if img_size is not None:
         cfg = cfg.replace(img_size=img_size)
         state_dict = resample_pos_embed(state_dict, cfg, old_grid=source_grid, antialias=antialias)
@@ -641,7 +637,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
                   "source_format": "deep-incubation", "source_entry": official.source,
                   "source_entries": official.entries, "official_model": model or family,
                   "official_sizes": official.sizes, "keys": official.keys}
-    if _grid(cfg) != source_grid:
+    if cfg.grid_size != source_grid:
         provenance.update(pos_embed_resampled_from_grid=list(source_grid), pos_embed_antialias=antialias)
     if is_meta:
         metadata = {**deep._plan("meta", target, spans, meta_config=deep.meta_config(target, K).to_dict()),

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from .fashion_mnist import CLASSES, DatasetError, find_fashion_mnist, load_fashion_mnist_arrays, read_idx
 from .image_folder import ImageFolder, find_classes, split_dir
 
-__all__ = ["load_dataset", "holdout", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
+__all__ = ["load_dataset", "holdout", "base_dataset", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
            "read_idx", "default_workers", "FASHION_MNIST_CLASSES"]
 
 FASHION_MNIST_CLASSES = CLASSES
@@ -95,10 +95,17 @@ class Augment:
         return asdict(self)
 
 
+def base_dataset(dataset: Dataset) -> Dataset:
+    """The data set under its Subsets (holdout, --limit-train / --limit-eval)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def default_workers(dataset) -> int:
     """Loader worker processes per rank: none for the in-memory data sets (workers would only
     copy them), else up to 8, sharing this machine's cores among its ranks (torchrun)."""
-    if isinstance(dataset, TensorImageDataset) or isinstance(getattr(dataset, "dataset", None), TensorImageDataset):
+    if isinstance(base_dataset(dataset), TensorImageDataset):
         return 0
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(8, (os.cpu_count() or 1) // ranks_here))

@@ -137,8 +137,13 @@ class ViTConfig:
         return int(self.class_token) + self.reg_tokens
 
     @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches per column and per row."""
+        return self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
+
+    @property
     def num_patches(self) -> int:
-        return (self.img_size[0] // self.patch_size[0]) * (self.img_size[1] // self.patch_size[1])
+        return math.prod(self.grid_size)
 
     @property
     def mlp_hidden_dim(self) -> int:

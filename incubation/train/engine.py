@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import ops
+from ..data import base_dataset
 from ..errors import IncubationError
 from ..nn.vit import train_flops_per_image
 from ..utils import atomic_write, json_dumps
@@ -290,9 +291,8 @@ def _mixer(cfg: TrainConfig, model: nn.Module, dataset: Dataset):
     if not (cfg.mixup or cfg.cutmix):
         return None
     from timm.data import Mixup
-    # ours, a Deep Incubation hybrid (its meta model's head), Apollo (its ViT), or the data set (maybe a Subset)
-    for owner in (model, getattr(model, "meta", None), getattr(model, "vit", None), dataset,
-                  getattr(dataset, "dataset", None)):
+    # ours, a Deep Incubation hybrid (its meta model's head), Apollo (its ViT), or the data set under its Subsets
+    for owner in (model, getattr(model, "meta", None), getattr(model, "vit", None), base_dataset(dataset)):
         num_classes = getattr(owner, "num_classes", None)
         if isinstance(num_classes, int) and num_classes > 0:
             return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
