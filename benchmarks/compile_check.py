@@ -45,9 +45,6 @@ from typing import Optional
 # interpreter (incubation.kernels reads the flag when triton is imported).
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # the spill counts are only in ptxas -v's log
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # this checkout's incubation, not another installed one
 
 import torch  # noqa: E402
 import triton  # noqa: E402

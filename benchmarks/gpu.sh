@@ -329,12 +329,12 @@ if want tests; then
 fi
 if want ops; then
     budget ops
-    run_step ops "$T" "$PYTHON" benchmarks/ops.py --device "$DEVICE" "${SIZE_OPS[@]}" --out "$WORK/ops"
+    run_step ops "$T" "$PYTHON" -m incubation.bench.ops --device "$DEVICE" "${SIZE_OPS[@]}" --out "$WORK/ops"
     write_summary
 fi
 if want ops-attention; then
     budget ops-attention
-    run_step ops-attention "$T" "$PYTHON" benchmarks/ops.py --device "$DEVICE" --ops attention "${SIZE_ATTN[@]}" \
+    run_step ops-attention "$T" "$PYTHON" -m incubation.bench.ops --device "$DEVICE" --ops attention "${SIZE_ATTN[@]}" \
         --out "$WORK/ops-attention"
     write_summary
 fi
@@ -347,17 +347,17 @@ if want tune; then
 fi
 if want train; then
     budget train
-    run_step train "$T" "$PYTHON" benchmarks/train_step.py --device "$DEVICE" "${SIZE_TRAIN[@]}" --out "$WORK/train"
+    run_step train "$T" "$PYTHON" -m incubation.bench.train_step --device "$DEVICE" "${SIZE_TRAIN[@]}" --out "$WORK/train"
     write_summary
 fi
 if want ops-dtypes; then
     budget ops-dtypes
-    run_step ops-dtypes "$T" "$PYTHON" benchmarks/ops.py --device "$DEVICE" "${SIZE_DTYPES[@]}" --out "$WORK/ops-dtypes"
+    run_step ops-dtypes "$T" "$PYTHON" -m incubation.bench.ops --device "$DEVICE" "${SIZE_DTYPES[@]}" --out "$WORK/ops-dtypes"
     write_summary
 fi
 if want train-large; then
     budget train-large
-    run_step train-large "$T" "$PYTHON" benchmarks/train_step.py --device "$DEVICE" "${SIZE_LARGE[@]}" \
+    run_step train-large "$T" "$PYTHON" -m incubation.bench.train_step --device "$DEVICE" "${SIZE_LARGE[@]}" \
         --out "$WORK/train-large"
 fi
 log "done"

@@ -10,7 +10,7 @@
     incubation report                    report.md, report.json and plots of <out>
     incubation expand CKPT -o OUT ...    LEMON: a larger, function-preserving model from a checkpoint
     incubation grow                      Apollo: progressive depth training of the target
-    incubation bench ops|train|study     the benchmarks (benchmarks/) on this machine
+    incubation bench ops|train|study|assembly   the benchmarks (incubation.bench) on this machine
     incubation tune [--preset P | --model NAME]   measure every op call of a model on each backend
                                          ahead of training, into the dispatch cache
     incubation backends                  which kernel backend serves each op, its timings, and why
@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from . import deep, jobs, ops
+from . import bench, deep, jobs, ops
 from .data import Augment, base_dataset, default_workers, holdout, load_dataset
 from .errors import IncubationError
 from .growth import lemon_config, lemon_expand, train_apollo
@@ -789,13 +789,12 @@ def _add_grow(p):
 
 
 def _cmd_bench(args):
-    from . import bench
     return bench.main(args.bench_args)
 
 
 def _add_bench(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="ops|train|study and their options (incubation bench ops --help)")
+                   help="ops|train|study|assembly and their options (incubation bench ops --help)")
 
 
 def _add_import_official(p):

@@ -1,4 +1,4 @@
-"""The benchmark harnesses (benchmarks/ops.py, benchmarks/train_step.py) in their quickest mode
+"""The benchmark harnesses (incubation bench ops, incubation bench train) in their quickest mode
 on tiny shapes: the JSON they write has the expected fields and self-consistent numbers.
 No timing is asserted (performance claims come from benchmarks/ only)."""
 import json
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from incubation import bench
+from incubation.bench import ops as ops_module
+from incubation.bench import train_step as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +24,7 @@ TARGET_STATUSES = {"met", "missed", "not measured"}
 
 @pytest.fixture(scope="module")
 def ops_bench():
-    return bench.load_benchmark("ops")
+    return ops_module
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,6 @@ def test_ops_bad_arguments(ops_bench, capsys):
     assert bench.main(["nope"]) == 2
     if not torch.cuda.is_available():
         assert ops_bench.main(["--device", "cuda"]) == 2
-    train = bench.load_benchmark("train")
     for kwargs, match in ((dict(warmup=0), "must be positive"), (dict(amp="fp8"), "amp must be one of"),
                           (dict(providers=["ours-fast"]), "unknown provider")):
         with pytest.raises(ValueError, match=match):
@@ -125,7 +126,6 @@ def test_ops_bad_arguments(ops_bench, capsys):
 
 
 def test_train_step_json(tmp_path):
-    train = bench.load_benchmark("train")
     payload = train.run_train_benchmarks(
         device="cpu", models=["Ti"], batch=1, providers=["ours-eager", "ours-triton", "timm"], quick=True,
         warmup=1, out_dir=str(tmp_path), plot=False, log=lambda *_: None)
@@ -176,3 +176,31 @@ def test_gpu_sh_dry_run(tmp_path):
     for heading in ("## Op benchmark, CPU", "## Train-step benchmark, CPU", "tests-triton: ", "tests-extension: "):
         assert heading in summary
     assert "sdpa (flash)" in summary
+
+
+@pytest.mark.slow
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """`incubation bench ops` from a wheel installed away from the checkout (pure Python, no
+    extension), run in another directory: the benchmarks ship in the package and write under
+    the current directory."""
+    env = dict(os.environ, INCUBATION_SKIP_EXTENSION="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), REPO],
+                   env=env, check=True, capture_output=True, timeout=600)
+    (wheel,) = (tmp_path / "dist").glob("incubation-*.whl")
+    site = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "-q", "--target", str(site), str(wheel)], env=env, check=True,
+                   capture_output=True, timeout=600)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env["PYTHONPATH"] = str(site)   # ahead of the checkout's editable install
+    where = subprocess.run([sys.executable, "-c", "import incubation; print(incubation.__file__)"], env=env, cwd=cwd,
+                           capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(site)), where
+    proc = subprocess.run([str(site / "bin" / "incubation"), "bench", "ops", "--quick", "--device", "cpu", "--ops",
+                           "add_layer_norm", "--providers", "eager", "--no-plot"], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = json.loads((cwd / "runs" / "bench" / "ops-cpu" / "ops.json").read_text())
+    assert {r["provider"] for r in written["results"]} == {"eager"}

@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_cli import TINY
 
-from incubation import bench, cli
+from incubation import cli
+from incubation.bench import study
 from incubation.errors import IncubationError
 
 FUZZ = ["0", "-1", "nan", "inf", ""]
@@ -74,7 +75,6 @@ def test_nonsense_numbers_are_usage_errors(command, option, shown, value, capsys
 
 
 def test_study_numbers_are_usage_errors(capsys):
-    study = bench.load_benchmark("study")
     cases = _fuzz_cases(study.build_parser())
     assert {"--depth", "--K", "--parallel", "--limit-train", "--budgets"} <= {c[1] for c in cases}
     for command, option, shown, value in cases:

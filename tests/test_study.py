@@ -1,4 +1,4 @@
-"""benchmarks/study.py: budgets matched in FLOPs for every method, the report's arithmetic, and
+"""incubation bench study: budgets matched in FLOPs for every method, the report's arithmetic, and
 a miniature study run end to end (parallel job processes, resume, refusal of other settings)."""
 import json
 import os
@@ -6,9 +6,8 @@ import os
 import pytest
 
 from incubation import bench, deep
+from incubation.bench import assembly, study
 from incubation.train.checkpoint import load_checkpoint
-
-study = bench.load_benchmark("study")
 
 MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets", "1,2", "--seeds", "2",
         "--limit-train", "768", "--limit-eval", "128", "--val-size", "256", "--no-progress"]
@@ -115,7 +114,6 @@ def test_miniature_study_end_to_end_and_resume(tmp_path, capsys):
 
     # the assembly diagnosis: every mix of meta blocks and modules; all of them = the assembled
     # model that the assembly stage evaluated before its first step
-    assembly = bench.load_benchmark("assembly")
     modules = [os.path.join(out, f"incubate-random-{i}", tag, "final") for i in range(cfg.K)]
     found = assembly.diagnose(os.path.join(out, "meta", tag, "final"), modules, study._datasets(cfg)[1])
     step0 = json.loads(open(os.path.join(out, "assemble-random", tag, "metrics.jsonl")).readline())

@@ -697,7 +697,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
             start, counters = checkpointer.resume(model, optimizer, ema) if resume else (0, {})
             log = _MetricsLog(out_dir, stage, cfg, plan, place, start, counters.get("wall_seconds", 0.0),
                               _train_flops(model))
-            runner = _Runner(model, train_set, eval_set, cfg, plan, place, trained, optimizer, ema, hooks, counters)
+            runner = _Runner(model=model, train_set=train_set, eval_set=eval_set, cfg=cfg, plan=plan, place=place,
+                             trained=trained, optimizer=optimizer, ema=ema, hooks=hooks, counters=counters)
             return runner.run(start, log, checkpointer)
     finally:
         if lock is not None:
@@ -730,18 +731,27 @@ def _agree_on_kernels(model, data, batch: int, device, amp: bool, rank: int) -> 
     ops.share_decisions()
 
 
+@dataclass(eq=False)
 class _Runner:
     """The training loop: step -> log -> evaluate -> save. `_MetricsLog` and `_Checkpointer`
     decide when they are due and write the files; the runner trains and evaluates."""
+    model: nn.Module
+    train_set: object
+    eval_set: object
+    cfg: TrainConfig
+    plan: _Plan
+    place: _Place
+    trained: list
+    optimizer: torch.optim.Optimizer
+    ema: Optional[_EMA]
+    hooks: Sequence[Callable[[int, nn.Module], None]]
+    counters: dict   # a checkpoint's, when resuming
 
-    def __init__(self, model, train_set, eval_set, cfg: TrainConfig, plan: _Plan, place: _Place, trained, optimizer,
-                 ema, hooks, counters: dict):
-        self.model, self.train_set, self.eval_set, self.cfg, self.plan = model, train_set, eval_set, cfg, plan
-        self.place, self.device, self.rank, self.world = place, place.device, place.rank, place.world
-        self.trained, self.optimizer, self.ema, self.hooks = trained, optimizer, ema, hooks
-        self.last_loss = counters.get("train_loss", float("nan"))
-        self.last_eval = counters.get("eval", {})
-        self.mixer = _mixer(cfg, model, train_set)
+    def __post_init__(self):
+        self.device, self.rank, self.world = self.place.device, self.place.rank, self.place.world
+        self.last_loss = self.counters.get("train_loss", float("nan"))
+        self.last_eval = self.counters.get("eval", {})
+        self.mixer = _mixer(self.cfg, self.model, self.train_set)
         self.eval_loader = None
 
     def _net(self):

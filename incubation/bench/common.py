@@ -21,8 +21,6 @@ import torch
 
 from incubation.utils import versions
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # why the benchmarks never time the Triton backend on CPU tensors
 TRITON_ON_CPU = "Triton runs on CPU tensors only under its interpreter, which is for testing, not timing"
 

@@ -3,9 +3,9 @@ in images/s and peak memory, for our model (incubation.VisionTransformer) on eac
 incubation.ops against timm's VisionTransformer (fused attention on) eager and under
 torch.compile, with the same weights, batch and optimizer, measured in one run.
 
-    python benchmarks/train_step.py            # GPU: ViT-S/B/L/H, bf16 autocast; CPU: ViT-Ti/S, fp32
-    python benchmarks/train_step.py --quick    # ViT-Ti, batch 2 on CPU; ViT-B on GPU
-    python benchmarks/train_step.py --models B --batch 256 --providers ours-auto,timm,timm-compile
+    incubation bench train            # GPU: ViT-S/B/L/H, bf16 autocast; CPU: ViT-Ti/S, fp32
+    incubation bench train --quick    # ViT-Ti, batch 2 on CPU; ViT-B on GPU
+    incubation bench train --models B --batch 256 --providers ours-auto,timm,timm-compile
 
 Providers: ours-eager, ours-triton, ours-cuda, ours-cpp (the backend forced for every op: one
 that cannot serve some op is skipped, with the reason), ours-auto (each op's fastest available
@@ -25,12 +25,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (incubation bench)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+import incubation
+from incubation import ops
+from incubation.bench.common import (
     DTYPES,
     MODELS,
-    REPO,
     TRITON_ON_CPU,
     PeakRSS,
     describe_environment,
@@ -49,10 +48,7 @@ from common import (  # noqa: E402
     targets_text,
     write_outputs,
 )
-
-import incubation  # noqa: E402
-from incubation import ops  # noqa: E402
-from incubation.nn import train_flops_per_image  # noqa: E402
+from incubation.nn import train_flops_per_image
 
 PROVIDERS = ("ours-eager", "ours-triton", "ours-cuda", "ours-cpp", "ours-auto", "timm", "timm-compile")
 GPU_BATCH = {"Ti": 256, "S": 256, "B": 256, "L": 128, "H": 64, "demo": 1024}
@@ -268,7 +264,7 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
         raise ValueError(f"batch and warmup must be positive, got batch={batch}, warmup={warmup}")
     if img_size is not None and img_size < 16:
         raise ValueError(f"img_size must be at least one 16-pixel patch, got {img_size}")
-    out_dir = out_dir or os.path.join(REPO, "runs", "bench", f"train-{dev.type}")
+    out_dir = out_dir or os.path.join("runs", "bench", f"train-{dev.type}")
     autocast = None if amp == "fp32" else DTYPES[amp]
 
     env = environment(dev)
@@ -321,7 +317,7 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks/train_step.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="incubation bench train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help="one small model, short timing")
@@ -349,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             out_dir=args.out, plot=not args.no_plot, append_results=args.append_results, threads=args.threads,
             img_size=args.img_size)
     except ValueError as exc:
-        print(f"benchmarks/train_step.py: error: {exc}", file=sys.stderr)
+        print(f"incubation bench train: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,7 +1,7 @@
 """Why does an assembled model start below its hybrids? Accuracy of every mix of meta blocks and
-incubated modules, from a finished study (benchmarks/study.py) or run dir, on its evaluation data.
+incubated modules, from a finished study (incubation bench study) or run dir, on its evaluation data.
 
-    python benchmarks/assembly.py --study runs/study-depth24 --budget 2 --seed 0 [--variant random]
+    incubation bench assembly --study runs/study-depth24 --budget 2 --seed 0 [--variant random]
 
 For each Deep Incubation variant of the point it prints, on the study's evaluation split (the
 validation split with --val-size): the meta model alone, each hybrid (the meta model with only
@@ -19,7 +19,8 @@ import sys
 import torch
 from torch import nn
 
-from incubation import ViTConfig, bench, deep
+from incubation import ViTConfig, deep
+from incubation.bench import study
 from incubation.train import evaluate
 
 
@@ -59,14 +60,13 @@ def diagnose(meta_path: str, module_paths: list, eval_set, batch_size: int = 500
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="incubation bench assembly", description=__doc__.split("\n\n")[0])
     p.add_argument("--study", required=True, help="a study's --out")
     p.add_argument("--budget", default="2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", action="append", help="random, lemon, metatrain (default: every one run)")
     p.add_argument("--json", help="write the numbers here too")
     args = p.parse_args(argv)
-    study = bench.load_benchmark("study")
     cfg = study._load_config(args.study)
     _, eval_set, _ = study._datasets(cfg)
     tag = study._tag(float(args.budget), args.seed)

@@ -1,9 +1,8 @@
 """The study: E2E vs Deep Incubation vs LEMON vs Apollo vs growth-initialised incubation, at
 matched training budgets, on Fashion-MNIST (see docs/STUDY.md for the results).
 
-    python benchmarks/study.py run    [--out runs/study] [--budgets 0.5,1,2,4] [--seeds 3] [--parallel 2]
-    python benchmarks/study.py report [--out runs/study]
-    (or `incubation bench study run ...`)
+    incubation bench study run    [--out runs/study] [--budgets 0.5,1,2,4] [--seeds 3] [--parallel 2]
+    incubation bench study report [--out runs/study]
 
 The target is a ViT of --depth blocks cut into K modules. A budget is counted in training FLOPs,
 in units of one E2E epoch (3 x forward FLOPs x the training images), and every method gets it:
@@ -293,7 +292,7 @@ def _result(out: str, name: str) -> Optional[dict]:
 def _load_config(out: str) -> StudyConfig:
     path = os.path.join(out, "study_config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: start the study with `study.py run --out {out}`")
+        raise FileNotFoundError(f"{path} not found: start the study with `incubation bench study run --out {out}`")
     return StudyConfig(**json.load(open(path)))
 
 
@@ -324,7 +323,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     # the job processes read their job from here instead of each planning the whole study again
     atomic_write(os.path.join(out, "plan.json"), json.dumps([dataclasses.asdict(j) for j in jobs]).encode())
     done = {j.name for j in jobs if _result(out, j.name) is not None}
-    todo = [runner.Job(j.name, [sys.executable, os.path.abspath(__file__), "_job", "--out", out, j.name],
+    todo = [runner.Job(j.name, [sys.executable, "-m", "incubation.bench.study", "_job", "--out", out, j.name],
                      os.path.join(out, j.name, "log.txt"), j.needs) for j in jobs if j.name not in done]
     t0 = time.time()
     bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress)
@@ -560,7 +559,7 @@ def _floats(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="study.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="incubation bench study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (or resume) the study, then write the report")
     r.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))

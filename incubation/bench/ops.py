@@ -2,9 +2,9 @@
 `incubation.ops` (ours: triton / cuda / cpp) against eager PyTorch, SDPA and torch.compile of
 the eager code (theirs), at ViT shapes, all measured in one run so the ratios sit side by side.
 
-    python benchmarks/ops.py                 # the full sweep for this device (GPU if present)
-    python benchmarks/ops.py --quick         # one small shape: about 2 minutes on 2 CPU cores
-    python benchmarks/ops.py --models B --seq 197 --batch 256 --dtypes bf16 --ops attention
+    incubation bench ops                 # the full sweep for this device (GPU if present)
+    incubation bench ops --quick         # one small shape: about 2 minutes on 2 CPU cores
+    incubation bench ops --models B --seq 197 --batch 256 --dtypes bf16 --ops attention
 
 Ops and modes (fwd is the training forward: inputs require grad, so activations are saved):
     attention        (B, H, N, D) q, k, v                fwd, fwd+bwd
@@ -32,12 +32,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (incubation bench)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from incubation import ops
+from incubation.bench.common import (
     DTYPES,
     MODELS,
-    REPO,
     TRITON_ON_CPU,
     describe_environment,
     describe_error,
@@ -56,8 +54,6 @@ from common import (  # noqa: E402
     targets_text,
     write_outputs,
 )
-
-from incubation import ops  # noqa: E402
 
 OURS = ("triton", "cuda", "cpp")
 THEIRS = ("eager", "sdpa", "compile")
@@ -475,7 +471,7 @@ def run_op_benchmarks(device: Optional[str] = None, models: Optional[list[str]] 
         raise ValueError("models, seqs, dtypes, ops and providers must not be empty")
     if any(n < 1 for n in seqs) or batch < 1:
         raise ValueError(f"sequence lengths and batch must be positive, got seqs={seqs}, batch={batch}")
-    out_dir = out_dir or os.path.join(REPO, "runs", "bench", f"ops-{dev.type}")
+    out_dir = out_dir or os.path.join("runs", "bench", f"ops-{dev.type}")
 
     env = environment(dev)
     log(describe_environment(env))
@@ -514,7 +510,7 @@ def run_op_benchmarks(device: Optional[str] = None, models: Optional[list[str]] 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="benchmarks/ops.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="incubation bench ops", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help="one small shape, short timing")
@@ -543,7 +539,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             providers=args.providers and parse_list(args.providers, PROVIDERS, "provider"),
             out_dir=args.out, plot=not args.no_plot, append_results=args.append_results, threads=args.threads)
     except ValueError as exc:
-        print(f"benchmarks/ops.py: error: {exc}", file=sys.stderr)
+        print(f"incubation bench ops: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
