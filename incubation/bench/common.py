@@ -45,9 +45,7 @@ def parse_list(text: str, choices: Optional[Sequence[str]] = None, what: str = "
     if not items:
         raise ValueError(f"empty {what} list {text!r}")
     if choices is not None:
-        bad = [t for t in items if t not in choices]
-        if bad:
-            raise ValueError(f"unknown {what} {bad}; choose from {list(choices)}")
+        check_choices(what, items, choices)
     return items
 
 
@@ -288,9 +286,17 @@ def pyplot():
     return plt
 
 
-def write_outputs(out_dir: str, name: str, payload: dict, markdown: str,
-                  append_results: Optional[str] = None) -> dict:
-    """Write <name>.json and <name>.md into out_dir (and append the markdown to a RESULTS file)."""
+def check_choices(what: str, values: Sequence[str], choices) -> None:
+    """A clear error for a value of `what` (model, dtype, ...) that is not among `choices`."""
+    bad = [v for v in values if v not in choices]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {list(choices)}")
+
+
+def write_outputs(out_dir: str, name: str, payload: dict, markdown: str, append_results: Optional[str] = None,
+                  plot: Optional[Callable[[str], Optional[str]]] = None, log: Callable = print) -> dict:
+    """Write <name>.json, <name>.md and, with `plot(path)`, <name>.png into out_dir (and append
+    the markdown to a RESULTS file); payload["outputs"] names them."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, f"{name}.json"), "markdown": os.path.join(out_dir, f"{name}.md")}
     with open(paths["json"], "w") as f:
@@ -301,4 +307,9 @@ def write_outputs(out_dir: str, name: str, payload: dict, markdown: str,
         with open(append_results, "a") as f:
             f.write("\n" + markdown + "\n")
         paths["results"] = append_results
-    return paths
+    png = plot and plot(os.path.join(out_dir, f"{name}.png"))
+    if png:
+        paths["plot"] = png
+    payload["outputs"] = paths
+    log("wrote " + ", ".join(paths.values()))
+    return payload

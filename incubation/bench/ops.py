@@ -22,6 +22,7 @@ markdown section and a PNG into --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -37,6 +38,7 @@ from incubation.bench.common import (
     DTYPES,
     MODELS,
     TRITON_ON_CPU,
+    check_choices,
     describe_environment,
     describe_error,
     environment,
@@ -250,28 +252,7 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
     base = dict(op=op.name, model=shape.model, batch=shape.batch, seq=shape.seq, width=shape.width,
                 heads=shape.heads, head_dim=shape.head_dim, dtype=dtype_name)
     kind = {p: "ours" if p in OURS else "theirs" for p in providers}
-    records, ready = [], {}  # ready: provider -> (fn, max abs diff from eager)
-    base_of = {p: base for p in providers}  # + the pinned SDPA backend
-    for provider in providers:
-        if provider == "triton" and device.type != "cuda":
-            records += [dict(base, mode=m, provider=provider, kind=kind[provider], status="skipped",
-                             reason=TRITON_ON_CPU) for m in op.modes]
-            continue
-        try:
-            fn = _provider_fn(op, provider)
-            if provider == "sdpa":
-                backend = sdpa_backend(*inputs)
-                base_of[provider] = dict(base, sdpa_backend=backend or "unrecognised (not pinned)")
-                fn = _pinned_sdpa(backend)
-            out = _as_tuple(fn(*inputs))  # first call: a forced backend refuses here; compiles
-            ready[provider] = fn, max((o.detach().float() - r).abs().max().item() for o, r in zip(out, reference))
-            del out
-        except Skip:
-            continue  # not applicable (SDPA for a non-attention op): no record
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
-            status = "skipped" if isinstance(exc, ops.BackendError) else "failed"
-            records += [dict(base_of[provider], mode=m, provider=provider, kind=kind[provider], status=status,
-                             reason=describe_error(exc)) for m in op.modes]
+    records, ready, base_of = _prepare_providers(op, providers, inputs, reference, base, kind, device)
     rounds, rep_ms = (1, None) if device.type == "cuda" else (3, 50 if quick else 250)
     for mode in op.modes:
         times, failed = {p: [] for p in ready}, {}
@@ -299,6 +280,43 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
             elif rec["tflops"] is not None and dtype_name in ceilings["matmul_tflops"]:
                 rec["pct_ceiling"] = 100 * rec["tflops"] / ceilings["matmul_tflops"][dtype_name]
             records.append(rec)
+    _add_ratios(records)
+    del inputs, reference, grads
+    free_memory(device)
+    return records
+
+
+def _prepare_providers(op: Op, providers, inputs, reference, base: dict, kind: dict, device):
+    """Call every provider once (a forced backend refuses here; torch.compile compiles):
+    (records of those that cannot run, ready = provider -> (fn, max abs diff from eager),
+    the base record of each provider, with SDPA's pinned backend)."""
+    records, ready = [], {}
+    base_of = {p: base for p in providers}
+    for provider in providers:
+        if provider == "triton" and device.type != "cuda":
+            records += [dict(base, mode=m, provider=provider, kind=kind[provider], status="skipped",
+                             reason=TRITON_ON_CPU) for m in op.modes]
+            continue
+        try:
+            fn = _provider_fn(op, provider)
+            if provider == "sdpa":
+                backend = sdpa_backend(*inputs)
+                base_of[provider] = dict(base, sdpa_backend=backend or "unrecognised (not pinned)")
+                fn = _pinned_sdpa(backend)
+            out = _as_tuple(fn(*inputs))  # first call: a forced backend refuses here; compiles
+            ready[provider] = fn, max((o.detach().float() - r).abs().max().item() for o, r in zip(out, reference))
+            del out
+        except Skip:
+            continue  # not applicable (SDPA for a non-attention op): no record
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other providers
+            status = "skipped" if isinstance(exc, ops.BackendError) else "failed"
+            records += [dict(base_of[provider], mode=m, provider=provider, kind=kind[provider], status=status,
+                             reason=describe_error(exc)) for m in op.modes]
+    return records, ready, base_of
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """x_eager, x_sdpa, x_compile: each record's speed over theirs, same mode."""
     by_mode = {}
     for rec in records:
         if rec["status"] == "ok":
@@ -308,9 +326,6 @@ def bench_case(op: Op, shape: Shape, dtype_name: str, providers, device, ceiling
             for theirs in THEIRS:
                 base_ms = by_mode[rec["mode"]].get(theirs)
                 rec[f"x_{theirs}"] = base_ms / rec["ms"] if base_ms else None
-    del inputs, reference, grads
-    free_memory(device)
-    return records
 
 
 # --------------------------------------------------------------------------------------
@@ -462,15 +477,7 @@ def run_op_benchmarks(device: Optional[str] = None, models: Optional[list[str]] 
                                    for given, default in zip((models, seqs, batch, dtypes), defaults))
     op_names = list(OPS) if op_names is None else op_names
     providers = list(PROVIDERS) if providers is None else providers
-    for what, values, choices in (("model", models, MODELS), ("dtype", dtypes, DTYPES), ("op", op_names, OPS),
-                                  ("provider", providers, PROVIDERS)):
-        bad = [v for v in values if v not in choices]
-        if bad:
-            raise ValueError(f"unknown {what} {bad}; choose from {list(choices)}")
-    if not (models and seqs and dtypes and op_names and providers):
-        raise ValueError("models, seqs, dtypes, ops and providers must not be empty")
-    if any(n < 1 for n in seqs) or batch < 1:
-        raise ValueError(f"sequence lengths and batch must be positive, got seqs={seqs}, batch={batch}")
+    _check_arguments(models, seqs, batch, dtypes, op_names, providers)
     out_dir = out_dir or os.path.join("runs", "bench", f"ops-{dev.type}")
 
     env = environment(dev)
@@ -479,34 +486,35 @@ def run_op_benchmarks(device: Optional[str] = None, models: Optional[list[str]] 
     log(f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, matmul " +
         ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items()))
     records, said = [], set()
-    for model in models:
-        for seq in seqs:
-            for dtype_name in dtypes:
-                for name in op_names:
-                    case = bench_case(OPS[name], Shape(model, batch, seq), dtype_name, providers, dev, ceilings, quick)
-                    for rec in case:
-                        if rec["status"] != "ok" and (rec["provider"], rec["op"]) not in said:
-                            said.add((rec["provider"], rec["op"]))
-                            log(f"  {rec['provider']} / {rec['op']}: {rec['status']}: {rec['reason']}")
-                    ok = [r for r in case if r["status"] == "ok"]
-                    if ok:
-                        log(table(_shown(ok), COLUMNS))
-                    records += case
+    for model, seq, dtype_name, name in itertools.product(models, seqs, dtypes, op_names):
+        case = bench_case(OPS[name], Shape(model, batch, seq), dtype_name, providers, dev, ceilings, quick)
+        for rec in case:
+            if rec["status"] != "ok" and (rec["provider"], rec["op"]) not in said:
+                said.add((rec["provider"], rec["op"]))
+                log(f"  {rec['provider']} / {rec['op']}: {rec['status']}: {rec['reason']}")
+        ok = [r for r in case if r["status"] == "ok"]
+        if ok:
+            log(table(_shown(ok), COLUMNS))
+        records += case
     payload = {"benchmark": "ops", "environment": env, "ceilings": ceilings,
                "config": dict(device=dev.type, models=models, seqs=seqs, batch=batch, dtypes=dtypes, ops=op_names,
                               providers=providers, quick=quick),
                "results": records}
     payload["targets"] = evaluate_targets(records, dev, ceilings)
     log("\n" + targets_text(payload["targets"]))
-    paths = write_outputs(out_dir, "ops", payload, _markdown(payload), append_results)
-    if plot:
-        title = f"ops on {env['device_name']} ({'GPU' if gpu else 'CPU, indicative'}), {env['date']}"
-        png = _plot(records, os.path.join(out_dir, "ops.png"), title)
-        if png:
-            paths["plot"] = png
-    payload["outputs"] = paths
-    log("wrote " + ", ".join(paths.values()))
-    return payload
+    title = f"ops on {env['device_name']} ({'GPU' if gpu else 'CPU, indicative'}), {env['date']}"
+    return write_outputs(out_dir, "ops", payload, _markdown(payload), append_results,
+                         plot and (lambda path: _plot(records, path, title)), log)
+
+
+def _check_arguments(models, seqs, batch, dtypes, op_names, providers) -> None:
+    for what, values, choices in (("model", models, MODELS), ("dtype", dtypes, DTYPES), ("op", op_names, OPS),
+                                  ("provider", providers, PROVIDERS)):
+        check_choices(what, values, choices)
+    if not (models and seqs and dtypes and op_names and providers):
+        raise ValueError("models, seqs, dtypes, ops and providers must not be empty")
+    if any(n < 1 for n in seqs) or batch < 1:
+        raise ValueError(f"sequence lengths and batch must be positive, got seqs={seqs}, batch={batch}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from incubation.bench.common import (
     MODELS,
     TRITON_ON_CPU,
     PeakRSS,
+    check_choices,
     describe_environment,
     describe_error,
     environment,
@@ -252,18 +253,7 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
     amp = amp or ("bf16" if gpu else "fp32")
     providers = list(PROVIDERS) if providers is None else providers
     warmup = (3 if gpu else 2) if warmup is None else warmup
-    if not (models and providers):
-        raise ValueError("models and providers must not be empty")
-    for what, values, choices in (("model", models, MODELS), ("provider", providers, PROVIDERS)):
-        bad = [v for v in values if v not in choices]
-        if bad:
-            raise ValueError(f"unknown {what} {bad}; choose from {list(choices)}")
-    if amp not in DTYPES:
-        raise ValueError(f"amp must be one of {list(DTYPES)}, got {amp!r}")
-    if (batch is not None and batch < 1) or warmup < 1:
-        raise ValueError(f"batch and warmup must be positive, got batch={batch}, warmup={warmup}")
-    if img_size is not None and img_size < 16:
-        raise ValueError(f"img_size must be at least one 16-pixel patch, got {img_size}")
+    _check_arguments(models, providers, amp, batch, warmup, img_size)
     out_dir = out_dir or os.path.join("runs", "bench", f"train-{dev.type}")
     autocast = None if amp == "fp32" else DTYPES[amp]
 
@@ -272,32 +262,8 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
     records = []
     for model in models:
         size = batch if batch is not None else (2 if quick and not gpu else (GPU_BATCH if gpu else CPU_BATCH)[model])
-        torch.manual_seed(0)
-        ours = build_model(model, dev, img_size)
-        c = ours.config
-        images = torch.randn(size, c.in_chans, *c.img_size, device=dev)
-        labels = torch.randint(0, c.num_classes, (size,), device=dev)
-        flops = train_flops_per_image(ours) * size
-        base = dict(model=model, batch=size, amp=amp)
-        results = bench_providers(providers, ours, images, labels, autocast, dev, quick, warmup, log)
-        for provider in providers:
-            status, got = results[provider]
-            if status == "ok":
-                rec = dict(base, provider=provider, status=status, **got,
-                           images_per_s=size / (got["ms"] * 1e-3), tflops=flops / (got["ms"] * 1e-3) / 1e12)
-            else:
-                rec = dict(base, provider=provider, status=status, reason=got)
-            log(f"ViT-{model} batch {size} {provider}: " + (
-                f"{rec['images_per_s']:.4g} images/s, {rec['ms']:.4g} ms/step, peak {fmt(rec['peak_mem_gb'])} GB"
-                if status == "ok" else f"{status}: {rec['reason']}"))
-            records.append(rec)
-        del ours, images, labels
-    for rec in records:
-        if rec["status"] == "ok":
-            for theirs in ("timm", "timm-compile"):
-                other = next((r for r in records if r["model"] == rec["model"] and r["provider"] == theirs
-                              and r["status"] == "ok"), None)
-                rec[f"x_{theirs.replace('-', '_')}"] = other and rec["images_per_s"] / other["images_per_s"]
+        records += _bench_model(model, size, amp, providers, dev, img_size, autocast, quick, warmup, log)
+    _add_ratios(records)
     payload = {"benchmark": "train_step", "environment": env,
                "config": dict(device=dev.type, models=models, batch=batch, amp=amp, providers=providers,
                               quick=quick, warmup=warmup, img_size=img_size),
@@ -305,15 +271,57 @@ def run_train_benchmarks(device: Optional[str] = None, models: Optional[list[str
     payload["targets"] = evaluate_targets(records, dev)
     log("\n" + table([r for r in records if r["status"] == "ok"], COLUMNS))
     log("\n" + targets_text(payload["targets"]))
-    paths = write_outputs(out_dir, "train_step", payload, _markdown(payload), append_results)
-    if plot:
-        title = f"train step on {env['device_name']} ({'GPU' if gpu else 'CPU, indicative'}), {env['date']}"
-        png = _plot(records, os.path.join(out_dir, "train_step.png"), title, dev)
-        if png:
-            paths["plot"] = png
-    payload["outputs"] = paths
-    log("wrote " + ", ".join(paths.values()))
-    return payload
+    title = f"train step on {env['device_name']} ({'GPU' if gpu else 'CPU, indicative'}), {env['date']}"
+    return write_outputs(out_dir, "train_step", payload, _markdown(payload), append_results,
+                         plot and (lambda path: _plot(records, path, title, dev)), log)
+
+
+def _check_arguments(models, providers, amp, batch, warmup, img_size) -> None:
+    if not (models and providers):
+        raise ValueError("models and providers must not be empty")
+    check_choices("model", models, MODELS)
+    check_choices("provider", providers, PROVIDERS)
+    if amp not in DTYPES:
+        raise ValueError(f"amp must be one of {list(DTYPES)}, got {amp!r}")
+    if (batch is not None and batch < 1) or warmup < 1:
+        raise ValueError(f"batch and warmup must be positive, got batch={batch}, warmup={warmup}")
+    if img_size is not None and img_size < 16:
+        raise ValueError(f"img_size must be at least one 16-pixel patch, got {img_size}")
+
+
+def _bench_model(model, size, amp, providers, dev, img_size, autocast, quick, warmup, log) -> list[dict]:
+    """One record per provider for ViT-`model` at batch `size`."""
+    torch.manual_seed(0)
+    ours = build_model(model, dev, img_size)
+    c = ours.config
+    images = torch.randn(size, c.in_chans, *c.img_size, device=dev)
+    labels = torch.randint(0, c.num_classes, (size,), device=dev)
+    flops = train_flops_per_image(ours) * size
+    base = dict(model=model, batch=size, amp=amp)
+    results = bench_providers(providers, ours, images, labels, autocast, dev, quick, warmup, log)
+    records = []
+    for provider in providers:
+        status, got = results[provider]
+        if status == "ok":
+            rec = dict(base, provider=provider, status=status, **got,
+                       images_per_s=size / (got["ms"] * 1e-3), tflops=flops / (got["ms"] * 1e-3) / 1e12)
+        else:
+            rec = dict(base, provider=provider, status=status, reason=got)
+        log(f"ViT-{model} batch {size} {provider}: " + (
+            f"{rec['images_per_s']:.4g} images/s, {rec['ms']:.4g} ms/step, peak {fmt(rec['peak_mem_gb'])} GB"
+            if status == "ok" else f"{status}: {rec['reason']}"))
+        records.append(rec)
+    return records
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """x_timm, x_timm_compile: each provider's throughput over timm's (same model), where both ran."""
+    for rec in records:
+        if rec["status"] == "ok":
+            for theirs in ("timm", "timm-compile"):
+                other = next((r for r in records if r["model"] == rec["model"] and r["provider"] == theirs
+                              and r["status"] == "ok"), None)
+                rec[f"x_{theirs.replace('-', '_')}"] = other and rec["images_per_s"] / other["images_per_s"]
 
 
 def build_parser() -> argparse.ArgumentParser:
