@@ -452,15 +452,14 @@ def _context(args) -> _Run:
                 _subset(eval_set, args.limit_eval, args.seed), target, augment)
 
 
-def _say(args, text: str) -> None:
+def _say(text: str) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(text, flush=True)
 
 
-def _done(args, name: str, result) -> None:
+def _done(name: str, result) -> None:
     acc = "-" if result.eval_acc is None else f"{result.eval_acc:.2f}%"
-    _say(args, f"{name}: eval acc {acc}, {result.steps} steps, {result.wall_seconds:.1f} s "
-               f"-> {result.checkpoint_path}")
+    _say(f"{name}: eval acc {acc}, {result.steps} steps, {result.wall_seconds:.1f} s -> {result.checkpoint_path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +469,7 @@ def _final(run: _Run, stage: str, module: Optional[int] = None) -> str:
     return os.path.join(stage_dir(run.run_dir, stage, module), "final")
 
 
-def _meta(run: _Run):
+def _train_meta(run: _Run):
     recipe = run.recipe("meta")
     K, sizes = run.split()
     cfg = run.train_config(recipe)
@@ -478,11 +477,11 @@ def _meta(run: _Run):
     result = deep.train_meta(run.target, K, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "meta"),
                              sizes=sizes, drop_path_rate=recipe.drop_path,
                              initial_checkpoint=run.args.initial_checkpoint)
-    _done(run.args, "meta", result)
+    _done("meta", result)
     return result
 
 
-def _incubate(run: _Run, module: int):
+def _train_incubate(run: _Run, module: int):
     meta = _final(run, "meta")
     if not os.path.exists(meta + ".json"):
         raise FileNotFoundError(f"incubation needs the meta model {meta}.safetensors: run `incubation meta` first")
@@ -498,7 +497,7 @@ def _incubate(run: _Run, module: int):
     run.write_config("incubate", recipe, cfg, module, init=init, meta_mode=meta_mode)
     result = deep.train_module(meta, run.target_for(recipe), module, run.train_set, run.eval_set, cfg,
                                stage_dir(run.run_dir, "incubate", module), init=init, meta_mode=meta_mode)
-    _done(run.args, f"incubate-{module}", result)
+    _done(f"incubate-{module}", result)
     return result
 
 
@@ -506,7 +505,7 @@ def _incubate_all(run: _Run, parallel: int) -> None:
     K, _ = run.split()
     if parallel <= 1:
         for i in range(K):
-            _incubate(run, i)
+            _train_incubate(run, i)
         return
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("argument --parallel: starts its own processes: do not combine it with torchrun")
@@ -520,7 +519,7 @@ def _incubate_all(run: _Run, parallel: int) -> None:
             for i in range(K)]
 
     def report(job, what):
-        _say(run.args, f"{job.name}: started (log {job.log})" if what == "started" else f"{job.name}: {what}")
+        _say(f"{job.name}: started (log {job.log})" if what == "started" else f"{job.name}: {what}")
 
     failed = jobs.run_jobs(todo, parallel, report=report).failed
     if failed:
@@ -528,7 +527,7 @@ def _incubate_all(run: _Run, parallel: int) -> None:
             f"module {name.split('-')[1]} ({failure})" for name, failure in failed.items()))
 
 
-def _assemble(run: _Run):
+def _train_assemble(run: _Run):
     K, sizes = run.split()
     meta = _final(run, "meta")
     recipe = run.recipe("assemble")
@@ -538,11 +537,11 @@ def _assemble(run: _Run):
                                   run.train_set, run.eval_set, cfg,
                                   stage_dir(run.run_dir, "assemble"), sizes=sizes,
                                   meta_checkpoint=meta if os.path.exists(meta + ".json") else None)
-    _done(run.args, "assemble", result)
+    _done("assemble", result)
     return result
 
 
-def _e2e(run: _Run, matched: bool):
+def _train_e2e(run: _Run, matched: bool):
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
     steps, cost = None, pipeline_cost(run.run_dir) if matched else None
@@ -550,13 +549,13 @@ def _e2e(run: _Run, matched: bool):
         raise FileNotFoundError(f"{run.run_dir} has no finished meta + incubate + assemble stages to match")
     if cost is not None:  # the same training FLOPs as the whole Deep Incubation pipeline
         steps = max(1, round(cost["flops"] / (train_flops_per_image(target) * recipe.batch_size)))
-        _say(run.args, f"e2e: {steps} steps of {recipe.batch_size} images = the pipeline's "
+        _say(f"e2e: {steps} steps of {recipe.batch_size} images = the pipeline's "
                        f"{cost['flops'] / 1e12:.2f} TFLOP")
     cfg = run.train_config(recipe, steps)
     run.write_config("e2e", recipe, cfg, matched_flops=cost["flops"] if cost else None)
     result = deep.train_e2e(target, run.train_set, run.eval_set, cfg, stage_dir(run.run_dir, "e2e"),
                             initial_checkpoint=run.args.initial_checkpoint)
-    _done(run.args, "e2e", result)
+    _done("e2e", result)
     return result
 
 
@@ -564,7 +563,7 @@ def _e2e(run: _Run, matched: bool):
 # subcommands
 # ----------------------------------------------------------------------------------------------
 def _cmd_meta(args):
-    _meta(_context(args))
+    _train_meta(_context(args))
 
 
 def _cmd_incubate(args):
@@ -574,28 +573,28 @@ def _cmd_incubate(args):
     if args.all:
         _incubate_all(run, args.parallel)
     else:
-        _incubate(run, args.module)
+        _train_incubate(run, args.module)
 
 
 def _cmd_assemble(args):
-    _assemble(_context(args))
+    _train_assemble(_context(args))
 
 
 def _cmd_e2e(args):
     run = _context(args)
     matched = args.epochs is None and pipeline_cost(run.run_dir) is not None
     if not matched:
-        _say(args, f"e2e: {run.recipe('e2e').epochs:g} epochs (give none with a finished pipeline in "
+        _say(f"e2e: {run.recipe('e2e').epochs:g} epochs (give none with a finished pipeline in "
                    f"{run.run_dir} to match its FLOPs)")
-    _e2e(run, matched)
+    _train_e2e(run, matched)
 
 
 def _cmd_run(args):
     run = _context(args)
-    _meta(run)
+    _train_meta(run)
     _incubate_all(run, args.parallel)
-    _assemble(run)
-    _e2e(run, matched=True)
+    _train_assemble(run)
+    _train_e2e(run, matched=True)
     _cmd_report(args)
 
 
@@ -728,7 +727,7 @@ def _cmd_expand(args):
     metadata = {"stage": "expand", "target_config": big.config.to_dict(), "source": os.path.abspath(args.checkpoint),
                 "max_abs_logit_diff_float64": diff}
     path = save_checkpoint(args.output, big.state_dict(), metadata)
-    _say(args, f"expanded {c.embed_dim}x{c.depth} -> {big.config.embed_dim}x{big.config.depth} "
+    _say(f"expanded {c.embed_dim}x{c.depth} -> {big.config.embed_dim}x{big.config.depth} "
                f"({sum(p.numel() for p in big.parameters()) / 1e6:.2f} M params) -> {path}\n"
                f"max |logit difference| on random inputs (float64): {diff:.3e}")
 
@@ -752,8 +751,8 @@ def _cmd_grow(args):
         if "stages" in str(exc) or "switch" in str(exc):   # the schedule options do not fit this target
             raise UsageError(f"argument --stages/--switch/--schedule: {exc}") from None
         raise
-    _done(args, "grow (Apollo)", result)
-    _say(args, f"grown model (plain VisionTransformer, depth {target.depth}) -> {path}")
+    _done("grow (Apollo)", result)
+    _say(f"grown model (plain VisionTransformer, depth {target.depth}) -> {path}")
 
 
 def _add_expand(p):
@@ -823,7 +822,7 @@ def _cmd_import_official(args):
     result = import_official(args.checkpoint, args.output, model=args.model, target_depth=args.target_depth,
                              num_heads=args.num_heads, norm_eps=args.norm_eps, img_size=args.img_size,
                              kind=args.kind, sizes=args.split)
-    _say(args, f"imported {result.summary()}")
+    _say(f"imported {result.summary()}")
 
 
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {

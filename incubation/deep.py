@@ -70,8 +70,8 @@ HEAD = ("norm", "fc_norm", "head")                                        # owne
 # Config fields that only change training (regularisation), not the weights' meaning or shapes.
 _TRAINING_FIELDS = ("drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
 META_MODES = ("eval", "train")     # how a hybrid runs its frozen meta parts (see the module docstring)
-# Plan entries added later, and the value a checkpoint written before them implies.
-_PLAN_DEFAULTS = {"meta_mode": "eval"}
+# Stage metadata entries added later, and the value a checkpoint written before them implies.
+_METADATA_DEFAULTS = {"meta_mode": "eval"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +307,8 @@ def _owner(key: str, spans: Sequence[range]) -> int:
     raise KeyError(f"no module owns target key {key!r}")
 
 
-def _plan(stage: str, target_cfg: ViTConfig, spans: Sequence[range], **extra) -> dict:
+def _stage_metadata(stage: str, target_cfg: ViTConfig, spans: Sequence[range], **extra) -> dict:
+    """What a stage's checkpoints record about the run (and a resume must match)."""
     return {"stage": stage, "K": len(spans), "sizes": _sizes(spans), "target_config": target_cfg.to_dict(),
             **extra}
 
@@ -399,30 +400,31 @@ def assemble(target_cfg: ViTConfig, module_checkpoints: Sequence[str], *, sizes:
 # ----------------------------------------------------------------------------------------------
 # the stages, each one run of the training engine
 # ----------------------------------------------------------------------------------------------
-def _train(model, train_set, eval_set, cfg, out_dir, plan: dict, **train_kwargs):
-    """engine.train with `plan` as metadata, refusing to resume a checkpoint of another plan
-    (e.g. a module checkpoint incubated from a meta model that has since been retrained)."""
+def _train(model, train_set, eval_set, cfg, out_dir, metadata: dict, **train_kwargs):
+    """engine.train with the stage's `metadata` saved in every checkpoint, refusing to resume a
+    checkpoint whose metadata differs (e.g. a module checkpoint incubated from a meta model
+    that has since been retrained)."""
     previous = os.path.join(os.fspath(out_dir), "checkpoint")
     if train_kwargs.get("resume", True) and os.path.exists(previous + ".json"):
         try:
             md = load_checkpoint(previous)[1]
         except CheckpointError:
             md = None  # unreadable: the engine reports or replaces it
-        if md is not None and md.get("stage") == plan["stage"]:
-            differ = sorted(k for k in plan if md.get(k, _PLAN_DEFAULTS.get(k)) != plan[k])
+        if md is not None and md.get("stage") == metadata["stage"]:
+            differ = sorted(k for k in metadata if md.get(k, _METADATA_DEFAULTS.get(k)) != metadata[k])
             if differ:
-                raise CheckpointError(f"{previous}.json belongs to another {plan['stage']} run ({', '.join(differ)} "
+                raise CheckpointError(f"{previous}.json belongs to another {metadata['stage']} run ({', '.join(differ)} "
                                       f"differ): delete {out_dir} or choose another output directory")
-    return train(model, train_set, eval_set, cfg, out_dir, stage=plan["stage"], metadata=plan, **train_kwargs)
+    return train(model, train_set, eval_set, cfg, out_dir, stage=metadata["stage"], metadata=metadata, **train_kwargs)
 
 
-def _start_from(model: VisionTransformer, initial_checkpoint: Optional[str], plan: dict) -> None:
+def _start_from(model: VisionTransformer, initial_checkpoint: Optional[str], metadata: dict) -> None:
     """Load `initial_checkpoint` (any format incubation.weights reads) into the fresh model and
-    record it in the plan (a resume from another start is then refused)."""
+    record it in the metadata (a resume from another start is then refused)."""
     if initial_checkpoint is None:
         return
     load_into(model, initial_checkpoint)
-    plan["initial_checkpoint"] = os.path.abspath(initial_checkpoint)
+    metadata["initial_checkpoint"] = os.path.abspath(initial_checkpoint)
 
 
 def train_meta(target_cfg: ViTConfig, K: int, train_set, eval_set, cfg, out_dir: str, *,
@@ -434,9 +436,9 @@ def train_meta(target_cfg: ViTConfig, K: int, train_set, eval_set, cfg, out_dir:
     spans = split_modules(target_cfg, K, sizes)
     torch.manual_seed(cfg.seed)
     meta = build_meta_model(target_cfg, K, drop_path_rate)
-    plan = _plan("meta", target_cfg, spans, meta_config=meta.config.to_dict())
-    _start_from(meta, initial_checkpoint, plan)
-    return _train(meta, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)
+    metadata = _stage_metadata("meta", target_cfg, spans, meta_config=meta.config.to_dict())
+    _start_from(meta, initial_checkpoint, metadata)
+    return _train(meta, train_set, eval_set, cfg, out_dir, metadata, **train_kwargs)
 
 
 def train_module(meta_checkpoint: str, target_cfg: ViTConfig, index: int, train_set, eval_set, cfg,
@@ -449,9 +451,9 @@ def train_module(meta_checkpoint: str, target_cfg: ViTConfig, index: int, train_
     spans = split_modules(target_cfg, md["K"], md["sizes"])
     torch.manual_seed(cfg.seed)  # the module's blocks are those a full target init gives its positions
     hybrid = build_hybrid(meta, target_cfg, index, md["sizes"], init, meta_mode)
-    plan = _plan("incubate", target_cfg, spans, module=index, meta_config=meta.config.to_dict(),
-                 meta_sha256=meta_sha, init=init, meta_mode=meta_mode)
-    return _train(hybrid, train_set, eval_set, cfg, out_dir, plan, params=list(hybrid.module.parameters()),
+    metadata = _stage_metadata("incubate", target_cfg, spans, module=index, meta_config=meta.config.to_dict(),
+                                 meta_sha256=meta_sha, init=init, meta_mode=meta_mode)
+    return _train(hybrid, train_set, eval_set, cfg, out_dir, metadata, params=list(hybrid.module.parameters()),
                   save_keys=hybrid.module_keys(), **train_kwargs)
 
 
@@ -465,8 +467,8 @@ def train_assembled(target_cfg: ViTConfig, module_checkpoints: Sequence[str], tr
     meta_sha = load_meta(meta_checkpoint, target_cfg)[2] if meta_checkpoint is not None else None
     model, meta_sha, module_shas = _assemble(target_cfg, module_checkpoints, sizes, meta_sha)
     spans = split_modules(target_cfg, len(module_checkpoints), sizes)
-    plan = _plan("assemble", target_cfg, spans, meta_sha256=meta_sha, module_sha256=module_shas)
-    return _train(model, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)
+    metadata = _stage_metadata("assemble", target_cfg, spans, meta_sha256=meta_sha, module_sha256=module_shas)
+    return _train(model, train_set, eval_set, cfg, out_dir, metadata, **train_kwargs)
 
 
 def train_e2e(target_cfg: ViTConfig, train_set, eval_set, cfg, out_dir: str, *,
@@ -474,6 +476,6 @@ def train_e2e(target_cfg: ViTConfig, train_set, eval_set, cfg, out_dir: str, *,
     """The baseline: the same target trained directly (or fine-tuned from `initial_checkpoint`)."""
     torch.manual_seed(cfg.seed)
     model = VisionTransformer(target_cfg)
-    plan = {"stage": "e2e", "target_config": target_cfg.to_dict()}
-    _start_from(model, initial_checkpoint, plan)
-    return _train(model, train_set, eval_set, cfg, out_dir, plan, **train_kwargs)
+    metadata = {"stage": "e2e", "target_config": target_cfg.to_dict()}
+    _start_from(model, initial_checkpoint, metadata)
+    return _train(model, train_set, eval_set, cfg, out_dir, metadata, **train_kwargs)

@@ -6,6 +6,7 @@ Timing: `triton.testing.do_bench` on CUDA (median, L2 flushed between repeats) a
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import gc
@@ -313,3 +314,16 @@ def write_outputs(out_dir: str, name: str, payload: dict, markdown: str, append_
     payload["outputs"] = paths
     log("wrote " + ", ".join(paths.values()))
     return payload
+
+
+def benchmark_parser(prog: str, doc: str, quick: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes: device, --quick (`quick` says what it runs), outputs, threads."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--out", help=f"output folder (default {default_out})")
+    p.add_argument("--append-results", metavar="MD", help="also append the markdown section to this file")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-plot", action="store_true")
+    return p

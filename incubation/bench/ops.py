@@ -38,6 +38,7 @@ from incubation.bench.common import (
     DTYPES,
     MODELS,
     TRITON_ON_CPU,
+    benchmark_parser,
     check_choices,
     describe_environment,
     describe_error,
@@ -518,20 +519,13 @@ def _check_arguments(models, seqs, batch, dtypes, op_names, providers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="incubation bench ops", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    p.add_argument("--quick", action="store_true", help="one small shape, short timing")
+    p = benchmark_parser("incubation bench ops", __doc__, "one small shape, short timing", "runs/bench/ops-<device>")
     p.add_argument("--models", help=f"comma-separated, from {list(MODELS)}")
     p.add_argument("--seq", help="comma-separated token counts N (197 = 224/16 + cls, 257 = 224/14 + cls)")
     p.add_argument("--batch", type=int, help="batch size (GPU default 256)")
     p.add_argument("--dtypes", help=f"comma-separated, from {list(DTYPES)}")
     p.add_argument("--ops", help=f"comma-separated, from {list(OPS)}")
     p.add_argument("--providers", help=f"comma-separated, from {list(PROVIDERS)}")
-    p.add_argument("--out", help="output folder (default runs/bench/ops-<device>)")
-    p.add_argument("--append-results", metavar="MD", help="also append the markdown section to this file")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-plot", action="store_true")
     return p
 
 

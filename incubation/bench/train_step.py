@@ -32,6 +32,7 @@ from incubation.bench.common import (
     MODELS,
     TRITON_ON_CPU,
     PeakRSS,
+    benchmark_parser,
     check_choices,
     describe_environment,
     describe_error,
@@ -325,10 +326,7 @@ def _add_ratios(records: list[dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="incubation bench train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    p.add_argument("--quick", action="store_true", help="one small model, short timing")
+    p = benchmark_parser("incubation bench train", __doc__, "one small model, short timing", "runs/bench/train-<device>")
     p.add_argument("--models", help=f"comma-separated, from {list(MODELS)}")
     p.add_argument("--batch", type=int, help="batch size for every model (default per model)")
     p.add_argument("--amp", choices=list(DTYPES), help="autocast dtype; fp32 = no autocast (GPU default bf16)")
@@ -336,10 +334,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
     p.add_argument("--img-size", type=int, help="image size (default the model's: 224, demo 28; smaller only to try "
                                                  "the harness)")
-    p.add_argument("--out", help="output folder (default runs/bench/train-<device>)")
-    p.add_argument("--append-results", metavar="MD", help="also append the markdown section to this file")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-plot", action="store_true")
     return p
 
 
