@@ -53,39 +53,24 @@ def _forward_footprint(config, meta, elt):
     return smem, regs
 
 
-# M (rows = batch x tokens) enters the key only as M_BUCKET, its next power of two
-@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS", "HAS_RESIDUAL",
-                                              "STORE_PRE", "UPCAST", "PRECISION"],
-          _forward_footprint)
 @triton.jit
-def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn, M_BUCKET,
-                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
-                    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M consecutive row tiles walk the column tiles together, so the
-    # weight tiles they share stay in L2
-    pid = tl.program_id(0)
+def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile` in grouped order: GROUP_M consecutive
+    row tiles walk the column tiles together, so the weight tiles they share stay in L2."""
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
+              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Bias, pre-activation store, exact GELU, layer scale, residual on an fp32 [rows, cols] tile
+    of x @ weight^T, then the store of out; rows are int64 (row x stride may pass 2**31)."""
     row_ok, col_ok = rows < M, cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(W + ks[:, None] * swk + cols[None, :] * swn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-
     mask = row_ok[:, None] & col_ok[None, :]
     dense = rows[:, None] * N + cols[None, :]
     if HAS_BIAS:
@@ -101,6 +86,38 @@ def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, 
     tl.store(OUT + dense, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
+# M (rows = batch x tokens) enters the key only as M_BUCKET, its next power of two
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS", "HAS_RESIDUAL",
+                                              "STORE_PRE", "UPCAST", "PRECISION"],
+          _forward_footprint)
+@triton.jit
+def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, srm, srn, M_BUCKET,
+                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One program per output tile, x and weight read through their strides."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rows[:, None] * sxm + ks[None, :] * sxk
+    w_ptrs = W + ks[:, None] * swk + cols.to(tl.int64)[None, :] * swn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k_ok = start + ks < K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    _epilogue(acc, rows, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
+              HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+
+
 @triton.jit
 def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sgn, rows_per_program,
                               GELU: tl.constexpr, HAS_LS: tl.constexpr, WANT_DB: tl.constexpr,
@@ -111,8 +128,10 @@ def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sg
     col_ok = cols < N
     if HAS_LS:
         ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    dls = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # column sums per row tile into [BLOCK_N] vectors: full-tile fp32 accumulators would hold two
+    # more [BLOCK_M, BLOCK_N] tiles of registers through the loop
+    db = tl.zeros([BLOCK_N], tl.float32)
+    dls = tl.zeros([BLOCK_N], tl.float32)
     first = pid_m * rows_per_program
     for offset in range(0, rows_per_program, BLOCK_M):  # rows_per_program is a multiple of BLOCK_M
         rows = first + offset + tl.arange(0, BLOCK_M)
@@ -130,14 +149,14 @@ def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sg
                 act = pre * cdf
                 dpre *= cdf + pre * tl.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
             if WANT_DLS:
-                dls += g * act
+                dls += tl.sum(g * act, 0)
         tl.store(DPRE + rows64 * N + cols[None, :], dpre.to(DPRE.dtype.element_ty), mask=mask)
         if WANT_DB:
-            db += dpre
+            db += tl.sum(dpre, 0)
     if WANT_DB:
-        tl.store(DB_PART + pid_m * N + cols, tl.sum(db, 0), mask=col_ok)
+        tl.store(DB_PART + pid_m * N + cols, db, mask=col_ok)
     if WANT_DLS:
-        tl.store(DLS_PART + pid_m * N + cols, tl.sum(dls, 0), mask=col_ok)
+        tl.store(DLS_PART + pid_m * N + cols, dls, mask=col_ok)
 
 
 def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
@@ -169,6 +188,18 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
+def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
+    M, K = x2.shape
+    N = weight.shape[0]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    with device_guard(x2):
+        _forward_kernel[grid](
+            x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
+            *(r2.stride() if r2 is not None else (0, 0)), bucket(M),
+            HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None, HAS_RESIDUAL=r2 is not None,
+            STORE_PRE=pre is not None, UPCAST=upcast_dots(x2.dtype), PRECISION=dot_precision(x2.dtype))
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation, layer_scale, residual):
@@ -183,15 +214,8 @@ class _Linear(torch.autograd.Function):
         store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if M > 0:  # (an empty batch would only key a needless autotuning run)
-            with device_guard(x):
-                _forward_kernel[grid](
-                    x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
-                    *(r2.stride() if r2 is not None else (0, 0)), bucket(M),
-                    HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
-                    HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
-                    UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
+            _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu)
         # x itself (not the x2 view made here) and bias stay connected to the graph for a
         # differentiable backward; bias is kept for that only
         ctx.save_for_backward(x, weight, bias, layer_scale, pre)
