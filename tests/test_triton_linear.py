@@ -220,3 +220,17 @@ def test_tma_kernel_key_names_every_constexpr_and_x_dtype():
     for name in ("M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS", "HAS_RESIDUAL", "STORE_PRE", "UPCAST",
                  "PRECISION", "DTYPE"):
         assert name in linear._forward_tma_kernel.keys, name
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="launches on CPU tensors under the interpreter")
+def test_backends_report_says_which_linear_kernel_ran(tma):
+    """`incubation backends` (ops.format_backends) lists the forward kernels that served calls,
+    with why the pointer kernel did."""
+    w = torch.randn(16, 64)
+    with ops.use_backend("triton"):
+        ops.linear(torch.randn(8, 64), w)
+        ops.linear(torch.randn(64, 8).t(), w)
+    used = ops.backends("cpu")["linear"]["kernels"]["triton"]
+    assert used.get("linear_fwd_tma", 0) >= 1
+    assert any(k.startswith("linear_fwd (x has strides") for k in used)
+    assert "kernels run: " in ops.format_backends("cpu") and "linear_fwd_tma x" in ops.format_backends("cpu")

@@ -149,3 +149,5 @@ BACKENDS = {"triton": {
     "add_layer_norm": (norm.add_layer_norm, norm.check_add_layer_norm),
     "linear": (linear.linear, linear.check),
 }}
+# op -> function(device type) -> {kernel (and why): calls}: which of a backend's kernels served
+KERNELS = {"triton": {"linear": linear.kernels_used}}

@@ -24,6 +24,7 @@ under autocast), as the eager `residual + out` does.
 """
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
@@ -284,6 +285,15 @@ def forward_kernel(x2: torch.Tensor, weight: torch.Tensor, residual: Optional[to
 
 
 last_forward: tuple[str, Optional[str]] = ("", None)  # forward_kernel()'s answer for the latest call
+_forward_counts: collections.Counter = collections.Counter()  # (device type, kernel, reason) -> calls
+
+
+def kernels_used(device_type: str) -> dict[str, int]:
+    """The forward kernels that served calls on this device type since import, with why the
+    pointer kernel did ("linear_fwd (x has strides ...)") -> number of calls; for
+    `incubation backends`."""
+    return {kernel + (f" ({reason})" if reason else ""): n
+            for (dev, kernel, reason), n in sorted(_forward_counts.items()) if dev == device_type}
 
 
 @triton.jit
@@ -362,6 +372,7 @@ def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
     M, K = x2.shape
     N = weight.shape[0]
     last_forward = forward_kernel(x2, weight, r2, out.dtype)
+    _forward_counts[(x2.device.type, *last_forward)] += 1
     flags = dict(HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None, HAS_RESIDUAL=r2 is not None,
                  STORE_PRE=pre is not None, UPCAST=upcast_dots(x2.dtype), PRECISION=dot_precision(x2.dtype))
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
