@@ -2,8 +2,8 @@
 each (kernel, config, dtype) costs: shared memory, registers, spilled bytes, tensor-core
 instruction family.
 
-    python benchmarks/compile_check.py --json compile.json        # everything: 506 configs, 7 min on 2 busy cores
-    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: 20 s idle, 2.5 min busy
+    python benchmarks/compile_check.py --json compile.json        # everything: 634 jobs (506 took 7 min on 2 busy cores)
+    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: 140 jobs, 3.7 min busy
     python benchmarks/compile_check.py --kernels attention_fwd,linear_fwd --dtypes bf16
 
 Every autotuned kernel is compiled with each of its GPU configs (the `gpu` list given to

@@ -293,7 +293,7 @@ def kernels_used(device_type: str) -> dict[str, int]:
     pointer kernel did ("linear_fwd (x has strides ...)") -> number of calls; for
     `incubation backends`."""
     return {kernel + (f" ({reason})" if reason else ""): n
-            for (dev, kernel, reason), n in sorted(_forward_counts.items()) if dev == device_type}
+            for (dev, kernel, reason), n in sorted(_forward_counts.items(), key=str) if dev == device_type}
 
 
 @triton.jit
