@@ -2,8 +2,8 @@
 each (kernel, config, dtype) costs: shared memory, registers, spilled bytes, tensor-core
 instruction family.
 
-    python benchmarks/compile_check.py --json compile.json        # everything: 506 configs, 7 min on 2 busy cores
-    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: 20 s idle, 2.5 min busy
+    python benchmarks/compile_check.py --json compile.json        # everything: 634 jobs (506 took 7 min on 2 busy cores)
+    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: 140 jobs, 3.7 min busy
     python benchmarks/compile_check.py --kernels attention_fwd,linear_fwd --dtypes bf16
 
 Every autotuned kernel is compiled with each of its GPU configs (the `gpu` list given to
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Optional
 
 # The autotuners hold their GPU configs only when the kernels are imported without the
@@ -118,6 +119,16 @@ def _cases_linear_fwd(variants) -> list:
     return [(v, None, args, dict(_LINEAR_VARIANTS[v], UPCAST=False)) for v in variants]
 
 
+def _cases_linear_fwd_tma(variants) -> list:
+    """The persistent TMA kernel: x, weight, residual, out and pre as host-side tensor descriptors
+    ("desc:" + their block shape in constexprs, set per config as the kernel's pre-hook does)."""
+    M, N, K = 197 * 8, 3072, 768
+    tile = "desc:BLOCK_M,BLOCK_N/EPILOGUE_SPLIT"
+    args = dict(X="desc:BLOCK_M,BLOCK_K", W="desc:BLOCK_N,BLOCK_K", BIAS="*dt", LS="*dt", RES=tile, OUT=tile,
+                PRE=tile, M=M, N=N, K=K, M_BUCKET=triton.next_power_of_2(M))
+    return [(v, None, args, dict(_LINEAR_VARIANTS[v], UPCAST=False)) for v in variants]
+
+
 def _cases_linear_epilogue_bwd() -> list:
     """The wrapper's tiling: BLOCK_M 32, BLOCK_N = next power of two of N in [16, 128], 4 warps."""
     cases = []
@@ -155,7 +166,7 @@ def _cases_norm(kernel: str, widths) -> list:
 NORM_WIDTHS = (16, 32, 64, 128, 192, 384, 768, 1280, 2048, 4096, 8192)  # every BLOCK_C the tiling can pick
 QUICK_NORM_WIDTHS = (192, 768, 1280, 4096, 8192)
 KERNELS = ("attention_fwd", "attention_delta", "attention_dkdv", "attention_dq",
-           "norm_fwd", "norm_bwd", "linear_fwd", "linear_epilogue_bwd")
+           "norm_fwd", "norm_bwd", "linear_fwd", "linear_fwd_tma", "linear_epilogue_bwd")
 
 
 def kernel_object(name: str):
@@ -164,7 +175,8 @@ def kernel_object(name: str):
     return {"attention_fwd": attention._forward_kernel, "attention_delta": attention._delta_kernel,
             "attention_dkdv": attention._dkdv_kernel, "attention_dq": attention._dq_kernel,
             "norm_fwd": norm._forward_kernel, "norm_bwd": norm._backward_kernel,
-            "linear_fwd": linear._forward_kernel, "linear_epilogue_bwd": linear._epilogue_backward_kernel}[name]
+            "linear_fwd": linear._forward_kernel, "linear_fwd_tma": linear._forward_tma_kernel,
+            "linear_epilogue_bwd": linear._epilogue_backward_kernel}[name]
 
 
 def _precisions(dtype: str) -> list:
@@ -181,8 +193,9 @@ def plan(kernels, dtypes, quick: bool) -> list[dict]:
         obj = kernel_object(name)
         if name.startswith("attention"):
             cases = [(*c, None) for c in _cases_attention(name, head_dims)]
-        elif name == "linear_fwd":
-            cases = [(*c, None) for c in _cases_linear_fwd(["all"] if quick else list(_LINEAR_VARIANTS))]
+        elif name in ("linear_fwd", "linear_fwd_tma"):
+            make = _cases_linear_fwd if name == "linear_fwd" else _cases_linear_fwd_tma
+            cases = [(*c, None) for c in make(["all"] if quick else list(_LINEAR_VARIANTS))]
         elif name == "linear_epilogue_bwd":
             cases = _cases_linear_epilogue_bwd()
         else:
@@ -194,6 +207,8 @@ def plan(kernels, dtypes, quick: bool) -> list[dict]:
                     meta = dict(constexprs)
                     if precision is not None:
                         meta["PRECISION"] = precision
+                    if "DTYPE" in (obj.fn if autotuned else obj).arg_names:  # (linear_fwd_tma's autotune key)
+                        meta["DTYPE"] = str(DTYPES[dtype])
                     base = dict(kernel=name, case=label, head_dim=head_dim, dtype=dtype, precision=precision,
                                 arch=f"sm_{ARCH}", args=args)
                     if not autotuned:
@@ -221,8 +236,13 @@ def _prune(autotuner, args: dict, dtype: str, meta: dict) -> list:
     prune = autotuner.early_config_prune
     if prune is None:
         return list(autotuner.configs)
-    named = {k: (torch.empty(0, dtype=DTYPES[dtype] if v == "*dt" else DTYPES[v[1:]]) if isinstance(v, str) else v)
-             for k, v in args.items()}
+    def value(v):
+        if not isinstance(v, str):
+            return v
+        if v.startswith("desc:"):  # the prune reads a descriptor's tensor (its .base)
+            return types.SimpleNamespace(base=torch.empty(0, dtype=DTYPES[dtype]))
+        return torch.empty(0, dtype=DTYPES[dtype] if v == "*dt" else DTYPES[v[1:]])
+    named = {k: value(v) for k, v in args.items()}
     return prune(autotuner.configs, named, **meta)
 
 
@@ -234,7 +254,10 @@ def _signature(fn, args: dict, dtype: str, constexprs: dict):
             signature[name] = "constexpr"
             continue
         value = args[name]
-        if isinstance(value, str):  # a pointer: torch allocations are 16-byte aligned
+        if isinstance(value, str) and value.startswith("desc:"):  # a host-side tensor descriptor
+            block = ", ".join(str(_block_dim(c, constexprs)) for c in value[5:].split(","))
+            signature[name] = f"tensordesc<{dtype}[{block}]>"
+        elif isinstance(value, str):  # a pointer: torch allocations are 16-byte aligned
             signature[name] = "*" + (dtype if value == "*dt" else value[1:])
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -247,6 +270,12 @@ def _signature(fn, args: dict, dtype: str, constexprs: dict):
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, consts, attrs
+
+
+def _block_dim(expr: str, constexprs: dict) -> int:
+    """A descriptor's block dimension: a constexpr's name, or "A/B" (A // B)."""
+    a, _, b = expr.partition("/")
+    return constexprs[a] // (constexprs[b] if b else 1)
 
 
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")

@@ -78,6 +78,9 @@ class Decision:
 _impls: dict[str, dict[str, tuple[Callable, Optional[Callable]]]] = {op: {} for op in OPS}
 _unavailable: dict[str, str] = {}          # backend -> why it cannot serve anything
 _notes: dict[str, dict[str, str]] = {op: {} for op in OPS}   # op -> backend -> last refusal at a call
+# backend -> op -> function(device type) -> {kernel: calls}: which of its kernels a backend ran
+# (a backend module's optional KERNELS table, e.g. Triton's linear: the TMA kernel or the pointer one)
+_kernel_reports: dict[str, dict[str, Callable]] = {}
 _forced: Optional[str] = None  # a plain global, not a ContextVar, so torch.compile can trace it
 
 
@@ -113,6 +116,8 @@ def _load_backends() -> None:
             for op, (fn, check) in table.items():
                 _impls[op][backend] = (fn, check)
         _unavailable.update(getattr(module, "UNAVAILABLE", {}))
+        for backend, table in getattr(module, "KERNELS", {}).items():
+            _kernel_reports.setdefault(backend, {}).update(table)
 
 
 def implements(op: str, backend: str) -> bool:
@@ -558,8 +563,9 @@ def share_decisions(src: int = 0) -> None:
 def backends(device: str | torch.device = "cpu") -> dict[str, dict]:
     """For every op on `device`: what serves it ("backend": the forced one, or how many
     measured signatures each backend won), the backends that can serve some call
-    ("candidates"), why the others cannot ("refused"), and the decisions per call signature
-    ("decisions": signature -> {choice, ms, refused})."""
+    ("candidates"), why the others cannot ("refused"), the decisions per call signature
+    ("decisions": signature -> {choice, ms, refused}), and which kernels of a backend served
+    calls so far where it tells ("kernels": backend -> {kernel (and why): calls})."""
     device = torch.device(device)
     forced = current_backend()
     _load_file()
@@ -580,7 +586,10 @@ def backends(device: str | torch.device = "cpu") -> dict[str, dict]:
         counts = collections.Counter(d["choice"] for d in decisions.values())
         backend = forced if forced != "auto" else (
             ", ".join(f"{b} x{n}" for b, n in counts.most_common()) or "not measured yet")
-        report[op] = {"backend": backend, "candidates": candidates, "refused": refused, "decisions": decisions}
+        kernels = {b: used for b, table in _kernel_reports.items() if op in table
+                   for used in [table[op](device.type)] if used}
+        report[op] = {"backend": backend, "candidates": candidates, "refused": refused, "decisions": decisions,
+                      "kernels": kernels}
     return report
 
 
@@ -594,6 +603,8 @@ def format_backends(device: str | torch.device = "cpu") -> str:
         lines.append(f"  {op:<15} candidates: {', '.join(entry['candidates']) or 'none'}")
         for backend, reason in entry["refused"].items():
             lines.append(f"      {backend:<7} refused: {reason}")
+        for backend, used in entry["kernels"].items():
+            lines.append(f"      {backend:<7} kernels run: " + "; ".join(f"{k} x{n}" for k, n in used.items()))
         if mode == "auto":
             if not entry["decisions"]:
                 lines.append("      not measured yet (measured at the first call, or by `incubation tune`)")

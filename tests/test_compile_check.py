@@ -50,7 +50,7 @@ def records(tmp_path_factory):
 def test_every_kernel_and_dtype_is_checked(records):
     kernels = {r["kernel"] for r in records}
     assert kernels == {"attention_fwd", "attention_delta", "attention_dkdv", "attention_dq",
-                       "norm_fwd", "norm_bwd", "linear_fwd", "linear_epilogue_bwd"}
+                       "norm_fwd", "norm_bwd", "linear_fwd", "linear_fwd_tma", "linear_epilogue_bwd"}
     assert {r["dtype"] for r in records} == {"bf16", "fp16"}
     for r in records:
         assert r["arch"] == "sm_90"
@@ -59,7 +59,7 @@ def test_every_kernel_and_dtype_is_checked(records):
             assert r["mma"] in ("wgmma", "mma.sync", "wgmma+mma.sync", "none")
             assert r["registers"] > 0 and r["smem_bytes"] >= 0
     # the attention and linear kernels are autotuned: each has several GPU configs per case
-    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq", "linear_fwd"):
+    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq", "linear_fwd", "linear_fwd_tma"):
         configs = {r["config"] for r in records if r["kernel"] == kernel}
         assert len(configs) > 1, kernel
 
@@ -78,3 +78,17 @@ def test_prune_leaves_every_case_a_config(records):
         cases.setdefault((r["kernel"], r["case"], r["dtype"]), []).append(r["status"])
     empty = [k for k, statuses in cases.items() if "ok" not in statuses]
     assert not empty, empty
+
+
+def test_linear_tma_configs_use_wgmma_and_fit(records):
+    """The persistent TMA kernel exists for Hopper's tensor cores: every bf16 / fp16 config the
+    prune keeps compiles to wgmma, spills nothing and fits sm_90's shared memory, and a 128x256
+    tile is among them."""
+    tma = [r for r in records if r["kernel"] == "linear_fwd_tma" and r["status"] == "ok"]
+    assert tma and {r["dtype"] for r in tma} == {"bf16", "fp16"}
+    for r in tma:
+        what = f"{r['case']} {r['dtype']} {r['config']}"
+        assert r["mma"] == "wgmma", what
+        assert r["spill_bytes"] == 0, what
+        assert r["smem_bytes"] + r["static_smem_bytes"] <= SMEM_LIMIT, what
+    assert any("BLOCK_M=128 BLOCK_N=256" in r["config"] for r in tma)

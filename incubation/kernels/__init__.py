@@ -69,6 +69,12 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _element_bytes(named_args: dict) -> int:
+    """The element size of a kernel's first tensor argument (a tensor descriptor's tensor)."""
+    return next(t.element_size() for t in (getattr(v, "base", v) for v in named_args.values())
+                if isinstance(t, torch.Tensor))
+
+
 def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str], footprint):
     """triton.autotune over the `gpu` configs, or the one `interpreter` config (the interpreter
     cannot benchmark). The key adds the tensors' dtypes itself; it must name every constexpr that
@@ -81,7 +87,7 @@ def autotune(gpu: list[triton.Config], interpreter: triton.Config, key: list[str
     autotuner compiles or times them (too much shared memory fails at launch, too many registers
     spill); if none fits, the smallest one is kept."""
     def prune(configs, named_args, **meta):
-        element_bytes = next(t.element_size() for t in named_args.values() if isinstance(t, torch.Tensor))
+        element_bytes = _element_bytes(named_args)
         sizes = {id(c): footprint(c, meta, element_bytes) for c in configs}
         registers = FMA_REGISTERS if fma_dots(meta, element_bytes) else REGISTERS
         fits = [c for c in configs if sizes[id(c)][0] <= SMEM_BYTES and sizes[id(c)][1] <= registers]
@@ -143,3 +149,5 @@ BACKENDS = {"triton": {
     "add_layer_norm": (norm.add_layer_norm, norm.check_add_layer_norm),
     "linear": (linear.linear, linear.check),
 }}
+# op -> function(device type) -> {kernel (and why): calls}: which of a backend's kernels served
+KERNELS = {"triton": {"linear": linear.kernels_used}}

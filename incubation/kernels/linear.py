@@ -3,7 +3,14 @@
 Forward: a tiled GEMM (fp32 accumulation, grouped tile order for L2 reuse) whose epilogue adds
 the bias, applies exact erf GELU, multiplies by the layer scale and adds the residual, all in
 fp32, then rounds once to the output dtype. The pre-activation is stored (x's dtype) only when
-the backward needs it: for GELU's derivative, or for the layer scale's gradient.
+the backward needs it: for GELU's derivative, or for the layer scale's gradient. Two kernels:
+  _forward_tma_kernel  (linear_fwd_tma) sm_90: persistent (one program per SM walks the tiles),
+                       every tile through TMA tensor descriptors, wgmma, the epilogue on column
+                       slices; for inputs TMA can address (16-byte aligned starts and row strides)
+  _forward_kernel      (linear_fwd) one program per tile, pointers through any strides: other
+                       GPUs, other inputs, fp32 in ieee precision, and the interpreter by default
+forward_kernel() names the kernel a call gets and why (FORWARD_KERNEL forces one; last_forward
+records the latest call's); the dispatcher measures the Triton backend against eager either way.
 
 Backward: one elementwise kernel turns the output gradient into the pre-activation gradient
 (g * layer_scale * gelu'(pre)) and keeps per-program column sums for dbias and dlayer_scale
@@ -17,12 +24,14 @@ under autocast), as the eager `residual + out` does.
 """
 from __future__ import annotations
 
+import collections
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import double_backward
 from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
@@ -53,6 +62,44 @@ def _forward_footprint(config, meta, elt):
     return smem, regs
 
 
+@triton.jit
+def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number `tile` in grouped order: GROUP_M consecutive
+    row tiles walk the column tiles together, so the weight tiles they share stay in L2."""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
+def _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
+              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Bias, pre-activation store, exact GELU, layer scale, residual on an fp32 tile of
+    x @ weight^T whose first row is row0 (int64), then the store of out. The tile's first row
+    moves the base pointers in 64 bits (row0 x stride may pass 2**31); offsets inside the tile
+    (fewer than BLOCK_M rows x stride, within the checked reach) stay 32-bit, as do the
+    per-element addresses' registers."""
+    rows = tl.arange(0, acc.shape[0])
+    row_ok, col_ok = rows < M - row0, cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    dense = rows[:, None] * N + cols[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(PRE + row0 * N + dense, acc.to(PRE.dtype.element_ty), mask=mask)
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+    if HAS_LS:
+        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(RES + row0 * srm + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(OUT + row0 * N + dense, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
 # M (rows = batch x tokens) enters the key only as M_BUCKET, its next power of two
 @autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, ["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS", "HAS_RESIDUAL",
                                               "STORE_PRE", "UPCAST", "PRECISION"],
@@ -63,42 +110,190 @@ def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, 
                     HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M consecutive row tiles walk the column tiles together, so the
-    # weight tiles they share stay in L2
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """The pointer kernel: one program per output tile, x and weight read through any strides
+    (every GPU; the fallback of the TMA kernel below)."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    row0 = pid_m.to(tl.int64) * BLOCK_M  # (64-bit tile bases, 32-bit offsets inside the tile)
+    rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok, col_ok = rows < M, cols < N
+    row_ok, col_ok = rows < M - row0, cols < N
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = X + row0 * sxm + rows[:, None] * sxm + ks[None, :] * sxk
+    w_ptrs = W + ks[:, None] * swk + cols[None, :] * swn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(0, K, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(X + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(W + ks[:, None] * swk + cols[None, :] * swn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        k_ok = start + ks < K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
+              HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
 
-    mask = row_ok[:, None] & col_ok[None, :]
-    dense = rows[:, None] * N + cols[None, :]
+
+# --- the persistent TMA kernel (sm_90) ---------------------------------------------------
+# One program per SM loops over the output tiles (grouped order). x and weight tiles come in
+# through tensor descriptors (TMA on sm_90: no address arithmetic, no masks, zero fill past the
+# edges) and the dots run on wgmma. The epilogue runs on column slices (BLOCK_N / EPILOGUE_SPLIT
+# wide) and moves its tiles through descriptors too: the residual slice comes in and out and pre
+# go out by TMA, clipped at the edges by the hardware, so no per-element 64-bit addresses take
+# registers beside the fp32 accumulator (with pointer loads and stores, 128x256 tiles spilled).
+# Host-side descriptors (triton.tools.tensor_descriptor, in triton 3.6 and 3.7) need no global
+# scratch allocator (device-side tl.make_tensor_descriptor would need triton.set_allocator, a
+# context-local setting that autograd's backward threads would not see); their block shapes are
+# set per config by a pre-hook. (The autotuner skips its disk cache for configs with a pre-hook.)
+def _set_block_shapes(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["X"].block_shape = [bm, bk]
+    nargs["W"].block_shape = [bn, bk]
+    for name in ("RES", "OUT", "PRE"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [bm, bn // nargs["EPILOGUE_SPLIT"]]
+
+
+def _tma_config(bm, bn, bk, warps, stages, group=8, split=2):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "EPILOGUE_SPLIT": split},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_block_shapes)
+
+
+# (two warpgroups for the 128-row tiles: wgmma gives each warpgroup 64 rows)
+_TMA_GPU_CONFIGS = [_tma_config(*c) for c in [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4),
+                                              (128, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 64, 64, 4, 4),
+                                              (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]]
+_TMA_INTERPRETER_CONFIG = _tma_config(32, 32, 32, 4, 1, group=2)
+
+
+def _tma_footprint(config, meta, elt):
+    """(shared memory, registers per thread): the x and weight tiles per pipeline stage and one
+    epilogue slice staged for TMA (the compiled kernels reuse one buffer for residual, pre and
+    out; counted at 4 bytes an element, as an fp32 out may need); the fp32 accumulator and one
+    epilogue slice in registers, for FMA dots the operand tiles too."""
+    M, N, K = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    n = N // config.kwargs["EPILOGUE_SPLIT"]
+    w = config.num_warps
+    smem = elt * config.num_stages * (M + N) * K + 4 * M * n
+    regs = _regs(M, N, w) + _regs(M, n, w)
+    if fma_dots(meta, elt):
+        regs += _regs(M, K, w) + _regs(K, N, w)
+    return smem, regs
+
+
+@triton.jit
+def _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                  HAS_LS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr):
+    """_epilogue on a slice whose residual, out and pre are tensor descriptors."""
+    cols = off_n + tl.arange(0, acc.shape[1])
+    col_ok = cols < N
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
-        tl.store(PRE + dense, acc.to(PRE.dtype.element_ty), mask=mask)
+        PRE.store([off_m, off_n], acc.to(PRE.dtype))
     if GELU:
         acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
     if HAS_LS:
         acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(RES + rows[:, None] * srm + cols[None, :] * srn, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + dense, acc.to(OUT.dtype.element_ty), mask=mask)
+        acc += RES.load([off_m, off_n]).to(tl.float32)
+    OUT.store([off_m, off_n], acc.to(OUT.dtype))
+
+
+@autotune(_TMA_GPU_CONFIGS, _TMA_INTERPRETER_CONFIG, ["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "HAS_LS",
+                                                      "HAS_RESIDUAL", "STORE_PRE", "UPCAST", "PRECISION",
+                                                      "DTYPE"],
+          _tma_footprint)
+@triton.jit
+def _forward_tma_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, M_BUCKET,
+                        HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr):
+    """Descriptors: X of x (M, K), W of weight (N, K), RES of the residual (M, N), OUT and PRE
+    of out and pre (M, N); BIAS and LS pointers. DTYPE (x's dtype name) is only an autotune
+    key: descriptors carry no dtype the autotuner could key on."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    SLICE: tl.constexpr = BLOCK_N // EPILOGUE_SPLIT
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            a = X.load([off_m, start])
+            b = W.load([off_n, start])
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+        if EPILOGUE_SPLIT == 2:
+            first, second = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, SLICE)), (0, 2, 1)))
+            _epilogue_tma(first, off_m, off_n, N, BIAS, LS, RES, OUT, PRE,
+                          HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+            _epilogue_tma(second, off_m, off_n + SLICE, N, BIAS, LS, RES, OUT, PRE,
+                          HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+        else:
+            _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE,
+                          HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+
+
+# Which forward kernel serves: "auto" (the TMA kernel on sm_90 for inputs it can take, else the
+# pointer kernel), "tma" (the TMA kernel for every input it can take, on any device: tests set this
+# to run it under the interpreter) or "pointer" (never TMA). forward_kernel() says which and why.
+FORWARD_KERNEL = "auto"
+INTERPRETER_SMS = 3  # programs of the persistent kernel under the interpreter: several tiles each
+
+
+def _tma_layout(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why TMA cannot read the 2-D tensor t, or None: a 16-byte aligned start, unit stride along
+    the last dimension, the other stride a multiple of 16 bytes (and not overlapping rows)."""
+    elt = t.element_size()
+    if t.stride(1) != 1:
+        return f"{name} has strides {t.stride()}: TMA reads rows with unit stride"
+    if t.data_ptr() % 16:
+        return f"{name} starts at an address that is not 16-byte aligned"
+    if (t.stride(0) * elt) % 16 or t.stride(0) < t.shape[1]:
+        return (f"{name}'s row stride is {t.stride(0)} elements of {elt} bytes: TMA needs a multiple of 16 bytes "
+                "(K a multiple of 16 / element size)")
+    return None
+
+
+def forward_kernel(x2: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[str, Optional[str]]:
+    """("linear_fwd_tma", None) when the persistent TMA kernel serves residual + epilogue(x2 @
+    weight^T) (x2 and residual as rows), else ("linear_fwd", why not) for the pointer kernel."""
+    if FORWARD_KERNEL == "pointer":
+        return "linear_fwd", "FORWARD_KERNEL is 'pointer'"
+    if FORWARD_KERNEL != "tma":
+        if x2.device.type != "cuda":
+            return "linear_fwd", "the TMA kernel runs on CUDA devices (FORWARD_KERNEL = 'tma' forces it)"
+        major, minor = torch.cuda.get_device_capability(x2.device)
+        if major != 9:
+            return "linear_fwd", f"the TMA kernel is built and checked for sm_90; this GPU is sm_{major}{minor}"
+        if fma_dots({"PRECISION": dot_precision(x2.dtype)}, x2.element_size()):
+            return "linear_fwd", "float32 dots in ieee precision run on the FMA units, not on wgmma"
+    if x2.shape[0] == 0:
+        return "linear_fwd", "an empty batch"
+    N = weight.shape[0]
+    for dtype in (x2.dtype, out_dtype or x2.dtype):  # (pre has x's dtype)
+        if (N * dtype.itemsize) % 16:
+            return "linear_fwd", (f"the output's rows are {N} x {dtype.itemsize} bytes: TMA stores need a "
+                                  "multiple of 16 bytes")
+    reason = (_tma_layout("x", x2) or _tma_layout("weight", weight)
+              or (residual is not None and _tma_layout("residual", residual)))
+    return ("linear_fwd", reason) if reason else ("linear_fwd_tma", None)
+
+
+last_forward: tuple[str, Optional[str]] = ("", None)  # forward_kernel()'s answer for the latest call
+_forward_counts: collections.Counter = collections.Counter()  # (device type, kernel, reason) -> calls
+
+
+def kernels_used(device_type: str) -> dict[str, int]:
+    """The forward kernels that served calls on this device type since import, with why the
+    pointer kernel did ("linear_fwd (x has strides ...)") -> number of calls; for
+    `incubation backends`."""
+    return {kernel + (f" ({reason})" if reason else ""): n
+            for (dev, kernel, reason), n in sorted(_forward_counts.items(), key=str) if dev == device_type}
 
 
 @triton.jit
@@ -111,8 +306,10 @@ def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sg
     col_ok = cols < N
     if HAS_LS:
         ls = tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    dls = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # column sums per row tile into [BLOCK_N] vectors: full-tile fp32 accumulators would hold two
+    # more [BLOCK_M, BLOCK_N] tiles of registers through the loop
+    db = tl.zeros([BLOCK_N], tl.float32)
+    dls = tl.zeros([BLOCK_N], tl.float32)
     first = pid_m * rows_per_program
     for offset in range(0, rows_per_program, BLOCK_M):  # rows_per_program is a multiple of BLOCK_M
         rows = first + offset + tl.arange(0, BLOCK_M)
@@ -130,14 +327,14 @@ def _epilogue_backward_kernel(G, PRE, LS, DPRE, DB_PART, DLS_PART, M, N, sgm, sg
                 act = pre * cdf
                 dpre *= cdf + pre * tl.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
             if WANT_DLS:
-                dls += g * act
+                dls += tl.sum(g * act, 0)
         tl.store(DPRE + rows64 * N + cols[None, :], dpre.to(DPRE.dtype.element_ty), mask=mask)
         if WANT_DB:
-            db += dpre
+            db += tl.sum(dpre, 0)
     if WANT_DB:
-        tl.store(DB_PART + pid_m * N + cols, tl.sum(db, 0), mask=col_ok)
+        tl.store(DB_PART + pid_m * N + cols, db, mask=col_ok)
     if WANT_DLS:
-        tl.store(DLS_PART + pid_m * N + cols, tl.sum(dls, 0), mask=col_ok)
+        tl.store(DLS_PART + pid_m * N + cols, dls, mask=col_ok)
 
 
 def _rows(t: torch.Tensor, features: int) -> torch.Tensor:
@@ -169,6 +366,31 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
+def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
+    """Launch the forward kernel forward_kernel() picks (recorded in last_forward)."""
+    global last_forward
+    M, K = x2.shape
+    N = weight.shape[0]
+    last_forward = forward_kernel(x2, weight, r2, out.dtype)
+    _forward_counts[(x2.device.type, *last_forward)] += 1
+    flags = dict(HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None, HAS_RESIDUAL=r2 is not None,
+                 STORE_PRE=pre is not None, UPCAST=upcast_dots(x2.dtype), PRECISION=dot_precision(x2.dtype))
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    with device_guard(x2):
+        if last_forward[0] == "linear_fwd_tma":
+            sms = INTERPRETER_SMS if x2.device.type != "cuda" else \
+                torch.cuda.get_device_properties(x2.device).multi_processor_count
+            # (the block shapes are placeholders: each config's pre-hook sets its own)
+            desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
+            _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](
+                desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
+                DTYPE=str(x2.dtype), **flags)
+        else:
+            _forward_kernel[lambda meta: (tiles(meta),)](
+                x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
+                *(r2.stride() if r2 is not None else (0, 0)), bucket(M), **flags)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation, layer_scale, residual):
@@ -183,15 +405,8 @@ class _Linear(torch.autograd.Function):
         store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         if M > 0:  # (an empty batch would only key a needless autotuning run)
-            with device_guard(x):
-                _forward_kernel[grid](
-                    x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
-                    *(r2.stride() if r2 is not None else (0, 0)), bucket(M),
-                    HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None,
-                    HAS_RESIDUAL=r2 is not None, STORE_PRE=store_pre,
-                    UPCAST=upcast_dots(x.dtype), PRECISION=dot_precision(x.dtype))
+            _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu)
         # x itself (not the x2 view made here) and bias stay connected to the graph for a
         # differentiable backward; bias is kept for that only
         ctx.save_for_backward(x, weight, bias, layer_scale, pre)
