@@ -14,7 +14,8 @@
 # lease (the default) is, in this order:
 #   build          pip install --no-build-isolation --no-deps -e . with INCUBATION_REQUIRE_EXTENSION=1,
 #                  TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=nproc; then `incubation backends`
-#   tests          the CUDA tests, `pytest -m gpu` of tests/test_triton.py and tests/test_extension.py:
+#   tests          the CUDA tests, `pytest -m gpu` of tests/test_triton.py (+ the sm_90 TMA linear's
+#                  epilogue and fallback tests) and tests/test_extension.py:
 #                  every kernel against float64 in fp32/fp16/bf16, in SHARDS processes at once. The
 #                  Triton half needs no extension and runs while it builds (compiling kernels is most
 #                  of its time); the extension half runs after the build.
@@ -313,7 +314,9 @@ if want build; then
 fi
 if want tests; then  # the Triton half while the extension builds
     budget tests-triton
-    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" tests/test_triton.py
+    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" tests/test_triton.py \
+        tests/test_triton_linear.py::test_linear_tma_every_epilogue \
+        tests/test_triton_linear.py::test_linear_inputs_tma_cannot_take_go_to_the_pointer_kernel
     write_summary
 fi
 if want build; then
