@@ -640,7 +640,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     if cfg.grid_size != source_grid:
         provenance.update(pos_embed_resampled_from_grid=list(source_grid), pos_embed_antialias=antialias)
     if is_meta:
-        metadata = {**deep._plan("meta", target, spans, meta_config=deep.meta_config(target, K).to_dict()),
+        metadata = {**deep._stage_metadata("meta", target, spans, meta_config=deep.meta_config(target, K).to_dict()),
                     "imported": provenance}
         saved = save_checkpoint(output, state_dict, metadata)
         _, md, _ = deep.load_meta(output, target)     # what `incubation incubate` does with it
