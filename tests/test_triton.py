@@ -84,6 +84,9 @@ def attention_case(device, dtype, batch, heads, n_q, n_kv, head_dim, scale=None)
     (1, 2, 65, 80),    # head dim padded to 128
     (2, 1, 1, 128),    # one token
     (1, 1, 33, 96),
+    # every ViT length with every head dim at least once (1 token, 50, 197, 257: one past 256)
+    (1, 1, 1, 32), (1, 1, 1, 80), (1, 1, 50, 64), (1, 1, 50, 128),
+    (1, 1, 197, 32), (1, 1, 197, 80), (1, 1, 257, 64), (1, 1, 257, 128),
 ])
 def test_attention_matches_reference(device, dtype, batch, heads, n, head_dim):
     torch.manual_seed(n + head_dim)
@@ -110,6 +113,59 @@ def test_attention_reads_strided_qkv_views(device, dtype):
         return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
 
     check_against_reference(attend, [qkv])
+
+
+def _grads(backend, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with ops.use_backend(backend):
+        out = ops.attention(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, do)]
+
+
+@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] != torch.bfloat16])
+def test_attention_output_is_bnhd_and_backward_takes_any_gradient_strides(device, dtype):
+    """The Triton output is the (B, H, N, D) view of (B, N, H, D) memory, so the ViT's
+    transpose(1, 2).reshape(B, N, C) is a view (no copy); the backward reads the output and
+    its gradient through their strides, whatever they are."""
+    torch.manual_seed(3)
+    B, H, N, D = 2, 3, 50, 32
+    q, k, v = (make((B, H, N, D), dtype, device) for _ in range(3))
+    with ops.use_backend("triton"):
+        out = ops.attention(q, k, v)
+    assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()
+    merged = out.transpose(1, 2).reshape(B, N, H * D)
+    assert merged._is_view() and merged.data_ptr() == out.data_ptr()
+    assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+
+    grads = {  # each in the inputs' dtype, with the strides autograd would hand the backward
+        "contiguous (B, H, N, D)": make((B, H, N, D), dtype, device),
+        "(B, N, H, D) as the ViT's reshape gives": make((B, N, H, D), dtype, device).transpose(1, 2),
+        "every other element of a wider tensor": make((B, H, N, 2 * D), dtype, device)[..., ::2],
+        "batch-expanded (stride 0)": make((1, H, N, D), dtype, device).expand(B, H, N, D),
+    }
+    for what, do in grads.items():
+        assert do.is_contiguous() == what.startswith("contiguous")
+        reference = _grads("eager", q.double(), k.double(), v.double(), do.double())
+        eager = _grads("eager", q, k, v, do)
+        ours = _grads("triton", q, k, v, do)
+        for name, o, e, r in zip(("output", "dq", "dk", "dv"), ours, eager, reference):
+            assert_within_rule(o, e, r, f"{name}, output gradient {what}")
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="runs the GPU tiles under the interpreter")
+@pytest.mark.parametrize("kernel, configs", [("_forward_kernel", triton_attention._FORWARD_CONFIGS),
+                                             ("_backward_kernel", triton_attention._BACKWARD_CONFIGS)])
+def test_attention_gpu_tiles_are_correct(monkeypatch, kernel, configs):
+    """Each GPU autotune config's tiles (the interpreter otherwise runs one small config): ragged
+    N = 197 and 70 keys, head dim 80 padded to 128, fp16."""
+    torch.manual_seed(4)
+    autotuner = getattr(triton_attention, kernel)
+    for config in {(tuple(c.kwargs.items())): c for c in configs}.values():
+        monkeypatch.setattr(autotuner, "configs", [config])
+        autotuner.cache.clear()
+        q = make((1, 1, 197, 80), torch.float16, "cpu")
+        k, v = (make((1, 1, 70, 80), torch.float16, "cpu") for _ in range(2))
+        check_against_reference(lambda q, k, v: ops.attention(q, k, v), [q, k, v])
 
 
 # --------------------------------------------------------------------------------------
@@ -510,7 +566,7 @@ def test_autotune_keeps_results_across_runs_where_triton_can():
 
     import triton
     for autotuner in (triton_linear._forward_kernel, triton_attention._forward_kernel,
-                      triton_attention._dkdv_kernel, triton_attention._dq_kernel):
+                      triton_attention._backward_kernel):
         if "cache_results" in inspect.signature(triton.autotune).parameters and not kernels.INTERPRET:
             assert autotuner.cache_results
         for flag in ("HAS_BIAS", "HAS_LS", "GELU", "HAS_RESIDUAL", "STORE_PRE", "UPCAST", "PRECISION"):
