@@ -369,6 +369,19 @@ def test_check_gives_a_reason_and_forced_triton_raises(device):
             getattr(ops, op)(*args)
 
 
+@pytest.mark.skipif(not kernels.INTERPRET, reason="checks CPU tensors under the interpreter")
+def test_attention_check_refuses_a_non_positive_scale_and_too_many_row_blocks(monkeypatch):
+    """The kernels take the row max of unscaled scores (right for scale > 0 only), and put the
+    row blocks of one (batch, head) on the grid's second axis (65535 on CUDA)."""
+    q = torch.randn(1, 1, 100, 8)
+    for scale in (-0.5, 0.0, float("nan")):
+        assert "positive finite" in triton_attention.check(q, q, q, scale)
+    monkeypatch.setattr(triton_attention, "MAX_GRID_BLOCKS", 6)
+    assert "row blocks" in triton_attention.check(q, q, q, 0.5)    # 4 + 4 blocks of 32 rows
+    short = q[:, :, :64]
+    assert triton_attention.check(short, short, short, 0.5) is None
+
+
 def test_check_refuses_views_reaching_past_32_bit_offsets(monkeypatch):
     """The kernels index a strided view with 32-bit offsets: a slice of a wider tensor reaches
     further than its element count. Shown with the limit lowered to 1000 elements."""
