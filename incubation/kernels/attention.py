@@ -82,13 +82,19 @@ def _forward_footprint(config, meta, elt):
 
 
 def _backward_footprint(config, meta, elt):
-    """The larger of the two roles (one kernel: ptxas allocates for both branches)."""
+    """The larger of the two roles (one kernel: ptxas allocates for both branches). The score
+    tiles' count was fitted to the compiled kernels (benchmarks/compile_check.py --compile-pruned,
+    sm_90, triton 3.6.0 and 3.7.1): for bf16/fp16 it keeps exactly the configs that spill nothing;
+    for tf32 it prunes every one that spills, and two at head dim 64 that would not."""
     own, step, D = config.kwargs["BLOCK_OWN"], config.kwargs["BLOCK_STEP"], meta["BLOCK_D"]
     w, s = config.num_warps, config.num_stages
     fma = fma_dots(meta, elt)
     if own < _WGMMA_ROWS and not fma:
         return _TOO_BIG
-    scores = 4 * _regs(own, step, w) + 2 * _regs(own, step, w, elt)        # s, p, dp, ds; two casts
+    if elt == 2:   # s -> p and dp -> ds reuse their registers: two fp32 tiles and one cast live at once
+        scores = 2 * _regs(own, step, w) + _regs(own, step, w, elt)
+    else:          # fp32 operands (tf32 wgmma / FMA) keep more: s, p, dp, ds and their operand copies
+        scores = 4 * _regs(own, step, w) + 2 * _regs(own, step, w, elt)
     # dK/dV: k, v; q^T, q, do^T, do per stage | dQ: q, do; k^T, k, v^T per stage
     smem = elt * max(2 * own * D + s * 4 * step * D, 2 * own * D + s * 3 * step * D)
     regs = max(2 * _regs(own, D, w), _regs(own, D, w)) + scores            # dk, dv | dq
