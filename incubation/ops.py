@@ -100,9 +100,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     so the views the ViT takes of its qkv projection (qkv.reshape(B, N, 3, H, D).permute(2, 0, 3,
     1, 4)) are read without copies, as are transposed or expanded (stride 0) ones; the other
     backends accept them too. The result has shape (B, H, N, D) on every backend; its memory
-    layout is the backend's: Triton returns the transposed view of a (B, N, H, D)-contiguous
-    tensor, so that `out.transpose(1, 2).reshape(B, N, H * D)` (the heads merged for the output
-    projection) is a view, not a copy; eager (SDPA) returns what SDPA returns. Code must rely on
+    layout is the backend's: Triton returns a tensor (not a view) whose memory is (B, N, H, D),
+    strides (N*H*D, D, H*D, 1), so that `out.transpose(1, 2).reshape(B, N, H * D)` (the heads
+    merged for the output projection) is a view, not a copy; eager (SDPA) returns what SDPA returns. Code must rely on
     the shape and values only, never on out.is_contiguous(). The gradient arriving in the
     backward may have any strides."""
     for name, t in (("q", q), ("k", k), ("v", v)):

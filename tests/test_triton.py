@@ -133,6 +133,7 @@ def test_attention_output_is_bnhd_and_backward_takes_any_gradient_strides(device
     with ops.use_backend("triton"):
         out = ops.attention(q, k, v)
     assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()
+    assert not out._is_view()   # autograd refuses in-place ops on views made inside a Function
     merged = out.transpose(1, 2).reshape(B, N, H * D)
     assert merged._is_view() and merged.data_ptr() == out.data_ptr()
     assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
@@ -150,6 +151,16 @@ def test_attention_output_is_bnhd_and_backward_takes_any_gradient_strides(device
         ours = _grads("triton", q, k, v, do)
         for name, o, e, r in zip(("output", "dq", "dk", "dv"), ours, eager, reference):
             assert_within_rule(o, e, r, f"{name}, output gradient {what}")
+
+    # in place on the output behaves as on eager's: allowed, and a later backward through it
+    # refuses (both save the output), instead of raising at the in-place op (a Function's view)
+    for backend in ("eager", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with ops.use_backend(backend):
+            out = ops.attention(*leaves)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.skipif(not kernels.INTERPRET, reason="runs the GPU tiles under the interpreter")

@@ -3,8 +3,8 @@
 Forward: one program per (query block, batch*head) streams over key blocks with an online
 softmax in fp32 and saves the log-sum-exp (base 2) of every row. The softmax scale is folded
 into the exponent: scores stay unscaled and exp2(s * scale * log2(e) - m) is one fused
-multiply-add per element. The output is written (B, N, H, D)-contiguous and returned as its
-(B, H, N, D) view, so the ViT's `o.transpose(1, 2).reshape(B, N, C)` is free.
+multiply-add per element. The output has shape (B, H, N, D) and (B, N, H, D) memory, so the
+ViT's `o.transpose(1, 2).reshape(B, N, C)` is free.
 
 Backward, two launches: a pre-pass computes Delta = rowsum(o * do), then one kernel does the
 rest, in the transposed form of Triton's fused-attention tutorial. Its programs own a block of
@@ -288,8 +288,10 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale):
         B, H, n_q, D = q.shape
         n_kv = k.shape[2]
-        # (B, N, H, D) memory seen as (B, H, N, D): o.transpose(1, 2).reshape(B, N, H * D) is a view
-        o = torch.empty((B, n_q, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+        # (B, H, N, D) with (B, N, H, D) memory, so o.transpose(1, 2).reshape(B, N, H * D) is a view. Not
+        # itself a view (empty_strided, not .transpose of a buffer): autograd raises at any in-place op
+        # on a view made inside a custom Function, where eager's output takes them.
+        o = torch.empty_strided((B, H, n_q, D), (n_q * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
         qk_scale = scale * _LOG2E
         grid = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
@@ -334,7 +336,8 @@ def _math_attention(q, k, v, scale):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v for (B, H, N, D) tensors of any strides (validated by
-    incubation.ops); the result is the (B, H, N, D) view of a (B, N, H, D)-contiguous tensor."""
+    incubation.ops); the result has shape (B, H, N, D) and (B, N, H, D) memory (strides
+    (N*H*D, D, H*D, 1)): its transpose(1, 2) is contiguous."""
     return _Attention.apply(q, k, v, scale)
 
 
