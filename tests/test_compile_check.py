@@ -3,8 +3,8 @@
 Runs the tool in a subprocess (the kernels must be imported without TRITON_INTERPRET, which this
 test session sets) in its --quick mode for bf16 and fp16, with a fresh Triton cache so the time is
 what CI pays, and asserts on the compiled facts: every config the autotuner can see (not pruned)
-compiles, fits sm_90's shared memory and spills no register. fp32 is reported by the tool, not
-asserted here.
+compiles, fits sm_90's shared memory and spills no register, and the attention forward and
+backward run every dot on wgmma. fp32 is reported by the tool, not asserted here.
 """
 from __future__ import annotations
 
