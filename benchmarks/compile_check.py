@@ -2,8 +2,8 @@
 each (kernel, config, dtype) costs: shared memory, registers, spilled bytes, tensor-core
 instruction family.
 
-    python benchmarks/compile_check.py --json compile.json        # everything: 634 jobs (506 took 7 min on 2 busy cores)
-    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: 140 jobs, 3.7 min busy
+    python benchmarks/compile_check.py --json compile.json        # everything: minutes on 2 cores
+    python benchmarks/compile_check.py --quick --json compile.json # CI runs this for bf16,fp16: a few minutes on 2 busy cores
     python benchmarks/compile_check.py --kernels attention_fwd,linear_fwd --dtypes bf16
 
 Every autotuned kernel is compiled with each of its GPU configs (the `gpu` list given to
@@ -72,16 +72,18 @@ def _block_d(head_dim: int) -> int:
 # way Triton's launcher does it (1 -> constexpr, multiples of 16 -> divisibility hint), so the
 # compiled code is the one a real call gets. Shapes: ViT at 224 px (N = 197 tokens).
 
-def _attention_args(head_dim: int, dkdv_or_dq: bool) -> dict:
+def _attention_args(head_dim: int, backward: bool) -> dict:
     H, N, D = 12, 197, head_dim
     C = H * D
     qkv = (N * 3 * C, D, 3 * C, 1)  # q, k, v: views of the qkv projection (B, N, 3, H, D)
-    do = (N * C, D, C, 1)           # grad of o viewed as (B, N, H, D)
+    bnhd = (N * C, D, C, 1)         # o and its gradient: (B, N, H, D) memory seen as (B, H, N, D)
     args = dict(qk_scale=0.125 * 1.4427, sqb=qkv[0], sqh=qkv[1], sqn=qkv[2], sqd=qkv[3],
-                skb=qkv[0], skh=qkv[1], skn=qkv[2], skd=qkv[3], svb=qkv[0], svh=qkv[1], svn=qkv[2], svd=qkv[3],
-                H=H, N_Q=N, N_KV=N, HEAD_DIM=D)
-    if dkdv_or_dq:
-        args.update(scale=0.125, sdb=do[0], sdh=do[1], sdn=do[2], sdd=do[3])
+                skb=qkv[0], skh=qkv[1], skn=qkv[2], skd=qkv[3], svb=qkv[0], svh=qkv[1], svn=qkv[2], svd=qkv[3])
+    if backward:
+        args.update(scale=0.125, sdb=bnhd[0], sdh=bnhd[1], sdn=bnhd[2], sdd=bnhd[3])
+    else:
+        args.update(sob=bnhd[0], soh=bnhd[1], son=bnhd[2], sod=bnhd[3])
+    args.update(H=H, N_Q=N, N_KV=N, HEAD_DIM=D)
     return args
 
 
@@ -92,14 +94,14 @@ def _cases_attention(kernel: str, head_dims) -> list:
         if kernel == "attention_fwd":
             args = dict(Q="*dt", K="*dt", V="*dt", O="*dt", LSE="*fp32", **_attention_args(hd, False))
         elif kernel == "attention_delta":
-            args = dict(O="*dt", DO="*dt", DELTA="*fp32", sdb=197 * 12 * hd, sdh=hd, sdn=12 * hd, sdd=1,
-                        H=12, N_Q=197, HEAD_DIM=hd)
+            bnhd = dict(b=197 * 12 * hd, h=hd, n=12 * hd, d=1)
+            args = dict(O="*dt", DO="*dt", DELTA="*fp32", **{f"so{k}": v for k, v in bnhd.items()},
+                        **{f"sd{k}": v for k, v in bnhd.items()}, H=12, N_Q=197, HEAD_DIM=hd)
             cases.append((f"hd{hd}", hd, args, dict(BLOCK_D=_block_d(hd), BLOCK_M=64)))
             continue
         else:
-            outs = dict(DK="*dt", DV="*dt") if kernel == "attention_dkdv" else dict(DQ="*dt")
-            args = dict(Q="*dt", K="*dt", V="*dt", DO="*dt", LSE="*fp32", DELTA="*fp32", **outs,
-                        **_attention_args(hd, True))
+            args = dict(Q="*dt", K="*dt", V="*dt", DO="*dt", LSE="*fp32", DELTA="*fp32", DQ="*dt", DK="*dt",
+                        DV="*dt", **_attention_args(hd, True))
         cases.append((f"hd{hd}", hd, args, dict(BLOCK_D=_block_d(hd), UPCAST=False)))
     return cases
 
@@ -165,7 +167,7 @@ def _cases_norm(kernel: str, widths) -> list:
 
 NORM_WIDTHS = (16, 32, 64, 128, 192, 384, 768, 1280, 2048, 4096, 8192)  # every BLOCK_C the tiling can pick
 QUICK_NORM_WIDTHS = (192, 768, 1280, 4096, 8192)
-KERNELS = ("attention_fwd", "attention_delta", "attention_dkdv", "attention_dq",
+KERNELS = ("attention_fwd", "attention_delta", "attention_bwd",
            "norm_fwd", "norm_bwd", "linear_fwd", "linear_fwd_tma", "linear_epilogue_bwd")
 
 
@@ -173,7 +175,7 @@ def kernel_object(name: str):
     """The decorated kernel (an Autotuner or a JITFunction) of a kernel name."""
     from incubation.kernels import attention, linear, norm
     return {"attention_fwd": attention._forward_kernel, "attention_delta": attention._delta_kernel,
-            "attention_dkdv": attention._dkdv_kernel, "attention_dq": attention._dq_kernel,
+            "attention_bwd": attention._backward_kernel,
             "norm_fwd": norm._forward_kernel, "norm_bwd": norm._backward_kernel,
             "linear_fwd": linear._forward_kernel, "linear_fwd_tma": linear._forward_tma_kernel,
             "linear_epilogue_bwd": linear._epilogue_backward_kernel}[name]

@@ -3,8 +3,8 @@
 Runs the tool in a subprocess (the kernels must be imported without TRITON_INTERPRET, which this
 test session sets) in its --quick mode for bf16 and fp16, with a fresh Triton cache so the time is
 what CI pays, and asserts on the compiled facts: every config the autotuner can see (not pruned)
-compiles, fits sm_90's shared memory and spills no register. fp32 is reported by the tool, not
-asserted here.
+compiles, fits sm_90's shared memory and spills no register, and the attention forward and
+backward run every dot on wgmma. fp32 is reported by the tool, not asserted here.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def records(tmp_path_factory):
 
 def test_every_kernel_and_dtype_is_checked(records):
     kernels = {r["kernel"] for r in records}
-    assert kernels == {"attention_fwd", "attention_delta", "attention_dkdv", "attention_dq",
+    assert kernels == {"attention_fwd", "attention_delta", "attention_bwd",
                        "norm_fwd", "norm_bwd", "linear_fwd", "linear_fwd_tma", "linear_epilogue_bwd"}
     assert {r["dtype"] for r in records} == {"bf16", "fp16"}
     for r in records:
@@ -59,7 +59,7 @@ def test_every_kernel_and_dtype_is_checked(records):
             assert r["mma"] in ("wgmma", "mma.sync", "wgmma+mma.sync", "none")
             assert r["registers"] > 0 and r["smem_bytes"] >= 0
     # the attention and linear kernels are autotuned: each has several GPU configs per case
-    for kernel in ("attention_fwd", "attention_dkdv", "attention_dq", "linear_fwd", "linear_fwd_tma"):
+    for kernel in ("attention_fwd", "attention_bwd", "linear_fwd", "linear_fwd_tma"):
         configs = {r["config"] for r in records if r["kernel"] == kernel}
         assert len(configs) > 1, kernel
 
@@ -70,6 +70,20 @@ def test_configs_the_autotuner_sees_compile_and_fit(records):
     report = "\n".join(f"{r['kernel']} {r['case']} {r['dtype']} {r['config']}: {r['status']}, smem "
                        f"{r['smem_bytes']}+{r['static_smem_bytes']}, spill {r['spill_bytes']}" for r in bad)
     assert not bad, "configs the prune lets through do not fit sm_90:\n" + report
+
+
+def test_attention_dots_are_wgmma_without_spills(records):
+    """Issue 13: every bf16/fp16 config the autotuner can see of the attention forward and the
+    one-launch backward runs all its dots on Hopper's wgmma (no mma.sync: every product has a
+    64-row side), spills nothing and fits sm_90's shared memory."""
+    seen = [r for r in records if r["kernel"] in ("attention_fwd", "attention_bwd") and r["status"] == "ok"]
+    assert {(r["kernel"], r["dtype"]) for r in seen} == {(k, d) for k in ("attention_fwd", "attention_bwd")
+                                                         for d in ("bf16", "fp16")}
+    bad = [f"{r['kernel']} {r['case']} {r['dtype']} {r['config']}: mma {r['mma']}, spill {r['spill_bytes']}, "
+           f"smem {r['smem_bytes']}+{r['static_smem_bytes']}" for r in seen
+           if not (r["mma"] == "wgmma" and r["spill_bytes"] == 0
+                   and r["smem_bytes"] + r["static_smem_bytes"] <= SMEM_LIMIT)]
+    assert not bad, "\n".join(bad)
 
 
 def test_prune_leaves_every_case_a_config(records):

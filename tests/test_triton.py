@@ -84,6 +84,9 @@ def attention_case(device, dtype, batch, heads, n_q, n_kv, head_dim, scale=None)
     (1, 2, 65, 80),    # head dim padded to 128
     (2, 1, 1, 128),    # one token
     (1, 1, 33, 96),
+    # every ViT length with every head dim at least once (1 token, 50, 197, 257: one past 256)
+    (1, 1, 1, 32), (1, 1, 1, 80), (1, 1, 50, 64), (1, 1, 50, 128),
+    (1, 1, 197, 32), (1, 1, 197, 80), (1, 1, 257, 64), (1, 1, 257, 128),
 ])
 def test_attention_matches_reference(device, dtype, batch, heads, n, head_dim):
     torch.manual_seed(n + head_dim)
@@ -110,6 +113,70 @@ def test_attention_reads_strided_qkv_views(device, dtype):
         return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
 
     check_against_reference(attend, [qkv])
+
+
+def _grads(backend, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with ops.use_backend(backend):
+        out = ops.attention(*leaves)
+    return [out.detach(), *torch.autograd.grad(out, leaves, do)]
+
+
+@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] != torch.bfloat16])
+def test_attention_output_is_bnhd_and_backward_takes_any_gradient_strides(device, dtype):
+    """The Triton output is the (B, H, N, D) view of (B, N, H, D) memory, so the ViT's
+    transpose(1, 2).reshape(B, N, C) is a view (no copy); the backward reads the output and
+    its gradient through their strides, whatever they are."""
+    torch.manual_seed(3)
+    B, H, N, D = 2, 3, 50, 32
+    q, k, v = (make((B, H, N, D), dtype, device) for _ in range(3))
+    with ops.use_backend("triton"):
+        out = ops.attention(q, k, v)
+    assert out.shape == (B, H, N, D) and out.transpose(1, 2).is_contiguous()
+    assert not out._is_view()   # autograd refuses in-place ops on views made inside a Function
+    merged = out.transpose(1, 2).reshape(B, N, H * D)
+    assert merged._is_view() and merged.data_ptr() == out.data_ptr()
+    assert merged.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+
+    grads = {  # each in the inputs' dtype, with the strides autograd would hand the backward
+        "contiguous (B, H, N, D)": make((B, H, N, D), dtype, device),
+        "(B, N, H, D) as the ViT's reshape gives": make((B, N, H, D), dtype, device).transpose(1, 2),
+        "every other element of a wider tensor": make((B, H, N, 2 * D), dtype, device)[..., ::2],
+        "batch-expanded (stride 0)": make((1, H, N, D), dtype, device).expand(B, H, N, D),
+    }
+    for what, do in grads.items():
+        assert do.is_contiguous() == what.startswith("contiguous")
+        reference = _grads("eager", q.double(), k.double(), v.double(), do.double())
+        eager = _grads("eager", q, k, v, do)
+        ours = _grads("triton", q, k, v, do)
+        for name, o, e, r in zip(("output", "dq", "dk", "dv"), ours, eager, reference):
+            assert_within_rule(o, e, r, f"{name}, output gradient {what}")
+
+    # in place on the output behaves as on eager's: allowed, and a later backward through it
+    # refuses (both save the output), instead of raising at the in-place op (a Function's view)
+    for backend in ("eager", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with ops.use_backend(backend):
+            out = ops.attention(*leaves)
+        out.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+@pytest.mark.skipif(not kernels.INTERPRET, reason="runs the GPU tiles under the interpreter")
+@pytest.mark.parametrize("kernel, configs", [("_forward_kernel", triton_attention._FORWARD_CONFIGS),
+                                             ("_backward_kernel", triton_attention._BACKWARD_CONFIGS)])
+def test_attention_gpu_tiles_are_correct(monkeypatch, kernel, configs):
+    """Each GPU autotune config's tiles (the interpreter otherwise runs one small config): ragged
+    N = 197 and 70 keys, head dim 80 padded to 128, fp16."""
+    torch.manual_seed(4)
+    autotuner = getattr(triton_attention, kernel)
+    for config in {(tuple(c.kwargs.items())): c for c in configs}.values():
+        monkeypatch.setattr(autotuner, "configs", [config])
+        autotuner.cache.clear()
+        q = make((1, 1, 197, 80), torch.float16, "cpu")
+        k, v = (make((1, 1, 70, 80), torch.float16, "cpu") for _ in range(2))
+        check_against_reference(lambda q, k, v: ops.attention(q, k, v), [q, k, v])
 
 
 # --------------------------------------------------------------------------------------
@@ -313,6 +380,19 @@ def test_check_gives_a_reason_and_forced_triton_raises(device):
             getattr(ops, op)(*args)
 
 
+@pytest.mark.skipif(not kernels.INTERPRET, reason="checks CPU tensors under the interpreter")
+def test_attention_check_refuses_a_non_positive_scale_and_too_many_row_blocks(monkeypatch):
+    """The kernels take the row max of unscaled scores (right for scale > 0 only), and put the
+    row blocks of one (batch, head) on the grid's second axis (65535 on CUDA)."""
+    q = torch.randn(1, 1, 100, 8)
+    for scale in (-0.5, 0.0, float("nan")):
+        assert "positive finite" in triton_attention.check(q, q, q, scale)
+    monkeypatch.setattr(triton_attention, "MAX_GRID_BLOCKS", 6)
+    assert "row blocks" in triton_attention.check(q, q, q, 0.5)    # 4 + 4 blocks of 32 rows
+    short = q[:, :, :64]
+    assert triton_attention.check(short, short, short, 0.5) is None
+
+
 def test_check_refuses_views_reaching_past_32_bit_offsets(monkeypatch):
     """The kernels index a strided view with 32-bit offsets: a slice of a wider tensor reaches
     further than its element count. Shown with the limit lowered to 1000 elements."""
@@ -510,7 +590,7 @@ def test_autotune_keeps_results_across_runs_where_triton_can():
 
     import triton
     for autotuner in (triton_linear._forward_kernel, triton_attention._forward_kernel,
-                      triton_attention._dkdv_kernel, triton_attention._dq_kernel):
+                      triton_attention._backward_kernel):
         if "cache_results" in inspect.signature(triton.autotune).parameters and not kernels.INTERPRET:
             assert autotuner.cache_results
         for flag in ("HAS_BIAS", "HAS_LS", "GELU", "HAS_RESIDUAL", "STORE_PRE", "UPCAST", "PRECISION"):

@@ -303,6 +303,8 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = ops.linear(x, self.qkv.weight, self.qkv.bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # q, k, v are strided views the kernels read in place; on the Triton backend the output's
+        # memory is (B, N, H, D), so merging the heads back is a view, not a copy
         return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
