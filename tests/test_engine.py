@@ -12,15 +12,11 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from torch.utils.data import TensorDataset
+from tiny_training import QUIET, easy_data, tiny_vit
 
-import incubation
 from incubation import ops
 from incubation.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, lr_at, save_checkpoint, train
 from incubation.train import checkpoint as ckpt
-
-TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
-QUIET = dict(progress=False, label_smoothing=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -28,22 +24,6 @@ def eager_ops():
     # The engine is what is tested here: run the model on the reference backend.
     with ops.use_backend("eager"):
         yield
-
-
-def tiny_vit(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    return incubation.VisionTransformer(**{**TINY, **kw}).to(dtype)
-
-
-def easy_data(n=128, seed=1, dtype=torch.float64):
-    """Class c lights up patch c of the 2x2 patch grid: easy, but only if the model learns."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
-    for i, c in enumerate(y.tolist()):
-        r, col = divmod(c, 2)
-        x[i, 0, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 1.5
-    return TensorDataset(x.to(dtype), y)
 
 
 def weights(model):
@@ -393,7 +373,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_engine import tiny_vit, easy_data
+    from tiny_training import tiny_vit, easy_data
     from incubation.train import TrainConfig, train
     out, mode, steps, batch, accum = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     ddp = mode.startswith("ddp")
