@@ -185,6 +185,18 @@ def skip_unless_dtype(backend, device, dtype):
                     "path is checked once per op, at 4x, by test_triton.py::test_bf16_under_the_interpreter")
 
 
+INTERPRETER_MAX_MACS = 10 ** 6
+
+
+def skip_if_slow_under_interpreter(backend, device, macs):
+    """Skip a GEMM of more than INTERPRETER_MAX_MACS multiply-adds under Triton's interpreter,
+    where one of 591 x 96 x 1000 takes most of a minute (the extension's shapes, which Triton
+    never ran before they shared this suite); such shapes run compiled on CUDA."""
+    if backend == "triton" and device == "cpu" and macs > INTERPRETER_MAX_MACS:
+        pytest.skip(f"{macs} multiply-adds are too slow for Triton's interpreter (at most {INTERPRETER_MAX_MACS}); "
+                    "they run compiled on CUDA")
+
+
 @contextlib.contextmanager
 def serving(backend):
     """Force `backend` and count the calls its kernels serve (what it lacks runs eager); on

@@ -27,6 +27,7 @@ from kernel_rule import (
     linear_inputs,
     make,
     poisoned_memory,
+    skip_if_slow_under_interpreter,
     skip_unless_dtype,
     skip_unless_implemented,
 )
@@ -160,6 +161,7 @@ def test_empty_batch(backend, device):
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 def test_linear_matches_reference(backend, device, dtype, rows, in_features, out_features, epilogue):
     skip_unless_dtype(backend, device, dtype)
+    skip_if_slow_under_interpreter(backend, device, rows * in_features * out_features)
     torch.manual_seed(rows + out_features)
     inputs = linear_inputs(device, dtype, rows, in_features, out_features, epilogue)
     check_against_reference(linear_fn(epilogue), inputs, backend, factor(backend, device, dtype))
