@@ -14,11 +14,12 @@
 # lease (the default) is, in this order:
 #   build          pip install --no-build-isolation --no-deps -e . with INCUBATION_REQUIRE_EXTENSION=1,
 #                  TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=nproc; then `incubation backends`
-#   tests          the CUDA tests, `pytest -m gpu` of tests/test_triton.py (+ the sm_90 TMA linear's
-#                  epilogue and fallback tests) and tests/test_extension.py:
-#                  every kernel against float64 in fp32/fp16/bf16, in SHARDS processes at once. The
-#                  Triton half needs no extension and runs while it builds (compiling kernels is most
-#                  of its time); the extension half runs after the build.
+#   tests          the CUDA tests, `pytest -m gpu` of tests/test_kernels.py (every backend),
+#                  tests/test_triton.py (+ the sm_90 TMA linear's epilogue and fallback tests) and
+#                  tests/test_extension.py: every kernel against float64 in fp32/fp16/bf16, in SHARDS
+#                  processes at once. The Triton half (-k triton) needs no extension and runs while it
+#                  builds (compiling kernels is most of its time); the extension half (-k "not triton")
+#                  runs after the build.
 #   ops            op benchmark: ViT-B, B=256, N=197, bf16, every op and provider; the SDPA backend
 #                  torch picks is recorded and pinned for the timing
 #   ops-attention  attention at N=257: ViT-B (head dim 64) and ViT-H (head dim 80), B=256, bf16
@@ -314,7 +315,7 @@ if want build; then
 fi
 if want tests; then  # the Triton half while the extension builds
     budget tests-triton
-    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" tests/test_triton.py \
+    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" -k triton tests/test_triton.py tests/test_kernels.py \
         tests/test_triton_linear.py::test_linear_tma_every_epilogue \
         tests/test_triton_linear.py::test_linear_inputs_tma_cannot_take_go_to_the_pointer_kernel
     write_summary
@@ -327,7 +328,8 @@ if want build; then
 fi
 if want tests; then
     budget tests-extension
-    run_step tests-extension "$T" pytest_shards tests-extension "${TESTS[@]}" tests/test_extension.py
+    run_step tests-extension "$T" pytest_shards tests-extension "${TESTS[@]}" -k "not triton" tests/test_extension.py \
+        tests/test_kernels.py
     write_summary
 fi
 if want ops; then

@@ -32,6 +32,41 @@ def folder(tmp_path_factory):
     return f"folder:{root}"
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """Options that make a training command of the `incubation` CLI tiny, quiet and CPU-bound
+    (with the `folder` data set: 14 x 14 images, batches of 8)."""
+    return ("--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """`incubation ARGV...` in this process: a function of the arguments (any objects, passed as
+    strings to incubation.cli.main) returning its exit status."""
+    from incubation import cli
+
+    def run(*argv):
+        return cli.main([str(a) for a in argv])
+    return run
+
+
+@pytest.fixture
+def source_checkpoint(tmp_path):
+    """A function that saves a small ViT (14 x 14 images, patch 7, 3 classes, 32 wide, depth 2)
+    as a finished `stage` (default e2e) checkpoint at tmp_path / "src", and returns the model."""
+    from incubation import VisionTransformer, ViTConfig
+    from incubation.train.checkpoint import save_checkpoint
+
+    def save(stage="e2e"):
+        cfg = ViTConfig(img_size=14, patch_size=7, in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2)
+        torch.manual_seed(0)
+        model = VisionTransformer(cfg)
+        key = "meta_config" if stage == "meta" else "target_config"
+        save_checkpoint(str(tmp_path / "src"), model.state_dict(), {"stage": stage, key: cfg.to_dict()})
+        return model
+    return save
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
     """INCUBATION_TEST_SHARD=i/n keeps shard i of n (0-based), so that n pytest processes can

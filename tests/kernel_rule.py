@@ -5,6 +5,7 @@ error in the same dtype, plus an atol of a few float32 ulps at the reference's s
 and the gradients of every input are checked, with uninitialised memory poisoned (NaN) so an
 output element a kernel forgot to write shows up.
 """
+import collections
 import contextlib
 import importlib
 import warnings
@@ -66,6 +67,14 @@ def _run(fn, inputs, backend, grads_out=None):
     return [o.detach() for o in outs] + list(grads)
 
 
+def factor(backend, device, dtype):
+    """The rule's factor for a kernel that writes `dtype`: 2, but 4 for bfloat16 under Triton's
+    interpreter, whose fp32 -> bf16 casts truncate (up to an ulp, where rounding errs by half of
+    one; the 2x rule for bf16 is checked on CUDA). A kernel whose outputs are fp32 (a half branch
+    onto an fp32 stream) keeps 2x everywhere."""
+    return 4.0 if backend == "triton" and device == "cpu" and dtype == torch.bfloat16 else 2.0
+
+
 def check_against_reference(fn, inputs, backend, factor=2.0):
     """`backend` vs eager (same dtypes) vs eager in float64: outputs and every input's gradient."""
     as_double = [None if t is None else t.double() for t in inputs]
@@ -81,11 +90,134 @@ def check_against_reference(fn, inputs, backend, factor=2.0):
         assert_within_rule(o, e, r, f"{backend} {name}", factor)
 
 
+EPILOGUES = {  # name: (activation, bias, layer_scale, residual): ops.linear's epilogues as the ViT uses them
+    "plain": (None, False, False, False),
+    "qkv_bias": (None, True, False, False),
+    "fc1_bias_gelu": ("gelu", True, False, False),
+    "proj_bias_scale": (None, True, True, False),
+    "fc2_bias_scale_residual": (None, True, True, True),
+    "gelu_scale_residual": ("gelu", False, True, True),
+    "residual_only": (None, False, False, True),
+}
+
+
+def linear_fn(epilogue):
+    """ops.linear with `epilogue`'s optional tensors taken from the arguments after x and weight."""
+    activation, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
+
+    def fn(x, weight, *rest):
+        rest = list(rest)
+        bias = rest.pop(0) if has_bias else None
+        scale = rest.pop(0) if has_scale else None
+        residual = rest.pop(0) if has_residual else None
+        return ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
+    return fn
+
+
+def linear_inputs(device, dtype, rows, in_features, out_features, epilogue, residual_dtype=None):
+    """linear_fn(epilogue)'s arguments: x (rows, in_features), weight, then the epilogue's tensors."""
+    _, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
+    inputs = [make((rows, in_features), dtype, device),
+              make((out_features, in_features), dtype, device, scale=in_features ** -0.5)]
+    if has_bias:
+        inputs.append(make((out_features,), dtype, device, scale=0.5))
+    if has_scale:
+        inputs.append(make((out_features,), dtype, device, scale=0.5, shift=0.5))
+    if has_residual:
+        inputs.append(make((rows, out_features), residual_dtype or dtype, device))
+    return inputs
+
+
+def check_vit(backend, device, config, batch, seed, autocast_dtype=None, count=True):
+    """The ViT's logits and every parameter gradient on `backend` vs eager vs eager float64
+    (optionally under autocast); with `count`, every op the backend implements must serve."""
+    from incubation.nn import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(**config).to(device)
+    double = VisionTransformer(model.config).to(device).double()
+    double.load_state_dict(model.state_dict())
+    images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
+    labels = torch.randint(0, config["num_classes"], (batch,), device=device)
+
+    def run(m, x, context, amp=None):
+        m.zero_grad()
+        with context, torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = m(x)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return [logits.detach()] + [p.grad.detach().clone() for p in m.parameters()]
+
+    reference = run(double, images.double(), ops.use_backend("eager"))
+    eager = run(model, images, ops.use_backend("eager"), autocast_dtype)
+    ours = run(model, images, serving(backend) if count else ops.use_backend(backend), autocast_dtype)
+    names = ["logits"] + [name for name, _ in model.named_parameters()]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, f"{backend} {name}")
+
+
 def _module(name):
     try:
         return importlib.import_module(name)
     except Exception:  # noqa: BLE001 - not built / not importable: its tests are skipped
         return None
+
+
+_MODULES = {"cpp": "incubation.extension", "cuda": "incubation.extension", "triton": "incubation.kernels"}
+
+
+def backend_table(backend):
+    """`backend`'s public table {op: (function, capability check)} (its module's BACKENDS)."""
+    return importlib.import_module(_MODULES[backend]).BACKENDS[backend]
+
+
+def skip_unless_implemented(op, backend):
+    if not ops.implements(op, backend):
+        pytest.skip(f"{backend} has no {op} (it would run eager)")
+
+
+def skip_unless_dtype(backend, device, dtype):
+    """Skip, with the reason, a dtype a backend has no kernels for (forced, it would raise), or
+    one whose path is checked elsewhere."""
+    if dtype == torch.float64 and backend != "cpp":
+        pytest.skip(f"{backend} has no float64 kernels (float64 runs eager; only the C++ CPU kernels take it)")
+    if dtype == torch.bfloat16 and backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter truncates fp32 -> bf16 casts and its bf16 tl.dot is wrong: its bf16 "
+                    "path is checked once per op, at 4x, by test_triton.py::test_bf16_under_the_interpreter")
+
+
+INTERPRETER_MAX_MACS = 10 ** 6
+
+
+def skip_if_slow_under_interpreter(backend, device, macs):
+    """Skip a GEMM of more than INTERPRETER_MAX_MACS multiply-adds under Triton's interpreter,
+    where one of 591 x 96 x 1000 takes most of a minute (the extension's shapes, which Triton
+    never ran before they shared this suite); such shapes run compiled on CUDA."""
+    if backend == "triton" and device == "cpu" and macs > INTERPRETER_MAX_MACS:
+        pytest.skip(f"{macs} multiply-adds are too slow for Triton's interpreter (at most {INTERPRETER_MAX_MACS}); "
+                    "they run compiled on CUDA")
+
+
+@contextlib.contextmanager
+def serving(backend):
+    """Force `backend` and count the calls its kernels serve (what it lacks runs eager); on
+    leaving, every op it implements must have served at least once."""
+    table, calls = backend_table(backend), collections.Counter()
+
+    def counted(op, fn):
+        def call(*args):
+            calls[op] += 1
+            return fn(*args)
+        return call
+
+    for op, (fn, check) in table.items():
+        ops.register(op, backend, counted(op, fn), check)
+    try:
+        with ops.use_backend(backend):
+            yield
+    finally:
+        for op, (fn, check) in table.items():
+            ops.register(op, backend, fn, check)
+    assert all(calls[op] > 0 for op in table), f"the {backend} kernels served only {dict(calls)}"
 
 
 def backend_params():
@@ -104,5 +236,7 @@ def backend_params():
         ("triton", "cuda", "triton-cuda", gpu and kernels is not None and not kernels.INTERPRET,
          "needs a CUDA GPU and Triton"),
     ]
-    return [pytest.param(backend, device, id=name, marks=pytest.mark.skipif(not ok, reason=reason))
+    # `gpu` marks what needs CUDA (benchmarks/gpu.sh selects it with -m gpu)
+    return [pytest.param(backend, device, id=name, marks=(pytest.mark.skipif(not ok, reason=reason),
+                                                        *((pytest.mark.gpu,) if device == "cuda" else ())))
             for backend, device, name, ok, reason in runs]

@@ -16,7 +16,14 @@ import itertools
 
 import pytest
 import torch
-from kernel_rule import assert_within_rule, backend_params, check_against_reference, make, poisoned_memory
+from kernel_rule import (
+    assert_within_rule,
+    backend_params,
+    check_against_reference,
+    make,
+    poisoned_memory,
+    skip_unless_implemented,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from incubation import ops
@@ -69,11 +76,6 @@ def build(case, device, dtype, rows=(2, 7), width=40):
         if on:
             inputs.append(t(*shape, scale=scale_, shift=shift))
     return "linear", linear_fn(bias, gelu, scale, residual), inputs
-
-
-def skip_unless_implemented(op, backend):
-    if not ops.implements(op, backend):
-        pytest.skip(f"{backend} has no {op} (it would run eager)")
 
 
 # --------------------------------------------------------------------------------------

@@ -12,18 +12,13 @@ from incubation.train.checkpoint import load_checkpoint
 
 pytest.importorskip("torchvision")
 
-TINY = ["--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
 
 
-def _cli(*argv):
-    return cli.main([str(a) for a in argv])
-
-
-def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
+def test_run_writes_every_stage_and_the_report(tiny, run_cli, folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli("run", "--data", folder, "--out", out, *TINY) == 0
+    assert run_cli("run", "--data", folder, "--out", out, *tiny) == 0
     stages = ["meta", *[f"incubate-{i}" for i in range(4)], "assemble", "e2e"]
     for stage in stages:
         state, md = load_checkpoint(out / stage / "final")
@@ -59,54 +54,54 @@ def test_run_writes_every_stage_and_the_report(folder, tmp_path, capsys):
 
     # a second run resumes every finished stage instead of training again: same weights
     before = {s: json.loads((out / s / "final.json").read_text())["sha256"] for s in stages}
-    assert _cli("run", "--data", folder, "--out", out, *TINY) == 0
+    assert run_cli("run", "--data", folder, "--out", out, *tiny) == 0
     assert before == {s: json.loads((out / s / "final.json").read_text())["sha256"] for s in stages}
 
 
-def test_stages_one_by_one(folder, tmp_path, capsys):
+def test_stages_one_by_one(tiny, run_cli, folder, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
-    assert _cli("incubate", "--module", "0", *common) == 1  # no meta model yet
+    common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
+    assert run_cli("incubate", "--module", "0", *common) == 1  # no meta model yet
     assert "run `incubation meta` first" in capsys.readouterr().err
-    assert _cli("meta", *common, "--split", "2,2,4") == 2
+    assert run_cli("meta", *common, "--split", "2,2,4") == 2
     assert "error: argument --split: 3 block counts for --modules 2" in capsys.readouterr().err
-    assert _cli("meta", *common) == 0
-    assert _cli("incubate", "--module", "1", *common[:-len(TINY)], "--modules", "3", *TINY) == 1
+    assert run_cli("meta", *common) == 0
+    assert run_cli("incubate", "--module", "1", *common[:-len(tiny)], "--modules", "3", *tiny) == 1
     assert "K=2 modules of [4, 4] blocks; --modules/--split disagree" in capsys.readouterr().err
-    assert _cli("incubate", "--module", "2", *common) == 2  # a usage error, found once K is known
+    assert run_cli("incubate", "--module", "2", *common) == 2  # a usage error, found once K is known
     assert "error: argument --module: 2 is not a module of this run: it has K=2 modules" in capsys.readouterr().err
-    assert _cli("incubate", "--module", "1", "--init", "lemon", "--meta-mode", "train", *common) == 0
+    assert run_cli("incubate", "--module", "1", "--init", "lemon", "--meta-mode", "train", *common) == 0
     _, md = load_checkpoint(out / "incubate-1" / "final")
     assert md["init"] == "lemon" and md["K"] == 2 and md["meta_mode"] == "train"
-    assert _cli("assemble", *common) == 1  # module 0 is missing
+    assert run_cli("assemble", *common) == 1  # module 0 is missing
     assert "incubate-0/final.json does not exist" in capsys.readouterr().err
-    assert _cli("incubate", "--module", "0", *common) == 0
-    assert _cli("assemble", *common) == 0
-    assert _cli("e2e", *common) == 0
+    assert run_cli("incubate", "--module", "0", *common) == 0
+    assert run_cli("assemble", *common) == 0
+    assert run_cli("e2e", *common) == 0
     assert "the pipeline's" in capsys.readouterr().out  # matched budget when the pipeline exists
-    assert _cli("report", "--out", out) == 0
+    assert run_cli("report", "--out", out) == 0
     assert (out / "report.md").exists()
 
 
-def test_bad_module_file_is_named(folder, tmp_path, capsys):
+def test_bad_module_file_is_named(tiny, run_cli, folder, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
-    assert _cli("meta", *common) == 0
-    assert _cli("incubate", "--all", *common) == 0
+    common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
+    assert run_cli("meta", *common) == 0
+    assert run_cli("incubate", "--all", *common) == 0
     with open(out / "incubate-1" / "final.safetensors", "r+b") as f:
         f.seek(-1, os.SEEK_END)
         f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
-    assert _cli("assemble", *common) == 1
+    assert run_cli("assemble", *common) == 1
     err = capsys.readouterr().err
     assert "incubate-1/final.safetensors is corrupt" in err and "Traceback" not in err
 
 
 @pytest.mark.slow
-def test_incubate_all_in_parallel_processes(folder, tmp_path):
+def test_incubate_all_in_parallel_processes(tiny, run_cli, folder, tmp_path):
     out = tmp_path / "run"
-    common = ["--data", folder, "--out", out, "--modules", "2", *TINY]
-    assert _cli("meta", *common) == 0
-    assert _cli("incubate", "--all", "--parallel", "2", *common) == 0
+    common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
+    assert run_cli("meta", *common) == 0
+    assert run_cli("incubate", "--all", "--parallel", "2", *common) == 0
     for i in range(2):
         _, md = load_checkpoint(out / f"incubate-{i}" / "final")
         assert md["module"] == i
@@ -115,7 +110,7 @@ def test_incubate_all_in_parallel_processes(folder, tmp_path):
     # child ran with fewer threads, so equal up to float rounding)
     os.makedirs(tmp_path / "again")
     os.symlink(out / "meta", tmp_path / "again" / "meta")
-    assert _cli("incubate", "--module", "1", "--data", folder, "--out", tmp_path / "again", *TINY) == 0
+    assert run_cli("incubate", "--module", "1", "--data", folder, "--out", tmp_path / "again", *tiny) == 0
     a, _ = load_checkpoint(out / "incubate-1" / "final")
     b, _ = load_checkpoint(tmp_path / "again" / "incubate-1" / "final")
     assert a.keys() == b.keys()
@@ -139,9 +134,9 @@ def _children(pid) -> list:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the children in /proc")
-def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(folder, tmp_path):
+def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(tiny, folder, tmp_path):
     out = tmp_path / "run"
-    common = ["--data", folder, "--out", str(out), "--modules", "2", *TINY]
+    common = ["--data", folder, "--out", str(out), "--modules", "2", *tiny]
     assert cli.main(["meta", *common]) == 0
     argv = [sys.executable, "-m", "incubation.cli", "incubate", "--all", "--parallel", "2", *common]
     parent = subprocess.Popen(argv, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -175,17 +170,17 @@ def test_argument_errors(capsys):
     assert "exit status: 0 done; 1 the run failed" in capsys.readouterr().out
 
 
-def test_a_corrupt_image_stops_the_run_naming_it_unless_skipped(folder, tmp_path, capsys):
+def test_a_corrupt_image_stops_the_run_naming_it_unless_skipped(tiny, run_cli, folder, tmp_path, capsys):
     import shutil
     root = tmp_path / "images"
     shutil.copytree(folder.split(":", 1)[1], root)
     bad = root / "train" / "class1" / "3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    argv = ["meta", "--data", f"folder:{root}", "--epochs", "1", *TINY]   # one epoch reads every image
-    assert _cli(*argv, "--out", tmp_path / "a") == 1
+    argv = ["meta", "--data", f"folder:{root}", "--epochs", "1", *tiny]   # one epoch reads every image
+    assert run_cli(*argv, "--out", tmp_path / "a") == 1
     err = capsys.readouterr().err
     assert "3.png" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert _cli(*argv, "--out", tmp_path / "b", "--skip-bad-images") == 0
+    assert run_cli(*argv, "--out", tmp_path / "b", "--skip-bad-images") == 0
 
 
 def test_backends_lists_every_op(capsys):

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from test_cli import TINY
 
 from incubation import cli
 from incubation.bench import study
@@ -107,18 +106,17 @@ def test_output_paths(tmp_path, capsys):
     assert cli.main(["report", "--out", str(tmp_path / "afile")]) == 2
 
 
-def test_out_under_a_file_is_one_line(folder, tmp_path, capsys):
+def test_out_under_a_file_is_one_line(tiny, folder, tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "run"
-    assert cli.main(["meta", "--data", folder, "--out", str(out), "--epochs", "0.1", *TINY]) == 1
+    assert cli.main(["meta", "--data", folder, "--out", str(out), "--epochs", "0.1", *tiny]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"incubation meta: error: {tmp_path / 'afile'} is a file, not a directory")
 
 
-def test_expand_output_under_a_file(tmp_path, capsys):
-    from test_growth_cli import _source_checkpoint
-    _source_checkpoint(tmp_path)
+def test_expand_output_under_a_file(source_checkpoint, tmp_path, capsys):
+    source_checkpoint()
     (tmp_path / "afile").write_text("")
     assert cli.main(["expand", str(tmp_path / "src"), "-o", str(tmp_path / "afile" / "big"), "--depth", "3"]) == 1
     err = capsys.readouterr().err
@@ -132,10 +130,8 @@ def test_expand_output_under_a_file(tmp_path, capsys):
     (errno.EACCES, "permission denied: {path}"),
     (errno.EPERM, "permission denied: {path}"),
 ])
-def test_environment_faults_when_writing_are_one_line(code, expected, tmp_path, capsys, monkeypatch):
-    from test_growth_cli import _source_checkpoint
-
-    _source_checkpoint(tmp_path)
+def test_environment_faults_when_writing_are_one_line(source_checkpoint, code, expected, tmp_path, capsys, monkeypatch):
+    source_checkpoint()
     path = str(tmp_path / "big.safetensors")
 
     def fail(*args, **kwargs):
@@ -194,8 +190,8 @@ def test_bugs_keep_their_traceback_and_ctrl_c_is_one_line(monkeypatch, capsys):
         cli.main([name])
 
 
-def test_too_many_epochs_to_count(folder, tmp_path, capsys):
-    assert cli.main(["meta", "--data", folder, "--out", str(tmp_path), "--epochs", "1e308", *TINY]) == 2
+def test_too_many_epochs_to_count(tiny, folder, tmp_path, capsys):
+    assert cli.main(["meta", "--data", folder, "--out", str(tmp_path), "--epochs", "1e308", *tiny]) == 2
     err = capsys.readouterr().err
     assert "incubation meta: error: argument --epochs: 1e+308 epochs of 48 images are more steps" in err
 
@@ -229,10 +225,10 @@ def test_end_to_end_exit_status_and_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_parallel_job_is_one_line_naming_its_log(folder, tmp_path):
+def test_a_failed_parallel_job_is_one_line_naming_its_log(tiny, folder, tmp_path):
     out = tmp_path / "run"
     proc = _subprocess("incubate", "--all", "--parallel", "2", "--modules", "2", "--data", folder, "--out", out,
-                       *TINY)  # no meta model yet: both jobs fail
+                       *tiny)  # no meta model yet: both jobs fail
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("incubation incubate: error: incubation failed for module ")

@@ -347,7 +347,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_engine import tiny_vit, easy_data
+    from tiny_training import tiny_vit, easy_data
     from incubation import dispatch, ops
     from incubation.train import TrainConfig, train
     rank = int(os.environ["RANK"])

@@ -12,15 +12,11 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from torch.utils.data import TensorDataset
+from tiny_training import QUIET, easy_data, tiny_vit
 
-import incubation
 from incubation import ops
 from incubation.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, lr_at, save_checkpoint, train
 from incubation.train import checkpoint as ckpt
-
-TINY = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2, num_classes=4)
-QUIET = dict(progress=False, label_smoothing=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -28,22 +24,6 @@ def eager_ops():
     # The engine is what is tested here: run the model on the reference backend.
     with ops.use_backend("eager"):
         yield
-
-
-def tiny_vit(seed=0, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    return incubation.VisionTransformer(**{**TINY, **kw}).to(dtype)
-
-
-def easy_data(n=128, seed=1, dtype=torch.float64):
-    """Class c lights up patch c of the 2x2 patch grid: easy, but only if the model learns."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
-    for i, c in enumerate(y.tolist()):
-        r, col = divmod(c, 2)
-        x[i, 0, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 1.5
-    return TensorDataset(x.to(dtype), y)
 
 
 def weights(model):
@@ -160,19 +140,43 @@ def test_data_order_does_not_depend_on_loader_workers(tmp_path):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-def test_repeated_augmentation_order_is_deits():
-    """Each image R times in a row, cut to the data set's length, and rank r taking every
-    world-th sample of the global batch (DeiT's RASampler), deterministic per (seed, epoch)."""
-    from incubation.train.engine import _plan, _StepBatches
-    cfg = TrainConfig(steps=3, batch_size=12, aug_repeats=3, seed=7)
-    plan = _plan(36, cfg, 2)
-    ranks = [list(_StepBatches(36, plan, cfg, r, 2, 0)) for r in range(2)]
-    epoch = [i for step in zip(*ranks) for pair in zip(*step) for i in pair]   # re-interleave the ranks
+class Recording(torch.utils.data.Dataset):
+    """A data set that records, in order, the indices the engine reads from it."""
+
+    def __init__(self, data):
+        self.data, self.read = data, []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return self.data[i]
+
+
+def test_repeated_augmentation_order_is_deits(tmp_path):
+    """Each image R times in a row, cut to the data set's length (DeiT's RASampler), the same
+    order for the same seed, and a run resumed mid-epoch reads on in that order. (That the copies
+    of an image go to different DDP ranks: test_ddp_two_processes_equal_one_process[ddp-repeats].)"""
+    cfg = TrainConfig(steps=3, batch_size=12, aug_repeats=3, seed=7, checkpoint_every=1, **QUIET)
+
+    def run(out, hooks=()):
+        data = Recording(easy_data(36))
+        train(tiny_vit(), data, None, cfg, tmp_path / out, hooks=list(hooks))
+        return data.read
+
+    epoch = run("a")
     assert len(epoch) == 36 and all(epoch[3 * k] == epoch[3 * k + 1] == epoch[3 * k + 2] for k in range(12))
     assert len(set(epoch)) == 12                     # a third of the images, each thrice
-    assert ranks[0][0][:2] == [epoch[0], epoch[2]]   # copies of an image go to different ranks
-    assert ranks == [list(_StepBatches(36, plan, cfg, r, 2, 0)) for r in range(2)]
-    assert list(_StepBatches(36, plan, cfg, 0, 2, 1)) == ranks[0][1:]   # resume mid-epoch: the same order
+    assert run("b") == epoch                         # deterministic per (seed, epoch)
+
+    def stop_at_1(step, model):
+        if step == 1:
+            raise KeyboardInterrupt("stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", [stop_at_1])
+    assert run("cut") == epoch[12:]                  # resumed after step 0: steps 1 and 2, the same order
 
 
 def test_short_run_learns(tmp_path):
@@ -393,7 +397,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_engine import tiny_vit, easy_data
+    from tiny_training import tiny_vit, easy_data
     from incubation.train import TrainConfig, train
     out, mode, steps, batch, accum = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     ddp = mode.startswith("ddp")
@@ -404,7 +408,24 @@ SCRIPT = textwrap.dedent("""
     hooks = [lambda step, model: time.sleep(0.15)] if mode == "slow" else []
     cfg = TrainConfig(steps=steps, batch_size=batch, accum_steps=accum, lr=1e-3, warmup_steps=2,
                       checkpoint_every=2, eval_every=3, progress=False, **extra)
-    train(model, easy_data(64), easy_data(32, seed=5), cfg, out, hooks=hooks)
+    data = easy_data(64)
+    if mode == "ddp-repeats":   # record the indices this rank reads, in order
+        class Recording(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(data)
+
+            def __getitem__(self, i):
+                reads.append(i)
+                return data[i]
+
+        reads, train_set = [], Recording()
+    else:
+        train_set = data
+    train(model, train_set, easy_data(32, seed=5), cfg, out, hooks=hooks)
+    if mode == "ddp-repeats":
+        import json, os
+        with open(os.path.join(out, "reads-" + os.environ.get("RANK", "0") + ".json"), "w") as f:
+            json.dump(reads, f)
 """)
 
 
@@ -460,7 +481,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "ddp-repeats"])
 def test_ddp_two_processes_equal_one_process(tmp_path, mode):
     """2 gloo ranks = 1 process with 2 micro-batches, also with repeated augmentation (whose
-    copies of an image go to different ranks)."""
+    copies of an image go to different ranks: each reads every other image of the global batch)."""
     script = _script(tmp_path)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     subprocess.run([sys.executable, script, one, mode, "4", "16", "1"], env=_env(), check=True, timeout=120)
@@ -474,3 +495,10 @@ def test_ddp_two_processes_equal_one_process(tmp_path, mode):
     assert [l["step"] for l in lines] == [1, 2, 3, 4]          # written once, by rank 0
     assert [l["loss"] for l in lines] == pytest.approx([l["loss"] for l in ref], rel=1e-9)
     assert lines[-1]["eval_acc"] == pytest.approx(ref[-1]["eval_acc"])  # sharded eval, summed over ranks
+    if mode == "ddp-repeats":   # rank r reads every other image of the global batch, from r: copies split
+        whole, *ranks = (json.load(open(os.path.join(d, f"reads-{r}.json"))) for d, r in ((one, 0), (two, 0), (two, 1)))
+        for s in range(4):
+            step = whole[16 * s:16 * (s + 1)]
+            mine = [reads[8 * s:8 * (s + 1)] for reads in ranks]
+            assert mine == [step[0::2], step[1::2]]
+            assert set(mine[0]) & set(mine[1])     # an image's copies on both ranks

@@ -1,25 +1,15 @@
 """`incubation expand` (LEMON) and `incubation grow` (Apollo) end to end."""
 import pytest
 import torch
-from test_cli import TINY, _cli
 
 from incubation import VisionTransformer, ViTConfig
 from incubation.growth import apollo_schedule
 from incubation.train.checkpoint import load_checkpoint, save_checkpoint
 
 
-def _source_checkpoint(tmp_path, stage="e2e"):
-    cfg = ViTConfig(img_size=14, patch_size=7, in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2)
-    torch.manual_seed(0)
-    model = VisionTransformer(cfg)
-    key = "meta_config" if stage == "meta" else "target_config"
-    save_checkpoint(str(tmp_path / "src"), model.state_dict(), {"stage": stage, key: cfg.to_dict()})
-    return model
-
-
-def test_expand_preserves_the_function(tmp_path, capsys):
-    source = _source_checkpoint(tmp_path)
-    assert _cli("expand", tmp_path / "src", "-o", tmp_path / "big", "--embed-dim", "48", "--depth", "3") == 0
+def test_expand_preserves_the_function(run_cli, source_checkpoint, tmp_path, capsys):
+    source = source_checkpoint()
+    assert run_cli("expand", tmp_path / "src", "-o", tmp_path / "big", "--embed-dim", "48", "--depth", "3") == 0
     printed = capsys.readouterr().out
     assert "32x2 -> 48x3" in printed and "max |logit difference|" in printed
     state, md = load_checkpoint(tmp_path / "big")
@@ -30,24 +20,24 @@ def test_expand_preserves_the_function(tmp_path, capsys):
     torch.testing.assert_close(big.eval()(x), source.eval()(x), atol=1e-4, rtol=1e-4)
 
 
-def test_expand_errors(tmp_path, capsys):
-    _source_checkpoint(tmp_path)
-    assert _cli("expand", tmp_path / "src", "-o", tmp_path / "x", "--embed-dim", "16") == 1
+def test_expand_errors(run_cli, source_checkpoint, tmp_path, capsys):
+    source_checkpoint()
+    assert run_cli("expand", tmp_path / "src", "-o", tmp_path / "x", "--embed-dim", "16") == 1
     assert "LEMON only expands" in capsys.readouterr().err
     save_checkpoint(str(tmp_path / "mod"), {"w": torch.zeros(1)}, {"stage": "incubate", "target_config": {}})
-    assert _cli("expand", tmp_path / "mod", "-o", tmp_path / "y", "--depth", "3") == 1
+    assert run_cli("expand", tmp_path / "mod", "-o", tmp_path / "y", "--depth", "3") == 1
     assert "holds no whole model" in capsys.readouterr().err
-    assert _cli("expand", tmp_path / "missing", "-o", tmp_path / "z") == 1
+    assert run_cli("expand", tmp_path / "missing", "-o", tmp_path / "z") == 1
     # an output prefix that names a directory would write <dir>/.safetensors: refused
-    assert _cli("expand", tmp_path / "src", "-o", f"{tmp_path}/", "--depth", "3") == 2
+    assert run_cli("expand", tmp_path / "src", "-o", f"{tmp_path}/", "--depth", "3") == 2
     assert "argument -o/--output: expected a file prefix" in capsys.readouterr().err
     assert not (tmp_path / ".safetensors").exists()
 
 
-def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):
+def test_grow_trains_and_exports_a_plain_vit(tiny, run_cli, folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli("grow", "--data", folder, "--out", out, "--stages", "1,2,4", "--switch", "0.2,0.5", "--epochs", "2",
-                *TINY) == 0
+    assert run_cli("grow", "--data", folder, "--out", out, "--stages", "1,2,4", "--switch", "0.2,0.5", "--epochs", "2",
+                   *tiny) == 0
     assert "grow (Apollo): eval acc" in capsys.readouterr().out
     _, run = load_checkpoint(out / "grow" / "final")
     assert (run["stages"], run["switch_steps"]) == ([1, 2, 4], [2, 6])   # 12 steps
@@ -60,25 +50,25 @@ def test_grow_trains_and_exports_a_plain_vit(folder, tmp_path, capsys):
     assert len({tuple(b[:8].tolist()) for b in blocks}) > 1  # grown blocks have diverged
 
 
-def test_grow_defaults_to_apollos_schedule_and_checks_the_options(folder, tmp_path, capsys):
+def test_grow_defaults_to_apollos_schedule_and_checks_the_options(tiny, run_cli, folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _cli("grow", "--data", folder, "--out", out, "--epochs", "3", *TINY) == 0
+    assert run_cli("grow", "--data", folder, "--out", out, "--epochs", "3", *tiny) == 0
     _, run = load_checkpoint(out / "grow" / "final")
     # depth 8: 1/12, 1/4, 1/2, 1 of it; switches after 5, 10 and 25 % of the 18 steps
     assert (run["stages"], run["switch_steps"]) == ([1, 2, 4, 8], [1, 2, 5])
     assert apollo_schedule(8, 18) == ([1, 2, 4, 8], [1, 2, 5])
-    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.1,0.2", *TINY) == 2
+    assert run_cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.1,0.2", *tiny) == 2
     assert "argument --switch: needs --stages" in capsys.readouterr().err
-    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,8", "--switch", "0.1,0.2",
-                *TINY) == 2
+    assert run_cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,8", "--switch", "0.1,0.2",
+                   *tiny) == 2
     assert "2 fractions for the 1 switches" in capsys.readouterr().err
-    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.3,0.2", *TINY) == 2
+    assert run_cli("grow", "--data", folder, "--out", tmp_path / "x", "--switch", "0.3,0.2", *tiny) == 2
     assert "expected increasing comma-separated numbers in (0, 1)" in capsys.readouterr().err
-    assert _cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,2,4", *TINY) == 2
+    assert run_cli("grow", "--data", folder, "--out", tmp_path / "x", "--stages", "1,2,4", *tiny) == 2
     assert "argument --stages/--switch/--schedule" in capsys.readouterr().err
 
 
-def test_initial_checkpoint_starts_e2e_and_grow_and_is_refused_elsewhere(folder, tmp_path, capsys):
+def test_initial_checkpoint_starts_e2e_and_grow_and_is_refused_elsewhere(tiny, run_cli, folder, tmp_path, capsys):
     source = tmp_path / "src"
     cfg = ViTConfig(img_size=28, patch_size=7, in_chans=3, num_classes=5, embed_dim=64, depth=8, num_heads=4)
     torch.manual_seed(3)
@@ -86,16 +76,16 @@ def test_initial_checkpoint_starts_e2e_and_grow_and_is_refused_elsewhere(folder,
     out = tmp_path / "run"
     # 28 px -> 14 px: pos_embed resampled; 5 classes -> 3: the head stays fresh (with a warning)
     with pytest.warns(UserWarning, match="head is for 5 classes, the model's for 3"):
-        assert _cli("e2e", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "0.2",
-                    *TINY) == 0
+        assert run_cli("e2e", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "0.2",
+                       *tiny) == 0
     _, md = load_checkpoint(out / "e2e" / "final")
     assert md["initial_checkpoint"] == str(source)
     with pytest.warns(UserWarning, match="head is for 5 classes"):
-        assert _cli("grow", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "3",
-                    *TINY) == 0
-    assert _cli("assemble", "--data", folder, "--out", out, "--initial-checkpoint", source, *TINY) == 2
+        assert run_cli("grow", "--data", folder, "--out", out, "--initial-checkpoint", source, "--epochs", "3",
+                       *tiny) == 0
+    assert run_cli("assemble", "--data", folder, "--out", out, "--initial-checkpoint", source, *tiny) == 2
     assert "`assemble` builds its model from the previous stages" in capsys.readouterr().err
-    assert _cli("e2e", "--data", folder, "--out", tmp_path / "y", "--initial-checkpoint", tmp_path / "nothing",
-                *TINY) == 1
+    assert run_cli("e2e", "--data", folder, "--out", tmp_path / "y", "--initial-checkpoint", tmp_path / "nothing",
+                   *tiny) == 1
     err = capsys.readouterr().err
     assert "nothing" in err and "Traceback" not in err

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_engine import QUIET, easy_data, tiny_vit
+from tiny_training import QUIET, easy_data, tiny_vit
 
 from incubation import ViTConfig, cli, deep, ops
 from incubation.report import write_report
@@ -235,7 +235,7 @@ HOLDER = textwrap.dedent("""
     import os, sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_engine import tiny_vit, easy_data
+    from tiny_training import tiny_vit, easy_data
     from incubation.train import TrainConfig, train
     out, started = sys.argv[1], sys.argv[2]
 

@@ -1,10 +1,11 @@
-"""The Triton backend of incubation.ops (incubation/kernels): attention, (add +) LayerNorm, linear.
+"""The Triton backend of incubation.ops (incubation/kernels), what is its own.
 
-Without a GPU the kernels run under the Triton interpreter on CPU tensors (fp32 and fp16;
-bf16 in one test of the interpreter's workarounds); with one, the same tests run on CUDA with
-bf16 too, and TestCUDA adds ViT sizes. Every output and every gradient is checked against float64
-with docs/DESIGN.md's rule: error at most 2x eager's error in the same dtype, plus an atol for
-rounding; outputs are poisoned (NaN) before the call so unwritten elements show.
+Its ops' numerics at small shapes (attention, (add +) LayerNorm, linear, the ViT: every output
+and gradient against float64 with docs/DESIGN.md's rule) are checked with every other backend's
+in test_kernels.py, under the interpreter on CPU tensors and compiled on CUDA. Here: what its
+capability checks refuse and why, the interpreter's bf16 workarounds, TestCUDA at ViT sizes
+(compiled kernels, autotuned configs), and the autotune keys. Outputs are poisoned (NaN) before
+every call so unwritten elements show.
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ if not torch.cuda.is_available():
 
 import kernel_rule  # noqa: E402
 import pytest  # noqa: E402
-from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
+from kernel_rule import assert_within_rule, check_vit, linear_fn, linear_inputs, make, poisoned_memory  # noqa: E402
 
 from incubation import ops  # noqa: E402
-from incubation.nn import VisionTransformer  # noqa: E402
 
 kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
 from incubation.kernels import attention as triton_attention, linear as triton_linear, norm as triton_norm  # noqa: E402,I001
@@ -40,8 +40,15 @@ def on_gpu(test):
     for mark in GPU_MARKS:
         test = mark(test)
     return test
-LOW = (torch.float16, torch.bfloat16)
+
+
 EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def poisoned():
+    with poisoned_memory():
+        yield
 
 
 def device_dtypes():
@@ -57,12 +64,6 @@ def device_dtypes():
     return params
 
 
-@pytest.fixture(autouse=True)
-def poisoned():
-    with poisoned_memory():
-        yield
-
-
 def check_against_reference(fn, inputs, factor=2.0):
     kernel_rule.check_against_reference(fn, inputs, "triton", factor)
 
@@ -75,44 +76,6 @@ def attention_case(device, dtype, batch, heads, n_q, n_kv, head_dim, scale=None)
     k = make((batch, heads, n_kv, head_dim), dtype, device)
     v = make((batch, heads, n_kv, head_dim), dtype, device)
     check_against_reference(lambda q, k, v: ops.attention(q, k, v, scale), [q, k, v])
-
-
-@pytest.mark.parametrize("device, dtype", device_dtypes())
-@pytest.mark.parametrize("batch, heads, n, head_dim", [
-    (2, 2, 50, 32),    # the ViT test model: ragged second key block
-    (1, 1, 197, 64),   # ViT-B/16 at 224: 7 ragged blocks
-    (1, 2, 65, 80),    # head dim padded to 128
-    (2, 1, 1, 128),    # one token
-    (1, 1, 33, 96),
-    # every ViT length with every head dim at least once (1 token, 50, 197, 257: one past 256)
-    (1, 1, 1, 32), (1, 1, 1, 80), (1, 1, 50, 64), (1, 1, 50, 128),
-    (1, 1, 197, 32), (1, 1, 197, 80), (1, 1, 257, 64), (1, 1, 257, 128),
-])
-def test_attention_matches_reference(device, dtype, batch, heads, n, head_dim):
-    torch.manual_seed(n + head_dim)
-    attention_case(device, dtype, batch, heads, n, n, head_dim)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_attention_queries_and_keys_of_different_lengths_and_custom_scale(device):
-    torch.manual_seed(1)
-    attention_case(device, torch.float32, 1, 2, 33, 70, 64, scale=0.3)
-    attention_case(device, torch.float16, 1, 1, 70, 17, 32, scale=0.05)
-
-
-@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] != torch.bfloat16])
-def test_attention_reads_strided_qkv_views(device, dtype):
-    """q, k, v as the ViT makes them (views of one qkv tensor), the output gradient strided too."""
-    torch.manual_seed(2)
-    B, N, H, D = 2, 50, 2, 32
-    qkv = make((B, N, 3 * H * D), dtype, device)
-
-    def attend(qkv):
-        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        assert not q.is_contiguous()
-        return ops.attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
-
-    check_against_reference(attend, [qkv])
 
 
 def _grads(backend, q, k, v, do):
@@ -182,169 +145,12 @@ def test_attention_gpu_tiles_are_correct(monkeypatch, kernel, configs):
 # --------------------------------------------------------------------------------------
 # LayerNorm and add + LayerNorm
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device, dtype", device_dtypes())
-@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (7, 768), (3 * 197, 1000), (5, 50)])
-@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add_ln"])
-def test_layer_norm_matches_reference(device, dtype, rows, width, residual):
-    torch.manual_seed(rows + width)
-    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)  # a non-zero mean stresses the variance
-    w = make((width,), dtype, device, scale=0.2, shift=1.0)
-    b = make((width,), dtype, device, scale=0.2)
-    if residual:
-        r = make((rows, width), dtype, device)
-        check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
-    else:
-        check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
-def test_layer_norm_optional_affine_3d(device, affine):
-    torch.manual_seed(3)
-    x = make((2, 50, 192), torch.float32, device, scale=3.0, shift=-1.0)
-    r = make((2, 50, 192), torch.float32, device)
-    params = [make((192,), torch.float32, device, shift=1.0)] if affine != "none" else []
-
-    def split(p):
-        return (p[0], None) if affine == "weight" else (None, p[0]) if affine == "bias" else (None, None)
-
-    check_against_reference(lambda x, *p: ops.layer_norm(x, *split(p), EPS), [x, *params])
-    check_against_reference(lambda x, r, *p: ops.add_layer_norm(x, r, *split(p), 1e-5), [x, r, *params])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_layer_norm_takes_fp32_parameters_and_strided_rows(device):
-    """bf16 activations with fp32 parameters (gradients come back fp32); a transposed x (copied)
-    and the class token of a (B, N, C) tensor (a strided row view, not copied)."""
-    torch.manual_seed(4)
-    x = make((384, 65), torch.bfloat16, device, shift=0.3).t()
-    w = make((384,), torch.float32, device, shift=1.0)
-    b = make((384,), torch.float32, device)
-    check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b])
-    tokens = make((3, 50, 192), torch.float32, device)
-    check_against_reference(lambda t: ops.layer_norm(t[:, 0], None, None, EPS), [tokens])
-    r = make((3, 192), torch.float32, device)
-    check_against_reference(lambda t, r: ops.add_layer_norm(t[:, 0], r, None, None, EPS), [tokens, r])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_add_layer_norm_gradient_of_only_one_output(device):
-    """Only `summed` or only `normed` feeds the loss: the other output's gradient is absent."""
-    torch.manual_seed(5)
-    x, r = make((6, 64), torch.float32, device), make((6, 64), torch.float32, device)
-    w, b = make((64,), torch.float32, device), make((64,), torch.float32, device)
-    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, w, b, EPS)[1] * 3, [x, r])
-    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS)[0], [x, r, w, b])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_norm_without_residual_and_empty_batch(device):
-    x = make((5, 64), torch.float32, device)
-    with ops.use_backend("triton"):
-        normed, summed = ops.add_layer_norm(x, None, None, None, EPS)
-        empty = torch.zeros(0, 64, device=device, requires_grad=True)
-        w = torch.ones(64, device=device, requires_grad=True)
-        out = ops.layer_norm(empty, w, None, EPS)
-    assert summed is x
-    torch.testing.assert_close(normed, torch.nn.functional.layer_norm(x, (64,), eps=EPS))
-    assert out.shape == (0, 64)
-    (dw,) = torch.autograd.grad(out.sum(), (w,))
-    assert torch.equal(dw, torch.zeros_like(dw))
-
-
 # --------------------------------------------------------------------------------------
 # linear: GEMM + fused epilogue
 # --------------------------------------------------------------------------------------
-EPILOGUES = {  # name: (activation, bias, layer_scale, residual), as the ViT uses them
-    "plain": (None, False, False, False),
-    "qkv_bias": (None, True, False, False),
-    "fc1_bias_gelu": ("gelu", True, False, False),
-    "proj_bias_scale": (None, True, True, False),
-    "fc2_bias_scale_residual": (None, True, True, True),
-    "gelu_scale_residual": ("gelu", False, True, True),
-}
-
-
-def linear_fn(activation, has_bias, has_scale, has_residual):
-    def fn(x, weight, *rest):
-        rest = list(rest)
-        bias = rest.pop(0) if has_bias else None
-        scale = rest.pop(0) if has_scale else None
-        residual = rest.pop(0) if has_residual else None
-        return ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
-    return fn
-
-
-def linear_case(device, dtype, rows, in_features, out_features, epilogue, residual_dtype=None, factor=2.0):
-    activation, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
-    x = make((rows, in_features), dtype, device)
-    inputs = [x, make((out_features, in_features), dtype, device, scale=in_features ** -0.5)]
-    if has_bias:
-        inputs.append(make((out_features,), dtype, device, scale=0.5))
-    if has_scale:
-        inputs.append(make((out_features,), dtype, device, scale=0.5, shift=0.5))
-    if has_residual:
-        inputs.append(make((rows, out_features), residual_dtype or dtype, device))
-    check_against_reference(linear_fn(*EPILOGUES[epilogue]), inputs, factor)
-
-
-@pytest.mark.parametrize("device, dtype", device_dtypes())
-@pytest.mark.parametrize("epilogue", list(EPILOGUES))
-@pytest.mark.parametrize("rows, in_features, out_features", [(50, 64, 192), (7, 100, 1000), (1, 33, 50)])
-def test_linear_matches_reference(device, dtype, epilogue, rows, in_features, out_features):
-    torch.manual_seed(rows + out_features)
-    linear_case(device, dtype, rows, in_features, out_features, epilogue)
-
-
-@pytest.mark.parametrize("device, dtype", [p for p in device_dtypes() if p.values[1] in LOW])
-def test_linear_low_precision_into_fp32_residual_stream(device, dtype):
-    """As under autocast: bf16/fp16 GEMM, fp32 residual; the output and its gradient stay fp32."""
-    torch.manual_seed(6)
-    linear_case(device, dtype, 37, 64, 48, "fc2_bias_scale_residual", residual_dtype=torch.float32)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_reads_strided_inputs(device):
-    """Transposed x, weight and residual, and a 3-D x: read through their strides."""
-    torch.manual_seed(7)
-    x = make((40, 2, 25), torch.float32, device).permute(1, 2, 0)           # (2, 25, 40), strided
-    w = make((40, 48), torch.float32, device, scale=40 ** -0.5).t()         # (48, 40), transposed
-    b, s = make((48,), torch.float32, device), make((48,), torch.float32, device)
-    r = make((48, 2, 25), torch.float32, device).permute(1, 2, 0)
-    check_against_reference(linear_fn("gelu", True, True, True), [x, w, b, s, r])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_gradient_of_only_some_inputs(device):
-    """Frozen weights (the meta model's layers): no pre-activation is kept, grads still right."""
-    torch.manual_seed(8)
-    x, w = make((9, 32), torch.float32, device), make((24, 32), torch.float32, device)
-    b, s, r = (make((24,), torch.float32, device), make((24,), torch.float32, device),
-               make((9, 24), torch.float32, device))
-    with ops.use_backend("triton"):
-        xs = x.clone().requires_grad_()
-        out = ops.linear(xs, w, b, "gelu", layer_scale=s, residual=r)
-        (dx,) = torch.autograd.grad(out.sum(), (xs,))
-        rs = r.clone().requires_grad_()
-        (dr,) = torch.autograd.grad(ops.linear(x, w, b, "gelu", layer_scale=s, residual=rs).sum(), (rs,))
-    x64 = x.double().requires_grad_()
-    out64 = r.double() + s.double() * torch.nn.functional.gelu(x64 @ w.double().T + b.double())
-    (dx64,) = torch.autograd.grad(out64.sum(), (x64,))
-    torch.testing.assert_close(out.double(), out64.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx.double(), dx64, atol=1e-5, rtol=1e-5)
-    assert torch.equal(dr, torch.ones_like(r))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_empty_batch(device):
-    x = torch.zeros(0, 16, device=device, requires_grad=True)
-    w = torch.ones(8, 16, device=device, requires_grad=True)
-    s = torch.ones(8, device=device, requires_grad=True)
-    with ops.use_backend("triton"):
-        out = ops.linear(x, w, None, "gelu", layer_scale=s)
-    assert out.shape == (0, 8)
-    dw, ds = torch.autograd.grad(out.sum(), (w, s))
-    assert torch.equal(dw, torch.zeros_like(dw)) and torch.equal(ds, torch.zeros_like(ds))
+def linear_case(device, dtype, rows, in_features, out_features, epilogue, factor=2.0):
+    inputs = linear_inputs(device, dtype, rows, in_features, out_features, epilogue)
+    check_against_reference(linear_fn(epilogue), inputs, factor)
 
 
 # --------------------------------------------------------------------------------------
@@ -450,46 +256,6 @@ def test_interpreter_flag_matches_the_machine():
 
 
 # --------------------------------------------------------------------------------------
-# the ViT on the Triton kernels
-# --------------------------------------------------------------------------------------
-VIT = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-
-
-def _double(model):
-    twin = VisionTransformer(model.config).to(next(model.parameters()).device).double()
-    twin.load_state_dict(model.state_dict())
-    return twin
-
-
-def vit_case(device, config, batch, autocast_dtype=None):
-    """Logits and every parameter gradient of the ViT on Triton vs eager vs eager float64."""
-    torch.manual_seed(9)
-    model = VisionTransformer(**config).to(device)
-    images = torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"], device=device)
-    labels = torch.randint(0, config["num_classes"], (batch,), device=device)
-
-    def run(m, x, backend, amp=None):
-        m.zero_grad()
-        with ops.use_backend(backend), torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = m(x)
-        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
-        return [logits.detach()] + [p.grad.detach().clone() for p in m.parameters()]
-
-    reference = run(_double(model), images.double(), "eager")
-    eager = run(model, images, "eager", autocast_dtype)
-    ours = run(model, images, "triton", autocast_dtype)
-    names = ["logits"] + [name for name, _ in model.named_parameters()]
-    for name, o, e, r in zip(names, ours, eager, reference):
-        assert_within_rule(o, e, r, name)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("init_values", [None, 0.5], ids=["no_layer_scale", "layer_scale"])
-def test_vit_matches_eager_logits_and_gradients(device, init_values):
-    vit_case(device, {**VIT, "init_values": init_values}, batch=2)
-
-
-# --------------------------------------------------------------------------------------
 # CUDA: bf16 and ViT sizes (compiled kernels, autotuned configs)
 # --------------------------------------------------------------------------------------
 @on_gpu
@@ -513,7 +279,8 @@ class TestCUDA:
         check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-    @pytest.mark.parametrize("epilogue", list(EPILOGUES))
+    @pytest.mark.parametrize("epilogue", ["plain", "qkv_bias", "fc1_bias_gelu", "proj_bias_scale",
+                                          "fc2_bias_scale_residual", "gelu_scale_residual"])
     @pytest.mark.parametrize("in_features, out_features", [(384, 1536), (1536, 384), (768, 1000)])
     def test_linear_vit_sizes(self, dtype, epilogue, in_features, out_features):
         torch.manual_seed(in_features)
@@ -521,8 +288,9 @@ class TestCUDA:
 
     @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
     def test_vit_small(self, amp):
-        vit_case("cuda", dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6,
-                              num_classes=100, init_values=0.1), batch=4, autocast_dtype=amp)
+        check_vit("triton", "cuda", dict(img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=2, num_heads=6,
+                                         num_classes=100, init_values=0.1), batch=4, seed=9, autocast_dtype=amp,
+                  count=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -602,43 +370,3 @@ def test_device_guard_is_a_no_op_for_cpu_tensors():
     with kernels.device_guard(torch.empty(1)):
         pass
     assert isinstance(kernels.device_guard(torch.empty(1)), __import__("contextlib").nullcontext)
-
-
-# --------------------------------------------------------------------------------------
-# mixed dtypes as under autocast (issue 13, item 5): fp32 residual stream, half-precision branch
-# --------------------------------------------------------------------------------------
-def mixed_dtypes():
-    """(device, branch dtype): add + LayerNorm has no dots, so bf16 is right under the interpreter
-    too (its outputs are fp32; only the cast of dx to bf16 is torch's)."""
-    return [pytest.param(d.values[0], dtype, marks=d.marks, id=f"{d.values[0]}-{str(dtype)[6:]}")
-            for d in DEVICES for dtype in LOW]
-
-
-@pytest.mark.parametrize("device, dtype", mixed_dtypes())
-@pytest.mark.parametrize("rows, width", [(1, 192), (197, 384), (3 * 50, 1000)])
-@pytest.mark.parametrize("param_dtype", ["fp32", "branch"])
-def test_add_layer_norm_fp32_residual_half_branch(device, dtype, rows, width, param_dtype):
-    """summed and normed come back fp32 (as eager's promotion), dx in the branch's dtype, the
-    residual's gradient fp32; all within the rule against float64."""
-    torch.manual_seed(rows + width)
-    pdtype = torch.float32 if param_dtype == "fp32" else dtype
-    x = make((rows, width), dtype, device, scale=2.0, shift=0.5)
-    r = make((rows, width), torch.float32, device, scale=3.0)
-    w, b = make((width,), pdtype, device, scale=0.2, shift=1.0), make((width,), pdtype, device, scale=0.2)
-    assert triton_norm.check_add_layer_norm(x, r, w, b, EPS) is None
-    with ops.use_backend("triton"):
-        normed, summed = ops.add_layer_norm(x, r, w, b, EPS)
-    assert normed.dtype == summed.dtype == torch.float32
-    check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b])
-    check_against_reference(lambda x, r: ops.add_layer_norm(x, r, None, None, EPS), [x, r])
-    # the other way round (an fp32 branch onto a half-precision stream) promotes the same way
-    check_against_reference(lambda r, x: ops.add_layer_norm(r, x, w, b, EPS), [r, x])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_linear_fp32_residual_epilogue_fp16_all_flags(device):
-    """The residual epilogue with every flag, fp16 GEMM onto an fp32 residual: out fp32."""
-    torch.manual_seed(5)
-    dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    for epilogue in ("fc2_bias_scale_residual", "gelu_scale_residual"):
-        linear_case(device, dtype, 50, 64, 192, epilogue, residual_dtype=torch.float32)

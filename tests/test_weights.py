@@ -315,10 +315,9 @@ def test_import_official_cli(tmp_path, capsys):
     assert not (tmp_path / "z.safetensors").exists()
 
 
-def test_imported_meta_model_runs_incubate_from_the_cli(folder, tmp_path, capsys):
+def test_imported_meta_model_runs_incubate_from_the_cli(tiny, folder, tmp_path, capsys):
     """The user's path: import the authors' meta model as <run>/meta/final, then `incubate`."""
     pytest.importorskip("torchvision")
-    from test_cli import TINY
     # the tiny preset's target on the 3-class folder at --img-size 14: 64 wide, 4 heads, patch 7, depth 8
     embed, patch, img = 64, 7, 14
     stages = _official_stages([1, 1, 1, 1], embed=embed, patch=patch, img=img, classes=3)
@@ -328,7 +327,7 @@ def test_imported_meta_model_runs_incubate_from_the_cli(folder, tmp_path, capsys
                      "--norm-eps", "1e-6", "--target-depth", "8"]) == 0
     sha = deep.load_meta(run / "meta" / "final")[2]
     assert cli.main(["incubate", "--module", "2", "--data", folder, "--out", str(run), "--epochs", "0.5",
-                     *TINY]) == 0
+                     *tiny]) == 0
     assert "incubate-2: eval acc" in capsys.readouterr().out
     md = load_checkpoint(run / "incubate-2" / "final")[1]
     assert md["meta_sha256"] == sha and md["sizes"] == [2, 2, 2, 2]
