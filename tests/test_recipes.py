@@ -15,10 +15,6 @@ pytest.importorskip("torchvision")
 QUICK = ["--batch-size", "8", "--no-progress", "--device", "cpu"]
 
 
-def _cli(*argv):
-    return cli.main([str(a) for a in argv])
-
-
 def test_vit_b_transforms_are_timms_create_transform_with_the_official_arguments(folder):
     from timm.data import create_transform
     # the authors' main.py defaults (DeiT's recipe) and DeiT's eval transform (resize 256/224, bicubic)
@@ -39,15 +35,15 @@ def test_vit_b_transforms_are_timms_create_transform_with_the_official_arguments
     assert x.shape == (3, 224, 224)
 
 
-def test_bad_augment_policy_is_a_one_line_error(folder, tmp_path, capsys):
-    assert _cli("e2e", "--data", folder, "--out", tmp_path, "--img-size", "14", "--aa", "bogus", *QUICK) == 1
+def test_bad_augment_policy_is_a_one_line_error(folder, tmp_path, capsys, run_cli):
+    assert run_cli("e2e", "--data", folder, "--out", tmp_path, "--img-size", "14", "--aa", "bogus", *QUICK) == 1
     err = capsys.readouterr().err
     assert "auto-augment policy 'bogus'" in err and "Traceback" not in err
 
 
-def test_timm_model_trains_on_a_folder_and_each_stage_leaves_its_record(folder, tmp_path):
+def test_timm_model_trains_on_a_folder_and_each_stage_leaves_its_record(folder, tmp_path, run_cli):
     out = tmp_path / "run"
-    assert _cli("e2e", "--data", folder, "--out", out, "--model", "vit_small_patch16_224", "--img-size", "32",
+    assert run_cli("e2e", "--data", folder, "--out", out, "--model", "vit_small_patch16_224", "--img-size", "32",
                 "--epochs", "0.5", "--drop-path", "0.1", "--smoothing", "0.2", "--weight-decay", "0.1",
                 "--warmup-epochs", "0", "--mixup", "0.2", "--reprob", "0.5", "--aa", "rand-m5-mstd0.5",
                 "--model-ema-decay", "0.99", "-j", "0", *QUICK) == 0
@@ -76,20 +72,20 @@ def test_timm_model_trains_on_a_folder_and_each_stage_leaves_its_record(folder, 
     assert float(rows[-1]["ema_eval_top1"]) == evals[-1]["ema_eval_acc"]
 
 
-def test_img_size_and_patch_size_work_together(folder, tmp_path, capsys):
+def test_img_size_and_patch_size_work_together(folder, tmp_path, capsys, run_cli):
     common = ["--data", folder, "--out", tmp_path / "run", "--epochs", "0.2", *QUICK]
-    assert _cli("e2e", "--img-size", "32", *common) == 2   # the tiny preset's patch is 7
+    assert run_cli("e2e", "--img-size", "32", *common) == 2   # the tiny preset's patch is 7
     err = capsys.readouterr().err
     assert "images of 32 px do not split into patches of 7 px" in err and "--patch-size" in err
-    assert _cli("e2e", "--img-size", "32", "--patch-size", "8", *common) == 0
+    assert run_cli("e2e", "--img-size", "32", "--patch-size", "8", *common) == 0
     _, md = load_checkpoint(tmp_path / "run" / "e2e" / "final")
     assert (md["target_config"]["img_size"], md["target_config"]["patch_size"]) == ([32, 32], [8, 8])
 
 
-def test_unknown_or_unsupported_models_are_refused(folder, tmp_path, capsys):
-    assert _cli("e2e", "--model", "vit_smal_patch16_224", "--data", folder, *QUICK) == 2
+def test_unknown_or_unsupported_models_are_refused(folder, tmp_path, capsys, run_cli):
+    assert run_cli("e2e", "--model", "vit_smal_patch16_224", "--data", folder, *QUICK) == 2
     assert "is not a timm model name (did you mean" in capsys.readouterr().err
-    assert _cli("e2e", "--model", "resnet18", "--data", folder, "--out", tmp_path, *QUICK) == 2
+    assert run_cli("e2e", "--model", "resnet18", "--data", folder, "--out", tmp_path, *QUICK) == 2
     assert "resnet18 is not a Vision Transformer" in capsys.readouterr().err
 
 
@@ -107,26 +103,26 @@ def test_timm_flag_names_and_the_old_spellings_parse_alike():
 
 
 @pytest.mark.slow
-def test_compile_gives_the_eager_losses(folder, tmp_path):
+def test_compile_gives_the_eager_losses(folder, tmp_path, run_cli):
     common = ["--data", folder, "--epochs", "0.5", "--img-size", "14", *QUICK]
-    assert _cli("e2e", "--out", tmp_path / "eager", *common) == 0
-    assert _cli("e2e", "--out", tmp_path / "compiled", "--compile", *common) == 0
+    assert run_cli("e2e", "--out", tmp_path / "eager", *common) == 0
+    assert run_cli("e2e", "--out", tmp_path / "compiled", "--compile", *common) == 0
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "e2e" / "metrics.jsonl")]
               for run in ("eager", "compiled")]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
-def test_grad_checkpointing_flag_gives_the_same_run(folder, tmp_path):
+def test_grad_checkpointing_flag_gives_the_same_run(folder, tmp_path, run_cli):
     common = ["--data", folder, "--epochs", "0.5", "--img-size", "14", "--drop-path", "0.2", *QUICK]
-    assert _cli("e2e", "--out", tmp_path / "plain", *common) == 0
-    assert _cli("e2e", "--out", tmp_path / "checkpointed", "--grad-checkpointing", *common) == 0
+    assert run_cli("e2e", "--out", tmp_path / "plain", *common) == 0
+    assert run_cli("e2e", "--out", tmp_path / "checkpointed", "--grad-checkpointing", *common) == 0
     a, b = (load_checkpoint(tmp_path / run / "e2e" / "final")[0] for run in ("plain", "checkpointed"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
-def test_validation_split_is_held_out_of_the_training_images(folder, tmp_path):
+def test_validation_split_is_held_out_of_the_training_images(folder, tmp_path, run_cli):
     train, val = data.holdout(folder, 12, img_size=16)
     assert (len(train), len(val)) == (36, 12)
     assert not set(train.indices) & set(val.indices)                      # disjoint
@@ -135,7 +131,7 @@ def test_validation_split_is_held_out_of_the_training_images(folder, tmp_path):
     with pytest.raises(ValueError, match="validation split of 48 images"):
         data.holdout(folder, 48)
     out = tmp_path / "run"
-    assert _cli("e2e", "--data", folder, "--out", out, "--val-size", "12", "--img-size", "14", "--epochs", "0.5",
+    assert run_cli("e2e", "--data", folder, "--out", out, "--val-size", "12", "--img-size", "14", "--epochs", "0.5",
                 *QUICK) == 0
     record = json.loads((out / "e2e" / "config.json").read_text())["data"]
     assert (record["train_images"], record["eval_images"]) == (36, 12)
