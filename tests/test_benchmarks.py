@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -186,7 +187,11 @@ def test_bench_runs_from_an_installed_wheel(tmp_path):
     env = dict(os.environ, INCUBATION_SKIP_EXTENSION="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), REPO],
+    # a copy of the sources: setuptools builds in the source tree, whose build/ may hold stale files
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", "*.so", ".hypothesis", ".pytest_cache"))
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(source)],
                    env=env, check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("incubation-*.whl")
     site = tmp_path / "site"
