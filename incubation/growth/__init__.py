@@ -13,8 +13,8 @@ from .apollo import (
                      shared_blocks,
                      train_apollo,
 )
-from .lemon import LEMON_DECAY_FRACTION, expand_block, lemon_config, lemon_expand, lemon_schedule
+from .lemon import expand_block, lemon_config, lemon_expand, lemon_schedule
 
 __all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "train_apollo", "default_stages", "even_switch_steps",
-           "interpolation_sources", "lvps_depth", "shared_blocks", "LEMON_DECAY_FRACTION", "expand_block",
+           "interpolation_sources", "lvps_depth", "shared_blocks", "expand_block",
            "lemon_config", "lemon_expand", "lemon_schedule"]
