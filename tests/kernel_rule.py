@@ -117,6 +117,13 @@ def linear_fn(epilogue):
 def linear_inputs(device, dtype, rows, in_features, out_features, epilogue, residual_dtype=None):
     """linear_fn(epilogue)'s arguments: x (rows, in_features), weight, then the epilogue's tensors."""
     _, has_bias, has_scale, has_residual = EPILOGUES[epilogue]
+    return linear_tensors(device, dtype, rows, in_features, out_features, has_bias, has_scale, has_residual,
+                          residual_dtype)
+
+
+def linear_tensors(device, dtype, rows, in_features, out_features, has_bias, has_scale, has_residual,
+                   residual_dtype=None):
+    """x (rows, in_features), weight, then bias, layer scale and residual where asked for."""
     inputs = [make((rows, in_features), dtype, device),
               make((out_features, in_features), dtype, device, scale=in_features ** -0.5)]
     if has_bias:

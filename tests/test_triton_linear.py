@@ -64,14 +64,8 @@ def linear_fn(activation, has_bias, has_scale, has_residual, expect):
 def case(device, dtype, rows, in_features, out_features, activation, has_bias, has_scale, residual,
          expect="linear_fwd_tma", factor=2.0):
     """residual: None, "same" (x's dtype) or "fp32"."""
-    inputs = [make((rows, in_features), dtype, device),
-              make((out_features, in_features), dtype, device, scale=in_features ** -0.5)]
-    if has_bias:
-        inputs.append(make((out_features,), dtype, device, scale=0.5))
-    if has_scale:
-        inputs.append(make((out_features,), dtype, device, scale=0.5, shift=0.5))
-    if residual:
-        inputs.append(make((rows, out_features), torch.float32 if residual == "fp32" else dtype, device))
+    inputs = kernel_rule.linear_tensors(device, dtype, rows, in_features, out_features, has_bias, has_scale,
+                                        residual is not None, torch.float32 if residual == "fp32" else None)
     fn = linear_fn(activation, has_bias, has_scale, residual is not None, expect)
     kernel_rule.check_against_reference(fn, inputs, "triton", factor)
 
