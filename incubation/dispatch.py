@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 
 from .errors import IncubationError
-from .utils import user_cache_dir
+from .utils import measurement_dir
 
 __all__ = ["BackendError", "OPS", "BACKENDS", "MARGIN", "register", "use_backend", "current_backend",
            "select", "implements", "backends", "format_backends", "tune", "share_decisions", "cache_path",
@@ -233,7 +233,7 @@ _remeasured: Optional[set] = None   # inside tune(fresh=True): the signatures me
 
 def cache_path() -> str:
     """The decision file: $INCUBATION_CACHE_DIR/dispatch.json, else the user cache dir."""
-    return os.path.join(os.environ.get("INCUBATION_CACHE_DIR") or user_cache_dir(), "dispatch.json")
+    return os.path.join(measurement_dir(), "dispatch.json")
 
 
 def _cpu_name() -> str:

@@ -23,6 +23,12 @@ def user_cache_dir() -> str:
                         "incubation")
 
 
+def measurement_dir() -> str:
+    """Where measurements are kept (dispatch decisions, tuned kernel configs):
+    $INCUBATION_CACHE_DIR, else user_cache_dir()."""
+    return os.environ.get("INCUBATION_CACHE_DIR") or user_cache_dir()
+
+
 def _finite_or_none(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None

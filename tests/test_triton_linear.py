@@ -10,6 +10,7 @@ Every output and every input's gradient is checked against float64 with docs/DES
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import torch
@@ -228,3 +229,29 @@ def test_backends_report_says_which_linear_kernel_ran(tma):
     assert used.get("linear_fwd_tma", 0) >= 1
     assert any(k.startswith("linear_fwd (x has strides") for k in used)
     assert "kernels run: " in ops.format_backends("cpu") and "linear_fwd_tma x" in ops.format_backends("cpu")
+
+
+def test_tma_autotuning_choices_are_kept_across_processes(tmp_path, monkeypatch):
+    """Triton does not keep autotuning results of configs with a pre-hook (the TMA kernel's set
+    the descriptors' block shapes), so linear.save_tuned / load_tuned keep them: a choice made
+    in one process is in the next one's autotuner cache, with its pre-hook, and never timed."""
+    monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(linear._forward_tma_kernel, "cache", {})
+    chosen = linear._TMA_GPU_CONFIGS[2]
+    key = (1024, 768, 3072, True, True, False, False, True, False, "tf32", "torch.bfloat16", "torch.bfloat16")
+    linear._forward_tma_kernel.cache[key] = chosen
+    linear.save_tuned("NVIDIA H100 80GB HBM3")
+    linear._forward_tma_kernel.cache.clear()   # a new process
+    assert linear.load_tuned("NVIDIA H200") == 0   # another GPU: its own file
+    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 1
+    restored = linear._forward_tma_kernel.cache[key]
+    assert restored is chosen and restored.pre_hook is not None
+    # a config that is no longer among the kernel's, or a damaged file, is ignored
+    (path,) = tmp_path.glob("linear_fwd_tma-*.json")
+    record = json.loads(path.read_text())
+    record[0][1]["num_warps"] = 3
+    path.write_text(json.dumps(record))
+    linear._forward_tma_kernel.cache.clear()
+    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0 and not linear._forward_tma_kernel.cache
+    path.write_text("{not json")
+    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0

@@ -25,6 +25,9 @@ under autocast), as the eager `residual + out` does.
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
+import os
 from typing import Optional
 
 import torch
@@ -34,6 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import double_backward
+from ..utils import atomic_write, measurement_dir
 from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
 from . import tile_registers as _regs
 
@@ -144,7 +148,7 @@ def _forward_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, sxm, sxk, swn, swk, 
 # Host-side descriptors (triton.tools.tensor_descriptor, in triton 3.6 and 3.7) need no global
 # scratch allocator (device-side tl.make_tensor_descriptor would need triton.set_allocator, a
 # context-local setting that autograd's backward threads would not see); their block shapes are
-# set per config by a pre-hook. (The autotuner skips its disk cache for configs with a pre-hook.)
+# set per config by a pre-hook (Triton keeps no tuning result of such configs: see save_tuned).
 def _set_block_shapes(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["X"].block_shape = [bm, bk]
@@ -366,6 +370,49 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
+# Triton keeps no autotuning result across processes for configs with a pre-hook (it cannot
+# serialise the hook), so the TMA kernel's choices are kept here: one file per kernel source,
+# GPU and Triton version, under measurement_dir(); a config no longer in the list is ignored.
+def _tuned_file(device_name: str) -> str:
+    source = getattr(_forward_tma_kernel.fn, "cache_key", "")   # (the interpreter's function has none)
+    what = f"{source}|{device_name}|triton {triton.__version__}"
+    return os.path.join(measurement_dir(), f"linear_fwd_tma-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json")
+
+
+def _config_record(config: triton.Config) -> dict:
+    return {"kwargs": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def load_tuned(device_name: str) -> int:
+    """Put the TMA kernel's configs chosen by earlier processes on this GPU into its autotuner's
+    cache (so they are not timed again); returns how many. A missing or unreadable file is none."""
+    try:
+        with open(_tuned_file(device_name), encoding="utf-8") as f:
+            records = json.load(f)
+        known = {json.dumps(_config_record(c), sort_keys=True): c for c in _TMA_GPU_CONFIGS}
+        found = [(tuple(key), known.get(json.dumps(record, sort_keys=True))) for key, record in records]
+    except (OSError, ValueError, TypeError):
+        return 0
+    for key, config in found:
+        if config is not None:
+            _forward_tma_kernel.cache.setdefault(key, config)
+    return sum(config is not None for _, config in found)
+
+
+def save_tuned(device_name: str) -> None:
+    """Write the TMA kernel's autotuning choices of this process (best effort: a read-only
+    cache directory only costs the next process the timing)."""
+    records = [[list(key), _config_record(config)] for key, config in _forward_tma_kernel.cache.items()]
+    try:
+        os.makedirs(measurement_dir(), exist_ok=True)
+        atomic_write(_tuned_file(device_name), json.dumps(records).encode())
+    except OSError:
+        pass
+
+
+_tuned_loaded: set[str] = set()   # the GPUs whose file this process has read
+
+
 def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
     """Launch the forward kernel forward_kernel() picks (recorded in last_forward)."""
     global last_forward
@@ -382,9 +429,16 @@ def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
                 torch.cuda.get_device_properties(x2.device).multi_processor_count
             # (the block shapes are placeholders: each config's pre-hook sets its own)
             desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
+            gpu = None if INTERPRET else torch.cuda.get_device_name(x2.device)
+            if gpu is not None and gpu not in _tuned_loaded:
+                _tuned_loaded.add(gpu)
+                load_tuned(gpu)
+            tuned = len(_forward_tma_kernel.cache)
             _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](
                 desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
                 DTYPE=str(x2.dtype), **flags)
+            if gpu is not None and len(_forward_tma_kernel.cache) > tuned:
+                save_tuned(gpu)
         else:
             _forward_kernel[lambda meta: (tiles(meta),)](
                 x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
