@@ -425,11 +425,13 @@ def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     with device_guard(x2):
         if last_forward[0] == "linear_fwd_tma":
-            sms = INTERPRETER_SMS if x2.device.type != "cuda" else \
-                torch.cuda.get_device_properties(x2.device).multi_processor_count
+            if x2.device.type == "cuda":
+                props = torch.cuda.get_device_properties(x2.device)
+                sms, gpu = props.multi_processor_count, props.name
+            else:   # the interpreter: no GPU, nothing tuned
+                sms, gpu = INTERPRETER_SMS, None
             # (the block shapes are placeholders: each config's pre-hook sets its own)
             desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
-            gpu = None if INTERPRET else torch.cuda.get_device_name(x2.device)
             if gpu is not None and gpu not in _tuned_loaded:
                 _tuned_loaded.add(gpu)
                 load_tuned(gpu)
