@@ -607,7 +607,7 @@ def _main(args) -> None:
 def main(argv: Optional[list] = None) -> int:
     """The exit status is the `incubation` command's (incubation.cli.EXIT_STATUS): 0 done, 1 an
     expected failure (one line), 2 a bad command line, 130 interrupted; bugs keep their traceback."""
-    return run_main("study", lambda: _main(build_parser().parse_args(argv)))  # argparse's exit 2 included
+    return run_main("incubation bench study", lambda: _main(build_parser().parse_args(argv)))  # argparse's exit 2 included
 
 
 if __name__ == "__main__":
