@@ -44,7 +44,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from . import bench, deep, jobs, ops
+from . import bench, deep, ops
+from .launch import local as jobs
 from .data import Augment, base_dataset, default_workers, holdout, load_dataset
 from .errors import IncubationError
 from .growth import lemon_config, lemon_expand, train_apollo

@@ -1,4 +1,4 @@
-"""incubation.jobs: the process runner of `incubate --all --parallel` and of the study: thread
+"""incubation.launch.local: the process runner of `incubate --all --parallel` and of the study: thread
 budget, dependency order and skipping, failures naming their log, and no child left running
 after SIGINT / SIGTERM of the parent (for `incubate --all --parallel 2` itself: test_cli.py).
 And the child command line of `--parallel`: every common option of the parent reaches it."""
@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from incubation import cli, jobs
+from incubation import cli
+from incubation.launch import local as jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -60,7 +61,8 @@ def test_failure_names_its_log_and_dependents_are_skipped(tmp_path):
 # ignores SIGTERM and SIGINT: only the SIGKILL after the grace period ends it.
 PARENT = """
 import sys
-from incubation import cli, jobs
+from incubation import cli
+from incubation.launch import local as jobs
 sleeper = "import os, time; print(os.getpid(), flush=True); time.sleep(float(%r))"
 stubborn = "import os, signal; [signal.signal(s, signal.SIG_IGN) for s in (2, 15)]; " + sleeper
 out, seconds = sys.argv[1], sys.argv[2]

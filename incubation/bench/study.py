@@ -17,7 +17,7 @@ in units of one E2E epoch (3 x forward FLOPs x the training images), and every m
 Every budget runs seed 0; the largest runs --seeds seeds (the final points, mean +- std).
 FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks without the
 backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
-its share of the cores (incubation.jobs.thread_budget).
+its share of the cores (incubation.launch.local.thread_budget).
 
 Each stage of each method is one job (`run` writes them all to <out>/plan.json), run as its own
 process (`_job`), which writes <out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from incubation import VisionTransformer, ViTConfig, deep
-from incubation import jobs as runner  # (`jobs` here is the study's plan)
+from incubation.launch import local as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo

@@ -1,4 +1,5 @@
-"""Run jobs as processes: at most N at once, each on its share of the cores, in dependency order.
+"""The local launcher: run jobs as processes, at most N at once, each on its share of the cores,
+in dependency order.
 
 Used by `incubation incubate --all --parallel N` and by the study. A failed job is reported with
 its exit status, the last line of its log and the log's path; the jobs that need it (directly or
@@ -14,20 +15,13 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional
+
+from . import Job
 
 __all__ = ["Job", "Failure", "Outcome", "Interrupted", "run_jobs", "thread_budget", "last_line"]
 
 GRACE_S = 5.0  # between forwarding the parent's signal and SIGKILL
-
-
-@dataclass
-class Job:
-    name: str
-    argv: Sequence[str]
-    log: str                          # stdout and stderr, appended (a resumed job keeps its history)
-    needs: Sequence[str] = ()         # names of the jobs that must succeed first
-    env: dict = field(default_factory=dict)  # extra environment variables, e.g. CUDA_VISIBLE_DEVICES
 
 
 @dataclass
