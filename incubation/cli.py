@@ -45,10 +45,10 @@ import torch
 from torch.utils.data import Dataset
 
 from . import bench, deep, ops
-from .launch import local as jobs
 from .data import Augment, base_dataset, default_workers, holdout, load_dataset
 from .errors import IncubationError
 from .growth import lemon_config, lemon_expand, train_apollo
+from .launch import local as jobs
 from .nn import VisionTransformer, ViTConfig, train_flops_per_image
 from .presets import PRESETS, Preset, Recipe, get_preset
 from .report import write_report

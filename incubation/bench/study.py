@@ -42,10 +42,10 @@ from typing import Optional
 import torch
 
 from incubation import VisionTransformer, ViTConfig, deep
-from incubation.launch import local as runner  # (`jobs` here is the study's plan)
 from incubation.cli import nonempty_path, out_dir, positive_int, run_main
 from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
+from incubation.launch import local as runner  # (`jobs` here is the study's plan)
 from incubation.nn import train_flops_per_image
 from incubation.presets import get_preset
 from incubation.train import epochs_to_steps
