@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .rundir import read_incubations, read_stage, stage_dir
+from .pipeline import read_incubations, read_stage, stage_dir
 from .utils import atomic_write, json_dumps
 
 __all__ = ["write_report"]

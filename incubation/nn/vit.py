@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ViTConfig", "VisionTransformer", "train_flops_per_image", "TRAIN_FLOPS_PER_FORWARD", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
