@@ -204,6 +204,11 @@ class Hybrid(nn.Module):
                 block.drop_path1.drop_prob = block.drop_path2.drop_prob = rate
         self.train(module.training)
 
+    @property
+    def num_classes(self) -> int:
+        """The classes of its head (the meta model's): what the training engine's mixup needs."""
+        return self.meta.num_classes
+
     def hybrid_blocks(self) -> list[nn.Module]:
         """The hybrid's blocks in forward order: meta blocks 0..index-1, the module's blocks,
         meta blocks index+1..K-1."""
