@@ -34,7 +34,9 @@ from .errors import UsageError
 from .growth import lemon_config
 from .launch import Job, Resources
 from .nn import ViTConfig, train_flops_per_image
-from .presets import Preset, Recipe, get_preset
+from .presets import Preset, get_preset
+from .recipe import EMA_DECAY, Recipe
+from .recipe import OPTIONS as RECIPE_OPTIONS
 from .timm_compat import timm_config
 from .train import TrainConfig
 from .utils import atomic_write, json_dumps, versions
@@ -42,8 +44,6 @@ from .utils import atomic_write, json_dumps, versions
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
            "stage_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
            "check_stage", "check_initial_checkpoint", "option_fields", "say", "print_result"]
-
-EMA_DECAY = 0.9998   # timm's --model-ema-decay default
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +119,8 @@ def _final(run_dir: str, stage: str, module: Optional[int] = None) -> str:
 @dataclass
 class RunSpec:
     """A run of the pipeline. The fields are the `incubation` command's common options (same
-    names, `None` = the preset's); `resources` says per stage what one job asks of a machine."""
+    names, `None` = the preset's; the recipe options in `recipe`, by their `Recipe` field names);
+    `resources` says per stage what one job asks of a machine."""
     data: str = "fashion-mnist"        # 'fashion-mnist' or 'folder:<path>'
     data_dir: Optional[str] = None
     val_size: Optional[int] = None     # evaluate on this many held-out training images
@@ -133,21 +134,8 @@ class RunSpec:
     workers: Optional[int] = None
     modules: Optional[int] = None      # K
     split: Optional[list] = None       # blocks per module
-    epochs: Optional[float] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    warmup_epochs: Optional[float] = None
-    weight_decay: Optional[float] = None
-    clip_grad: Optional[float] = None
-    drop_path: Optional[float] = None
-    smoothing: Optional[float] = None
-    mixup: Optional[float] = None
-    cutmix: Optional[float] = None
-    aa: Optional[str] = None
-    reprob: Optional[float] = None
-    aug_repeats: Optional[int] = None
-    model_ema: bool = False
-    model_ema_decay: Optional[float] = None
+    recipe: dict = field(default_factory=dict)   # Recipe field -> value, replacing the preset's in every stage
+    model_ema: bool = False            # an EMA of the weights (recipe.EMA_DECAY unless recipe["ema_decay"])
     accum_steps: int = 1
     compile: bool = False
     grad_checkpointing: bool = False
@@ -168,13 +156,9 @@ class RunSpec:
         return self.resources.get(stage, Resources())
 
 
-# RunSpec fields that only `incubate` takes; `resources` is the launcher's, not a stage's
+# RunSpec fields that only `incubate` takes; `resources` is the launcher's, `recipe` holds Recipe fields
 _INCUBATE_ONLY = ("init", "meta_mode")
-_NOT_OPTIONS = ("resources",)
-# recipe options -> the Recipe fields they replace
-_RECIPE_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "warmup_epochs": "warmup_epochs",
-                   "weight_decay": "weight_decay", "clip_grad": "clip_grad", "drop_path": "drop_path",
-                   "smoothing": "label_smoothing", "mixup": "mixup", "cutmix": "cutmix", "aug_repeats": "aug_repeats"}
+_NOT_OPTIONS = ("resources", "recipe")
 
 
 def option_fields(stage: str) -> list[str]:
@@ -184,14 +168,22 @@ def option_fields(stage: str) -> list[str]:
 
 
 def _option_argv(spec: RunSpec, names: list[str]) -> list[str]:
-    argv, defaults = [], RunSpec()
-    for name in names:
-        value, flag = getattr(spec, name), "--" + name.replace("_", "-")
+    defaults = RunSpec()
+    given = [("--" + name.replace("_", "-"), getattr(spec, name), getattr(defaults, name)) for name in names]
+    given += [(f.metadata["flags"][-1], spec.recipe[f.name], None) for f in RECIPE_OPTIONS if f.name in spec.recipe]
+    argv = []
+    for flag, value, default in given:
         if isinstance(value, bool):  # a switch
             argv += [flag] if value else []
-        elif value is not None and value != getattr(defaults, name):  # lists as the text their type parses
+        elif value is not None and value != default:  # lists as the text their type parses
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return argv
+
+
+def matched_baseline(spec: RunSpec) -> RunSpec:
+    """The spec of the pipeline's E2E baseline: no --epochs, so that with the pipeline finished `e2e`
+    trains for the pipeline's training FLOPs instead."""
+    return dataclasses.replace(spec, recipe={k: v for k, v in spec.recipe.items() if k != "epochs"})
 
 
 def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: str = sys.executable) -> list[str]:
@@ -201,8 +193,8 @@ def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: 
         return head + ["--out", spec.run_dir]
     if stage == "incubate":
         head += ["--module", str(module)]
-    if stage == "e2e":  # no --epochs: with the pipeline finished, `e2e` trains for its FLOPs instead
-        spec = dataclasses.replace(spec, epochs=None)
+    if stage == "e2e":
+        spec = matched_baseline(spec)
     return head + _option_argv(dataclasses.replace(spec, out=spec.run_dir), option_fields(stage))
 
 
@@ -301,12 +293,7 @@ class Context:
         return self.spec.run_dir
 
     def recipe(self, stage: str) -> Recipe:
-        s = self.spec
-        changes = {name: getattr(s, option) for option, name in _RECIPE_OPTIONS.items()
-                   if getattr(s, option) is not None}
-        if s.model_ema or s.model_ema_decay is not None:
-            changes["ema_decay"] = s.model_ema_decay if s.model_ema_decay is not None else EMA_DECAY
-        recipe = dataclasses.replace(self.preset.recipe(stage), **changes)
+        recipe = stage_recipe(self.spec, self.preset, stage)
         if not recipe.epochs * len(self.train_set) / recipe.batch_size < 2**53:  # a float counts exactly up to here
             raise UsageError(f"argument --epochs: {recipe.epochs:g} epochs of {len(self.train_set)} images "
                              f"are more steps than can be counted")
@@ -343,13 +330,12 @@ class Context:
         atomic_write(os.path.join(directory, "config.json"), (json_dumps(record, indent=2) + "\n").encode())
 
 
-def _augment(spec: RunSpec, preset: Preset) -> Augment:
-    changes = {}
-    if spec.aa is not None:
-        changes["auto_augment"] = None if spec.aa == "none" else spec.aa
-    if spec.reprob is not None:
-        changes["re_prob"] = spec.reprob
-    return dataclasses.replace(preset.augment, **changes)
+def stage_recipe(spec: RunSpec, preset: Preset, stage: str) -> Recipe:
+    """The preset's recipe of `stage` with what `spec` gives."""
+    changes = dict(spec.recipe)
+    if spec.model_ema and changes.get("ema_decay") is None:
+        changes["ema_decay"] = EMA_DECAY
+    return dataclasses.replace(preset.recipe(stage), **changes)
 
 
 def _img_size(spec: RunSpec, preset: Preset) -> Optional[int]:
@@ -395,7 +381,8 @@ def _target(spec: RunSpec, preset: Preset, data) -> ViTConfig:
 def context(spec: RunSpec) -> Context:
     """Load the data and resolve the target of `spec` (what every stage trains with)."""
     preset = get_preset(spec.preset)
-    img_size, augment = _img_size(spec, preset), _augment(spec, preset)
+    # the augmentation is the same in every stage of a preset: the meta recipe's
+    img_size, augment = _img_size(spec, preset), stage_recipe(spec, preset, "meta").augment()
     load = dict(data_dir=spec.data_dir, img_size=img_size, augment=augment, skip_bad_images=spec.skip_bad_images)
     if spec.val_size is not None:
         train_set, eval_set = holdout(spec.data, spec.val_size, **load)
@@ -443,7 +430,7 @@ def _train_e2e(run: Context, module=None):
     """At the pipeline's training FLOPs when it has finished and no --epochs is given."""
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
-    cost = pipeline_cost(run.run_dir) if run.spec.epochs is None else None
+    cost = pipeline_cost(run.run_dir) if "epochs" not in run.spec.recipe else None
     steps = None
     if cost is not None:  # the same training FLOPs as the whole Deep Incubation pipeline
         steps = max(1, round(cost["flops"] / (train_flops_per_image(target) * recipe.batch_size)))
@@ -514,5 +501,5 @@ def run(spec: RunSpec) -> None:
     for i in range(num_modules(spec)[0]):
         run_stage(spec, "incubate", i, run=loaded)
     run_stage(spec, "assemble", run=loaded)
-    e2e = dataclasses.replace(spec, epochs=None)  # as in the graph: the pipeline's FLOPs, whatever --epochs said
+    e2e = matched_baseline(spec)
     run_stage(e2e, "e2e", run=dataclasses.replace(loaded, spec=e2e))

@@ -186,6 +186,7 @@ def test_every_common_option_is_a_field_of_the_run_spec():
     without its field would never reach them."""
     from incubation import pipeline
     dests = {a.dest for a in _common_actions(cli.build_parser())}
-    assert dests == set(pipeline.option_fields("meta"))
+    from incubation.recipe import OPTIONS
+    assert dests == set(pipeline.option_fields("meta")) | {f.name for f in OPTIONS}
     incubate = cli.build_parser()._subparsers._group_actions[0].choices["incubate"]
     assert set(pipeline.option_fields("incubate")) <= {a.dest for a in incubate._actions}

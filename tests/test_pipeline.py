@@ -82,9 +82,10 @@ def test_graphs_that_cannot_run_are_refused():
 
 def test_a_child_command_line_parses_back_to_the_spec(tmp_path):
     parser = cli.build_parser()
-    spec = pipeline.RunSpec(out=str(tmp_path), data="folder:/x", modules=3, split=[1, 2, 5], epochs=0.30000000000000004,
-                            lr=1e-3, model_ema=True, seed=7, limit_train=9, init="lemon", meta_mode="train",
-                            aa="none", no_progress=True, device="cpu")
+    spec = pipeline.RunSpec(out=str(tmp_path), data="folder:/x", modules=3, split=[1, 2, 5], model_ema=True, seed=7,
+                            limit_train=9, init="lemon", meta_mode="train", no_progress=True, device="cpu",
+                            recipe=dict(epochs=0.30000000000000004, lr=1e-3, auto_augment="none", label_smoothing=0.0,
+                                        ema_decay=0.5, batch_size=3))
     for stage, module in (("meta", None), ("incubate", 2), ("assemble", None)):
         argv = pipeline.stage_argv(spec, stage, module)[3:]
         parsed = cli.spec_from_args(parser.parse_args(argv))
@@ -92,7 +93,7 @@ def test_a_child_command_line_parses_back_to_the_spec(tmp_path):
                                                                        "meta_mode": "eval"})
         assert parsed == expected, stage
     e2e = cli.spec_from_args(parser.parse_args(pipeline.stage_argv(spec, "e2e")[3:]))
-    assert e2e.epochs is None and e2e.lr == spec.lr   # the baseline trains for the pipeline's FLOPs
+    assert "epochs" not in e2e.recipe and e2e.recipe["lr"] == 1e-3   # the baseline trains for the pipeline's FLOPs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,3 +128,20 @@ def test_every_way_of_running_gives_the_same_weights(tiny, run_cli, folder, tmp_
     serial = _weights(tmp_path / "serial")
     for other in ("parallel", "by-hand", "api"):
         _same(serial, _weights(tmp_path / other))
+
+
+def test_the_recipe_options_are_generated_from_the_schema():
+    from incubation.recipe import OPTIONS, Recipe
+    meta = cli.build_parser()._subparsers._group_actions[0].choices["meta"]
+    actions = {a.dest: a for a in meta._actions}
+    for f in OPTIONS:
+        action = actions[f.name]
+        assert tuple(action.option_strings) == f.metadata["flags"] and action.help == f.metadata["help"]
+        assert action.default is None   # None: the preset's value
+    args = meta.parse_args(["--smoothing", "0.2", "--aa", "none", "--model-ema-decay", "0.99", "-b", "4"])
+    spec = cli.spec_from_args(args)
+    assert spec.recipe == {"label_smoothing": 0.2, "auto_augment": "none", "ema_decay": 0.99, "batch_size": 4}
+    recipe = pipeline.stage_recipe(spec, pipeline.get_preset("vit-b"), "incubate")
+    assert (recipe.label_smoothing, recipe.ema_decay, recipe.batch_size, recipe.epochs) == (0.2, 0.99, 4, 100)
+    assert recipe.augment().auto_augment is None and recipe.augment().re_prob == 0.25
+    assert Recipe().augment() == pipeline.get_preset("tiny").augment

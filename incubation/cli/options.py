@@ -19,6 +19,7 @@ import torch
 from .. import deep
 from ..pipeline import RunSpec, stage_argv
 from ..presets import PRESETS
+from ..recipe import OPTIONS as RECIPE_OPTIONS
 
 __all__ = ["positive_int", "non_negative_int", "seed_int", "positive_float", "non_negative_float", "fraction",
            "decay_rate", "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
@@ -216,25 +217,13 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Act
 
 
 def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
-    add = p.add_argument_group("recipe (default: the preset's, per stage)").add_argument
-    return [
-        add("--epochs", type=positive_float, default=None, help="epochs of the stage"),
-        add("-b", "--batch-size", type=positive_int, default=None, help="global batch per optimizer step"),
-        add("--lr", type=positive_float, default=None, help="base lr for a batch of 512 (peak = lr x batch / 512)"),
-        add("--warmup-epochs", type=non_negative_float, default=None, help="linear warmup epochs"),
-        add("--weight-decay", type=non_negative_float, default=None, help="AdamW weight decay"),
-        add("--clip-grad", type=positive_float, default=None, help="max global gradient norm"),
-        add("--drop-path", type=fraction, default=None, help="stochastic depth rate of the trained model"),
-        add("--smoothing", type=fraction, default=None, help="label smoothing"),
-        add("--mixup", type=non_negative_float, default=None, help="mixup alpha (0 = off)"),
-        add("--cutmix", type=non_negative_float, default=None, help="cutmix alpha (0 = off)"),
-        add("--aa", type=auto_augment, default=None, help="folder data: timm auto-augment policy, e.g. "
-            "rand-m9-mstd0.5-inc1, or 'none'"),
-        add("--reprob", type=fraction, default=None, help="folder data: random erasing probability"),
-        add("--aug-repeats", type=positive_int, default=None, help="repeated augmentation: each image this often "
-            "per epoch, spread over the ranks (1 = off; the vit-* presets: 3)"),
+    """The `Recipe` fields that have flags (generated: dest = the field's name, type = the checking
+    type of this module it names), then the options of a run that are not the recipe's."""
+    group = p.add_argument_group("recipe (default: the preset's, per stage)")
+    add = group.add_argument
+    return [add(*f.metadata["flags"], dest=f.name, type=globals()[f.metadata["type"]], default=None,
+                help=f.metadata["help"]) for f in RECIPE_OPTIONS] + [
         add("--model-ema", action="store_true", help="keep an EMA of the weights (final_ema.*, ema_eval_acc)"),
-        add("--model-ema-decay", type=decay_rate, default=None, help="EMA decay (default 0.9998; implies --model-ema)"),
         add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
             help="gradient accumulation micro-batches per step"),
         add("--compile", action="store_true", help="torch.compile the model for the training steps"),
@@ -264,9 +253,11 @@ def add_incubation_options(p: argparse.ArgumentParser) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The RunSpec of parsed options: each RunSpec field from the option of the same name (the
-    incubation-only ones keep their defaults where a subcommand does not take them)."""
-    names = [f.name for f in dataclasses.fields(RunSpec) if f.name != "resources"]
-    return RunSpec(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    incubation-only ones keep their defaults where a subcommand does not take them), the recipe
+    options given into `recipe`."""
+    names = [f.name for f in dataclasses.fields(RunSpec) if f.name not in ("resources", "recipe")]
+    recipe = {f.name: getattr(args, f.name) for f in RECIPE_OPTIONS if getattr(args, f.name, None) is not None}
+    return RunSpec(**{name: getattr(args, name) for name in names if hasattr(args, name)}, recipe=recipe)
 
 
 def common_argv(args: argparse.Namespace) -> list[str]:
