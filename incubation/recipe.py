@@ -32,7 +32,8 @@ class Recipe:
     epochs: float = _field(1.0, "epochs of the stage", "--epochs", type="positive_float")
     batch_size: int = _field(2048, "global batch per optimizer step", "-b", "--batch-size", type="positive_int")
     lr: float = _field(5e-4, "base lr for a batch of 512 (peak = lr x batch / 512)", "--lr", type="positive_float")
-    min_lr: float = _field(1e-5, "the floor of the cosine schedule (absolute; at most the peak lr)")
+    min_lr: float = _field(1e-5, "the floor of the cosine schedule, absolute as timm's (capped at the peak lr)",
+                           "--min-lr", type="positive_float")
     warmup_epochs: float = _field(20.0, "linear warmup epochs", "--warmup-epochs", type="non_negative_float")
     weight_decay: float = _field(0.05, "AdamW weight decay", "--weight-decay", type="non_negative_float")
     clip_grad: Optional[float] = _field(None, "max global gradient norm", "--clip-grad", type="positive_float")

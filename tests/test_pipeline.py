@@ -145,3 +145,22 @@ def test_the_recipe_options_are_generated_from_the_schema():
     assert (recipe.label_smoothing, recipe.ema_decay, recipe.batch_size, recipe.epochs) == (0.2, 0.99, 4, 100)
     assert recipe.augment().auto_augment is None and recipe.augment().re_prob == 0.25
     assert Recipe().augment() == pipeline.get_preset("tiny").augment
+
+
+def test_min_lr_is_timms_absolute_floor_of_the_cosine():
+    import torch
+    from timm.scheduler import CosineLRScheduler
+
+    from incubation.train import lr_at
+    args = cli.build_parser().parse_args(["meta", "--min-lr", "3e-5", "--lr", "1e-3", "-b", "512", "--epochs", "4",
+                                          "--warmup-epochs", "0"])
+    spec = cli.spec_from_args(args)
+    assert "--min-lr" in pipeline.stage_argv(spec, "assemble")
+    cfg = pipeline.stage_recipe(spec, pipeline.get_preset("tiny"), "meta").train_config(num_train=1024)
+    assert (cfg.min_lr, cfg.lr, cfg.steps, cfg.warmup_steps) == (3e-5, 1e-3, 8, 0)   # absolute, not x batch / 512
+    timm_sched = CosineLRScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr),
+                                   t_initial=cfg.steps, lr_min=cfg.min_lr)
+    ours = [lr_at(s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=0, decay_steps=cfg.steps) for s in range(cfg.steps + 1)]
+    theirs = [timm_sched._get_lr(s)[0] for s in range(cfg.steps + 1)]
+    assert ours == pytest.approx(theirs, rel=1e-12) and ours[-1] == pytest.approx(3e-5)
+    assert cli.main(["meta", "--min-lr", "-1"]) == 2
