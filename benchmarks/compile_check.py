@@ -391,7 +391,7 @@ def summary(records: list[dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/compile_check.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--json", metavar="PATH", help="write the records (a JSON list) here")
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list from {','.join(KERNELS)}")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list from bf16,fp16,fp32")

@@ -103,7 +103,7 @@ def markdown(results: list[tuple], elapsed: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default=os.path.join(REPO, "docs", "RELIABILITY.md"))
     args = p.parse_args(argv)
     start = datetime.datetime.now()

@@ -60,7 +60,8 @@ def diagnose(meta_path: str, module_paths: list, eval_set, batch_size: int = 500
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="incubation bench assembly", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="incubation bench assembly", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     p.add_argument("--study", required=True, help="a study's --out")
     p.add_argument("--budget", default="2")
     p.add_argument("--seed", type=int, default=0)

@@ -319,7 +319,7 @@ def write_outputs(out_dir: str, name: str, payload: dict, markdown: str, append_
 def benchmark_parser(prog: str, doc: str, quick: str, default_out: str) -> argparse.ArgumentParser:
     """The options every benchmark takes: device, --quick (`quick` says what it runs), outputs, threads."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--quick", action="store_true", help=quick)
     p.add_argument("--out", help=f"output folder (default {default_out})")

@@ -476,9 +476,10 @@ def _floats(text: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="incubation bench study", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="incubation bench study", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run (or resume) the study, then write the report")
+    r = sub.add_parser("run", help="run (or resume) the study, then write the report", allow_abbrev=False)
     r.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))
     defaults = StudyConfig()
     for name in ("depth", "width", "heads", "patch", "K", "seeds"):
@@ -493,9 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "models are also tested on the test split")
     r.add_argument("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS)
-    rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs")
+    rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs",
+                         allow_abbrev=False)
     rep.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))
-    job = sub.add_parser("_job", help=argparse.SUPPRESS)
+    job = sub.add_parser("_job", help=argparse.SUPPRESS, allow_abbrev=False)
     job.add_argument("--out", type=out_dir, required=True)
     job.add_argument("name")
     return p

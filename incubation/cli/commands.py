@@ -360,10 +360,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="incubation", description="Deep Incubation: train a large ViT as independently incubated modules.",
-        epilog=EXIT_STATUS)
+        epilog=EXIT_STATUS, allow_abbrev=False)   # a prefix of a flag is no flag: --drop is not --drop-path
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     for name, (help_text, add_arguments, handler) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         add_arguments(p)
         p.set_defaults(handler=handler, parser=p)  # the subparser reports a UsageError of the handler
     return parser
