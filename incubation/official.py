@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 from . import deep
 from .nn import ViTConfig
-from .train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .train.checkpoint import CheckpointError, load_checkpoint, refuse_overwriting, save_checkpoint
 from .utils import file_sha256
 from .weights import _FAMILIES, OfficialCheckpoint, _expected_shapes, _misfits, official_config, read_official, resample_pos_embed
 
@@ -88,6 +88,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
     `official_config`."""
     if kind not in ("auto", "meta", "model"):
         raise ValueError(f"kind must be 'auto', 'meta' or 'model', got {kind!r}")
+    refuse_overwriting(output, [path])
     official = read_official(path)
     path = official.path
     state_dict = official.state_dict

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from . import deep
 from .data import Augment, base_dataset, default_workers, holdout, load_dataset
-from .errors import UsageError
+from .errors import IncubationError, UsageError
 from .growth import lemon_config
 from .launch import Job, Resources
 from .nn import ViTConfig, train_flops_per_image
@@ -39,7 +39,7 @@ from .recipe import EMA_DECAY, Recipe
 from .recipe import OPTIONS as RECIPE_OPTIONS
 from .timm_compat import timm_config
 from .train import TrainConfig
-from .utils import atomic_write, json_dumps, versions
+from .utils import atomic_write, is_inside, json_dumps, versions
 
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
            "stage_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
@@ -455,9 +455,15 @@ STARTS_FROM_WEIGHTS = ("meta", "e2e", "grow")   # the commands that take --initi
 
 
 def check_initial_checkpoint(spec: RunSpec, command: str) -> None:
-    if spec.initial_checkpoint is not None and command not in STARTS_FROM_WEIGHTS:
+    if spec.initial_checkpoint is None:
+        return
+    if command not in STARTS_FROM_WEIGHTS:
         raise UsageError(f"argument --initial-checkpoint: starts the model of `meta`, `e2e` or `grow`; "
                          f"`{command}` builds its model from the previous stages")
+    written = stage_dir(spec.run_dir, command)
+    if is_inside(spec.initial_checkpoint, written):   # the stage's checkpoints would replace it
+        raise IncubationError(f"--initial-checkpoint {spec.initial_checkpoint} is inside {written}, which "
+                              f"`{command}` writes: copy it elsewhere or give another --out")
 
 
 def check_stage(spec: RunSpec, stage: str, module: Optional[int]) -> None:

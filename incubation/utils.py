@@ -89,6 +89,26 @@ def atomic_write(path: str, data: bytes) -> None:
     fsync_dir(path)
 
 
+def same_file(outputs, inputs) -> Optional[tuple[str, str]]:
+    """The first (output, input) of the paths `outputs` and `inputs` that name one existing file
+    (through a symlink, a relative path or a hard link), else None: a command must never write
+    over what it reads."""
+    for output in outputs:
+        for given in inputs:
+            try:
+                if os.path.samefile(output, given):
+                    return output, given
+            except OSError:   # one of them does not exist: no file to lose
+                continue
+    return None
+
+
+def is_inside(path: str, directory: str) -> bool:
+    """Whether `path` is in `directory` or below it, symlinks resolved."""
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, top]) == top
+
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -48,7 +48,7 @@ from ..pipeline import say
 from ..presets import PRESETS, get_preset
 from ..report import write_report
 from ..timm_compat import from_timm
-from ..train.checkpoint import load_checkpoint
+from ..train.checkpoint import load_checkpoint, refuse_overwriting
 from ..weights import OFFICIAL_MODELS
 from .exits import EXIT_STATUS, UsageError, exit_status, run_main
 from .options import (
@@ -228,6 +228,7 @@ def _model_config(path: str, md: dict):
 
 
 def _cmd_expand(args):
+    refuse_overwriting(args.output, [args.checkpoint])
     state, md = load_checkpoint(args.checkpoint)
     source = VisionTransformer(_model_config(args.checkpoint, md))
     source.load_state_dict(state)

@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import IncubationError
 from ..utils import TMP_SUFFIX as TMP
-from ..utils import atomic_write, default_file_mode, json_dumps
+from ..utils import atomic_write, default_file_mode, json_dumps, same_file
 from ..utils import file_sha256 as _sha256
 from ..utils import fsync_dir as _fsync_dir
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
-           "CheckpointError", "first_nonfinite"]
+           "CheckpointError", "first_nonfinite", "checkpoint_files", "refuse_overwriting"]
 
 FORMAT = "incubation-checkpoint/1"
 WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
@@ -50,6 +50,25 @@ def _prefix(path: str) -> str:
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path
+
+
+def checkpoint_files(path_prefix: str) -> list[str]:
+    """The files of checkpoint `path_prefix` (prefix, .safetensors or .json): weights, record, side file."""
+    prefix = _prefix(path_prefix)
+    return [prefix + suffix for suffix in (WEIGHTS, META, STATE)]
+
+
+def refuse_overwriting(output_prefix: str, inputs) -> None:
+    """IncubationError when writing checkpoint `output_prefix` would replace a file that the command
+    reads: one of `inputs` (files or checkpoint prefixes), however it is named (a prefix or a
+    suffix, a symlink, a relative path, a hard link). Call it before anything is written."""
+    given = [f for path in inputs for f in (os.fspath(path), *checkpoint_files(path))]
+    found = same_file(checkpoint_files(output_prefix), given)
+    if found is not None:
+        output, source = found
+        raise IncubationError(f"the output {output_prefix} would overwrite the input {source}"
+                              + (f" ({output} is the same file)" if output != source else "")
+                              + ": write the output elsewhere")
 
 
 def _fsync_file(path: str) -> None:
