@@ -2,11 +2,9 @@
 is an input, options accepted silently (--aa, abbreviations), tracebacks and vague messages for
 bad files and schedules, and records or defaults that said something else than what was used."""
 import argparse
-import json
 import os
 
 import pytest
-import torch
 
 from incubation import cli
 from incubation.bench import study
@@ -105,3 +103,21 @@ def test_a_stage_never_starts_from_weights_in_the_directory_it_writes(command, s
         assert f"--initial-checkpoint {run / command / 'start.safetensors'} is inside {out / command}, which " \
                f"`{command}` writes" in err
     assert _snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# --aa bogus-policy was accepted silently
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy, reason", [("bogus-policy", "Unknown AA policy bogus"),
+                                            ("rand-x9", "Unknown RandAugment config section"),
+                                            ("randfoo", "timm knows no such policy")])
+def test_an_unknown_auto_augment_policy_is_a_usage_error(policy, reason, capsys):
+    assert cli.main(["meta", "--aa", policy]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: incubation meta") and "Traceback" not in err
+    assert f"incubation meta: error: argument --aa: auto-augment policy {policy!r}: {reason}" in err
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0", "3a", "none"])
+def test_timm_auto_augment_policies_are_accepted(policy):
+    assert cli.build_parser().parse_args(["meta", "--aa", policy]).auto_augment == policy

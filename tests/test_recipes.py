@@ -2,6 +2,7 @@
 --patch-size, --compile, and the record each stage leaves (config.json, summary.csv)."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -35,10 +36,11 @@ def test_vit_b_transforms_are_timms_create_transform_with_the_official_arguments
     assert x.shape == (3, 224, 224)
 
 
-def test_bad_augment_policy_is_a_one_line_error(folder, tmp_path, capsys, run_cli):
-    assert run_cli("e2e", "--data", folder, "--out", tmp_path, "--img-size", "14", "--aa", "bogus", *QUICK) == 1
+def test_bad_augment_policy_is_refused_while_parsing(folder, tmp_path, capsys, run_cli):
+    assert run_cli("e2e", "--data", folder, "--out", tmp_path, "--img-size", "14", "--aa", "bogus", *QUICK) == 2
     err = capsys.readouterr().err
-    assert "auto-augment policy 'bogus'" in err and "Traceback" not in err
+    assert "argument --aa: auto-augment policy 'bogus'" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "e2e")
 
 
 def test_timm_model_trains_on_a_folder_and_each_stage_leaves_its_record(folder, tmp_path, run_cli):

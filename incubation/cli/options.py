@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .. import deep
+from ..data import Augment
 from ..pipeline import RunSpec, stage_argv
 from ..presets import PRESETS
 from ..recipe import OPTIONS as RECIPE_OPTIONS
@@ -96,10 +97,16 @@ def decay_rate(text: str) -> float:
 
 def auto_augment(text: str) -> str:
     """A timm auto-augment policy (rand-m9-mstd0.5-inc1, augmix-..., original, ...) or 'none'
-    (kept as text, so that child processes get it too); checked when the transforms are built."""
+    (kept as text, so that child processes get it too), checked by timm's own parser of policies:
+    the train transform of the policy is built once here."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1) or "
                                          "'none', got ''")
+    if text != "none":
+        try:
+            Augment(auto_augment=text).transform(224, training=True)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -88,7 +88,8 @@ class Augment:
                                     re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count,
                                     mean=self.mean, std=self.std)
         except AssertionError as exc:   # timm's way of refusing an unknown --aa policy
-            raise ValueError(f"auto-augment policy {self.auto_augment!r}: {exc} (timm's --aa, e.g. "
+            reason = str(exc) or "timm knows no such policy"
+            raise ValueError(f"auto-augment policy {self.auto_augment!r}: {reason} (timm's --aa, e.g. "
                              "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original)") from None
 
     def to_dict(self) -> dict:
