@@ -58,7 +58,7 @@ from .nn import VisionTransformer, ViTConfig
 from .nn.vit import TRAIN_FLOPS_PER_FORWARD
 from .train import train
 from .train.checkpoint import CheckpointError, load_checkpoint
-from .weights import load_into
+from .weights import build_model, load_into
 
 __all__ = ["split_modules", "meta_config", "build_meta_model", "TargetModule", "Hybrid", "build_hybrid",
            "weights_sha256", "load_meta", "assemble", "train_meta", "train_module",
@@ -336,11 +336,7 @@ def load_meta(path: str, target_cfg: Optional[ViTConfig] = None) -> tuple[Vision
         raise CheckpointError(f"{path} is a {md.get('stage')!r} checkpoint, not a meta model")
     if target_cfg is not None:
         _check_target(path, md, target_cfg, "the meta model")
-    try:
-        meta = VisionTransformer(ViTConfig.from_dict(md["meta_config"]))
-        meta.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the meta model: {exc}") from exc
+    meta = build_model(path, state, md)
     return meta, md, weights_sha256(meta.state_dict())
 
 

@@ -77,7 +77,7 @@ def import_official(path, output, *, model: Optional[str] = None, target_depth: 
 
     kind="model": a whole ViT (a released pretrained model, an assembled or an E2E one), metadata
         {"stage": "import", "target_config", "source", ...}: `load_into`, `incubation expand`
-        and `_model_config` read it.
+        and `weights.build_model` read it.
     kind="meta": a meta model (one block per module), written with the metadata `deep.train_meta`
         writes (stage "meta", K, sizes, target_config, meta_config) for a target of depth
         `target_depth` (default: the family's, B 12 / L 24 / H 32) split evenly, or as `sizes`;

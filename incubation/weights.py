@@ -53,7 +53,7 @@ from safetensors.torch import load_file
 from .nn import VisionTransformer, ViTConfig
 from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint
 
-__all__ = ["load_state_dict_file", "resample_pos_embed", "load_into", "LoadReport",
+__all__ = ["load_state_dict_file", "resample_pos_embed", "load_into", "build_model", "LoadReport",
            "read_official", "OfficialCheckpoint", "official_config", "OFFICIAL_MODELS"]
 
 # (embed_dim, depth, num_heads, qkv_bias, norm_eps) of the authors' ViT families
@@ -309,6 +309,29 @@ def _metadata_grid(md: Optional[dict]) -> Optional[tuple[int, int]]:
         return None
 
 
+def build_model(path: str, state: dict, md: dict) -> VisionTransformer:
+    """The whole ViT of our checkpoint `path` (a meta model, or the target of assemble, e2e, grow,
+    expand or import) from its weights `state` and metadata `md` (`load_checkpoint(path)`), built
+    from the config `md` records. A file whose recorded config is missing or no ViT config, or whose
+    weights do not match it (missing, unexpected or misshapen keys), is a CheckpointError naming
+    the file and what does not match."""
+    key = "meta_config" if md.get("stage") == "meta" else "target_config"
+    if key not in md or md.get("stage") == "incubate":
+        raise CheckpointError(f"{path} holds no whole model (stage {md.get('stage')!r}); a meta, assemble, e2e, "
+                              f"grow, expand or import checkpoint does")
+    try:
+        config = ViTConfig.from_dict(md[key])
+    except (TypeError, ValueError) as exc:   # a list, a string, unknown or wrong fields
+        raise CheckpointError(f"{path}: its recorded {key} is no ViT config: {exc}") from None
+    problems = _misfits(_expected_shapes(config), state)
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not match its recorded {key} ({config.embed_dim} wide, "
+                              f"depth {config.depth}): " + "; ".join(problems))
+    model = VisionTransformer(config)
+    model.load_state_dict(state)   # every key and shape checked above
+    return model
+
+
 @dataclass
 class LoadReport:
     """What `load_into` did."""
@@ -534,9 +557,15 @@ def official_config(state_dict: dict, *, model: Optional[str] = None, num_heads:
     if family is not None:
         num_heads = _FAMILIES[family][2] if num_heads is None else num_heads
         norm_eps = _FAMILIES[family][4] if norm_eps is None else norm_eps
-    if num_heads is None or norm_eps is None:
+    if num_heads is not None and embed_dim % num_heads:
+        fit = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
+        raise ValueError(f"{path}: its width {embed_dim} is not divisible by {num_heads} heads (--num-heads): "
+                         f"{', '.join(map(str, fit))} would fit")
+    missing = [what for what, value in (("its number of heads (--num-heads)", num_heads),
+                                        ("its LayerNorm eps (--norm-eps)", norm_eps)) if value is None]
+    if missing:
         raise ValueError(f"{path}: a ViT of width {embed_dim} (qkv bias {qkv_bias}) is none of the authors' "
-                         f"base / large / huge: give its number of heads and LayerNorm eps (--num-heads, --norm-eps)")
+                         f"base / large / huge: give " + " and ".join(missing))
     cfg = ViTConfig(img_size=grid * patch[0] if patch[0] == patch[1] else (grid * patch[0], grid * patch[1]),
                     patch_size=patch, in_chans=in_chans, num_classes=num_classes, embed_dim=embed_dim,
                     depth=depth, num_heads=num_heads, mlp_ratio=hidden / embed_dim, qkv_bias=qkv_bias,

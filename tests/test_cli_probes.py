@@ -5,6 +5,7 @@ import argparse
 import os
 
 import pytest
+import torch
 
 from incubation import cli
 from incubation.bench import study
@@ -121,3 +122,57 @@ def test_an_unknown_auto_augment_policy_is_a_usage_error(policy, reason, capsys)
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original", "v0", "3a", "none"])
 def test_timm_auto_augment_policies_are_accepted(policy):
     assert cli.build_parser().parse_args(["meta", "--aa", policy]).auto_augment == policy
+
+
+# ----------------------------------------------------------------------------------------------
+# expand on weights that do not match their recorded config: a load_state_dict traceback
+# ----------------------------------------------------------------------------------------------
+def _drop(prefix):
+    return lambda state: {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+BAD_WEIGHTS = {   # what is done to the weights -> what the message says
+    "missing key": (_drop("norm.weight"), "missing [norm.weight]"),
+    "missing block": (_drop("blocks.1."), "missing [blocks.1.attn.proj.bias, "),
+    "extra key": (lambda s: {**s, "extra.weight": torch.zeros(2)}, "unexpected [extra.weight]"),
+    "reshaped key": (lambda s: {**s, "blocks.0.attn.qkv.weight": s["blocks.0.attn.qkv.weight"].reshape(48, 64)},
+                     "shape mismatch [blocks.0.attn.qkv.weight (48, 64) (model (96, 32))]"),
+}
+BAD_CONFIGS = {   # what is recorded instead -> what the message says
+    "wider": ({"embed_dim": 64}, "shape mismatch [blocks.0.attn.proj.bias (32,) (model (64,)), "),
+    "deeper": ({"depth": 3}, "missing [blocks.2.attn.proj.bias, "),
+    "shallower": ({"depth": 1}, "unexpected [blocks.1.attn.proj.bias, "),
+    "classes": ({"num_classes": 5}, "shape mismatch [head.bias (3,) (model (5,)), head.weight (3, 32) (model (5, 32))]"),
+    "image size": ({"img_size": [28, 28]}, "shape mismatch [pos_embed (1, 5, 32) (model (1, 17, 32))]"),
+    "patch size": ({"patch_size": [14, 14]}, "pos_embed (1, 5, 32) (model (1, 2, 32))"),
+    "channels": ({"in_chans": 1}, "shape mismatch [patch_embed.proj.weight (32, 3, 7, 7) (model (32, 1, 7, 7))]"),
+    "mlp ratio": ({"mlp_ratio": 2.0}, "blocks.0.mlp.fc1.weight (128, 32) (model (64, 32))"),
+    "qkv bias": ({"qkv_bias": False}, "unexpected [blocks.0.attn.qkv.bias, blocks.1.attn.qkv.bias]"),
+    "unknown field": ({"heads": 2}, "its recorded target_config is no ViT config: unknown ViT config keys: ['heads']"),
+    "heads": ({"num_heads": 3}, "is no ViT config: invalid ViT config: embed_dim (32) must be "
+              "divisible by num_heads (3)"),
+}
+
+
+@pytest.mark.parametrize("kind", [*BAD_WEIGHTS, *BAD_CONFIGS, "config is a list"])
+def test_expand_names_what_does_not_match_in_a_bad_file(kind, source_checkpoint, tmp_path, capsys):
+    from incubation.train.checkpoint import load_checkpoint, save_checkpoint
+
+    source_checkpoint()
+    src = str(tmp_path / "src")
+    state, md = load_checkpoint(src)
+    if kind in BAD_WEIGHTS:
+        change, expected = BAD_WEIGHTS[kind]
+        state = change(state)
+    elif kind in BAD_CONFIGS:
+        changes, expected = BAD_CONFIGS[kind]
+        md["target_config"].update(changes)
+    else:
+        md["target_config"], expected = list(md["target_config"]), "its recorded target_config is no ViT config: "
+    save_checkpoint(src, state, md)
+    assert cli.main(["expand", src, "-o", str(tmp_path / "big"), "--depth", "3"]) == 1
+    err = _one_line_error(capsys, "expand")
+    if "no ViT config" not in expected:
+        assert f"error: {src}: its weights do not match its recorded target_config (" in err, err
+    assert expected in err, err
+    assert not (tmp_path / "big.json").exists()

@@ -315,6 +315,21 @@ def test_import_official_cli(tmp_path, capsys):
     assert not (tmp_path / "z.safetensors").exists()
 
 
+def test_import_official_says_which_head_counts_fit(tmp_path, capsys):
+    """--num-heads 5 on a 64-wide model: not "give --num-heads" (issue 25, defect 8), but that 64 is
+    not divisible by 5, and which counts are; only what is still missing is asked for."""
+    src = _save_official(tmp_path / "w64.pth", _official_stages([1, 1], embed=64))
+    assert cli.main(["import-official", src, "-o", str(tmp_path / "x"), "--num-heads", "5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {src}: its width 64 is not divisible by 5 heads (--num-heads): 1, 2, 4, 8, 16, 32, 64 would " \
+           "fit" in err
+    assert cli.main(["import-official", src, "-o", str(tmp_path / "x"), "--num-heads", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("is none of the authors' base / large / huge: give its LayerNorm eps (--norm-eps)\n"), err
+    assert not list(tmp_path.glob("x.*"))
+
+
 def test_imported_meta_model_runs_incubate_from_the_cli(tiny, folder, tmp_path, capsys):
     """The user's path: import the authors' meta model as <run>/meta/final, then `incubate`."""
     pytest.importorskip("torchvision")

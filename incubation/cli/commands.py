@@ -42,14 +42,14 @@ from .. import bench, ops, pipeline
 from ..errors import IncubationError
 from ..growth import lemon_expand, train_apollo
 from ..launch.local import LocalLauncher, last_line
-from ..nn import VisionTransformer, ViTConfig
+from ..nn import VisionTransformer
 from ..official import import_official
 from ..pipeline import say
 from ..presets import PRESETS, get_preset
 from ..report import write_report
 from ..timm_compat import from_timm
 from ..train.checkpoint import load_checkpoint, refuse_overwriting
-from ..weights import OFFICIAL_MODELS
+from ..weights import OFFICIAL_MODELS, build_model
 from .exits import EXIT_STATUS, UsageError, exit_status, run_main
 from .options import (
     add_common_arguments,
@@ -218,20 +218,9 @@ def _add_report(p):
 # ----------------------------------------------------------------------------------------------
 # model growth: LEMON expansion and Apollo progressive training
 # ----------------------------------------------------------------------------------------------
-def _model_config(path: str, md: dict):
-    """The config of the whole model stored in a checkpoint (meta model or target)."""
-    key = "meta_config" if md.get("stage") == "meta" else "target_config"
-    if key not in md or md.get("stage") == "incubate":
-        raise ValueError(f"{path} holds no whole model (stage {md.get('stage')!r}); expand takes a meta, "
-                         "assemble, e2e, grow or expand checkpoint")
-    return ViTConfig.from_dict(md[key])
-
-
 def _cmd_expand(args):
     refuse_overwriting(args.output, [args.checkpoint])
-    state, md = load_checkpoint(args.checkpoint)
-    source = VisionTransformer(_model_config(args.checkpoint, md))
-    source.load_state_dict(state)
+    source = build_model(args.checkpoint, *load_checkpoint(args.checkpoint))
     source.double().eval()  # expand and check in float64, store in float32
     big = lemon_expand(source, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
                        mlp_ratio=args.mlp_ratio, seed=args.seed).eval()
