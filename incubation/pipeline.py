@@ -318,7 +318,7 @@ class Context:
         os.makedirs(directory, exist_ok=True)
         s, train, ev = self.spec, base_dataset(self.train_set), base_dataset(self.eval_set)
         data = {"name": s.data, "train_images": len(self.train_set), "eval_images": len(self.eval_set),
-                "eval_split": "test" if s.val_size is None else
+                "eval_split": getattr(ev, "split", None) if s.val_size is None else   # test, or a folder's val/ or validation/
                 f"validation: {s.val_size} images held out of the training split",
                 "classes": list(getattr(train, "classes", [])),
                 "transforms": {"train": repr(getattr(train, "transform", None)),

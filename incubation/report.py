@@ -148,7 +148,7 @@ def _recipe_table(report: dict) -> list[str]:
         t, a, d = c["train_config"], c["augment"], c["data"]
         aug = f"{a['auto_augment'] or '-'} / {a['re_prob']:g} / x{t['aug_repeats']}" if not d["name"].startswith(
             "fashion") else f"- / - / x{t['aug_repeats']}"
-        split = "val" if d.get("eval_split", "test").startswith("validation") else "test"
+        split = "val" if d.get("eval_split", "test").startswith("val") else "test"   # val/, validation/, held out
         rows.append(f"| {name} | {d['name']} ({d['train_images']} / {d['eval_images']} {split}) | {c['recipe']['epochs']:g} | "
                     f"{t['batch_size']} | {t['lr']:.3g} | {t['warmup_steps']} | {t['weight_decay']:g} | "
                     f"{c['model']['drop_path_rate']:g} | {t['label_smoothing']:g} | {t['mixup']:g} / {t['cutmix']:g} | "

@@ -2,6 +2,7 @@
 is an input, options accepted silently (--aa, abbreviations), tracebacks and vague messages for
 bad files and schedules, and records or defaults that said something else than what was used."""
 import argparse
+import json
 import os
 
 import pytest
@@ -176,3 +177,34 @@ def test_expand_names_what_does_not_match_in_a_bad_file(kind, source_checkpoint,
         assert f"error: {src}: its weights do not match its recorded target_config (" in err, err
     assert expected in err, err
     assert not (tmp_path / "big.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# folder data: 28 px images were upsampled to 224 (1024 tokens at patch 7), and the record said
+# "test" where the folder's val/ was used
+# ----------------------------------------------------------------------------------------------
+def test_a_folder_run_keeps_the_images_size_and_records_the_split_it_used(folder, tmp_path):
+    argv = ["meta", "--data", folder, "--out", str(tmp_path), "--patch-size", "8", "--epochs", "0.2", "-b", "8",
+            "--no-progress", "--device", "cpu"]   # no --img-size: the tiny preset leaves it to the data
+    assert cli.main(argv) == 0
+    record = json.loads((tmp_path / "meta" / "config.json").read_text())
+    assert record["model"]["img_size"] == [16, 16] and record["model"]["patch_size"] == [8, 8]
+    assert record["data"]["eval_split"] == "val"
+
+
+def test_the_own_size_of_folder_images_is_their_first_images_shorter_side(tmp_path):
+    from PIL import Image
+
+    from incubation import data
+    for split in ("train", "validation"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / split / c)
+            for j in range(2):
+                Image.new("RGB", (20, 12) if split == "train" else (40, 40)).save(tmp_path / split / c / f"{j}.png")
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not an image")   # the first one
+    with pytest.raises(data.DatasetError, match="0.png is not a readable image"):
+        data.load_dataset(f"folder:{tmp_path}", "train")
+    for split, name in (("train", "train"), ("test", "validation")):   # eval images at the training images' size
+        ds = data.load_dataset(f"folder:{tmp_path}", split, skip_bad_images=True)
+        assert (ds.img_size, ds.split) == (12, name)
+        assert ds[1][0].shape == (3, 12, 12)

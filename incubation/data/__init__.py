@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
 from .fashion_mnist import CLASSES, DatasetError, find_fashion_mnist, load_fashion_mnist_arrays, read_idx
-from .image_folder import ImageFolder, find_classes, split_dir
+from .image_folder import ImageFolder, find_classes, own_size, split_dir
 
 __all__ = ["load_dataset", "holdout", "base_dataset", "Augment", "TensorImageDataset", "ImageFolder", "DatasetError", "find_fashion_mnist",
            "read_idx", "default_workers", "FASHION_MNIST_CLASSES"]
@@ -130,10 +130,11 @@ def _image_folder(root: str, split: str, img_size: Optional[int], skip_bad_image
                 f"ImageFolder data {root}: the class folders of {train} and {evaluation} differ (only in train: "
                 f"{sorted(set(train_classes) - set(eval_classes))}; only in {os.path.basename(evaluation)}: "
                 f"{sorted(set(eval_classes) - set(train_classes))}): every later label would shift")
-    size = img_size or 224
+    size = img_size or own_size(train or path, skip_bad_images)   # both splits: the training images' size
     transform = (augment or Augment()).transform(size, training=split == "train" if augmented is None else augmented)
     ds = ImageFolder(path, transform, classes, skip_bad_images=skip_bad_images)
     ds.num_classes, ds.in_chans, ds.img_size = len(ds.classes), 3, size
+    ds.split = os.path.basename(path)   # what was used: train, val or validation
     return ds
 
 
@@ -141,7 +142,11 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir: Op
                  img_size: Optional[int] = None, download: bool = True, skip_bad_images: bool = False,
                  augment: Optional[Augment] = None, augmented: Optional[bool] = None) -> Dataset:
     """The `split` ('train' or 'test'/'val': the data set's test images) of data set `name` (see
-    the module docstring). For a validation split carved from the training images see `holdout`.
+    the module docstring), its `split` attribute the one used (train, test; ImageFolder: its folder's
+    name). For a validation split carved from the training images see `holdout`.
+
+    img_size: resize to this; default the data's own (Fashion-MNIST 28; an ImageFolder the shorter
+    side of its first training image, `own_size`).
 
     augment (ImageFolder only): the transforms' recipe (default `Augment()`: crop and flip);
     augmented: training (True) or evaluation (False) transforms, default by the split.
@@ -152,7 +157,7 @@ def load_dataset(name: str = "fashion-mnist", split: str = "train", data_dir: Op
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist_arrays("train" if split == "train" else "test", data_dir, download)
         ds = TensorImageDataset(images, labels, len(CLASSES), (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,), img_size)
-        ds.classes = list(CLASSES)
+        ds.classes, ds.split = list(CLASSES), "train" if split == "train" else "test"
         return ds
     if name.startswith("folder:"):
         return _image_folder(name[len("folder:"):], split, img_size, skip_bad_images, augment, augmented)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from .fashion_mnist import DatasetError
 
-__all__ = ["ImageFolder", "IMG_EXTENSIONS", "split_dir", "find_classes"]
+__all__ = ["ImageFolder", "IMG_EXTENSIONS", "split_dir", "find_classes", "own_size"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EVAL_SPLITS = ("val", "validation")
@@ -79,6 +79,24 @@ def _scan(path: str, classes: list[str]) -> list[tuple[str, int]]:
                       f"a folder, or other images): {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}",
                       stacklevel=3)
     return samples
+
+
+def own_size(path: str, skip_bad_images: bool = False) -> int:
+    """The size of the images of split `path` when none is asked for: the shorter side of its first
+    (readable, with `skip_bad_images`) image in ImageFolder's order. Reads one image header."""
+    from PIL import Image
+    for name in find_classes(path):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(path, name), followlinks=False):
+            dirnames.sort()
+            for file in (os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)):
+                try:
+                    with Image.open(file) as image:
+                        return min(image.size)
+                except _bad_image_errors() as exc:
+                    if not skip_bad_images:
+                        raise DatasetError(f"{file} is not a readable image ({type(exc).__name__}: {exc}); skip "
+                                           "such files with --skip-bad-images, or give --img-size") from exc
+    raise DatasetError(f"ImageFolder split {path} holds no readable image to take the image size from")
 
 
 def _load_rgb(path: str):
