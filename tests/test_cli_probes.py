@@ -208,3 +208,28 @@ def test_the_own_size_of_folder_images_is_their_first_images_shorter_side(tmp_pa
         ds = data.load_dataset(f"folder:{tmp_path}", split, skip_bad_images=True)
         assert (ds.img_size, ds.split) == (12, name)
         assert ds[1][0].shape == (3, 12, 12)
+
+
+# ----------------------------------------------------------------------------------------------
+# grow with too few steps named the Python argument switch_steps
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, schedule, least", [
+    ([], "--schedule apollo", 15),   # apollo_schedule(8, 15) is the first that fits (below)
+    # 9 steps switch at round(0.9, 1.8, 2.7) = 1, 2, 3; 8 at 1, 2, 2 (round(0.5) = 0 becomes 1)
+    (["--stages", "1,2,4,8", "--switch", "0.1,0.2,0.3"], "--switch 0.1,0.2,0.3", 9),
+    (["--schedule", "even", "--stages", "1,2,4,6,8"], "--schedule even", 5)])   # a step per stage
+def test_grow_with_too_few_steps_names_the_flags_and_the_least_steps(options, schedule, least, tiny, folder,
+                                                                     tmp_path, capsys):
+    from incubation.growth import apollo_schedule
+
+    apollo_schedule(8, 15)
+    with pytest.raises(ValueError, match="use at least 15 steps"):
+        apollo_schedule(8, 14)
+    argv = ["grow", "--data", folder, "--out", str(tmp_path), "--epochs", "0.5", *tiny, *options]   # 3 steps
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "switch_steps" not in err and "Traceback" not in err
+    assert f"incubation grow: error: argument --epochs: 3 steps (--epochs 0.5 of 48 images at --batch-size 8) are " \
+           f"too few for {schedule} at depth 8: every stage needs a step, which takes at least {least} steps; give " \
+           f"more --epochs, or fewer stages (--stages, --switch, --schedule even)" in err
+    assert not os.path.exists(tmp_path / "grow" / "final.json")

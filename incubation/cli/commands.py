@@ -40,7 +40,7 @@ import torch
 
 from .. import bench, ops, pipeline
 from ..errors import IncubationError
-from ..growth import lemon_expand, train_apollo
+from ..growth import lemon_expand, too_few_steps, train_apollo
 from ..launch.local import LocalLauncher, last_line
 from ..nn import VisionTransformer
 from ..official import import_official
@@ -251,6 +251,13 @@ def _cmd_grow(args):
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
     cfg = run.train_config(recipe)
+    least = too_few_steps(target.depth, cfg.steps, args.stages, args.switch, args.schedule)
+    if least is not None:
+        schedule = f"--switch {','.join(map(str, args.switch))}" if args.switch else f"--schedule {args.schedule}"
+        raise UsageError(f"argument --epochs: {cfg.steps} steps (--epochs {recipe.epochs:g} of {len(run.train_set)} "
+                         f"images at --batch-size {recipe.batch_size}) are too few for {schedule} at depth "
+                         f"{target.depth}: every stage needs a step, which takes at least {least} steps; give more "
+                         f"--epochs, or fewer stages (--stages, --switch, --schedule even)")
     run.write_config("grow", recipe, cfg, stages=args.stages, switch=args.switch, schedule=args.schedule)
     try:
         result, path = train_apollo(target, run.train_set, run.eval_set, cfg, pipeline.stage_dir(run.run_dir, "grow"),

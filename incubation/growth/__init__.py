@@ -11,10 +11,11 @@ from .apollo import (
                      interpolation_sources,
                      lvps_depth,
                      shared_blocks,
+                     too_few_steps,
                      train_apollo,
 )
 from .lemon import expand_block, lemon_config, lemon_expand, lemon_schedule
 
-__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "train_apollo", "default_stages", "even_switch_steps",
+__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "too_few_steps", "train_apollo", "default_stages", "even_switch_steps",
            "interpolation_sources", "lvps_depth", "shared_blocks", "expand_block",
            "lemon_config", "lemon_expand", "lemon_schedule"]

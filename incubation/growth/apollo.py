@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import itertools
 import math
 import os
 from typing import Optional, Sequence
@@ -46,8 +47,8 @@ from ..train import TrainResult, train
 from ..train.checkpoint import save_checkpoint
 from ..weights import load_into
 
-__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "train_apollo", "lvps_depth", "shared_blocks", "interpolation_sources",
-           "even_switch_steps", "default_stages", "APOLLO_STAGE_FRACTIONS", "APOLLO_SWITCH_FRACTIONS"]
+__all__ = ["ApolloViT", "apollo_hook", "apollo_schedule", "too_few_steps", "train_apollo", "lvps_depth", "shared_blocks",
+           "interpolation_sources", "even_switch_steps", "default_stages", "APOLLO_STAGE_FRACTIONS", "APOLLO_SWITCH_FRACTIONS"]
 
 LVPS_X_LOW = 1e-6  # x ~ U(1e-6, 1)
 # The authors' schedule, as exact fractions (numerator, denominator): unique blocks of each
@@ -133,14 +134,34 @@ def apollo_schedule(depth: int, total_steps: int) -> tuple[list[int], list[int]]
     suffices)."""
     depth, total_steps = _positive("depth", depth), _positive("total_steps", total_steps)
     stages, switches = _apollo_plan(depth, total_steps)
-    if not _valid_switches(switches, total_steps):
-        least = next(t for t in range(total_steps + 1, 10 ** 6)
-                     if _valid_switches(_apollo_plan(depth, t)[1], t))
+    least = too_few_steps(depth, total_steps)
+    if least is not None:
         raise ValueError(f"total_steps={total_steps} is too few for Apollo's schedule of depth {depth}: stages "
                          f"{stages} would switch at steps {switches} (after 5 %, 10 %, 25 %), leaving a stage "
                          f"without steps; use at least {least} steps, or give switch_steps "
                          f"(e.g. even_switch_steps)")
     return stages, switches
+
+
+def _fraction_switches(fractions: Sequence[float], total_steps: int) -> list[int]:
+    return [max(1, round(f * total_steps)) for f in fractions]
+
+
+def too_few_steps(depth: int, total_steps: int, stages: Optional[Sequence[int]] = None,
+                  switch_fractions: Optional[Sequence[float]] = None, schedule: str = "apollo") -> Optional[int]:
+    """None when `total_steps` give every stage of the schedule that `train_apollo` lays out
+    (`switch_fractions` with `stages`, else `schedule`) at least one step, else the least number
+    of steps that does."""
+    if switch_fractions is not None:
+        def fits(t):
+            return _valid_switches(_fraction_switches(switch_fractions, t), t)
+    elif schedule == "apollo":
+        def fits(t):
+            return _valid_switches(_apollo_plan(depth, t)[1], t)
+    else:   # even: one stage per step at least
+        def fits(t):
+            return t >= len(stages or default_stages(depth))
+    return None if fits(total_steps) else next(t for t in itertools.count(total_steps + 1) if fits(t))
 
 
 def even_switch_steps(total_steps: int, num_stages: int) -> list[int]:
@@ -364,8 +385,11 @@ def train_apollo(target: ViTConfig, train_set, eval_set, cfg, out_dir: str, *, s
             raise ValueError("switch_fractions need the stages they switch between")
         if list(switch_fractions) != sorted(switch_fractions) or not all(0 < f < 1 for f in switch_fractions):
             raise ValueError(f"switch fractions must increase within (0, 1), got {list(switch_fractions)}")
-        switches = [max(1, round(f * cfg.steps)) for f in switch_fractions]
-        model = ApolloViT(vit, stages, switches, seed=cfg.seed)
+        least = too_few_steps(target.depth, cfg.steps, stages, switch_fractions)
+        if least is not None:
+            raise ValueError(f"cfg.steps={cfg.steps} is too few for the switch fractions {list(switch_fractions)}: "
+                             f"a stage would get no step; use at least {least} steps")
+        model = ApolloViT(vit, stages, _fraction_switches(switch_fractions, cfg.steps), seed=cfg.seed)
     else:
         model = ApolloViT(vit, stages, total_steps=cfg.steps, schedule=schedule, seed=cfg.seed)
     metadata = {"stage": stage, "stages": list(model.stages), "switch_steps": list(model.switch_steps),
