@@ -42,6 +42,25 @@ AREAS = [
     ("command line", "every numeric option of every subcommand with 0, -1, nan, inf and '' (exit 2, no "
      "traceback), disk full, read-only / permission / not-a-directory outputs, no CUDA device, failed parallel "
      "jobs", ["tests/test_cli_errors.py", "tests/test_cli.py", "tests/test_growth_cli.py"], None),
+    # issue 25's probe campaign (some of its tests are counted in the areas above too)
+    ("issue 25: command line", "an output that is an input (prefix, suffix, relative path, symlink, hard link), "
+     "unknown --aa policies, prefixes of options, expand on 16 kinds of weights that do not match their recorded "
+     "config, --num-heads that does not divide the width, grow with too few steps, folder data's own image size "
+     "and eval split; absurd sizes, non-float weights, damaged final.json, pickled state files; children of a "
+     "SIGKILLed parent", ["tests/test_cli_probes.py", "tests/test_cli_errors.py", "tests/test_weights.py",
+                          "tests/test_jobs.py"],
+     "test_cli_probes or absurd_sizes or non_float or damaged_final or unpickle or head_counts or sigkilled_parent"),
+    ("issue 25: new users", "every README snippet run as written; data found beside the checkout and in "
+     "INCUBATION_CACHE_DIR; the report's margin, 'no clear winner', varying stage times and next steps",
+     ["tests/test_readme.py", "tests/test_report.py", "tests/test_data.py"],
+     "test_readme or test_report or cache_dir or beside"),
+    ("issue 25: ops", "eager attention on overlapping as_strided views and NaN queries, the ViT on the meta "
+     "device, sizes beyond memory, layer norm of rows far from zero and of huge rows, measuring inside activation "
+     "checkpointing, a Triton linear output changed in place", ["tests/test_ops.py", "tests/test_vit.py",
+                                                                 "tests/test_kernels.py", "tests/test_dispatch.py",
+                                                                 "tests/test_triton_linear.py"],
+     "overlapping_views or nan_query or meta_device or sizes_beyond or far_from_zero or huge_rows or "
+     "inside_activation_checkpointing or in_place_then_backward"),
 ]
 
 
