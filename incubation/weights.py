@@ -510,6 +510,21 @@ def read_official(path) -> OfficialCheckpoint:
     return _official(obj, path)
 
 
+def _check_heads_and_eps(path: str, embed_dim: int, qkv_bias: bool, num_heads: Optional[int],
+                         norm_eps: Optional[float]) -> None:
+    """A head count must divide the width (the message names the counts that do); what is still
+    unknown (no family gave it) is asked for, and only that."""
+    if num_heads is not None and embed_dim % num_heads:
+        fit = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
+        raise ValueError(f"{path}: its width {embed_dim} is not divisible by {num_heads} heads (--num-heads): "
+                         f"{', '.join(map(str, fit))} would fit")
+    missing = [what for what, value in (("its number of heads (--num-heads)", num_heads),
+                                        ("its LayerNorm eps (--norm-eps)", norm_eps)) if value is None]
+    if missing:
+        raise ValueError(f"{path}: a ViT of width {embed_dim} (qkv bias {qkv_bias}) is none of the authors' "
+                         f"base / large / huge: give " + " and ".join(missing))
+
+
 def official_config(state_dict: dict, *, model: Optional[str] = None, num_heads: Optional[int] = None,
                     norm_eps: Optional[float] = None, path: str = "the checkpoint") -> tuple[ViTConfig, Optional[str]]:
     """(our ViTConfig of the authors' ViT whose weights are `state_dict` (timm keys), its family
@@ -557,15 +572,7 @@ def official_config(state_dict: dict, *, model: Optional[str] = None, num_heads:
     if family is not None:
         num_heads = _FAMILIES[family][2] if num_heads is None else num_heads
         norm_eps = _FAMILIES[family][4] if norm_eps is None else norm_eps
-    if num_heads is not None and embed_dim % num_heads:
-        fit = [h for h in range(1, embed_dim + 1) if embed_dim % h == 0]
-        raise ValueError(f"{path}: its width {embed_dim} is not divisible by {num_heads} heads (--num-heads): "
-                         f"{', '.join(map(str, fit))} would fit")
-    missing = [what for what, value in (("its number of heads (--num-heads)", num_heads),
-                                        ("its LayerNorm eps (--norm-eps)", norm_eps)) if value is None]
-    if missing:
-        raise ValueError(f"{path}: a ViT of width {embed_dim} (qkv bias {qkv_bias}) is none of the authors' "
-                         f"base / large / huge: give " + " and ".join(missing))
+    _check_heads_and_eps(path, embed_dim, qkv_bias, num_heads, norm_eps)
     cfg = ViTConfig(img_size=grid * patch[0] if patch[0] == patch[1] else (grid * patch[0], grid * patch[1]),
                     patch_size=patch, in_chans=in_chans, num_classes=num_classes, embed_dim=embed_dim,
                     depth=depth, num_heads=num_heads, mlp_ratio=hidden / embed_dim, qkv_bias=qkv_bias,
