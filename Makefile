@@ -14,10 +14,12 @@ endif
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
-# CI builds the CUDA kernels for one arch (Hopper) to save time, and a failed compile fails it.
+# CI builds the CUDA kernels for one arch (Hopper) to save time; a failed compile fails it, and
+# so does a test Slurm cluster (scripts/slurm-up.sh) that does not start.
 ifeq ($(CI),true)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export INCUBATION_REQUIRE_EXTENSION ?= 1
+export INCUBATION_REQUIRE_SLURM ?= 1
 endif
 export MAX_JOBS ?= 2
 
