@@ -124,7 +124,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "hypothesis", "ninja"]},
+    extras_require={"dev": ["pytest", "hypothesis", "ninja"], "slurm": ["submitit>=1.5"]},
     entry_points={"console_scripts": ["incubation=incubation.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
