@@ -1,6 +1,8 @@
 """Test-session set-up shared by every test file."""
 import os
+import subprocess
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +67,35 @@ def source_checkpoint(tmp_path):
         save_checkpoint(str(tmp_path / "src"), model.state_dict(), {"stage": stage, key: cfg.to_dict()})
         return model
     return save
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A single-node Slurm cluster for the session, started by scripts/slurm-up.sh (which installs
+    Debian's slurm-wlm and munge as root when missing) and stopped by PID by scripts/slurm-down.sh,
+    also when tests fail; SLURM_CONF points at it meanwhile. Skips with the script's reason where
+    it cannot start, unless INCUBATION_REQUIRE_SLURM=1 (CI) makes that a failure."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    directory = tmp_path_factory.mktemp("slurm")
+    down = ["bash", str(scripts / "slurm-down.sh"), str(directory)]
+    up = subprocess.run(["bash", str(scripts / "slurm-up.sh"), str(directory)], capture_output=True, text=True,
+                        timeout=900)
+    if up.returncode != 0:
+        subprocess.run(down, timeout=120)  # whatever did start
+        reason = (up.stderr.strip().splitlines() or ["no message"])[-1]
+        if os.environ.get("INCUBATION_REQUIRE_SLURM") == "1":
+            pytest.fail(f"the test Slurm cluster did not start: {reason}")
+        pytest.skip(f"no Slurm cluster: {reason}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(directory / "slurm.conf")
+    try:
+        yield directory
+    finally:
+        subprocess.run(down, timeout=120)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
