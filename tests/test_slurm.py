@@ -11,7 +11,7 @@ import pytest
 from incubation.errors import IncubationError
 from incubation.launch import Job, Resources
 from incubation.launch import slurm_status as st
-from incubation.launch.slurm import SlurmLauncher, SlurmOptions, StageOptions, sbatch_parameters, submission_order
+from incubation.launch.slurm import SlurmLauncher, SlurmOptions, StageOptions, sbatch_parameters, stage_options, submission_order
 from incubation.launch.slurm_task import exit_record_path, master_port
 
 # ---------------------------------------------------------------- without a cluster
@@ -82,6 +82,23 @@ def test_stage_options_per_stage_over_the_default():
     inc = options.for_job(_job("incubate-3", array="incubate"))
     assert (inc.nodes, inc.gpus_per_node, inc.time, inc.extra) == (1, 8, "48:00:00", (("a", "1"), ("b", "2")))
     assert options.for_job(_job("meta")).nodes == 4
+
+
+def test_stage_options_from_the_command_line():
+    stages = ("meta", "incubate", "assemble")
+    options = stage_options({"nodes": ["4", "incubate:1"], "time": ["48:00:00", "incubate:12:00:00"],
+                             "gpus_per_node": ["8"], "partition": ["gpu"], "constraint": ["a100|h100"],
+                             "slurm_option": ["mail-type=END", "incubate:exclusive=user"], "mem": None}, stages)
+    assert options.default == SlurmOptions(partition="gpu", time="48:00:00", nodes=4, gpus_per_node=8,
+                                           constraint="a100|h100", extra=(("mail-type", "END"),))
+    inc = options.for_job(_job("incubate-0", array="incubate"))
+    assert (inc.nodes, inc.time, inc.gpus_per_node, inc.extra) == (1, "12:00:00", 8, (("mail-type", "END"), ("exclusive", "user")))
+    with pytest.raises(ValueError, match="--nodes 'e2e:2': want a number"):
+        stage_options({"nodes": ["e2e:2"]}, stages)  # e2e is not a stage of this graph
+    with pytest.raises(ValueError, match="--slurm-option 'mail-type': want KEY=VALUE"):
+        stage_options({"slurm_option": ["mail-type"]}, stages)
+    with pytest.raises(ValueError, match="slurm options: 'meta' is not a Slurm time"):
+        stage_options({"time": ["incubate:meta"]}, stages)
 
 
 @pytest.mark.parametrize("kw, match", [({"time": "soon"}, "not a Slurm time"), ({"nodes": 0}, "nodes must be"),

@@ -27,7 +27,7 @@ from ..train.lock import RunDirLock
 from . import Job
 from .slurm_status import active, load_record, run_slurm, save_record, slurm_folder, slurm_seconds
 
-__all__ = ["SlurmOptions", "StageOptions", "SlurmLauncher", "sbatch_parameters"]
+__all__ = ["SlurmOptions", "StageOptions", "SlurmLauncher", "OPTIONS", "stage_options", "sbatch_parameters"]
 
 MAX_TIMEOUT_REQUEUES = 100  # a time limit shorter than a stage is a way to run it, not an error
 SIGNAL_BEFORE_LIMIT_S = 120  # USR2 this long before the time limit: time to stop and requeue
@@ -75,6 +75,39 @@ class StageOptions:
     def for_job(self, job: Job) -> SlurmOptions:
         stage = job.array or job.name
         return self.stages[stage].over(self.default) if stage in self.stages else self.default
+
+
+INT_OPTIONS = ("nodes", "gpus_per_node", "cpus_per_task")
+OPTIONS = ("partition", "account", "qos", "time", *INT_OPTIONS, "mem", "constraint", "slurm_option")
+
+
+def stage_options(values: Mapping[str, Sequence[str]], stages: Iterable[str]) -> StageOptions:
+    """StageOptions from the command line: `values` maps each of OPTIONS (SlurmOptions' fields,
+    and slurm_option for KEY=VALUE) to the strings given, each VALUE for every stage or
+    STAGE:VALUE for one of `stages`; a later value wins. ValueError names a bad one."""
+    stages = set(stages)
+    fields: dict = {}   # stage (None: every stage) -> {field: value}
+    for option, given in values.items():
+        flag = "--" + option.replace("_", "-")
+        for text in given or ():
+            stage, colon, rest = text.partition(":")
+            stage, value = (stage, rest) if colon and stage in stages else (None, text)
+            into = fields.setdefault(stage, {})
+            if option == "slurm_option":
+                key, eq, setting = value.partition("=")
+                if not eq:
+                    raise ValueError(f"{flag} {text!r}: want KEY=VALUE or STAGE:KEY=VALUE")
+                into["extra"] = into.get("extra", ()) + ((key, setting),)
+            elif option in INT_OPTIONS:
+                if not value.isdigit():
+                    raise ValueError(f"{flag} {text!r}: want a number, or STAGE:NUMBER with a stage of {sorted(stages)}")
+                into[option] = int(value)
+            else:
+                into[option] = value
+    try:
+        return StageOptions(SlurmOptions(**fields.pop(None, {})), {k: SlurmOptions(**v) for k, v in fields.items()})
+    except ValueError as exc:
+        raise ValueError(f"slurm options: {exc}") from None
 
 
 def _minutes(opts: SlurmOptions) -> int:
