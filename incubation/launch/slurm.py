@@ -27,7 +27,7 @@ from ..train.lock import RunDirLock
 from . import Job
 from .slurm_status import active, load_record, run_slurm, save_record, slurm_folder, slurm_seconds
 
-__all__ = ["SlurmOptions", "StageOptions", "SlurmLauncher", "OPTIONS", "stage_options", "sbatch_parameters"]
+__all__ = ["SlurmOptions", "StageOptions", "SlurmLauncher", "OPTIONS", "split_stage", "stage_options", "sbatch_parameters"]
 
 MAX_TIMEOUT_REQUEUES = 100  # a time limit shorter than a stage is a way to run it, not an error
 SIGNAL_BEFORE_LIMIT_S = 120  # USR2 this long before the time limit: time to stop and requeue
@@ -81,6 +81,12 @@ INT_OPTIONS = ("nodes", "gpus_per_node", "cpus_per_task")
 OPTIONS = ("partition", "account", "qos", "time", *INT_OPTIONS, "mem", "constraint", "slurm_option")
 
 
+def split_stage(text: str, stages: Iterable[str]) -> tuple:
+    """(STAGE, VALUE) of "STAGE:VALUE" with one of `stages`, else (None, text): "48:00:00" is a time."""
+    stage, colon, value = text.partition(":")
+    return (stage, value) if colon and stage in stages else (None, text)
+
+
 def stage_options(values: Mapping[str, Sequence[str]], stages: Iterable[str]) -> StageOptions:
     """StageOptions from the command line: `values` maps each of OPTIONS (SlurmOptions' fields,
     and slurm_option for KEY=VALUE) to the strings given, each VALUE for every stage or
@@ -90,8 +96,7 @@ def stage_options(values: Mapping[str, Sequence[str]], stages: Iterable[str]) ->
     for option, given in values.items():
         flag = "--" + option.replace("_", "-")
         for text in given or ():
-            stage, colon, rest = text.partition(":")
-            stage, value = (stage, rest) if colon and stage in stages else (None, text)
+            stage, value = split_stage(text, stages)
             into = fields.setdefault(stage, {})
             if option == "slurm_option":
                 key, eq, setting = value.partition("=")
