@@ -18,15 +18,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def user_cache_dir() -> str:
-    """$XDG_CACHE_HOME/incubation (default ~/.cache/incubation): downloads and measurements."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "incubation")
+    """Where downloads and measurements (dispatch decisions, tuned kernel configs) are kept:
+    $INCUBATION_CACHE_DIR, else $XDG_CACHE_HOME/incubation (default ~/.cache/incubation)."""
+    return os.environ.get("INCUBATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "incubation")
 
 
-def measurement_dir() -> str:
-    """Where measurements are kept (dispatch decisions, tuned kernel configs):
-    $INCUBATION_CACHE_DIR, else user_cache_dir()."""
-    return os.environ.get("INCUBATION_CACHE_DIR") or user_cache_dir()
+measurement_dir = user_cache_dir
 
 
 def _finite_or_none(obj):
