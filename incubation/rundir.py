@@ -4,9 +4,11 @@ The CLI finds earlier stages here, and the report reads every stage back from he
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
+
+from .errors import IncubationError
+from .utils import json_value, read_json_object
 
 __all__ = ["stage_dir", "read_stage", "read_incubations", "pipeline_cost"]
 
@@ -27,18 +29,21 @@ def read_stage(directory: str) -> Optional[dict]:
     cost so far (wall seconds, train FLOPs, images, steps) and evaluation points."""
     if not os.path.exists(os.path.join(directory, "final.json")):
         return None
-    with open(os.path.join(directory, "final.json")) as f:
-        final = json.load(f).get("metadata", {})
+    final_path = os.path.join(directory, "final.json")
+    final = read_json_object(final_path).get("metadata", {})
+    if not isinstance(final, dict):
+        raise IncubationError(f"{final_path}: 'metadata' must be a JSON object, got {type(final).__name__}")
     lines = []
     metrics = os.path.join(directory, "metrics.jsonl")
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            lines = [json_value(line, f"{metrics} line {i}") for i, line in enumerate(f, 1) if line.strip()]
+        if not all(isinstance(m, dict) for m in lines):
+            raise IncubationError(f"{metrics}: every line must be a JSON object")
     last = lines[-1] if lines else {}
     config = None
     if os.path.exists(os.path.join(directory, "config.json")):   # written by the CLI (absent for API runs)
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
+        config = read_json_object(os.path.join(directory, "config.json"))
     evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
               "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
     return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),

@@ -90,6 +90,29 @@ def check_against_reference(fn, inputs, backend, factor=2.0):
         assert_within_rule(o, e, r, f"{backend} {name}", factor)
 
 
+def check_scaled_against_reference(fn, inputs, scaled, power, backend, factor=2.0):
+    """check_against_reference at inputs whose `scaled` ones (indices) are multiplied by 2**power,
+    for an fn whose outputs that scale leaves alone (LayerNorm, eps aside): rows so large that
+    eager's own statistics overflow to NaN. The baseline is eager at the inputs as given; the
+    gradients of the scaled inputs, which scale by 2**-power, are compared scaled back (exact)."""
+    big = [t * 2.0 ** power if i in scaled else t for i, t in enumerate(inputs)]
+    as_double = [t.double() for t in big]
+    ref_outs = _run(fn, as_double, "eager")
+    outs = len(ref_outs)
+    grads_out = [torch.randn_like(o).to(inputs[0].dtype).double() for o in ref_outs]
+
+    def scaled_back(results):
+        grads = results[outs:]
+        return results[:outs] + [g * 2.0 ** power if i in scaled else g for i, g in enumerate(grads)]
+
+    reference = scaled_back(_run(fn, as_double, "eager", grads_out))
+    ours = scaled_back(_run(fn, big, backend, grads_out))
+    eager = _run(fn, inputs, "eager", grads_out)
+    names = [f"output {i}" for i in range(outs)] + [f"grad of input {i}" for i in range(len(inputs))]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, f"{backend} {name} at inputs x 2^{power}", factor)
+
+
 EPILOGUES = {  # name: (activation, bias, layer_scale, residual): ops.linear's epilogues as the ViT uses them
     "plain": (None, False, False, False),
     "qkv_bias": (None, True, False, False),

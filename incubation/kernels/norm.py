@@ -28,6 +28,15 @@ MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the
 
 
 @triton.jit
+def _overflow_scale(top):
+    """The power of two 2^-k that brings `top` (a row's largest magnitude, fp32) below 4, with
+    k >= 0: 1 for rows of ordinary values."""
+    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127   # top = 1.f x 2^exponent
+    k = tl.minimum(tl.maximum(exponent, 0), 126)
+    return ((127 - k) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _forward_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, C, sx, sr, eps,
                     HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -40,10 +49,21 @@ def _forward_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, C, sx, sr, eps,
     if HAS_RESIDUAL:
         s += tl.load(R + rows64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(S + rows64 * C + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
-    mean = tl.sum(s, 1) / C
-    centred = tl.where(mask, s - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / C + eps)
-    y = centred * rstd[:, None]
+    # the statistics of v = s * scale - shift (both exact): shifted by the row's first value, so
+    # that data far from zero (1000 + 0.01 N) keeps its digits, and scaled by a power of two so
+    # that the squares of huge rows (1e20) stay finite; as csrc/include/incubation_math.h
+    first = tl.load(X + rows.to(tl.int64) * sx, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        first += tl.load(R + rows.to(tl.int64) * sr, mask=row_ok, other=0.0).to(tl.float32)
+    scale = _overflow_scale(tl.max(tl.abs(s), 1))
+    shift = first * scale
+    v = s * scale[:, None] - shift[:, None]
+    mean_v = tl.sum(tl.where(mask, v, 0.0), 1) / C
+    centred = tl.where(mask, v - mean_v[:, None], 0.0)
+    rstd_v = tl.rsqrt(tl.sum(centred * centred, 1) / C + eps * scale * scale)
+    y = centred * rstd_v[:, None]
+    mean = (shift + mean_v) / scale
+    rstd = rstd_v * scale
     if HAS_W:
         y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:

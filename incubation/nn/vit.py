@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..utils import memory_bytes
 
 __all__ = ["ViTConfig", "VisionTransformer", "train_flops_per_image", "TRAIN_FLOPS_PER_FORWARD", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
@@ -127,6 +128,35 @@ class ViTConfig:
             errors.append("attn_drop_rate > 0 is not supported (the fused attention has no dropout)")
         if errors:
             raise ValueError("invalid ViT config: " + "; ".join(errors))
+        self._check_fits_in_memory()
+
+    def _check_fits_in_memory(self) -> None:
+        """Refuse sizes whose float32 parameters alone exceed this machine's memory (embed_dim
+        1000000), naming the sizes, rather than fail in the allocator."""
+        memory, count = memory_bytes(), self.num_params()
+        if memory is None or 4 * count <= memory:
+            return
+        d, grid = self.embed_dim, "x".join(map(str, self.grid_size))
+        parts = {f"embed_dim={d}, depth={self.depth}, mlp_ratio={self.mlp_ratio} (the blocks)": self.depth * d * d,
+                 f"num_classes={self.num_classes} (the head)": self.num_classes * d,
+                 f"img_size={self.img_size}, patch_size={self.patch_size} ({grid} patches, pos_embed)":
+                     self.num_patches * d,
+                 f"in_chans={self.in_chans}, patch_size={self.patch_size} (patch_embed)":
+                     self.in_chans * math.prod(self.patch_size) * d}
+        raise ValueError(f"invalid ViT config: {count:.3g} parameters, {4 * count / 2 ** 30:.3g} GiB in float32, "
+                         f"more than this machine's memory ({memory / 2 ** 30:.3g} GiB); most of them from "
+                         f"{max(parts, key=parts.get)}")
+
+    def num_params(self) -> int:
+        """The parameter count of VisionTransformer(self), from the sizes alone (nothing built)."""
+        d, h, bias = self.embed_dim, self.mlp_hidden_dim, int(self.proj_bias)
+        block = (4 * d + 3 * d * d + 3 * d * int(self.qkv_bias) + d * d + d * bias   # norms, attention
+                 + 2 * d * h + (h + d) * bias + 2 * d * int(bool(self.init_values)))  # mlp, layer scales
+        embed_len = self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+        stem = d * (self.in_chans * math.prod(self.patch_size) + int(not self.pre_norm)
+                    + self.num_prefix_tokens + embed_len)
+        norms = 2 * d * (int(self.pre_norm) + int(self.final_norm))
+        return self.depth * block + stem + norms + (d + 1) * self.num_classes
 
     @property
     def use_fc_norm(self) -> bool:
