@@ -128,11 +128,11 @@ class ViTConfig:
             errors.append("attn_drop_rate > 0 is not supported (the fused attention has no dropout)")
         if errors:
             raise ValueError("invalid ViT config: " + "; ".join(errors))
-        self._check_fits_in_memory()
 
-    def _check_fits_in_memory(self) -> None:
+    def check_fits_in_memory(self) -> None:
         """Refuse sizes whose float32 parameters alone exceed this machine's memory (embed_dim
-        1000000), naming the sizes, rather than fail in the allocator."""
+        1000000), naming the sizes, rather than fail in the allocator. (A model built on the meta
+        device allocates nothing and is not checked.)"""
         memory, count = memory_bytes(), self.num_params()
         if memory is None or 4 * count <= memory:
             return
@@ -405,6 +405,8 @@ class VisionTransformer(nn.Module):
                 raise TypeError(f"VisionTransformer got unsupported arguments {unknown}; "
                                 f"supported: {[f.name for f in fields(ViTConfig)]}")
             config = ViTConfig(**kwargs)
+        if torch.empty(0).device.type != "meta":
+            config.check_fits_in_memory()
         self.config = c = config
         self.num_classes, self.embed_dim, self.global_pool = c.num_classes, c.embed_dim, c.global_pool
         self.num_prefix_tokens = c.num_prefix_tokens
