@@ -12,7 +12,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_rule import make, serving
+from kernel_rule import backend_table, make, serving
 
 from incubation import ops
 from incubation.nn import VisionTransformer
@@ -30,7 +30,7 @@ GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU_MARKS)]
 BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 EPS = 1e-6
-CHECK = {op: check for op, (_, check) in extension.BACKENDS["cpp"].items()}   # the capability checks
+CHECK = {op: check for op, (_, check) in backend_table("cpp").items()}   # the capability checks
 
 
 # --------------------------------------------------------------------------------------

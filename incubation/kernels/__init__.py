@@ -4,8 +4,8 @@
     norm.py        (x + residual) -> LayerNorm in one pass; backward with partial weight sums
     linear.py      GEMM with a bias / exact GELU / layer-scale / residual epilogue; fused dGELU
 
-`BACKENDS` exports the implementations and capability checks; `incubation.dispatch` reads it
-(this package never imports the dispatcher).
+`incubation.ops` declares each module's op function and capability check (`check*`) as the
+triton backend of its op (this package never imports the dispatcher).
 
 Testing without a GPU: with TRITON_INTERPRET=1 in the environment *before this module is
 imported*, Triton builds interpreted kernels that run on CPU tensors. Whether a kernel is
@@ -23,7 +23,7 @@ import torch
 import triton
 from triton import knobs
 
-__all__ = ["BACKENDS", "INTERPRET", "DTYPES", "SMEM_BYTES", "REGISTERS", "FMA_REGISTERS", "autotune", "bucket",
+__all__ = ["INTERPRET", "DTYPES", "SMEM_BYTES", "REGISTERS", "FMA_REGISTERS", "autotune", "bucket",
            "dense", "device_guard", "dot_precision", "fma_dots", "tile_registers", "upcast_dots", "unsupported"]
 
 INTERPRET: bool = bool(knobs.runtime.interpret)
@@ -138,16 +138,3 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     the gradient reaches the original (summed over an expanded one, as eager's), and it is
     free for a contiguous one."""
     return None if t is None else t.contiguous()
-
-
-# the submodules import the helpers above from this partly initialised package
-from . import attention, linear, norm  # noqa: E402
-
-BACKENDS = {"triton": {
-    "attention": (attention.attention, attention.check),
-    "layer_norm": (norm.layer_norm, norm.check_layer_norm),
-    "add_layer_norm": (norm.add_layer_norm, norm.check_add_layer_norm),
-    "linear": (linear.linear, linear.check),
-}}
-# op -> function(device type) -> {kernel (and why): calls}: which of a backend's kernels served
-KERNELS = {"triton": {"linear": linear.kernels_used}}
