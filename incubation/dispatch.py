@@ -343,7 +343,7 @@ class Dispatcher:
             reason = check and check(*args)
             if not reason:
                 return fn
-            self.notes[op.name][choice] = reason   # this call differs from the measured one (e.g. strides)
+            _note(op.name, choice, reason)   # this call differs from the measured one (e.g. strides)
         return op.impls["eager"][0]
 
     def _forced_impl(self, op: Op, forced: str, device_type: str, args: tuple) -> Callable:
@@ -352,7 +352,7 @@ class Dispatcher:
             return op.impls[forced][0]
         usable = forced not in self.unavailable and not self._device_reason(forced, device_type, True)
         if usable and forced not in op.impls:  # e.g. attention under "cpp": the rest of the model still runs forced
-            self.notes[op.name][forced] = f"no {forced} implementation of {op.name} (ran eager)"
+            _note(op.name, forced, f"no {forced} implementation of {op.name} (ran eager)")
             return op.impls["eager"][0]
         raise BackendError(f"incubation.ops.{op.name}: backend {forced!r} was forced "
                            f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
@@ -515,6 +515,13 @@ class Dispatcher:
 
 DISPATCH = Dispatcher()
 clear_decisions = DISPATCH.clear_decisions
+
+
+@torch.compiler.assume_constant_result
+def _note(name: str, backend: str, reason: str) -> None:
+    """Record why `backend` did not serve a call of op `name`, for the report (plain Python
+    when torch.compile traces the call: no guard on the notes)."""
+    DISPATCH.notes[name][backend] = reason
 
 
 @torch.compiler.assume_constant_result
