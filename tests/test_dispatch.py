@@ -392,3 +392,38 @@ def test_ddp_ranks_agree_on_the_measured_decisions(tmp_path):
     fwd_bwd = {k: c for k, c in r0.items() if k.endswith("fwd+bwd") and not k.startswith("attention")}
     assert fwd_bwd and set(fwd_bwd.values()) == {"fake"}     # rank 0's measurement, on both ranks
     assert r0["layer_norm float64 rows=4 c=40 w=none b=none fwd"] == "eager"   # agreed by nobody: eager
+
+
+@pytest.mark.usefixtures("fresh")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_measuring_inside_activation_checkpointing_leaves_no_trace(train):
+    """Issue 25 defect 2: with an empty decision cache, the first step of a model under
+    set_grad_checkpointing(True) measured new signatures inside the checkpointed blocks; the
+    measurement's own saved tensors reached checkpoint's hooks, and the recomputation (no
+    measuring then) raised CheckpointError. Gradients equal those without checkpointing."""
+    _only("linear", fake=ops._eager_linear)
+    _only("layer_norm", fake=EAGER_LN)
+    _only("add_layer_norm", fake=ops._eager_add_layer_norm)
+    torch.manual_seed(0)
+    model = incubation.VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2,
+                                         num_classes=3, init_values=0.1).train(train)
+    images = torch.randn(4, 1, 8, 8)
+    model.set_grad_checkpointing(True)
+    model(images).square().sum().backward()
+    assert _decisions("linear"), "nothing was measured"
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(False)
+    model(images).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+
+
+def test_the_report_shows_enough_digits_for_the_margin_rule():
+    """Issue 25: "eager 14.8 ms, cpp 14.8 ms -> cpp" hid why cpp won; times within the 3 %
+    margin must read differently."""
+    won = dispatch.Decision("cpp", {"eager": 14.84, "cpp": 14.31}).summary()
+    lost = dispatch.Decision("eager", {"eager": 14.84, "cpp": 14.52}).summary()
+    assert "cpp 14.31 ms, eager 14.84 ms" in won and won.endswith("-> cpp")
+    assert "cpp 14.52 ms, eager 14.84 ms" in lost and lost.endswith("-> eager")
+    assert "0.964x" in won and "0.978x" in lost and "0.97" in lost

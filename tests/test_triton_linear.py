@@ -255,3 +255,24 @@ def test_tma_autotuning_choices_are_kept_across_processes(tmp_path, monkeypatch)
     assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0 and not linear._forward_tma_kernel.cache
     path.write_text("{not json")
     assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_output_changed_in_place_then_backward_as_eager(device, residual):
+    """Issue 25 defect 9: the output was a view made inside the autograd Function, so an
+    in-place change of it raised "Output 0 of _Linear is a view"; eager accepts it."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    w = torch.randn(48, 32, device=device, requires_grad=True)
+    r = torch.randn(2, 5, 48, device=device) if residual else None
+    grads = []
+    for backend in ("triton", "eager"):
+        with ops.use_backend(backend):
+            out = ops.linear(x, w, None, "gelu", residual=r)
+        out.mul_(2).add_(1)
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad, w.grad))
+        x.grad = w.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

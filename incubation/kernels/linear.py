@@ -459,16 +459,18 @@ class _Linear(torch.autograd.Function):
         # (grad mode is off inside forward; needs_input_grad tells what backward will want)
         needs = ctx.needs_input_grad
         store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
-        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        # out is allocated in its final shape and the kernel writes its (M, N) view: returned as a
+        # view made here, autograd would refuse in-place changes of it (eager's output takes them)
+        out = torch.empty((*x.shape[:-1], N), dtype=out_dtype, device=x.device)
         pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
         if M > 0:  # (an empty batch would only key a needless autotuning run)
-            _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu)
+            _forward(x2, weight, bias, layer_scale, r2, out.view(M, N), pre, gelu)
         # x itself (not the x2 view made here) and bias stay connected to the graph for a
         # differentiable backward; bias is kept for that only
         ctx.save_for_backward(x, weight, bias, layer_scale, pre)
         ctx.gelu = gelu
         ctx.residual_dtype = None if residual is None else residual.dtype
-        return out.view(*x.shape[:-1], N)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
