@@ -22,7 +22,7 @@ import kernel_rule  # noqa: E402
 import pytest  # noqa: E402
 from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
 
-from incubation import dispatch, ops  # noqa: E402
+from incubation import ops  # noqa: E402
 
 kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
 from incubation.kernels import linear  # noqa: E402
@@ -56,7 +56,7 @@ def linear_fn(activation, has_bias, has_scale, has_residual, expect):
         scale = rest.pop(0) if has_scale else None
         residual = rest.pop(0) if has_residual else None
         out = ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
-        if dispatch.current_backend() == "triton":  # (the references run eager)
+        if ops.current_backend() == "triton":  # (the references run eager)
             assert linear.last_forward[0] == expect, linear.last_forward
         return out
     return fn

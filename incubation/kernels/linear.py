@@ -447,70 +447,105 @@ def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
                 *(r2.stride() if r2 is not None else (0, 0)), bucket(M), **flags)
 
 
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation, layer_scale, residual):
-        N, K = weight.shape
-        x2 = _rows(x, K)
-        M = x2.shape[0]
+# The kernels as torch custom ops (incubation::triton_linear and its backward): one node each in a
+# torch.compile / torch.export graph, with fake kernels for shapes and register_autograd.
+@torch.library.custom_op("incubation::triton_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool,
+               layer_scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], store_pre: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre): out = residual + layer_scale * act(x @ weight^T + bias), in the dtype eager's
+    residual + out has; pre (x's dtype, rows x out features) is the pre-activation the backward
+    needs (for GELU's derivative or the layer scale's gradient), empty unless store_pre."""
+    N, K = weight.shape
+    x2 = _rows(x, K)
+    M = x2.shape[0]
+    out, pre = _linear_fake(x, weight, bias, gelu, layer_scale, residual, store_pre)
+    if M > 0:  # (an empty batch would only key a needless autotuning run)
         r2 = None if residual is None else _rows(residual, N)
-        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        gelu = activation == "gelu"
-        # (grad mode is off inside forward; needs_input_grad tells what backward will want)
-        needs = ctx.needs_input_grad
-        store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
-        # out is allocated in its final shape and the kernel writes its (M, N) view: returned as a
-        # view made here, autograd would refuse in-place changes of it (eager's output takes them)
-        out = torch.empty((*x.shape[:-1], N), dtype=out_dtype, device=x.device)
-        pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
-        if M > 0:  # (an empty batch would only key a needless autotuning run)
-            _forward(x2, weight, bias, layer_scale, r2, out.view(M, N), pre, gelu)
-        # x itself (not the x2 view made here) and bias stay connected to the graph for a
-        # differentiable backward; bias is kept for that only
-        ctx.save_for_backward(x, weight, bias, layer_scale, pre)
-        ctx.gelu = gelu
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        return out
+        _forward(x2, weight, bias, layer_scale, r2, out.view(M, N), pre if store_pre else None, gelu)
+    return out, pre
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, layer_scale, pre = ctx.saved_tensors
-        if double_backward.needed():
-            return _Linear._eager_backward(ctx, x, weight, bias, layer_scale, grad)
-        N, K = weight.shape
-        x2 = _rows(x, K)
-        g2 = _rows(grad, N)
-        want_dx, want_dw, want_db, _, want_dls, want_dres = ctx.needs_input_grad
-        want_db = want_db and bias is not None
-        want_dls = want_dls and layer_scale is not None
-        dpre = db = dls = None
-        if (want_dx or want_dw or want_db or want_dls) and (ctx.gelu or layer_scale is not None):
-            dpre, db, dls = _epilogue_backward(g2, pre, layer_scale, ctx.gelu, want_db, want_dls, x2.dtype)
-        elif want_dx or want_dw or want_db:
-            dpre = g2.to(x2.dtype)
-            db = g2.sum(0, dtype=torch.float32) if want_db else None
-        dx = (dpre @ weight).view(x.shape) if want_dx else None
-        dw = dpre.t() @ x2 if want_dw else None
-        dres = grad.to(ctx.residual_dtype) if want_dres else None
-        return (dx, dw, None if db is None else db.to(weight.dtype), None,
-                None if dls is None else dls.to(layer_scale.dtype), dres)
 
-    @staticmethod
-    def _eager_backward(ctx, x, weight, bias, layer_scale, grad):
-        """The backward as differentiable eager math (for create_graph=True)."""
-        def epilogue(x, weight, bias, layer_scale):
-            out = F.linear(x, weight, bias)
-            out = F.gelu(out) if ctx.gelu else out
-            return out if layer_scale is None else out * layer_scale
+@_linear_op.register_fake
+def _linear_fake(x, weight, bias, gelu, layer_scale, residual, store_pre):
+    N = weight.shape[0]
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    out = torch.empty((*x.shape[:-1], N), dtype=out_dtype, device=x.device)
+    return out, torch.empty((rows, N) if store_pre else (0, N), dtype=x.dtype, device=x.device)
 
-        need_x, need_w, need_b, _, need_ls, need_res = ctx.needs_input_grad
-        dx, dw, db, dls = double_backward.eager_grads(
-            epilogue, (x, weight, bias, layer_scale), (need_x, need_w, need_b, need_ls), (grad.to(x.dtype),))
-        return dx, dw, db, None, dls, grad.to(ctx.residual_dtype) if need_res else None
+
+@torch.library.custom_op("incubation::triton_linear_backward", mutates_args=())
+def _backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
+                 layer_scale: Optional[torch.Tensor], gelu: bool, want_dx: bool, want_dw: bool, want_db: bool,
+                 want_dls: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dlayer_scale), each empty unless wanted; dbias and dlayer_scale fp32."""
+    N, K = weight.shape
+    x2, g2 = _rows(x, K), _rows(grad, N)
+    dpre = db = dls = None
+    if (want_dx or want_dw or want_db or want_dls) and (gelu or layer_scale is not None):
+        dpre, db, dls = _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, x2.dtype)
+    elif want_dx or want_dw or want_db:
+        dpre = g2.to(x2.dtype)
+        db = g2.sum(0, dtype=torch.float32) if want_db else None
+    empty = lambda dtype: torch.empty(0, dtype=dtype, device=x.device)  # noqa: E731
+    dx = (dpre @ weight).view(x.shape) if want_dx else empty(x.dtype)
+    dw = dpre.t() @ x2 if want_dw else empty(weight.dtype)
+    return dx, dw, empty(torch.float32) if db is None else db, empty(torch.float32) if dls is None else dls
+
+
+@_backward_op.register_fake
+def _backward_fake(grad, x, weight, pre, layer_scale, gelu, want_dx, want_dw, want_db, want_dls):
+    N = weight.shape[0]
+    like = lambda want, shape, dtype: torch.empty(shape if want else (0,), dtype=dtype, device=x.device)  # noqa: E731
+    return (like(want_dx, x.shape, x.dtype), like(want_dw, weight.shape, weight.dtype),
+            like(want_db, (N,), torch.float32), like(want_dls, (N,), torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu, layer_scale, residual, _ = inputs
+    _, pre = output
+    ctx.mark_non_differentiable(pre)
+    # x itself and bias stay connected to the graph for a differentiable backward (bias for that only)
+    ctx.save_for_backward(x, weight, bias, layer_scale, pre)
+    ctx.gelu = gelu
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _gradients(ctx, grad, _dpre):
+    x, weight, bias, layer_scale, pre = ctx.saved_tensors
+    if double_backward.needed():
+        return _eager_gradients(ctx, x, weight, bias, layer_scale, grad)
+    want_dx, want_dw, want_db, _, want_dls, want_dres, _ = ctx.needs_input_grad
+    want_db, want_dls = want_db and bias is not None, want_dls and layer_scale is not None
+    dx, dw, db, dls = _backward_op(grad, x, weight, pre, layer_scale, ctx.gelu, want_dx, want_dw, want_db, want_dls)
+    return (dx if want_dx else None, dw if want_dw else None, db.to(weight.dtype) if want_db else None, None,
+            dls.to(layer_scale.dtype) if want_dls else None, grad.to(ctx.residual_dtype) if want_dres else None, None)
+
+
+def _eager_gradients(ctx, x, weight, bias, layer_scale, grad):
+    """The backward as differentiable eager math (for create_graph=True)."""
+    def epilogue(x, weight, bias, layer_scale):
+        out = F.linear(x, weight, bias)
+        out = F.gelu(out) if ctx.gelu else out
+        return out if layer_scale is None else out * layer_scale
+
+    need_x, need_w, need_b, _, need_ls, need_res, _ = ctx.needs_input_grad
+    dx, dw, db, dls = double_backward.eager_grads(
+        epilogue, (x, weight, bias, layer_scale), (need_x, need_w, need_b, need_ls), (grad.to(x.dtype),))
+    return dx, dw, db, None, dls, grad.to(ctx.residual_dtype) if need_res else None, None
+
+
+_linear_op.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def linear(x, weight, bias, activation, layer_scale, residual):
-    return _Linear.apply(x, weight, dense(bias), activation, dense(layer_scale), residual)
+    gelu = activation == "gelu"
+    # the pre-activation is stored only when the backward needs it
+    needs = torch.is_grad_enabled() and (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                                         layer_scale is not None and layer_scale.requires_grad)
+    store_pre = bool(needs) and ((gelu and any(needs[:3])) or (layer_scale is not None and needs[3]))
+    return _linear_op(x, weight, dense(bias), gelu, dense(layer_scale), residual, store_pre)[0]
 
 
 def check(x, weight, bias, activation, layer_scale, residual) -> Optional[str]:
