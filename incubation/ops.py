@@ -44,8 +44,9 @@ try:   # the triton backend
     from .kernels import attention as triton_attention
     from .kernels import linear as triton_linear
     from .kernels import norm as triton_norm
+    from .kernels import usage as triton_usage
 except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-    triton_attention = triton_linear = triton_norm = None
+    triton_attention = triton_linear = triton_norm = triton_usage = None
     DISPATCH.unavailable["triton"] = f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
 
 __all__ = [
@@ -270,7 +271,7 @@ LINEAR = DISPATCH.add(Op(
     impls={"triton": triton_linear and (triton_linear.linear, triton_linear.check),
            "cpp": extension and (extension.linear, extension.check_linear),
            "cuda": extension and (extension.linear, extension.check_linear)},
-    reports={"triton": triton_linear.kernels_used} if triton_linear else {}))
+    reports={"triton": lambda device_type: triton_usage.report("linear", device_type)} if triton_linear else {}))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

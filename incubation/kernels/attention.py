@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import autotune, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
-from . import tile_registers as _regs
+from .common import autotune, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from .common import tile_registers as _regs
 
 MAX_HEAD_DIM = 128
 MAX_GRID_BLOCKS = 65535  # CUDA's limit on the second grid axis (the row blocks of one batch*head)

@@ -9,7 +9,7 @@ the backward needs it: for GELU's derivative, or for the layer scale's gradient.
                        slices; for inputs TMA can address (16-byte aligned starts and row strides)
   _forward_kernel      (linear_fwd) one program per tile, pointers through any strides: other
                        GPUs, other inputs, fp32 in ieee precision, and the interpreter by default
-forward_kernel() names the kernel a call gets and why (FORWARD_KERNEL forces one; last_forward
+forward_kernel() names the kernel a call gets and why (FORWARD_KERNEL forces one; usage.last
 records the latest call's); the dispatcher measures the Triton backend against eager either way.
 
 Backward: one elementwise kernel turns the output gradient into the pre-activation gradient
@@ -24,10 +24,6 @@ under autocast), as the eager `residual + out` does.
 """
 from __future__ import annotations
 
-import collections
-import hashlib
-import json
-import os
 from typing import Optional
 
 import torch
@@ -37,9 +33,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import double_backward
-from ..utils import atomic_write, measurement_dir
-from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
-from . import tile_registers as _regs
+from . import usage
+from .common import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from .common import tile_registers as _regs
+from .tuned import TunedConfigs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -77,6 +74,25 @@ def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
 
+# The epilogue's math, shared by the pointer kernel's _epilogue and the TMA kernel's
+# _epilogue_tma (they differ only in how residual, pre and out move): on an fp32 tile, the
+# bias, then (after the pre-activation is stored) exact GELU and the layer scale.
+@triton.jit
+def _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _activated_scaled(acc, cols, col_ok, LS, GELU: tl.constexpr, HAS_LS: tl.constexpr):
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+    if HAS_LS:
+        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
 @triton.jit
 def _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
               HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
@@ -90,14 +106,10 @@ def _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
     row_ok, col_ok = rows < M - row0, cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     dense = rows[:, None] * N + cols[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS)
     if STORE_PRE:
         tl.store(PRE + row0 * N + dense, acc.to(PRE.dtype.element_ty), mask=mask)
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
-    if HAS_LS:
-        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _activated_scaled(acc, cols, col_ok, LS, GELU, HAS_LS)
     if HAS_RESIDUAL:
         acc += tl.load(RES + row0 * srm + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
                        other=0.0).to(tl.float32)
@@ -191,14 +203,10 @@ def _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE, HAS_BIAS: tl.co
     """_epilogue on a slice whose residual, out and pre are tensor descriptors."""
     cols = off_n + tl.arange(0, acc.shape[1])
     col_ok = cols < N
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS)
     if STORE_PRE:
         PRE.store([off_m, off_n], acc.to(PRE.dtype))
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
-    if HAS_LS:
-        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _activated_scaled(acc, cols, col_ok, LS, GELU, HAS_LS)
     if HAS_RESIDUAL:
         acc += RES.load([off_m, off_n]).to(tl.float32)
     OUT.store([off_m, off_n], acc.to(OUT.dtype))
@@ -239,6 +247,10 @@ def _forward_tma_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, M_BUCKET,
         else:
             _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE,
                           HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+
+
+# its autotuning choices, kept across processes (its configs' pre-hooks keep Triton from it)
+TUNED = TunedConfigs("linear_fwd_tma", _forward_tma_kernel, _TMA_GPU_CONFIGS)
 
 
 # Which forward kernel serves: "auto" (the TMA kernel on sm_90 for inputs it can take, else the
@@ -286,18 +298,6 @@ def forward_kernel(x2: torch.Tensor, weight: torch.Tensor, residual: Optional[to
     reason = (_tma_layout("x", x2) or _tma_layout("weight", weight)
               or (residual is not None and _tma_layout("residual", residual)))
     return ("linear_fwd", reason) if reason else ("linear_fwd_tma", None)
-
-
-last_forward: tuple[str, Optional[str]] = ("", None)  # forward_kernel()'s answer for the latest call
-_forward_counts: collections.Counter = collections.Counter()  # (device type, kernel, reason) -> calls
-
-
-def kernels_used(device_type: str) -> dict[str, int]:
-    """The forward kernels that served calls on this device type since import, with why the
-    pointer kernel did ("linear_fwd (x has strides ...)") -> number of calls; for
-    `incubation backends`."""
-    return {kernel + (f" ({reason})" if reason else ""): n
-            for (dev, kernel, reason), n in sorted(_forward_counts.items(), key=str) if dev == device_type}
 
 
 @triton.jit
@@ -370,81 +370,35 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
-# Triton keeps no autotuning result across processes for configs with a pre-hook (it cannot
-# serialise the hook), so the TMA kernel's choices are kept here: one file per kernel source,
-# GPU and Triton version, under measurement_dir(); a config no longer in the list is ignored.
-def _tuned_file(device_name: str) -> str:
-    source = getattr(_forward_tma_kernel.fn, "cache_key", "")   # (the interpreter's function has none)
-    what = f"{source}|{device_name}|triton {triton.__version__}"
-    return os.path.join(measurement_dir(), f"linear_fwd_tma-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json")
-
-
-def _config_record(config: triton.Config) -> dict:
-    return {"kwargs": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def load_tuned(device_name: str) -> int:
-    """Put the TMA kernel's configs chosen by earlier processes on this GPU into its autotuner's
-    cache (so they are not timed again); returns how many. A missing or unreadable file is none."""
-    try:
-        with open(_tuned_file(device_name), encoding="utf-8") as f:
-            records = json.load(f)
-        known = {json.dumps(_config_record(c), sort_keys=True): c for c in _TMA_GPU_CONFIGS}
-        found = [(tuple(key), known.get(json.dumps(record, sort_keys=True))) for key, record in records]
-    except (OSError, ValueError, TypeError):
-        return 0
-    for key, config in found:
-        if config is not None:
-            _forward_tma_kernel.cache.setdefault(key, config)
-    return sum(config is not None for _, config in found)
-
-
-def save_tuned(device_name: str) -> None:
-    """Write the TMA kernel's autotuning choices of this process (best effort: a read-only
-    cache directory only costs the next process the timing)."""
-    records = [[list(key), _config_record(config)] for key, config in _forward_tma_kernel.cache.items()]
-    try:
-        os.makedirs(measurement_dir(), exist_ok=True)
-        atomic_write(_tuned_file(device_name), json.dumps(records).encode())
-    except OSError:
-        pass
-
-
-_tuned_loaded: set[str] = set()   # the GPUs whose file this process has read
-
-
 def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
-    """Launch the forward kernel forward_kernel() picks (recorded in last_forward)."""
-    global last_forward
+    """Launch the forward kernel forward_kernel() picks (recorded in usage)."""
     M, K = x2.shape
     N = weight.shape[0]
-    last_forward = forward_kernel(x2, weight, r2, out.dtype)
-    _forward_counts[(x2.device.type, *last_forward)] += 1
+    kernel, reason = forward_kernel(x2, weight, r2, out.dtype)
+    usage.record("linear", x2.device.type, kernel, reason)
     flags = dict(HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None, HAS_RESIDUAL=r2 is not None,
                  STORE_PRE=pre is not None, UPCAST=upcast_dots(x2.dtype), PRECISION=dot_precision(x2.dtype))
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     with device_guard(x2):
-        if last_forward[0] == "linear_fwd_tma":
-            if x2.device.type == "cuda":
-                props = torch.cuda.get_device_properties(x2.device)
-                sms, gpu = props.multi_processor_count, props.name
-            else:   # the interpreter: no GPU, nothing tuned
-                sms, gpu = INTERPRETER_SMS, None
-            # (the block shapes are placeholders: each config's pre-hook sets its own)
-            desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
-            if gpu is not None and gpu not in _tuned_loaded:
-                _tuned_loaded.add(gpu)
-                load_tuned(gpu)
-            tuned = len(_forward_tma_kernel.cache)
-            _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](
-                desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
-                DTYPE=str(x2.dtype), **flags)
-            if gpu is not None and len(_forward_tma_kernel.cache) > tuned:
-                save_tuned(gpu)
-        else:
+        if kernel == "linear_fwd":
             _forward_kernel[lambda meta: (tiles(meta),)](
                 x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
                 *(r2.stride() if r2 is not None else (0, 0)), bucket(M), **flags)
+            return
+        if x2.device.type == "cuda":
+            props = torch.cuda.get_device_properties(x2.device)
+            sms, gpu = props.multi_processor_count, props.name
+        else:   # the interpreter: no GPU, nothing tuned
+            sms, gpu = INTERPRETER_SMS, None
+        # (the block shapes are placeholders: each config's pre-hook sets its own)
+        desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
+        launch = lambda: _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](  # noqa: E731
+            desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
+            DTYPE=str(x2.dtype), **flags)
+        if gpu is None:
+            launch()
+        else:
+            TUNED.launch(gpu, launch)
 
 
 # The kernels as torch custom ops (incubation::triton_linear and its backward): one node each in a

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, dense, device_guard, unsupported
+from .common import INTERPRET, dense, device_guard, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
 
