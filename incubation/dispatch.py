@@ -192,7 +192,7 @@ class Dispatcher:
         self.loaded = False                         # whether the file was read into `decisions`
         self.notes: dict[str, dict[str, str]] = collections.defaultdict(dict)   # op -> backend -> refusal at a call
         self.graph_notes: dict[str, dict[str, str]] = collections.defaultdict(dict)   # op -> signature -> why
-        self.environments: dict[torch.device, str] = {}
+        self.environments: dict[tuple, str] = {}   # (device, CPU threads) -> environment
         self.tuning = False                         # inside tune(): measure even under several ranks
         self.remeasured: Optional[set] = None       # inside tune(fresh=True): the signatures measured anew
         self.measuring = False
@@ -272,8 +272,10 @@ class Dispatcher:
 
     # ---- the decisions, in memory and on disk -------------------------------------------
     def environment(self, device: torch.device) -> str:
-        """What a measurement depends on besides the call: the device and the software."""
-        env = self.environments.get(device)
+        """What a measurement depends on besides the call: the device and the software (and, on
+        the CPU, the thread count, which changes which kernel is faster)."""
+        threads = torch.get_num_threads() if device.type == "cpu" else 0
+        env = self.environments.get((device, threads))
         if env is None:
             from . import __version__
             try:
@@ -286,10 +288,8 @@ class Dispatcher:
             else:
                 name = _cpu_name()
             env = (f"{device.type}: {name} | torch {torch.__version__} | triton {triton_version} "
-                   f"| incubation {__version__}")
-            self.environments[device] = env
-        if device.type == "cpu":   # the thread count changes which kernel is faster
-            env += f" | {torch.get_num_threads()} threads"
+                   f"| incubation {__version__}" + (f" | {threads} threads" if device.type == "cpu" else ""))
+            self.environments[(device, threads)] = env
         return env
 
     def _load_file(self) -> None:
