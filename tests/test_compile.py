@@ -38,7 +38,7 @@ class Capture:
 
 def _loss_and_grads(run, model, images):
     """The loss of run(images) (the model or its compiled form) and the model's gradients."""
-    labels = torch.arange(images.shape[0]) % VIT["num_classes"]
+    labels = torch.arange(images.shape[0], device=images.device) % VIT["num_classes"]
     model.zero_grad()
     loss = torch.nn.functional.cross_entropy(run(images), labels)
     loss.backward()
@@ -67,23 +67,31 @@ def _triton_interpreted() -> bool:
 
 def _expected(backend: str, depth: int) -> dict[str, int]:
     """Our ops in one forward graph of the ViT (depth blocks, layer scale on)."""
-    if backend == "cpp":   # GELU / layer-scale / residual linears (proj, fc1, fc2); the norms
+    if backend in ("cpp", "cuda"):   # GELU / layer-scale / residual linears (proj, fc1, fc2); the norms
         return {"incubation.linear_epilogue_fwd": 3 * depth, "incubation.add_layer_norm_fwd": depth,
                 "incubation.layer_norm_fwd": depth + 1}
     return {"incubation.triton_linear": 4 * depth + 1, "incubation.triton_attention": depth,   # + patch embedding
             "incubation.triton_add_layer_norm": 2 * depth + 1}
 
 
-@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
-    not _triton_interpreted(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (GPU: gpu.sh)"))])
+GPU = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("backend, device", [
+    ("cpp", "cpu"),
+    pytest.param("triton", "cpu", marks=pytest.mark.skipif(
+        not _triton_interpreted(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
+    pytest.param("triton", "cuda", marks=GPU),
+    pytest.param("cuda", "cuda", marks=(*GPU, pytest.mark.skipif(
+        not extension.with_cuda, reason="incubation._C was built without its CUDA kernels")))])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "mark_dynamic"])
-def test_compiled_vit_with_a_forced_backend_runs_our_ops_with_its_numbers(backend, dynamic):
-    model = _model()
+def test_compiled_vit_with_a_forced_backend_runs_our_ops_with_its_numbers(backend, device, dynamic):
+    model = _model().to(device)
     capture = Capture()
     compiled = torch.compile(model, fullgraph=True, backend=capture)
     with ops.use_backend(backend):
         for batch in (4, 3):
-            images = torch.randn(batch, 1, 8, 8)
+            images = torch.randn(batch, 1, 8, 8, device=device)
             if dynamic:
                 torch._dynamo.mark_dynamic(images, 0)
             want_loss, want_grads = _loss_and_grads(model, model, images)
