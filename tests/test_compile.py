@@ -10,7 +10,11 @@ import incubation
 from incubation import dispatch, measure, ops
 from incubation.dispatch import DISPATCH
 
-extension = pytest.importorskip("incubation.extension", reason="needs the compiled extension incubation._C")
+try:
+    from incubation import extension
+except ImportError:   # no compiled extension: its cases skip
+    extension = None
+NEEDS_EXTENSION = pytest.mark.skipif(extension is None, reason="needs the compiled extension incubation._C")
 
 VIT = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=3, init_values=0.1)
 
@@ -78,12 +82,12 @@ GPU = (pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason
 
 
 @pytest.mark.parametrize("backend, device", [
-    ("cpp", "cpu"),
+    pytest.param("cpp", "cpu", marks=NEEDS_EXTENSION),
     pytest.param("triton", "cpu", marks=pytest.mark.skipif(
         not _triton_interpreted(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
     pytest.param("triton", "cuda", marks=GPU),
     pytest.param("cuda", "cuda", marks=(*GPU, pytest.mark.skipif(
-        not extension.with_cuda, reason="incubation._C was built without its CUDA kernels")))])
+        not (extension and extension.with_cuda), reason="needs incubation._C built with its CUDA kernels")))])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "mark_dynamic"])
 def test_compiled_vit_with_a_forced_backend_runs_our_ops_with_its_numbers(backend, device, dynamic):
     model = _model().to(device)
@@ -105,6 +109,7 @@ def test_compiled_vit_with_a_forced_backend_runs_our_ops_with_its_numbers(backen
         assert ours.count(op) == len(capture.graphs) * count, (op, ours)
 
 
+@NEEDS_EXTENSION
 def test_export_round_trip_keeps_our_ops():
     model = _model().eval()
     images = torch.randn(2, 1, 8, 8)
@@ -131,6 +136,7 @@ def test_compiled_graph_without_decisions_runs_eager_and_says_so(monkeypatch):
     assert "compiled" in ops.format_backends("cpu") and "no measured decision" in ops.format_backends("cpu")
 
 
+@NEEDS_EXTENSION
 def test_compiled_graph_uses_exactly_the_decisions_tune_cached(monkeypatch):
     """A fake backend (the cpp functions, faster by a fake clock for some calls only) wins
     the signatures `tune` measures where it is faster; the compiled graph then holds our ops
