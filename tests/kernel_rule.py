@@ -192,12 +192,9 @@ def _module(name):
         return None
 
 
-_MODULES = {"cpp": "incubation.extension", "cuda": "incubation.extension", "triton": "incubation.kernels"}
-
-
 def backend_table(backend):
-    """`backend`'s public table {op: (function, capability check)} (its module's BACKENDS)."""
-    return importlib.import_module(_MODULES[backend]).BACKENDS[backend]
+    """`backend`'s implementations {op: (function, capability check)}, as incubation.ops declares them."""
+    return {name: op.impls[backend] for name, op in ops.DISPATCH.ops.items() if backend in op.impls}
 
 
 def skip_unless_implemented(op, backend):

@@ -193,10 +193,10 @@ def test_backends_lists_every_op(capsys):
 
 
 def test_tune_measures_the_preset_model_then_backends_shows_it(capsys, monkeypatch, tmp_path):
-    from incubation import dispatch
+    from incubation import dispatch, measure
     monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(dispatch, "_MIN_ROUNDS", 1)   # the timing itself is tested in test_dispatch
-    monkeypatch.setattr(dispatch, "_BUDGET_S", 0.0)
+    monkeypatch.setattr(measure, "MIN_ROUNDS", 1)   # the timing itself is tested in test_dispatch
+    monkeypatch.setattr(measure, "BUDGET_S", 0.0)
     dispatch.clear_decisions()
     try:
         assert cli.main(["tune", "--preset", "tiny", "--batch-size", "2", "--device", "cpu"]) == 0

@@ -418,7 +418,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, c.embed_dim))
         self.pos_drop = nn.Dropout(c.pos_drop_rate)
         self.norm_pre = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
-        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()  # timm's stochastic depth rule
+        # timm's stochastic depth rule (on the CPU: the model may be built under torch.device('meta'))
+        rates = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.proj_bias, c.proj_drop_rate,
                   c.init_values, rates[i], c.norm_eps) for i in range(c.depth)])
