@@ -128,9 +128,14 @@ def _eager_attention(q, k, v, scale):
     return out
 
 
+# the device types autocast knows, read once: torch.is_autocast_enabled raises for the others
+# (meta), and torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a graph break)
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
 def _autocast_on(device_type: str) -> bool:
-    """torch.is_autocast_enabled for any device type (it raises for those autocast lacks: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    """torch.is_autocast_enabled for any device type."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
 def _without_autocast(device_type: str):
