@@ -9,7 +9,7 @@ import math
 import os
 from typing import Optional
 
-from .rundir import read_incubations, read_stage, stage_dir
+from .pipeline import read_incubations, read_stage, stage_dir
 from .utils import atomic_write, json_dumps
 
 __all__ = ["write_report"]

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 from incubation import VisionTransformer, ViTConfig, cli, deep, ops
+from incubation.official import import_official
 from incubation.train import TrainConfig
 from incubation.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from incubation.weights import (
     OFFICIAL_MODELS,
-    import_official,
     load_into,
     load_state_dict_file,
     official_config,

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional, Sequence, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..utils import memory_bytes
 
 __all__ = ["ViTConfig", "VisionTransformer", "train_flops_per_image", "TRAIN_FLOPS_PER_FORWARD", "Block", "Attention", "Mlp", "LayerScale",
@@ -130,9 +131,8 @@ class ViTConfig:
             raise ValueError("invalid ViT config: " + "; ".join(errors))
 
     def check_fits_in_memory(self) -> None:
-        """Refuse sizes whose float32 parameters alone exceed this machine's memory (embed_dim
-        1000000), naming the sizes, rather than fail in the allocator. (A model built on the meta
-        device allocates nothing and is not checked.)"""
+        """Refuse sizes whose float32 parameters alone exceed this machine's memory, naming the
+        sizes, rather than fail in the allocator (VisionTransformer calls it, except on meta)."""
         memory, count = memory_bytes(), self.num_params()
         if memory is None or 4 * count <= memory:
             return
