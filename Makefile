@@ -20,6 +20,9 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export INCUBATION_REQUIRE_EXTENSION ?= 1
 endif
 export MAX_JOBS ?= 2
+# pytest processes for `make test` (pytest-xdist): one per core (TEST_JOBS=0: one process); a test
+# file whose tests share an expensive module fixture is marked xdist_group and kept on one worker
+TEST_JOBS ?= auto
 
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/*.h)
 
@@ -30,7 +33,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 install: $(STAMP)
 
