@@ -19,7 +19,9 @@ ifeq ($(CI),true)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export INCUBATION_REQUIRE_EXTENSION ?= 1
 endif
-export MAX_JOBS ?= 2
+# Compile jobs for the extension: one more than the cores, so that the last of its 5 objects
+# (3 without CUDA) does not compile alone while a core waits (measured: a third of the build).
+export MAX_JOBS ?= $(shell echo $$(( $$(nproc) + 1 )))
 # pytest processes for `make test` (pytest-xdist): one per core (TEST_JOBS=0: one process); a test
 # file whose tests share an expensive module fixture is marked xdist_group and kept on one worker
 TEST_JOBS ?= auto
