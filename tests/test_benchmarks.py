@@ -18,8 +18,6 @@ from incubation.bench import ops as ops_module
 from incubation.bench import train_step as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one pytest-xdist worker runs this file: its module fixtures are computed once
-pytestmark = pytest.mark.xdist_group("benchmarks")
 
 OK_STATUSES = {"ok", "skipped", "failed"}
 TARGET_STATUSES = {"met", "missed", "not measured"}

@@ -15,8 +15,6 @@ pytest.importorskip("torchvision")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-# the tests that start from the shared meta model run on one pytest-xdist worker, which trains it once
-SHARES_META = pytest.mark.xdist_group("cli-meta")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +73,6 @@ def test_run_writes_every_stage_and_the_report(tiny, run_cli, folder, tmp_path, 
     assert before == {s: json.loads((out / s / "final.json").read_text())["sha256"] for s in stages}
 
 
-@SHARES_META
 def test_stages_one_by_one(tiny, run_cli, folder, meta_run, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
@@ -102,7 +99,6 @@ def test_stages_one_by_one(tiny, run_cli, folder, meta_run, tmp_path, capsys):
     assert (out / "report.md").exists()
 
 
-@SHARES_META
 def test_bad_module_file_is_named(tiny, run_cli, folder, meta_run, tmp_path, capsys):
     out = fresh_run(meta_run, tmp_path)
     common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
@@ -116,7 +112,6 @@ def test_bad_module_file_is_named(tiny, run_cli, folder, meta_run, tmp_path, cap
 
 
 @pytest.mark.slow
-@SHARES_META
 def test_incubate_all_in_parallel_processes(tiny, run_cli, folder, meta_run, tmp_path):
     out = fresh_run(meta_run, tmp_path)
     common = ["--data", folder, "--out", out, "--modules", "2", *tiny]
@@ -152,7 +147,6 @@ def _children(pid) -> list:
 
 
 @pytest.mark.slow
-@SHARES_META
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the children in /proc")
 def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(tiny, folder, meta_run, tmp_path):
     out = fresh_run(meta_run, tmp_path)

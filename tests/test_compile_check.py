@@ -17,8 +17,6 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# one pytest-xdist worker runs this file: its module fixtures are computed once
-pytestmark = pytest.mark.xdist_group("compile_check")
 SMEM_LIMIT = 232448  # sm_90: shared memory one block may opt in to
 
 
