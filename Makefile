@@ -20,7 +20,8 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 export INCUBATION_REQUIRE_EXTENSION ?= 1
 endif
 # Compile jobs for the extension: one more than the cores, so that the last of its 5 objects
-# (3 without CUDA) does not compile alone while a core waits (measured: a third of the build).
+# (3 without CUDA) does not compile alone while a core waits (with 2 jobs, the last one alone took
+# a third of the build).
 export MAX_JOBS ?= $(shell echo $$(( $$(nproc) + 1 )))
 # pytest processes for `make test` (pytest-xdist): one per core (TEST_JOBS=0: one process). worksteal
 # hands each worker a contiguous part of the tests, so that a file's module fixtures (compile_check's
