@@ -39,7 +39,7 @@
 #   WHEELS       wheels for what the machine lacks (default .whl, git-ignored: carry it along; fill it
 #                elsewhere with e.g. `pip download ninja safetensors hypothesis -d .whl`)
 #   DEVICE=cpu DRY=1   the same plumbing on a CPU in about a minute, to try this script: no build,
-#                tiny shapes, the tests selected as on the GPU (so all skipped)
+#                tiny shapes, the tests selected as on the GPU (on a CPU: none)
 set -uo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then

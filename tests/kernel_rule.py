@@ -251,7 +251,7 @@ def backend_params():
     """pytest params (backend, device) for every fast backend, so that a test written once runs
     on each: the compiled extension on CPU ("cpp") and CUDA ("cuda"), Triton under its
     interpreter (CPU tensors) and on the GPU; each skipped, with the reason, where this machine
-    cannot run it."""
+    cannot run it (without a CUDA device, conftest.py leaves the CUDA ones, marked gpu, out)."""
     extension, kernels = _module("incubation.extension"), _module("incubation.kernels")
     gpu = torch.cuda.is_available()
     runs = [

@@ -1,7 +1,7 @@
 """Op numerics of every fast backend, each test written once and run on each: the compiled
 extension on CPU ("cpp") and CUDA ("cuda"), Triton under its interpreter (CPU tensors) and on
 the GPU (kernel_rule.backend_params; each skipped, with the reason, where this machine cannot
-run it, and GPU runs marked `gpu`).
+run it; GPU runs are marked `gpu` and collected only where CUDA is).
 
 Every output and every gradient is checked against float64 with docs/DESIGN.md's rule (error at
 most kernel_rule.factor(backend, device, dtype) x eager's error in the same dtype, plus an atol
