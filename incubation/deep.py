@@ -204,6 +204,11 @@ class Hybrid(nn.Module):
                 block.drop_path1.drop_prob = block.drop_path2.drop_prob = rate
         self.train(module.training)
 
+    @property
+    def num_classes(self) -> int:
+        """The classes of its head (the meta model's): what the training engine's mixup needs."""
+        return self.meta.num_classes
+
     def hybrid_blocks(self) -> list[nn.Module]:
         """The hybrid's blocks in forward order: meta blocks 0..index-1, the module's blocks,
         meta blocks index+1..K-1."""
@@ -307,7 +312,7 @@ def _owner(key: str, spans: Sequence[range]) -> int:
     raise KeyError(f"no module owns target key {key!r}")
 
 
-def _stage_metadata(stage: str, target_cfg: ViTConfig, spans: Sequence[range], **extra) -> dict:
+def stage_metadata(stage: str, target_cfg: ViTConfig, spans: Sequence[range], **extra) -> dict:
     """What a stage's checkpoints record about the run (and a resume must match)."""
     return {"stage": stage, "K": len(spans), "sizes": _sizes(spans), "target_config": target_cfg.to_dict(),
             **extra}
@@ -436,7 +441,7 @@ def train_meta(target_cfg: ViTConfig, K: int, train_set, eval_set, cfg, out_dir:
     spans = split_modules(target_cfg, K, sizes)
     torch.manual_seed(cfg.seed)
     meta = build_meta_model(target_cfg, K, drop_path_rate)
-    metadata = _stage_metadata("meta", target_cfg, spans, meta_config=meta.config.to_dict())
+    metadata = stage_metadata("meta", target_cfg, spans, meta_config=meta.config.to_dict())
     _start_from(meta, initial_checkpoint, metadata)
     return _train(meta, train_set, eval_set, cfg, out_dir, metadata, **train_kwargs)
 
@@ -451,7 +456,7 @@ def train_module(meta_checkpoint: str, target_cfg: ViTConfig, index: int, train_
     spans = split_modules(target_cfg, md["K"], md["sizes"])
     torch.manual_seed(cfg.seed)  # the module's blocks are those a full target init gives its positions
     hybrid = build_hybrid(meta, target_cfg, index, md["sizes"], init, meta_mode)
-    metadata = _stage_metadata("incubate", target_cfg, spans, module=index, meta_config=meta.config.to_dict(),
+    metadata = stage_metadata("incubate", target_cfg, spans, module=index, meta_config=meta.config.to_dict(),
                                  meta_sha256=meta_sha, init=init, meta_mode=meta_mode)
     return _train(hybrid, train_set, eval_set, cfg, out_dir, metadata, params=list(hybrid.module.parameters()),
                   save_keys=hybrid.module_keys(), **train_kwargs)
@@ -467,7 +472,7 @@ def train_assembled(target_cfg: ViTConfig, module_checkpoints: Sequence[str], tr
     meta_sha = load_meta(meta_checkpoint, target_cfg)[2] if meta_checkpoint is not None else None
     model, meta_sha, module_shas = _assemble(target_cfg, module_checkpoints, sizes, meta_sha)
     spans = split_modules(target_cfg, len(module_checkpoints), sizes)
-    metadata = _stage_metadata("assemble", target_cfg, spans, meta_sha256=meta_sha, module_sha256=module_shas)
+    metadata = stage_metadata("assemble", target_cfg, spans, meta_sha256=meta_sha, module_sha256=module_shas)
     return _train(model, train_set, eval_set, cfg, out_dir, metadata, **train_kwargs)
 
 

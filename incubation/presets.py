@@ -20,57 +20,16 @@ stage (meta, incubate, assemble, e2e) and the data augmentation.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
 from .data import Augment
 from .nn import ViTConfig
-from .train import TrainConfig, epochs_to_steps
+from .recipe import Recipe
 
 __all__ = ["Recipe", "Preset", "PRESETS", "STAGES", "OFFICIAL_AUGMENT", "get_preset"]
 
 STAGES = ("meta", "incubate", "assemble", "e2e")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one stage trains. `lr` is the base rate for a batch of 512: the peak lr given to the
-    engine is lr x batch_size / 512 (the DeiT rule)."""
-    epochs: float
-    batch_size: int = 2048
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_epochs: float = 20.0
-    weight_decay: float = 0.05
-    clip_grad: Optional[float] = None
-    label_smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    drop_path: float = 0.0
-    ema_decay: Optional[float] = None  # EMA of the weights (timm --model-ema-decay); None = off
-    aug_repeats: int = 1               # repeated augmentation: each image this often per epoch (1 = off)
-    evals: int = 0  # evaluations spread over the stage for the accuracy curves (0 = every epoch)
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr * self.batch_size / 512
-
-    def steps(self, num_train: int) -> int:
-        """Optimizer steps of `epochs` passes over `num_train` images (at least 1)."""
-        return epochs_to_steps(self.epochs, num_train, self.batch_size)
-
-    def train_config(self, num_train: int, steps: Optional[int] = None, **options):
-        """The engine's TrainConfig of this recipe on `num_train` images; `steps` overrides the
-        epochs; `options` are the TrainConfig fields a recipe leaves open (seed, device, ...)."""
-        steps = steps or self.steps(num_train)
-        evals = self.evals or max(1, round(steps * self.batch_size / num_train))  # default: every epoch
-        return TrainConfig(
-            steps=steps, batch_size=self.batch_size, lr=self.peak_lr, min_lr=min(self.min_lr, self.peak_lr),
-            weight_decay=self.weight_decay, clip_grad=self.clip_grad, label_smoothing=self.label_smoothing,
-            warmup_steps=min(epochs_to_steps(self.warmup_epochs, num_train, self.batch_size, minimum=0), steps - 1),
-            mixup=self.mixup, cutmix=self.cutmix, ema_decay=self.ema_decay, aug_repeats=self.aug_repeats,
-            eval_every=math.ceil(steps / evals), **options)
 
 
 @dataclass(frozen=True)
@@ -86,7 +45,11 @@ class Preset:
     sizes: Optional[tuple] = None      # blocks per module (None: even split)
     img_size: Optional[int] = None     # images are resized to this (None: the data set's own size)
     init: str = "random"               # how incubation starts each module (--init): random or lemon
-    augment: Augment = Augment()       # ImageFolder transforms (Fashion-MNIST is not augmented)
+
+    @property
+    def augment(self) -> Augment:
+        """The ImageFolder transforms (the same in every stage; Fashion-MNIST is not augmented)."""
+        return self.meta.augment()
 
     def recipe(self, stage: str) -> Recipe:
         if stage not in STAGES:
@@ -98,15 +61,16 @@ class Preset:
         return ViTConfig(**{**self.model, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
 
 
-OFFICIAL_AUGMENT = Augment(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,
-                           color_jitter=0.4, interpolation="bicubic", crop_pct=224 / 256)
+# the official recipe's augmentation (Recipe fields)
+OFFICIAL_AUGMENT = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,
+                        color_jitter=0.4, interpolation="bicubic", crop_pct=224 / 256)
 
 
 def _official(name: str, model: dict, drop_path: float) -> Preset:
-    meta = Recipe(epochs=300, drop_path=0.0, aug_repeats=3)
+    meta = Recipe(epochs=300, drop_path=0.0, aug_repeats=3, **OFFICIAL_AUGMENT)
     return Preset(
         name=name, description=f"{name.upper()} with the official Deep Incubation recipe (GPU, ImageNet-sized data)",
-        model=model, img_size=224, meta=meta, augment=OFFICIAL_AUGMENT,
+        model=model, img_size=224, meta=meta,
         incubate=replace(meta, epochs=100, drop_path=0.1),
         assemble=replace(meta, epochs=100, warmup_epochs=0.0, clip_grad=1.0, drop_path=drop_path),
         e2e=replace(meta, drop_path=drop_path))

@@ -17,9 +17,7 @@
     load_into(model, path)       -> LoadReport: any of the above into a VisionTransformer; a head
                                     for another number of classes is left fresh (with a warning),
                                     any other missing / unexpected / misshapen key is an error.
-    import_official(path, out)   -> ImportResult: an official checkpoint written in our format, as
-                                    a whole model (stage "import") or as a meta model that
-                                    `incubation incubate` accepts as <run>/meta/final.
+(`incubation.official.import_official` writes the authors' checkpoints in our format.)
 
 The authors' format (github.com/LeapLabTHU/Deep-Incubation; timm 0.3.2 vendored in
 timm/models/vision_transformer.py, checkpoints written by utils.save_model):
@@ -53,11 +51,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .nn import VisionTransformer, ViTConfig
-from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
-from .utils import file_sha256
+from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint, refuse_non_float, torch_load
 
-__all__ = ["load_state_dict_file", "resample_pos_embed", "load_into", "LoadReport", "import_official",
-           "ImportResult", "read_official", "OfficialCheckpoint", "official_config", "OFFICIAL_MODELS"]
+__all__ = ["load_state_dict_file", "resample_pos_embed", "load_into", "LoadReport",
+           "read_official", "OfficialCheckpoint", "official_config", "OFFICIAL_MODELS"]
 
 # (embed_dim, depth, num_heads, qkv_bias, norm_eps) of the authors' ViT families
 _FAMILIES = {
@@ -131,21 +128,8 @@ def _kind(path: str) -> str:
 def _torch_load(path: str):
     """torch.load(weights_only=True) of `path`, every failure a CheckpointError naming the file.
     Nothing is ever unpickled beyond what weights_only allows."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
-        text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found:   # a pickled class or function: never unpickled here
-            raise CheckpointError(f"{path} holds a {found.group(1)}, which is not loaded: weights are read with "
-                                  f"torch.load(weights_only=True) only (re-save the file with just its "
-                                  f"state_dict, or as safetensors)") from None
-        if "WeightsUnpickler error:" in text:   # keep torch's reason, not its advice to unpickle anyway
-            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        text = " ".join(text.split())
-        first = text if text else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable weights file (our checkpoint, safetensors or a "
-                              f"torch file): {type(exc).__name__}: {first}") from None
+    return torch_load(path, "is not a readable weights file (our checkpoint, safetensors or a torch file)",
+                      "; re-save the file with just its state_dict, or as safetensors", mmap=zipfile.is_zipfile(path))
 
 
 def _tensor_dict(obj, path: str, what: str) -> dict:
@@ -198,12 +182,15 @@ def _read(path, use_ema: bool = False) -> _Weights:
             state_dict = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-        return _Weights(_clean(_tensor_dict(state_dict, path, "the file")), None, kind)
-    obj = _torch_load(path)
-    if _is_official(obj):
-        official = _official(obj, path)
-        return _Weights(official.state_dict, None, "deep-incubation", official)
-    return _Weights(_clean(_unwrap(obj, path, use_ema)), None, kind)
+        state_dict = _tensor_dict(state_dict, path, "the file")
+    else:
+        obj = _torch_load(path)
+        if _is_official(obj):
+            official = _official(obj, path)   # refuses non-float weights itself
+            return _Weights(official.state_dict, None, "deep-incubation", official)
+        state_dict = _unwrap(obj, path, use_ema)
+    refuse_non_float(state_dict, path)
+    return _Weights(_clean(state_dict), None, kind)
 
 
 def load_state_dict_file(path, *, use_ema: bool = False) -> tuple[dict, Optional[dict]]:
@@ -470,6 +457,7 @@ def _official(obj: dict, path: str) -> OfficialCheckpoint:
             raise CheckpointError(f"{path}: its 'model_stages' and 'model' entries disagree (at "
                                   f"{_listed(differ) if differ else f'the split {sizes_a} vs {sizes_b}'})")
     flat, sizes, keys = from_stages if from_stages is not None else from_model
+    refuse_non_float(flat, path)
     return OfficialCheckpoint(path, flat, sizes, "model_stages" if from_stages is not None else "model", keys,
                               entries)
 
@@ -547,112 +535,3 @@ def official_config(state_dict: dict, *, model: Optional[str] = None, num_heads:
     if cfg.mlp_hidden_dim != hidden:
         raise CheckpointError(f"{path}: an MLP of {hidden} units on width {embed_dim} is no ratio our ViT builds")
     return cfg, family
-
-
-@dataclass
-class ImportResult:
-    """What `import_official` wrote."""
-    kind: str                       # "meta" or "model"
-    checkpoint: str                 # <output>.safetensors
-    config: ViTConfig               # the stored model (the meta model for kind "meta")
-    target: ViTConfig               # the target ViT (the stored model itself for kind "model")
-    K: Optional[int]                # modules (stages) of the official model, if known
-    sizes: Optional[list]           # blocks per module: the target's split for "meta", the file's for "model"
-    source: str                     # the entry read: "model_stages" or "model"
-    metadata: dict = field(default_factory=dict)
-
-    def summary(self) -> str:
-        c = self.config
-        if self.kind == "meta":
-            return (f"meta model ({c.embed_dim} wide, K={self.K}) for a target of depth {self.target.depth} split "
-                    f"{self.sizes}, from '{self.source}' -> {self.checkpoint} (as <run>/meta/final it starts "
-                    f"`incubation incubate`)")
-        return (f"whole model ({c.embed_dim}x{c.depth}, {c.num_heads} heads, {c.num_classes} classes, "
-                f"img {c.img_size[0]}), from '{self.source}' -> {self.checkpoint}")
-
-
-def _import_target(official: "OfficialCheckpoint", cfg: ViTConfig, family: Optional[str], kind: str,
-                   target_depth: Optional[int], sizes) -> tuple:
-    """(is it a meta model, K, the target config, the module spans) of an official checkpoint;
-    refuses options that do not fit it before anything is hashed or written."""
-    from . import deep
-    path, K, spans = official.path, (len(official.sizes) if official.sizes else None), None
-    is_meta = kind == "meta" or (kind == "auto" and K is not None and K > 1 and official.sizes == [1] * K)
-    if is_meta:   # the options first: nothing is hashed or written for a wrong command
-        if official.sizes is not None and official.sizes != [1] * len(official.sizes):
-            raise ValueError(f"{path} is not a meta model: its stages hold {official.sizes} blocks, a meta model "
-                             f"one each")
-        K = cfg.depth
-        if target_depth is None:
-            if family is None:
-                raise ValueError(f"{path}: give the target depth of this meta model (--target-depth): its width "
-                                 f"{cfg.embed_dim} is none of the authors' base / large / huge")
-            target_depth = _FAMILIES[family][1]
-        target = cfg.replace(depth=target_depth)
-        spans = deep.split_modules(target, K, sizes)
-    else:
-        if target_depth is not None and target_depth != cfg.depth:
-            raise ValueError(f"--target-depth {target_depth}: {path} holds a whole model of depth {cfg.depth} "
-                             f"(a target depth applies to meta models)")
-        if sizes is not None:
-            raise ValueError(f"{path}: a split applies to meta models; this is a whole model")
-        target = cfg
-    return is_meta, K, target, spans
-
-
-def import_official(path, output, *, model: Optional[str] = None, target_depth: Optional[int] = None,
-                    num_heads: Optional[int] = None, norm_eps: Optional[float] = None,
-                    img_size: Optional[Union[int, Sequence[int]]] = None, kind: str = "auto",
-                    sizes: Optional[Sequence[int]] = None, antialias: bool = False) -> ImportResult:
-    """Convert an official Deep Incubation checkpoint (`read_official`) into our format at
-    `output` (a prefix: <output>.safetensors / .json) and check it with our loaders.
-
-    kind="model": a whole ViT (a released pretrained model, an assembled or an E2E one), metadata
-        {"stage": "import", "target_config", "source", ...}: `load_into`, `incubation expand`
-        and `_model_config` read it.
-    kind="meta": a meta model (one block per module), written with the metadata `deep.train_meta`
-        writes (stage "meta", K, sizes, target_config, meta_config) for a target of depth
-        `target_depth` (default: the family's, B 12 / L 24 / H 32) split evenly, or as `sizes`;
-        put at <run>/meta/final it is what `incubation incubate` starts from.
-    kind="auto": "meta" when every stage of the file holds one block, else "model".
-    `img_size` resamples pos_embed to another image size (`resample_pos_embed`; by default without
-    antialiasing, as the authors' fine-tuning does); `model`, `num_heads`, `norm_eps`: see
-    `official_config`."""
-    from . import deep  # deep loads initial weights through this module
-    if kind not in ("auto", "meta", "model"):
-        raise ValueError(f"kind must be 'auto', 'meta' or 'model', got {kind!r}")
-    official = read_official(path)
-    path = official.path
-    state_dict = official.state_dict
-    cfg, family = official_config(state_dict, model=model, num_heads=num_heads, norm_eps=norm_eps, path=path)
-    source_grid = cfg.grid_size
-    if img_size is not None:
-        cfg = cfg.replace(img_size=img_size)
-        state_dict = resample_pos_embed(state_dict, cfg, old_grid=source_grid, antialias=antialias)
-    problems = _misfits(_expected_shapes(cfg), state_dict)
-    if problems:
-        raise CheckpointError(f"{path}: its weights are not the authors' ViT as read off them: " + "; ".join(problems))
-    is_meta, K, target, spans = _import_target(official, cfg, family, kind, target_depth, sizes)
-    provenance = {"source": os.path.abspath(path), "source_sha256": file_sha256(path),
-                  "source_format": "deep-incubation", "source_entry": official.source,
-                  "source_entries": official.entries, "official_model": model or family,
-                  "official_sizes": official.sizes, "keys": official.keys}
-    if cfg.grid_size != source_grid:
-        provenance.update(pos_embed_resampled_from_grid=list(source_grid), pos_embed_antialias=antialias)
-    if is_meta:
-        metadata = {**deep._stage_metadata("meta", target, spans, meta_config=deep.meta_config(target, K).to_dict()),
-                    "imported": provenance}
-        saved = save_checkpoint(output, state_dict, metadata)
-        _, md, _ = deep.load_meta(output, target)     # what `incubation incubate` does with it
-        result_sizes = md["sizes"]
-    else:
-        metadata = {"stage": "import", "target_config": cfg.to_dict(), **provenance}
-        saved = save_checkpoint(output, state_dict, metadata)
-        stored, md = load_checkpoint(output)
-        problems = _misfits(_expected_shapes(ViTConfig.from_dict(md["target_config"])), stored)
-        if problems:   # cannot happen unless the file changed under us
-            raise CheckpointError(f"{saved} does not hold the model its metadata names: " + "; ".join(problems))
-        result_sizes = official.sizes
-    return ImportResult("meta" if is_meta else "model", saved, cfg, target, K, result_sizes, official.source,
-                        metadata)
-

@@ -98,7 +98,7 @@ def test_timm_flag_names_and_the_old_spellings_parse_alike():
     args = parser.parse_args(["incubate", "--all", "--aa", "none", "--model-ema", "--compile", "--drop-path", "0",
                               "--model", "vit_tiny_patch16_224", "--patch-size", "8"])
     child = parser.parse_args(["incubate", "--module", "0", *cli.common_argv(args)])
-    for option in ("aa", "model_ema", "compile", "drop_path", "model", "patch_size"):
+    for option in ("auto_augment", "model_ema", "compile", "drop_path", "model", "patch_size"):  # dests: Recipe fields
         assert getattr(child, option) == getattr(args, option), option
 
 

@@ -17,7 +17,7 @@ in units of one E2E epoch (3 x forward FLOPs x the training images), and every m
 Every budget runs seed 0; the largest runs --seeds seeds (the final points, mean +- std).
 FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks without the
 backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
-its share of the cores (incubation.launch.local.thread_budget).
+its share of the cores (incubation.launch.local.LocalLauncher).
 
 Each stage of each method is one job (`run` writes them all to <out>/plan.json), run as its own
 process (`_job`), which writes <out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
@@ -42,18 +42,19 @@ from typing import Optional
 import torch
 
 from incubation import VisionTransformer, ViTConfig, deep
-from incubation.cli import nonempty_path, out_dir, positive_int, run_main
+from incubation.bench.study_report import METHODS, markdown, plot
+from incubation.cli.exits import run_main
+from incubation.cli.options import nonempty_path, out_dir, positive_int
 from incubation.errors import IncubationError
 from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
-from incubation.launch import local as runner  # (`jobs` here is the study's plan)
+from incubation.launch import Job as LocalJob
+from incubation.launch.local import LocalLauncher
 from incubation.nn import train_flops_per_image
 from incubation.presets import get_preset
 from incubation.train import epochs_to_steps
 from incubation.train.checkpoint import load_checkpoint
 from incubation.utils import atomic_write, versions
 
-METHODS = {"e2e": "E2E", "deep": "Deep Incubation", "deep-lemon": "Deep Incubation, LEMON init",
-           "deep-metatrain": "Deep Incubation, meta in train mode", "lemon": "LEMON", "apollo": "Apollo"}
 # the Deep Incubation variants: (module init, how the hybrid runs its frozen meta blocks); all share the meta model
 DEEP_VARIANTS = {"deep": ("random", "eval"), "deep-lemon": ("lemon", "eval"), "deep-metatrain": ("random", "train")}
 DEEP_EPOCHS = {"meta": 3.0, "incubate": 1.0, "assemble": 1.0}  # the paper's 300 : 100 : 100
@@ -323,7 +324,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     # the job processes read their job from here instead of each planning the whole study again
     atomic_write(os.path.join(out, "plan.json"), json.dumps([dataclasses.asdict(j) for j in jobs]).encode())
     done = {j.name for j in jobs if _result(out, j.name) is not None}
-    todo = [runner.Job(j.name, [sys.executable, "-m", "incubation.bench.study", "_job", "--out", out, j.name],
+    todo = [LocalJob(j.name, [sys.executable, "-m", "incubation.bench.study", "_job", "--out", out, j.name],
                      os.path.join(out, j.name, "log.txt"), j.needs) for j in jobs if j.name not in done]
     t0 = time.time()
     bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress)
@@ -337,7 +338,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
             bar.set_postfix_str(job.name)
 
     try:
-        outcome = runner.run_jobs(todo, parallel, done=done, report=report)
+        outcome = LocalLauncher(parallel, report=report).launch(todo, done)
     except KeyboardInterrupt:  # run_jobs has ended every job
         print(f"study interrupted: run the same command again to resume ({len(done) + len(finished)}/{len(jobs)} "
               "jobs done)", file=sys.stderr)
@@ -457,92 +458,8 @@ def write_report(out: str) -> dict:
              "points": points, "summary": summarise(cfg, points)}
     atomic_write(os.path.join(out, "study.json"), json.dumps(study, indent=1).encode())
     atomic_write(os.path.join(out, "study.md"), markdown(study).encode())
-    _plot(study, os.path.join(out, "study.png"))
+    plot(study, os.path.join(out, "study.png"))
     return study
-
-
-def _fmt_acc(row: dict) -> str:
-    return f"{row['acc']:.2f}" + (f" ± {row['acc_std']:.2f}" if row["acc_std"] is not None else "")
-
-
-def _fmt_reach(entry: Optional[dict], unit: float) -> str:
-    if entry is None:
-        return "not reached"
-    return f"{'<=' if entry['bound'] == '<=' else ''}{entry['cost'] / unit:.2f} ({entry['speedup']:.2f}x)"
-
-
-def _fmt_ratio(entry: Optional[dict]) -> str:
-    if entry is None:
-        return "beyond E2E's curve"
-    return f"{'<=' if entry['bound'] == '<=' else ''}{entry['ratio']:.2f}x"
-
-
-def markdown(study: dict) -> str:
-    """The tables of study.md."""
-    cfg, summary = StudyConfig(**study["config"]), study["summary"]
-    top = cfg.budgets[-1]
-    lines = [f"Target: ViT depth {cfg.depth}, width {cfg.width}, {cfg.heads} heads, patch {cfg.patch}, K = {cfg.K}; "
-             f"budget unit = one E2E epoch = {study['budget_unit_flops'] / 1e12:.3f} TFLOP.", "",
-             f"At the largest budget ({top:g} E2E epochs, {cfg.seeds} seeds; mean ± std of top-1 %"
-             + (f" on the validation split of {cfg.val_size} held-out training images, which every comparison "
-                "uses; the test split's top-1 is reported beside it, once per final model" if cfg.val_size else "")
-             + "). 'To reach E2E' is the cost at which the method's curve reaches E2E's accuracy at this budget "
-             "(speedup = E2E's cost / that; '<=' when its cheapest point already does).", "",
-             f"| method | {'val ' if cfg.val_size else ''}top-1 % |" + (" test top-1 % |" if cfg.val_size else "")
-             + " TFLOP | wall (s) | wall, K machines (s) | to reach E2E: TFLOP | to reach E2E: wall, K machines (s) |",
-             "|---|---|" + ("---|" if cfg.val_size else "") + "---|---|---|---|---|"]
-    for method, entry in summary.items():
-        row = entry["curve"][-1] if entry["curve"] and entry["curve"][-1]["budget"] == top else None
-        if row is None:
-            continue
-        reach = entry.get("to_e2e_acc", {})
-        test = ""
-        if cfg.val_size:
-            test = "-" if row.get("test_acc") is None else _fmt_acc({"acc": row["test_acc"], "acc_std": row["test_acc_std"]})
-            test = f" {test} |"
-        lines.append(f"| {METHODS[method]} | {_fmt_acc(row)} |{test} {row['flops'] / 1e12:.2f} | {row['wall_s']:.0f} | "
-                     f"{row['wall_s_k_machines']:.0f} | {_fmt_reach(reach.get('flops'), 1e12)} | "
-                     f"{_fmt_reach(reach.get('wall_s_k_machines'), 1)} |")
-    lines += ["", "Top-1 % at every budget (seed 0 below the largest budget) and, in brackets, the FLOPs E2E needs "
-              "for the same accuracy divided by the method's (above 1x: the method is cheaper):", "",
-              "| method | " + " | ".join(f"{b:g} ep" for b in cfg.budgets) + " |",
-              "|---|" + "---|" * len(cfg.budgets)]
-    for method, entry in summary.items():
-        cells = {r["budget"]: _fmt_acc(r) + ("" if method == "e2e" or "e2e_flops_ratio" not in r
-                                             else f" ({_fmt_ratio(r['e2e_flops_ratio'])})") for r in entry["curve"]}
-        lines.append(f"| {METHODS[method]} | " + " | ".join(cells.get(b, "-") for b in cfg.budgets) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(study: dict, path: str) -> None:
-    import matplotlib
-    import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, entry in study["summary"].items():
-        curve = entry["curve"]
-        acc = [r["acc"] for r in curve]
-        err = [r["acc_std"] or 0.0 for r in curve]
-        axes[0].errorbar([r["flops"] / 1e12 for r in curve], acc, yerr=err, marker="o", capsize=3,
-                         label=METHODS[method])
-        axes[1].errorbar([r["wall_s_k_machines"] / 60 for r in curve], acc, yerr=err, marker="o", capsize=3,
-                         label=METHODS[method])
-    axes[0].set_xlabel("training cost (TFLOP)")
-    axes[1].set_xlabel("wall-clock (min; Deep Incubation's modules on K machines at once)")
-    for ax in axes:
-        ax.set_xscale("log", base=2)  # budgets double: evenly spaced points
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST, accuracy vs training budget (error bars: std over seeds)")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
 from .fashion_mnist import CLASSES, DatasetError, find_fashion_mnist, load_fashion_mnist_arrays, read_idx
@@ -24,7 +25,6 @@ __all__ = ["load_dataset", "holdout", "base_dataset", "Augment", "TensorImageDat
 
 FASHION_MNIST_CLASSES = CLASSES
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TensorImageDataset(Dataset):
@@ -65,8 +65,8 @@ class Augment:
     color_jitter: float = 0.0            # timm applies it only without auto_augment
     interpolation: str = "bilinear"      # train and eval resizing
     crop_pct: float = 0.875              # eval: resize to img_size / crop_pct, centre crop
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+    mean: tuple = IMAGENET_DEFAULT_MEAN
+    std: tuple = IMAGENET_DEFAULT_STD
 
     def __post_init__(self):
         if not 0.0 <= self.re_prob <= 1.0:

@@ -233,6 +233,11 @@ class ApolloViT(nn.Module):
 
     # -- state --------------------------------------------------------------------------
     @property
+    def num_classes(self) -> int:
+        """The classes of the wrapped ViT's head (what the training engine's mixup needs)."""
+        return self.vit.num_classes
+
+    @property
     def full_depth(self) -> int:
         return self.vit.config.depth
 

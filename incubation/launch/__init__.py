@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Protocol, Sequence
 
-__all__ = ["Job", "Resources", "Launcher"]
+__all__ = ["Job", "Resources", "Launcher", "check_graph"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,25 @@ class Launcher(Protocol):
     whose dependents may start at once."""
 
     def launch(self, jobs: Sequence[Job], done: Iterable[str] = ()): ...
+
+
+def check_graph(jobs: Sequence[Job], done: Iterable[str] = ()) -> list[Job]:
+    """`jobs` in an order where each comes after what it needs (a topological order, stable);
+    raises ValueError for a duplicate name, a need that is neither a job nor in `done`, or a cycle."""
+    names = [j.name for j in jobs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"jobs named twice: {', '.join(twice)}")
+    known = set(names) | set(done)
+    unknown = sorted({n for j in jobs for n in j.needs} - known)
+    if unknown:
+        raise ValueError(f"jobs need unknown jobs: {', '.join(unknown)}")
+    ordered, placed, pending = [], set(done), list(jobs)
+    while pending:
+        ready = [j for j in pending if all(n in placed for n in j.needs)]
+        if not ready:
+            raise ValueError(f"jobs need each other in a cycle: {', '.join(j.name for j in pending)}")
+        ordered += ready
+        placed |= {j.name for j in ready}
+        pending = [j for j in pending if j.name not in placed]
+    return ordered

@@ -1,25 +1,33 @@
-"""The local launcher: run jobs as processes, at most N at once, each on its share of the cores,
-in dependency order.
+"""The local launcher: run jobs as processes, at most N at once, each on its share of the cores
+(and, with several GPUs, on one GPU of its own), in dependency order.
 
-Used by `incubation incubate --all --parallel N` and by the study. A failed job is reported with
+`LocalLauncher(parallel)` is the `Launcher` of `incubation run`, `incubate --all [--parallel N]`
+and the study; a job asking for `tasks_per_node` > 1 runs under torchrun on this machine
+(`--standalone`, gloo ranks on CPU). A failed job is reported with
 its exit status, the last line of its log and the log's path; the jobs that need it (directly or
 not) are skipped. If the parent is interrupted (SIGINT, SIGTERM, or an exception) every child gets
 the same signal, a short grace period, then SIGKILL: no job keeps writing behind a rerun's back.
+If the parent itself is killed (SIGKILL, where nothing can be forwarded), Linux kills its children
+(PR_SET_PDEATHSIG): they never run on as orphans.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
-from . import Job
+from . import Job, check_graph
 
-__all__ = ["Job", "Failure", "Outcome", "Interrupted", "run_jobs", "thread_budget", "last_line"]
+__all__ = ["Job", "Failure", "Outcome", "Interrupted", "LocalLauncher", "run_jobs", "thread_budget", "last_line"]
 
 GRACE_S = 5.0  # between forwarding the parent's signal and SIGKILL
 
@@ -74,13 +82,12 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     pending, outcome = list(jobs), Outcome()
-    known = {j.name for j in pending} | set(done)
-    unknown = sorted({n for j in pending for n in j.needs} - known)
-    if unknown:
-        raise ValueError(f"jobs need unknown jobs: {', '.join(unknown)}")
+    check_graph(pending, done)
     succeeded = set(done)
-    threads = str(thread_budget(parallel))
-    running: dict = {}                        # name -> (job, Popen)
+    # the user's OMP_NUM_THREADS, if set, is kept: CPU results depend on the thread count, so the same
+    # count for every job makes serial and --parallel runs bit-identical
+    threads = os.environ.get("OMP_NUM_THREADS") or str(thread_budget(parallel))
+    running: dict = {}                        # name -> (job, Popen, slot)
     ended: queue.Queue = queue.Queue()        # names of exited children, from one waiter thread each
     report = report or (lambda job, what: None)
     previous = _raise_on_signals()
@@ -94,13 +101,12 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
                     report(job, "skipped")
                 elif len(running) < parallel and all(n in succeeded for n in job.needs):
                     pending.remove(job)
-                    running[job.name] = (job, _start(job, threads, ended))
+                    slot = min(set(range(parallel)) - {r[2] for r in running.values()})
+                    running[job.name] = (job, _start(job, threads, ended, _gpu_env(slot, parallel)), slot)
                     report(job, "started")
             if not running:
-                if pending:  # nothing can start and nothing will finish
-                    raise ValueError(f"jobs need each other in a cycle: {', '.join(j.name for j in pending)}")
                 break
-            job, proc = running.pop(ended.get())  # blocks until a child exits (signals still interrupt it)
+            job, proc, _ = running.pop(ended.get())  # blocks until a child exits (signals still interrupt it)
             if proc.returncode == 0:
                 succeeded.add(job.name)
                 outcome.done.append(job.name)
@@ -109,19 +115,46 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
                 outcome.failed[job.name] = Failure(proc.returncode, job.log, last_line(job.log))
                 report(job, "failed")
     except BaseException as exc:
-        _stop([proc for _, proc in running.values()], getattr(exc, "signum", signal.SIGTERM), grace_s)
+        _stop([r[1] for r in running.values()], getattr(exc, "signum", signal.SIGTERM), grace_s)
         raise
     finally:
         _restore(previous)
     return outcome
 
 
-def _start(job: Job, threads: str, ended: queue.Queue) -> subprocess.Popen:
+def _gpu_env(slot: int, parallel: int) -> dict:
+    """Jobs side by side on a machine with several GPUs: one GPU per slot (job at once)."""
+    gpus = _cuda_devices() if parallel > 1 else 0
+    return {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 else {}
+
+
+def _cuda_devices() -> int:
+    import torch  # only here: the runner itself needs no torch
+    return torch.cuda.device_count()
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the forked child before exec: get SIGKILL when the parent dies (Linux's PR_SET_PDEATHSIG;
+    elsewhere children outlive a SIGKILLed parent)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _start(job: Job, threads: str, ended: queue.Queue, gpu_env: dict) -> subprocess.Popen:
     os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
+    tasks = job.resources.nodes * job.resources.tasks_per_node
+    if tasks > 1:   # its ranks share this job's cores
+        threads = str(max(1, int(threads) // tasks))
     # torch sizes its intra-op pool from OMP_NUM_THREADS: N jobs on all cores each would oversubscribe
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **job.env}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **gpu_env, **job.env}
     with open(job.log, "a") as log:  # the child holds its own copy of the descriptor
-        proc = subprocess.Popen(list(job.argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(_local_argv(job), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if _LIBC else None)
 
     def wait():  # a thread per child: the parent sleeps in one queue.get instead of polling
         proc.wait()
@@ -163,3 +196,34 @@ def _raise_on_signals() -> dict:
 def _restore(previous: dict) -> None:
     for sig, old in previous.items():
         signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: set outside Python
+
+
+def _local_argv(job: Job) -> list:
+    """The job's command line here: as it is, or under torchrun for several ranks on this machine."""
+    argv, r = list(job.argv), job.resources
+    if r.nodes > 1:
+        raise ValueError(f"job {job.name} asks for {r.nodes} nodes: the local launcher runs on this machine only")
+    if r.tasks_per_node <= 1:
+        return argv
+    if argv[1:2] == ["-c"]:
+        raise ValueError(f"job {job.name}: torchrun runs `python -m module ...` or `python script ...`, not -c")
+    return [argv[0], "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r.tasks_per_node}",
+            *argv[1:]]
+
+
+class LocalLauncher:
+    """The `Launcher` that runs a job graph here: `parallel` jobs at once (1: one after another).
+    `report(job, what)` is told "started", "finished", "failed" and "skipped"."""
+
+    def __init__(self, parallel: int = 1, report: Optional[Callable[[Job, str], None]] = None,
+                 grace_s: float = GRACE_S):
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        self.parallel, self.report, self.grace_s = parallel, report, grace_s
+
+    def launch(self, jobs: Sequence[Job], done: Iterable[str] = ()) -> Outcome:
+        """Run `jobs` (after those in `done`); returns the Outcome. Raises Interrupted on SIGINT /
+        SIGTERM once every child has ended, ValueError for a graph that cannot run."""
+        for job in jobs:
+            _local_argv(job)   # refuses what cannot run here before anything starts
+        return run_jobs(jobs, self.parallel, done=done, report=self.report, grace_s=self.grace_s)

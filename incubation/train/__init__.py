@@ -1,6 +1,10 @@
-"""The one training engine for every stage (see engine.py) and its checkpoints (checkpoint.py)."""
+"""The one training engine for every stage: the loop (engine.py), its configuration (config.py), the
+distributed set-up and data order (distributed.py), the optimizer (optim.py) and schedule
+(schedule.py), the records (records.py: metrics log, checkpointer) and the checkpoint files
+(checkpoint.py)."""
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .engine import DivergedError, TrainConfig, TrainResult, evaluate, train
+from .config import DivergedError, TrainConfig, TrainResult
+from .engine import evaluate, train
 from .lock import RunDirLocked
 from .schedule import epochs_to_steps, lr_at
 

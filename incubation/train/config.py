@@ -1,0 +1,91 @@
+"""The training engine's configuration (`TrainConfig`) and result (`TrainResult`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from ..errors import IncubationError
+
+__all__ = ["TrainConfig", "TrainResult", "DivergedError"]
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0            # total length; `steps` overrides when set
+    steps: Optional[int] = None    # optimizer steps
+    batch_size: int = 128          # global batch per optimizer step (all ranks, all micro-batches)
+    accum_steps: int = 1           # gradient accumulation micro-batches per step
+    lr: float = 5e-4               # peak lr, absolute
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05     # AdamW; none on 1-D params (biases, norms, layer scale) and tokens
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # cosine length after warmup; default total - warmup
+    clip_grad: Optional[float] = None  # max global grad norm of the trained params
+    label_smoothing: float = 0.1
+    mixup: float = 0.0             # mixup alpha (0 = off)
+    cutmix: float = 0.0            # cutmix alpha (0 = off)
+    amp: bool = True               # bf16 autocast on CUDA; ignored on CPU
+    ema_decay: Optional[float] = None
+    aug_repeats: int = 1           # repeated augmentation: each image this often per epoch (1 = off)
+    seed: int = 0
+    eval_every: int = 0            # steps between evaluations (0 = at the end only)
+    eval_at_start: bool = False    # also evaluate before the first step (a metrics line of step 0)
+    checkpoint_every: int = 0      # steps between checkpoints (0 = end of each epoch and at the end)
+    num_workers: int = 0
+    device: str = "auto"           # auto -> cuda if available else cpu
+    progress: bool = True          # tqdm bar with loss / acc / img/s
+    compile: bool = False          # torch.compile the model for training steps (eager ops under it)
+    grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)
+
+    def __post_init__(self):
+        errors = []
+
+        def need(ok, msg):
+            if not ok:
+                errors.append(msg)
+
+        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.steps is None or (isinstance(self.steps, int) and self.steps > 0),
+             f"steps must be a positive integer or None, got {self.steps!r}")
+        for name in ("batch_size", "accum_steps", "aug_repeats"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 0),
+             f"decay_steps must be an integer >= 0 or None, got {self.decay_steps!r}")
+        need(0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or None, got {self.clip_grad}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.mixup >= 0 and self.cutmix >= 0, f"mixup/cutmix alphas must be >= 0, got {self.mixup}, {self.cutmix}")
+        need(self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"),
+             f"device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class DivergedError(IncubationError, RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or infinite: the run stopped,
+    without writing a checkpoint from the diverged weights."""
+
+
+@dataclass
+class TrainResult:
+    train_loss: float              # mean train loss over the last logging window
+    eval_acc: Optional[float]      # top-1 %, None without an eval set
+    eval_loss: Optional[float]
+    steps: int
+    images_seen: int
+    wall_seconds: float            # summed over the run and the runs it resumed
+    train_flops: Optional[float]   # training FLOPs per image x images (see `_train_flops`), else None
+    checkpoint_path: str           # final.safetensors
+    metrics_path: str              # metrics.jsonl
+
+
