@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from ..errors import IncubationError
 from ..train.lock import RunDirLock
-from . import Job
+from . import Job, check_graph
 from .slurm_status import active, load_record, run_slurm, save_record, slurm_folder, slurm_seconds
 
 __all__ = ["SlurmOptions", "StageOptions", "SlurmLauncher", "OPTIONS", "split_stage", "stage_options", "sbatch_parameters"]
@@ -164,26 +164,13 @@ def _request(params: dict) -> str:
 
 def submission_order(jobs: Sequence[Job], done: Iterable[str]) -> list:
     """The jobs in groups, each submitted at once (a group of several is one job array), every
-    group after the groups it needs."""
-    done = set(done)
-    names = {j.name for j in jobs}
-    unknown = sorted({n for j in jobs for n in j.needs} - names - done)
-    if unknown:
-        raise ValueError(f"jobs need unknown jobs: {', '.join(unknown)}")
+    group after the groups it needs (a group comes where its first job is in check_graph's order;
+    the jobs of a group need the same jobs, all placed before it)."""
     groups: dict = {}
-    for job in jobs:
+    for job in check_graph(jobs, done):
         key = (job.array, tuple(job.needs), job.resources) if job.array else job.name
         groups.setdefault(key, []).append(job)
-    order, placed, pending = [], set(done), list(groups.values())
-    while pending:
-        ready = [g for g in pending if all(n in placed for j in g for n in j.needs)]
-        if not ready:
-            raise ValueError(f"jobs need each other in a cycle: {', '.join(j.name for g in pending for j in g)}")
-        for group in ready:
-            pending.remove(group)
-            order.append(group)
-            placed.update(j.name for j in group)
-    return order
+    return list(groups.values())
 
 
 class SlurmLauncher:
