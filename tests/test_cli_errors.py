@@ -228,13 +228,16 @@ def test_end_to_end_exit_status_and_no_traceback(tmp_path):
 @pytest.mark.slow
 def test_a_failed_parallel_job_is_one_line_naming_its_log(tiny, folder, tmp_path):
     out = tmp_path / "run"
+    (out / "meta").mkdir(parents=True)   # a meta model whose record reads, but whose weights do not: both jobs fail
+    (out / "meta" / "final.json").write_text(json.dumps({"metadata": {"stage": "meta", "K": 2}}))
+    (out / "meta" / "final.safetensors").write_bytes(b"not safetensors")
     proc = _subprocess("incubate", "--all", "--parallel", "2", "--modules", "2", "--data", folder, "--out", out,
-                       *tiny)  # no meta model yet: both jobs fail
+                       *tiny)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("incubation incubate: error: incubation failed for module ")
+    assert proc.stderr.startswith("incubation incubate: error: failed: incubate-")
     for i in range(2):
-        assert "(exit 1: incubation incubate: error: incubation needs the meta model" in proc.stderr
+        assert f"incubate-{i} (exit 1: incubation incubate: error: " in proc.stderr
         assert f"log {out / f'incubate-{i}' / 'log.txt'})" in proc.stderr
 
 
