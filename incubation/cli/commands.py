@@ -50,6 +50,7 @@ from ..report import write_report
 from ..timm_compat import from_timm
 from ..train.checkpoint import load_checkpoint, refuse_overwriting
 from ..weights import OFFICIAL_MODELS, build_model
+from . import launching
 from .exits import EXIT_STATUS, UsageError, exit_status, run_main
 from .options import (
     add_common_arguments,
@@ -114,9 +115,14 @@ def _cmd_incubate(args):
 
 
 def _cmd_run(args):
-    spec = spec_from_args(args)
+    spec = launching.with_resources(spec_from_args(args), args)
     pipeline.check_initial_checkpoint(spec, "run")
     pipeline.num_modules(spec)   # --modules and --split agree
+    if args.launcher == "slurm":
+        if args.parallel != 1:
+            raise UsageError("argument --parallel: the slurm launcher runs what Slurm allows at once")
+        launching.run_on_slurm(dataclasses.replace(spec, no_progress=True), args)
+        return
     _launch(spec, args.parallel)
     with open(os.path.join(spec.run_dir, "report.json")) as f:
         _print_summary(json.load(f), spec.run_dir)
@@ -145,6 +151,7 @@ def _add_incubate(p):
 def _add_run(p):
     add_common_arguments(p)
     add_incubation_options(p)
+    launching.add_launcher_options(p)
 
 
 def _cmd_backends(args):
@@ -340,6 +347,10 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "assemble": ("stage 3: assemble the incubated modules and fine-tune", add_common_arguments,
                  lambda args: _stage(args, "assemble")),
     "e2e": ("the baseline: train the target end to end", add_common_arguments, lambda args: _stage(args, "e2e")),
+    "status": ("the state of each stage of a run submitted to Slurm: pending (why), running, done, failed or "
+               "cancelled, elapsed time, last metric and log line", launching.add_status, launching.cmd_status),
+    "cancel": ("cancel the Slurm jobs of a run that are still pending or running", launching.add_status,
+               launching.cmd_cancel),
     "report": ("write report.md / report.json / plots for a run dir", _add_report, _cmd_report),
     "expand": ("LEMON: expand a checkpoint losslessly to a larger ViT", _add_expand, _cmd_expand),
     "grow": ("Apollo: progressive depth training of the target", _add_grow, _cmd_grow),
