@@ -176,7 +176,7 @@ def _option_argv(spec: RunSpec, names: list[str]) -> list[str]:
         if isinstance(value, bool):  # a switch
             argv += [flag] if value else []
         elif value is not None and value != default:  # lists as the text their type parses
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv
 
 
@@ -314,6 +314,9 @@ class Context:
         """<stage dir>/config.json: everything that defines the stage, for the record (rank 0)."""
         if os.environ.get("RANK", "0") != "0":
             return
+        name = stage if module is None else f"{stage} {module}"
+        say(f"{name}: {cfg.steps} steps of {cfg.batch_size} images, {cfg.opt} at peak lr {cfg.lr:.4g} "
+            f"(warmup {cfg.warmup_steps} steps, {cfg.sched} schedule to {cfg.min_lr:.3g})")
         directory = stage_dir(self.run_dir, stage, module)
         os.makedirs(directory, exist_ok=True)
         s, train, ev = self.spec, base_dataset(self.train_set), base_dataset(self.eval_set)

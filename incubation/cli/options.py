@@ -22,7 +22,8 @@ from ..presets import PRESETS
 from ..recipe import OPTIONS as RECIPE_OPTIONS
 
 __all__ = ["positive_int", "non_negative_int", "seed_int", "positive_float", "non_negative_float", "fraction",
-           "decay_rate", "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
+           "decay_rate", "momentum", "betas", "optimizer_name", "lr_base_scale", "sched_name",
+           "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
            "device_name", "model_name", "data_name", "add_common_arguments", "add_incubation_options",
            "spec_from_args", "common_argv"]
 
@@ -92,6 +93,43 @@ def decay_rate(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
     return value
+
+
+def momentum(text: str) -> float:
+    """An optimizer momentum in [0, 1) (0: none)."""
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text!r}")
+    return value
+
+
+def betas(text: str) -> tuple:
+    """Two optimizer betas in [0, 1), e.g. 0.9,0.999."""
+    values = tuple(_float(v) for v in text.split(","))
+    if len(values) != 2 or not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) like 0.9,0.999, got {text!r}")
+    return values
+
+
+def optimizer_name(text: str) -> str:
+    """A timm optimizer name (timm.optim.list_optimizers)."""
+    from timm.optim import list_optimizers
+    if text.lower() not in list_optimizers():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm optimizer (e.g. adamw, sgd, lamb; "
+                                         f"timm.optim.list_optimizers() lists them)")
+    return text.lower()
+
+
+def lr_base_scale(text: str) -> str:
+    if text not in ("linear", "sqrt"):
+        raise argparse.ArgumentTypeError(f"expected linear or sqrt, got {text!r}")
+    return text
+
+
+def sched_name(text: str) -> str:
+    if text not in ("cosine", "step"):
+        raise argparse.ArgumentTypeError(f"expected cosine or step (timm's schedulers), got {text!r}")
+    return text
 
 
 def auto_augment(text: str) -> str:

@@ -45,9 +45,9 @@ from .checkpoint import (
 from .config import DivergedError, TrainConfig, TrainResult
 from .distributed import Place, Plan, StepBatches, all_sum, derived_seed, device_of, join_process_group, make_plan, seed_all
 from .lock import RunDirLock, RunDirLocked
-from .optim import EMA, adamw, trained_parameters
+from .optim import EMA, make_optimizer, trained_parameters
 from .records import Checkpointer, MetricsLog
-from .schedule import lr_at
+from .schedule import lr_schedule
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
@@ -180,7 +180,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
           stage: str = "train", params: Optional[Iterable[nn.Parameter]] = None,
           save_keys: Optional[Sequence[str]] = None, metadata: Optional[dict] = None,
           hooks: Sequence[Callable[[int, nn.Module], None]] = (), resume: bool = True) -> TrainResult:
-    """Train `model` with AdamW + warmup-cosine on `train_set`; returns a TrainResult.
+    """Train `model` with cfg.opt (AdamW) + cfg.sched (warmup-cosine) on `train_set`; returns a TrainResult.
 
     params: what the optimizer holds (default: every parameter that requires grad); the others
         are frozen for the run (requires_grad restored afterwards) and never change.
@@ -215,7 +215,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     lock = _lock_run_dir(out_dir, place)
     try:
         with _only_trained_require_grad(model, trained):
-            optimizer = adamw(trained, cfg)
+            optimizer = make_optimizer(model, trained, cfg)
             ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
             start, counters = checkpointer.resume(model, optimizer, ema) if resume else (0, {})
             log = MetricsLog(out_dir, stage, cfg, plan, place, start, counters.get("wall_seconds", 0.0),
@@ -275,6 +275,7 @@ class _Runner:
         self.last_loss = self.counters.get("train_loss", float("nan"))
         self.last_eval = self.counters.get("eval", {})
         self.mixer = _mixer(self.cfg, self.model, self.train_set)
+        self.lr_of = lr_schedule(self.cfg, self.plan.total_steps, self.plan.decay_steps)
         self.eval_loader = None
 
     def _net(self):
@@ -336,10 +337,9 @@ class _Runner:
         for hook in self.hooks:
             hook(step, self.model)
         seed_all(derived_seed(cfg.seed, "step", step, "rank", self.rank))
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                   decay_steps=self.plan.decay_steps)
+        lr = self.lr_of(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)   # timm's layer decay
         losses = []
         for micro in range(cfg.accum_steps):
             x, y = next(batches)

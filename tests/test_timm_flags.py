@@ -1,0 +1,133 @@
+"""The training flags timm users reach for (issue 25), each against timm's own behaviour: the lr
+rule of timm's train.py, create_optimizer_v2's parameter groups, create_scheduler_v2's lr curve
+per step, and an epoch that is an epoch."""
+import json
+
+import pytest
+import torch
+from tiny_training import QUIET, easy_data, tiny_vit
+
+from incubation import cli, ops, pipeline
+from incubation.recipe import Recipe
+from incubation.train import TrainConfig, train
+from incubation.train.optim import make_optimizer
+from incubation.train.schedule import lr_schedule
+
+
+@pytest.fixture(autouse=True)
+def eager_ops():
+    with ops.use_backend("eager"):
+        yield
+
+
+def _recipe(*argv, preset="tiny", stage="meta"):
+    spec = cli.spec_from_args(cli.build_parser().parse_args(["meta", *argv]))
+    return pipeline.stage_recipe(spec, pipeline.get_preset(preset), stage)
+
+
+# ----------------------------------------------------------------------------------------------
+# --lr is absolute; --lr-base scales by the global batch as timm's train.py does
+# ----------------------------------------------------------------------------------------------
+def test_lr_is_absolute_and_lr_base_scales_as_timm():
+    assert _recipe("--lr", "5e-4", "-b", "16").peak_lr == 5e-4                       # no x batch / 512
+    assert _recipe("--lr-base", "1e-3", "--lr-base-size", "256", "-b", "1024").peak_lr == pytest.approx(4e-3)
+    # timm's default rule by optimizer: sqrt for Ada* / LAMB, else linear
+    base = Recipe(lr_base=1e-3, lr_base_size=256, batch_size=1024)
+    assert base.peak_lr == pytest.approx(2e-3)                                        # adamw: sqrt(4)
+    assert Recipe(lr_base=1e-3, lr_base_size=256, batch_size=1024, opt="lamb").peak_lr == pytest.approx(2e-3)
+    assert Recipe(lr_base=1e-3, lr_base_size=256, batch_size=1024, opt="sgd").peak_lr == pytest.approx(4e-3)
+    assert Recipe(lr_base=1e-3, lr_base_size=256, batch_size=1024, lr_base_scale="linear").peak_lr == \
+        pytest.approx(4e-3)
+    # the presets' official values are base lrs at batch 512, scaled linearly (DeiT's rule)
+    assert pipeline.get_preset("vit-b").meta.peak_lr == pytest.approx(5e-4 * 2048 / 512)
+    assert _recipe("--opt", "lamb", preset="vit-b").peak_lr == pytest.approx(5e-4 * 2048 / 512)
+    assert cli.main(["meta", "--lr-base-scale", "cubic"]) == 2 and cli.main(["meta", "--opt", "nope"]) == 2
+
+
+def test_a_stage_prints_its_resolved_lr(tiny, folder, run_cli, tmp_path, capsys):
+    assert run_cli("meta", "--data", folder, "--out", tmp_path, *tiny, "--lr", "3e-3", "--epochs", "1") == 0
+    assert "meta: 6 steps of 8 images, adamw at peak lr 0.003 (warmup" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# --opt, --momentum, --opt-eps, --opt-betas, --layer-decay: timm's create_optimizer_v2
+# ----------------------------------------------------------------------------------------------
+def _groups(optimizer):
+    """{param id: (weight decay, lr_scale)} and the optimizer's defaults."""
+    return {id(p): (g["weight_decay"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("flags", [dict(opt="adamw"), dict(opt="sgd", momentum=0.8), dict(opt="lamb", opt_eps=1e-6),
+                                   dict(opt="adamw", opt_betas=(0.8, 0.99)), dict(opt="adamw", layer_decay=0.75)])
+def test_the_optimizer_is_timms_for_the_same_flags(flags):
+    from timm.optim import create_optimizer_v2
+    model = tiny_vit()
+    ours = make_optimizer(model, list(model.named_parameters()), TrainConfig(lr=1e-3, weight_decay=0.05, **flags))
+    timm_kw = {{"opt_eps": "eps", "opt_betas": "betas"}.get(k, k): v for k, v in flags.items()}
+    theirs = create_optimizer_v2(model, lr=1e-3, weight_decay=0.05, **timm_kw)
+    assert type(ours) is type(theirs) and ours.defaults == theirs.defaults
+    assert _groups(ours) == _groups(theirs)
+    if "layer_decay" in flags:
+        assert len({scale for _, scale in _groups(ours).values()}) == len(model.blocks) + 2
+
+
+def test_layer_decay_scales_the_scheduled_lr_and_needs_a_group_matcher(tmp_path):
+    model = tiny_vit()
+    cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, min_lr=1e-3, layer_decay=0.5, **QUIET)
+    train(model, easy_data(), None, cfg, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.state.pt", weights_only=False)["optimizer"]
+    assert sorted({g["lr"] / g["lr_scale"] for g in state["param_groups"]}) == pytest.approx([1e-3])
+    assert min(g["lr_scale"] for g in state["param_groups"]) == pytest.approx(0.5 ** (len(model.blocks) + 1))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="Sequential has no group_matcher"):
+        make_optimizer(plain, list(plain.named_parameters()), TrainConfig(layer_decay=0.5))
+
+
+# ----------------------------------------------------------------------------------------------
+# --sched cosine|step, --warmup-lr, --decay-epochs, --decay-rate: timm's create_scheduler_v2
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,timm_kw", [
+    (["--sched", "cosine", "--warmup-epochs", "2", "--warmup-lr", "1e-6", "--min-lr", "2e-5"],
+     dict(sched="cosine", warmup_epochs=2, warmup_lr=1e-6, min_lr=2e-5)),
+    (["--sched", "cosine", "--warmup-epochs", "1"], dict(sched="cosine", warmup_epochs=1, warmup_lr=1e-5, min_lr=1e-5)),
+    (["--sched", "step", "--decay-epochs", "3", "--decay-rate", "0.5", "--warmup-epochs", "1"],
+     dict(sched="step", decay_epochs=3, decay_rate=0.5, warmup_epochs=1, warmup_lr=1e-5)),
+])
+def test_the_lr_curve_is_timms_for_the_same_flags(argv, timm_kw):
+    from timm.scheduler import create_scheduler_v2
+    num_train, per_epoch = 1000, 1000 // 64
+    recipe = _recipe(*argv, "--lr", "1e-3", "-b", "64", "--epochs", "10")
+    cfg = recipe.train_config(num_train)
+    ours = lr_schedule(cfg, cfg.steps, cfg.decay_steps)
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched, _ = create_scheduler_v2(holder, num_epochs=10, step_on_epochs=False, updates_per_epoch=per_epoch,
+                                   **timm_kw)
+    theirs = []
+    for step in range(cfg.steps):   # timm's train.py: step_update(num_updates) after each update
+        sched.step_update(step)
+        theirs.append(holder.param_groups[0]["lr"])
+    assert cfg.steps == 10 * per_epoch and [ours(s) for s in range(cfg.steps)] == pytest.approx(theirs, rel=1e-12)
+    assert [ours(s) for s in range(cfg.steps)] == [ours(s) for s in range(cfg.steps)]   # a function of the step
+
+
+def test_the_engine_follows_timms_schedule(tmp_path):
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, min_lr=1e-5, sched="step", decay_steps=2, decay_rate=0.5,
+                      warmup_steps=1, warmup_lr=1e-4, **QUIET)
+    train(tiny_vit(), easy_data(), None, cfg, tmp_path)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [line["lr"] for line in lines] == pytest.approx([1e-4, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4], rel=1e-12)
+    with pytest.raises(ValueError, match="timm's cosine"):
+        TrainConfig(sched="cosine", decay_steps=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# an epoch is an epoch
+# ----------------------------------------------------------------------------------------------
+def test_one_epoch_is_one_pass_of_full_batches(tmp_path):
+    # 500 images in batches of 128: 3 full batches (the 4th, incomplete, is dropped as the loader drops it)
+    assert Recipe(epochs=1, batch_size=128).steps(500) == 3
+    recipe = Recipe(epochs=1, batch_size=16, lr=1e-3, mixup=0.0, cutmix=0.0)
+    cfg = recipe.train_config(120, progress=False, device="cpu")   # 7.5 batches: 7 steps, 1 epoch
+    train(tiny_vit(), easy_data(n=120), None, cfg, tmp_path)
+    last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert (last["step"], last["epoch"]) == (7, 1.0)
