@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import yaml
 from torch.utils.data import Dataset
 
 from . import deep
@@ -80,11 +81,11 @@ def read_stage(directory: str) -> Optional[dict]:
     config_path = os.path.join(directory, "config.json")   # written by the CLI (absent for API runs)
     config = _read_json(config_path) if os.path.exists(config_path) else None
     evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
-              "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
+              "top5": m.get("eval_top5"), "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
     return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),
             "sizes": final.get("sizes"), "target_config": final.get("target_config"),
-            "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"),
-            "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
+            "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_top5": final.get("eval_top5"),
+            "eval_loss": final.get("eval_loss"), "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
             "flops": last.get("flops", 0.0), "images": last.get("images", 0), "evals": evals, "config": config}
 
 
@@ -311,7 +312,8 @@ class Context:
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:
-        """<stage dir>/config.json: everything that defines the stage, for the record (rank 0)."""
+        """<stage dir>/config.json: everything that defines the stage, for the record, and args.yaml
+        (timm's record of the options); rank 0."""
         if os.environ.get("RANK", "0") != "0":
             return
         name = stage if module is None else f"{stage} {module}"
@@ -331,6 +333,11 @@ class Context:
                   "model": self.target_for(recipe).to_dict(), "timm_model": s.model,
                   "augment": self.augment.to_dict(), "data": data, **extra, "versions": versions()}
         atomic_write(os.path.join(directory, "config.json"), (json_dumps(record, indent=2) + "\n").encode())
+        # timm's args.yaml: the options of the stage as one flat mapping (the run's, then the resolved recipe)
+        args = {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in _NOT_OPTIONS},
+                **dataclasses.asdict(recipe)}
+        atomic_write(os.path.join(directory, "args.yaml"),
+                     yaml.safe_dump(json.loads(json_dumps(args)), sort_keys=False).encode())
 
 
 def stage_recipe(spec: RunSpec, preset: Preset, stage: str) -> Recipe:

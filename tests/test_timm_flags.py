@@ -131,3 +131,33 @@ def test_one_epoch_is_one_pass_of_full_batches(tmp_path):
     train(tiny_vit(), easy_data(n=120), None, cfg, tmp_path)
     last = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
     assert (last["step"], last["epoch"]) == (7, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# records: eval_top5, timm's summary.csv columns, args.yaml
+# ----------------------------------------------------------------------------------------------
+def test_top5_is_timms_accuracy_and_is_recorded(tmp_path):
+    import csv
+
+    from timm.utils import accuracy
+
+    from incubation.train import evaluate, load_checkpoint
+    model, data = tiny_vit(num_classes=8), easy_data(n=64)
+    cfg = TrainConfig(steps=4, batch_size=16, lr=1e-3, eval_every=2, **QUIET)
+    result = train(model, data, data, cfg, tmp_path)
+    x, y = data.tensors
+    with torch.no_grad():
+        top1, top5 = accuracy(model(x), y, topk=(1, 5))
+    assert evaluate(model, data)["top5"] == pytest.approx(float(top5)) and result.eval_top5 == pytest.approx(float(top5))
+    assert result.eval_acc == pytest.approx(float(top1))
+    assert load_checkpoint(tmp_path / "final")[1]["eval_top5"] == result.eval_top5
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert list(rows[0])[:6] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    assert [float(r["eval_top5"]) for r in rows][-1] == result.eval_top5 and len(rows) == 2   # per epoch here
+
+
+def test_a_stage_writes_args_yaml(tiny, folder, run_cli, tmp_path):
+    import yaml
+    assert run_cli("meta", "--data", folder, "--out", tmp_path, *tiny, "--opt", "sgd", "--epochs", "1") == 0
+    args = yaml.safe_load(open(tmp_path / "meta" / "args.yaml"))
+    assert (args["opt"], args["batch_size"], args["img_size"], args["data"]) == ("sgd", 8, 14, folder)

@@ -104,5 +104,6 @@ class TrainResult:
     train_flops: Optional[float]   # training FLOPs per image x images (see `_train_flops`), else None
     checkpoint_path: str           # final.safetensors
     metrics_path: str              # metrics.jsonl
+    eval_top5: Optional[float] = None  # top-5 %, None without an eval set
 
 

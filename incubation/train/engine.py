@@ -101,7 +101,7 @@ def _eval_loader(dataset: Dataset, batch_size: int, device, rank: int = 0, world
 def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: int = 1) -> dict:
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0.0, 0.0
+    correct, correct5, loss_sum = 0.0, 0.0, 0.0
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -110,15 +110,17 @@ def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: in
             logits = _at_least_fp32(logits)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += float((logits.argmax(-1) == y).sum())
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices   # timm's accuracy(topk=(1, 5))
+            correct5 += float((top5 == y[:, None]).any(-1).sum())
     finally:
         model.train(was_training)
-    correct, loss_sum = all_sum([correct, loss_sum], world, device)
+    correct, correct5, loss_sum = all_sum([correct, correct5, loss_sum], world, device)
     n = len(loader.dataset)
-    return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+    return {"acc": 100.0 * correct / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=None, *, amp: bool = False) -> dict:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset` (this process only).
+    """Top-1 and top-5 accuracy (%, "acc" and "top5") and mean cross-entropy of `model` on `dataset` (this process only).
     `device`: default the model's. `amp`: bf16 autocast when on CUDA."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -190,8 +192,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         forward passes, under a seed shared by all ranks.
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
-    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (one row per
-    evaluation), final.{safetensors,json} (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (timm's columns, one
+    row per evaluation: per epoch by default), final.{safetensors,json} (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
     second run on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
     step; checkpoints are never written from such weights, so out_dir keeps the last good one.
@@ -297,11 +299,11 @@ class _Runner:
             self.eval_loader = _eval_loader(self.eval_set, max(256, self.plan.micro_batch), self.device, self.rank,
                                             self.world, self.cfg.num_workers)
         ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
-        result.update(eval_acc=ev["acc"], eval_loss=ev["loss"])
+        result.update(eval_acc=ev["acc"], eval_top5=ev["top5"], eval_loss=ev["loss"])
         if self.ema is not None:
             with self.ema.swapped_in():
                 ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
-            result.update(ema_eval_acc=ev["acc"], ema_eval_loss=ev["loss"])
+            result.update(ema_eval_acc=ev["acc"], ema_eval_top5=ev["top5"], ema_eval_loss=ev["loss"])
         return result
 
     def _check_finite(self, done: int, save_keys=None) -> None:
@@ -421,6 +423,7 @@ class _Runner:
         wall = log.wall()
         path = checkpointer.save_final(self.model, self.ema, {"train_loss": self.last_loss, **self.last_eval})
         return TrainResult(train_loss=self.last_loss, eval_acc=self.last_eval.get("eval_acc"),
+                           eval_top5=self.last_eval.get("eval_top5"),
                            eval_loss=self.last_eval.get("eval_loss"), steps=total, images_seen=images,
                            wall_seconds=wall, train_flops=log.flops() * images if log.flops else None,
                            checkpoint_path=path, metrics_path=log.path)

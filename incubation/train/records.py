@@ -36,13 +36,14 @@ _FREE_FIELDS = ("eval_every", "eval_at_start", "checkpoint_every", "num_workers"
 # --------------------------------------------------------------------------------------
 # the run's two records: the metrics log and the checkpoints
 # --------------------------------------------------------------------------------------
-SUMMARY_COLUMNS = ("step", "epoch", "lr", "train_loss", "eval_loss", "eval_top1", "ema_eval_loss", "ema_eval_top1",
-                   "images", "wall_s")
+# timm's summary.csv columns first, then ours
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "step", "ema_eval_loss",
+                   "ema_eval_top1", "ema_eval_top5", "images", "wall_s")
 
 
 class MetricsLog:
     """metrics.jsonl (a line every ~1 % of the steps and at every evaluation), summary.csv (one
-    row per evaluation, as timm writes it) and the progress bar; it owns the timing of the run
+    row per evaluation, per epoch by default, timm's columns first) and the progress bar; it owns the timing of the run
     and the window of per-step losses since the last line. Only rank 0 writes."""
 
     def __init__(self, out_dir: str, stage: str, cfg: TrainConfig, plan: Plan, place: Place, start: int,
@@ -127,8 +128,9 @@ class MetricsLog:
                 if "eval_acc" in m:
                     rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"],
                                  "train_loss": m.get("loss", ""), "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
-                                 "ema_eval_loss": m.get("ema_eval_loss", ""),
-                                 "ema_eval_top1": m.get("ema_eval_acc", ""), "images": m["images"], "wall_s": m["wall_s"]})
+                                 "eval_top5": m.get("eval_top5", ""), "ema_eval_loss": m.get("ema_eval_loss", ""),
+                                 "ema_eval_top1": m.get("ema_eval_acc", ""), "ema_eval_top5": m.get("ema_eval_top5", ""),
+                                 "images": m["images"], "wall_s": m["wall_s"]})
         text = io.StringIO()
         writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
         writer.writeheader()
