@@ -192,9 +192,10 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         forward passes, under a seed shared by all ranks.
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
-    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (timm's columns, one
-    row per evaluation: per epoch by default), final.{safetensors,json} (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
-    second run on the same out_dir raises RunDirLocked naming the holder.
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (timm's
+    columns, one row per evaluation: per epoch by default), final.{safetensors,json} (and
+    final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a second run
+    on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
     step; checkpoints are never written from such weights, so out_dir keeps the last good one.
     """
