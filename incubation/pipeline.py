@@ -126,6 +126,7 @@ class RunSpec:
     data_dir: Optional[str] = None
     val_size: Optional[int] = None     # evaluate on this many held-out training images
     out: Optional[str] = None          # the run dir (default runs/<preset>)
+    experiment: Optional[str] = None   # timm's: the run dir's name under --out (or runs/) instead of the preset's
     preset: str = "tiny"
     model: Optional[str] = None        # a timm ViT name as the target
     img_size: Optional[int] = None
@@ -143,6 +144,7 @@ class RunSpec:
     seed: int = 0
     device: str = "auto"
     no_progress: bool = False
+    log_interval: int = 0              # steps between metrics lines (0: ~1 % of the stage)
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
@@ -151,6 +153,8 @@ class RunSpec:
 
     @property
     def run_dir(self) -> str:
+        if self.experiment is not None:
+            return os.path.join("runs" if self.out is None else self.out, self.experiment)
         return self.out if self.out is not None else os.path.join("runs", self.preset)
 
     def resources_for(self, stage: str) -> Resources:
@@ -196,7 +200,7 @@ def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: 
         head += ["--module", str(module)]
     if stage == "e2e":
         spec = matched_baseline(spec)
-    return head + _option_argv(dataclasses.replace(spec, out=spec.run_dir), option_fields(stage))
+    return head + _option_argv(dataclasses.replace(spec, out=spec.run_dir, experiment=None), option_fields(stage))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,7 +312,8 @@ class Context:
         workers = s.workers if s.workers is not None else default_workers(self.train_set)
         return recipe.train_config(len(self.train_set), steps, accum_steps=s.accum_steps, seed=s.seed,
                                    num_workers=workers, device=s.device, progress=not s.no_progress,
-                                   compile=s.compile, grad_checkpointing=s.grad_checkpointing)
+                                   compile=s.compile, grad_checkpointing=s.grad_checkpointing,
+                                   log_interval=s.log_interval)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

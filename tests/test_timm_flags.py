@@ -161,3 +161,22 @@ def test_a_stage_writes_args_yaml(tiny, folder, run_cli, tmp_path):
     assert run_cli("meta", "--data", folder, "--out", tmp_path, *tiny, "--opt", "sgd", "--epochs", "1") == 0
     args = yaml.safe_load(open(tmp_path / "meta" / "args.yaml"))
     assert (args["opt"], args["batch_size"], args["img_size"], args["data"]) == ("sgd", 8, 14, folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# --log-interval, --experiment
+# ----------------------------------------------------------------------------------------------
+def test_log_interval_sets_the_metrics_lines(tmp_path):
+    cfg = TrainConfig(steps=7, batch_size=16, lr=1e-3, log_interval=3, **QUIET)
+    train(tiny_vit(), easy_data(), None, cfg, tmp_path)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [3, 6, 7]   # and the last
+    assert cli.main(["meta", "--log-interval", "0"]) == 2
+
+
+def test_experiment_names_the_run_dir_as_timms_output_subdirectory(tmp_path):
+    parse = cli.build_parser().parse_args
+    spec = cli.spec_from_args(parse(["run", "--out", str(tmp_path), "--experiment", "lamb-1", "--log-interval", "5"]))
+    assert spec.run_dir == str(tmp_path / "lamb-1")
+    assert cli.spec_from_args(parse(["run", "--experiment", "x"])).run_dir == "runs/x"
+    child = cli.spec_from_args(parse(pipeline.stage_argv(spec, "meta")[3:]))
+    assert child.run_dir == spec.run_dir and child.log_interval == 5   # the child does not add the name twice

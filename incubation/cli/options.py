@@ -233,6 +233,7 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Act
         add("--val-size", type=positive_int, default=None, help="evaluate on this many training images held out "
             "(a fixed draw) instead of the test split: choose recipes there, keep the test split for the end"),
         add("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)"),
+        add("--experiment", type=nonempty_path, default=None, help="timm's: the run dir is <--out or runs>/NAME"),
         add("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)"),
         add("--model", type=model_name, default=None, help="a timm ViT by name as the target (built with "
             "pretrained=False, converted by from_timm) instead of the preset's"),
@@ -270,6 +271,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--seed", type=seed_int, default=0),
         add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
         add("--no-progress", action="store_true", help="no progress bars"),
+        add("--log-interval", type=positive_int, default=0, help="steps between metrics lines (default ~1 %% of "
+            "the stage)"),
         # for tests and quick looks: train / evaluate on a fixed random subset
         add("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS),
         add("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS),

@@ -45,6 +45,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
+    log_interval: int = 0          # steps between metrics lines (0: ~1 % of the steps)
     compile: bool = False          # torch.compile the model for training steps (eager ops under it)
     grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)
 
@@ -61,7 +62,7 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "aug_repeats"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "seed"):
+        for name in ("warmup_steps", "log_interval", "eval_every", "checkpoint_every", "num_workers", "seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         need(self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 0),

@@ -29,8 +29,8 @@ __all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS"]
 
 
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress", "compile",
-                "grad_checkpointing")
+_FREE_FIELDS = ("log_interval", "eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress",
+                "compile", "grad_checkpointing")
 
 
 # --------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ class MetricsLog:
                  wall_before: float, flops: Optional[Callable[[], float]]):
         self.path, self.summary_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "summary.csv")
         self.cfg, self.plan, self.place, self.flops = cfg, plan, place, flops
-        self.every = max(1, plan.total_steps // 100)
+        self.every = cfg.log_interval or max(1, plan.total_steps // 100)
         self.t0, self.wall_before = time.time(), wall_before
         self.window = torch.zeros(2, dtype=torch.float64, device=place.device)  # loss sum, correct: no sync per step
         self.window_t, self.window_images = self.t0, 0
