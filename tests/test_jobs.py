@@ -27,7 +27,8 @@ def _job(tmp_path, name, code, needs=()):
     return jobs.Job(name, _py(code), str(tmp_path / name / "log.txt"), needs)
 
 
-def test_thread_budget_reaches_every_child(tmp_path):
+def test_thread_budget_reaches_every_child(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     todo = [_job(tmp_path, "torch", "import torch; print(torch.get_num_threads())"),  # sizes its pool from it
             *[_job(tmp_path, f"j{i}", "import os; print(os.environ['OMP_NUM_THREADS'])") for i in range(2)]]
     outcome = jobs.run_jobs(todo, parallel=2)
@@ -35,6 +36,9 @@ def test_thread_budget_reaches_every_child(tmp_path):
     budget = jobs.thread_budget(2)
     assert budget == max(1, len(os.sched_getaffinity(0)) // 2)
     assert [open(job.log).read().strip() for job in todo] == [str(budget)] * 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")   # the user's choice is kept
+    jobs.run_jobs(todo[1:], parallel=2)
+    assert [open(job.log).read().split()[-1] for job in todo[1:]] == ["3", "3"]
 
 
 def test_failure_names_its_log_and_dependents_are_skipped(tmp_path):

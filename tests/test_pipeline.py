@@ -116,18 +116,27 @@ def _same(a, b):
 
 @pytest.mark.slow
 def test_every_way_of_running_gives_the_same_weights(tiny, run_cli, folder, tmp_path, monkeypatch):
+    import torch
     monkeypatch.setenv("INCUBATION_BACKEND", "eager")   # no measured kernel choice between the runs
-    common = ["--data", folder, "--modules", "2", *tiny]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")          # CPU results depend on the thread count: one for every job
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                             # and for the stages run in this process
+    try:
+        _run_every_way(tmp_path, run_cli, ["--data", folder, "--modules", "2", *tiny])
+    finally:
+        torch.set_num_threads(threads)
+    serial = _weights(tmp_path / "serial")
+    for other in ("parallel", "by-hand", "api"):
+        _same(serial, _weights(tmp_path / other))
+
+
+def _run_every_way(tmp_path, run_cli, common):
     assert run_cli("run", "--out", tmp_path / "serial", *common) == 0
     assert run_cli("run", "--out", tmp_path / "parallel", "--parallel", "2", *common) == 0
     by_hand = tmp_path / "by-hand"
     for stage in (["meta"], ["incubate", "--module", "1"], ["incubate", "--module", "0"], ["assemble"], ["e2e"]):
         assert run_cli(*stage, "--out", by_hand, *common) == 0
-    spec = cli.spec_from_args(cli.build_parser().parse_args(["run", "--out", str(tmp_path / "api"), *common]))
-    pipeline.run(spec)
-    serial = _weights(tmp_path / "serial")
-    for other in ("parallel", "by-hand", "api"):
-        _same(serial, _weights(tmp_path / other))
+    pipeline.run(cli.spec_from_args(cli.build_parser().parse_args(["run", "--out", str(tmp_path / "api"), *common])))
 
 
 def test_the_recipe_options_are_generated_from_the_schema():

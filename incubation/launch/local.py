@@ -84,7 +84,9 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
     pending, outcome = list(jobs), Outcome()
     check_graph(pending, done)
     succeeded = set(done)
-    threads = str(thread_budget(parallel))
+    # the user's OMP_NUM_THREADS, if set, is kept: CPU results depend on the thread count, so the same
+    # count for every job makes serial and --parallel runs bit-identical
+    threads = os.environ.get("OMP_NUM_THREADS") or str(thread_budget(parallel))
     running: dict = {}                        # name -> (job, Popen, slot)
     ended: queue.Queue = queue.Queue()        # names of exited children, from one waiter thread each
     report = report or (lambda job, what: None)
