@@ -141,6 +141,8 @@ class RunSpec:
     accum_steps: int = 1
     compile: bool = False
     grad_checkpointing: bool = False
+    channels_last: bool = False        # timm's --channels-last
+    pin_mem: bool = False              # timm's --pin-mem (pinned on CUDA anyway)
     seed: int = 0
     device: str = "auto"
     no_progress: bool = False
@@ -313,7 +315,7 @@ class Context:
         return recipe.train_config(len(self.train_set), steps, accum_steps=s.accum_steps, seed=s.seed,
                                    num_workers=workers, device=s.device, progress=not s.no_progress,
                                    compile=s.compile, grad_checkpointing=s.grad_checkpointing,
-                                   log_interval=s.log_interval)
+                                   log_interval=s.log_interval, channels_last=s.channels_last)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

@@ -180,3 +180,18 @@ def test_experiment_names_the_run_dir_as_timms_output_subdirectory(tmp_path):
     assert cli.spec_from_args(parse(["run", "--experiment", "x"])).run_dir == "runs/x"
     child = cli.spec_from_args(parse(pipeline.stage_argv(spec, "meta")[3:]))
     assert child.run_dir == spec.run_dir and child.log_interval == 5   # the child does not add the name twice
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    results = []
+    for channels_last in (False, True):
+        model = tiny_vit()
+        cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, channels_last=channels_last, **QUIET)
+        train(model, easy_data(), None, cfg, tmp_path / str(channels_last))
+        results.append(model)
+    conv = results[1].patch_embed.proj.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and conv.stride()[1] == 1   # C is innermost
+    for a, b in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)   # float64: a layout, not another model
+    args = cli.build_parser().parse_args(["meta", "--channels-last", "--pin-mem"])
+    assert cli.spec_from_args(args).channels_last and cli.spec_from_args(args).pin_mem

@@ -266,6 +266,9 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
             help="gradient accumulation micro-batches per step"),
         add("--compile", action="store_true", help="torch.compile the model for the training steps"),
+        add("--channels-last", action="store_true", help="model and images in channels-last memory format"),
+        add("--pin-mem", action="store_true", help="pin the loaders' memory (the default on CUDA; for timm's "
+            "command lines)"),
         add("--grad-checkpointing", action="store_true", help="recompute each block's activations in the "
             "backward pass (less memory, ~1/3 more compute)"),
         add("--seed", type=seed_int, default=0),

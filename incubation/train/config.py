@@ -48,6 +48,7 @@ class TrainConfig:
     log_interval: int = 0          # steps between metrics lines (0: ~1 % of the steps)
     compile: bool = False          # torch.compile the model for training steps (eager ops under it)
     grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)
+    channels_last: bool = False    # model (its 4-D weights: the patch conv) and images in channels-last format
 
     def __post_init__(self):
         errors = []

@@ -206,7 +206,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     rank, world, local_rank = join_process_group()
     place = Place(rank, world, device_of(cfg.device, world, local_rank))
     plan = make_plan(len(train_set), cfg, world)
-    model.to(place.device)
+    model.to(place.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     trained = trained_parameters(model, params)
     out_dir = os.fspath(out_dir)
     checkpointer = Checkpointer(out_dir, stage, cfg, plan, place, _check_save_keys(model, save_keys, trained),
@@ -347,6 +347,8 @@ class _Runner:
         for micro in range(cfg.accum_steps):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             x, targets = self.mixer(x, y) if self.mixer is not None else (x, None)
             last = micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if (self.world == 1 or last) else self.ddp.no_sync():
