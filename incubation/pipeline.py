@@ -147,6 +147,7 @@ class RunSpec:
     device: str = "auto"
     no_progress: bool = False
     log_interval: int = 0              # steps between metrics lines (0: ~1 % of the stage)
+    resume: Optional[str] = None       # one stage: resume from this checkpoint instead of its own
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
@@ -315,7 +316,8 @@ class Context:
         return recipe.train_config(len(self.train_set), steps, accum_steps=s.accum_steps, seed=s.seed,
                                    num_workers=workers, device=s.device, progress=not s.no_progress,
                                    compile=s.compile, grad_checkpointing=s.grad_checkpointing,
-                                   log_interval=s.log_interval, channels_last=s.channels_last)
+                                   log_interval=s.log_interval, channels_last=s.channels_last,
+                                   resume_from=s.resume)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

@@ -195,3 +195,35 @@ def test_channels_last_trains_the_same_model(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)   # float64: a layout, not another model
     args = cli.build_parser().parse_args(["meta", "--channels-last", "--pin-mem"])
     assert cli.spec_from_args(args).channels_last and cli.spec_from_args(args).pin_mem
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume PATH
+# ----------------------------------------------------------------------------------------------
+def test_resume_from_another_runs_checkpoint_replays_the_run(tmp_path):
+    import dataclasses
+
+    from incubation.train import CheckpointError
+    cfg = TrainConfig(steps=4, batch_size=16, lr=1e-3, checkpoint_every=2, **QUIET)
+
+    def killed_at_step_3(step, model):
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_vit(), easy_data(), None, cfg, tmp_path / "killed", hooks=[killed_at_step_3])
+    whole, resumed = tiny_vit(), tiny_vit(seed=5)
+    train(whole, easy_data(), None, cfg, tmp_path / "whole")
+    for given in ("killed", "killed/checkpoint.safetensors"):
+        train(resumed, easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / given)),
+              tmp_path / ("resumed" + str(len(given))))
+        lines = [json.loads(line) for line in open(tmp_path / ("resumed" + str(len(given))) / "metrics.jsonl")]
+        assert [line["step"] for line in lines] == [3, 4]   # it started at the other run's step 2
+        for a, b in zip(whole.parameters(), resumed.parameters()):
+            assert a.equal(b)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(tiny_vit(), easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / "nowhere")),
+              tmp_path / "x")
+    with pytest.raises(CheckpointError, match="stage 'train''s, not 'meta''s"):
+        train(tiny_vit(), easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / "killed")),
+              tmp_path / "y", stage="meta")
+    assert cli.main(["run", "--resume", str(tmp_path / "killed")]) == 2

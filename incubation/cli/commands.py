@@ -105,6 +105,7 @@ def _cmd_incubate(args):
     if not args.all:
         pipeline.run_stage(spec, "incubate", args.module)
         return
+    _one_stage_resume(spec, "incubate --all")
     pipeline.check_stage(spec, "incubate", 0)   # the meta model is there
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.parallel == 1:  # under torchrun: here, in turn
         for i in range(pipeline.num_modules(spec)[0]):
@@ -113,8 +114,15 @@ def _cmd_incubate(args):
     _launch(spec, args.parallel, stages=["incubate"])
 
 
+def _one_stage_resume(spec, command: str) -> None:
+    if spec.resume is not None:
+        raise UsageError(f"argument --resume: names one stage's checkpoint, not {command}'s: give it to that "
+                         "stage's command (meta, incubate --module I, assemble or e2e)")
+
+
 def _cmd_run(args):
     spec = spec_from_args(args)
+    _one_stage_resume(spec, "run")
     pipeline.check_initial_checkpoint(spec, "run")
     pipeline.num_modules(spec)   # --modules and --split agree
     _launch(spec, args.parallel)

@@ -274,6 +274,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--seed", type=seed_int, default=0),
         add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
         add("--no-progress", action="store_true", help="no progress bars"),
+        add("--resume", type=nonempty_path, default=None, help="resume the stage from this checkpoint (a "
+            "checkpoint.* file or its directory) instead of its own; not for run / incubate --all"),
         add("--log-interval", type=positive_int, default=0, help="steps between metrics lines (default ~1 %% of "
             "the stage)"),
         # for tests and quick looks: train / evaluate on a fixed random subset

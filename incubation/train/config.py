@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
     log_interval: int = 0          # steps between metrics lines (0: ~1 % of the steps)
+    resume_from: Optional[str] = None  # resume from this checkpoint (prefix, file or its dir), not out_dir's
     compile: bool = False          # torch.compile the model for training steps (eager ops under it)
     grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)
     channels_last: bool = False    # model (its 4-D weights: the patch conv) and images in channels-last format

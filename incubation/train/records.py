@@ -16,6 +16,7 @@ from torch import nn
 from ..utils import atomic_write, json_dumps
 from .checkpoint import (
     CheckpointError,
+    _prefix,
     load_checkpoint,
     load_checkpoint_state,
     recover_checkpoint,
@@ -29,7 +30,7 @@ __all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS"]
 
 
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("log_interval", "eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress",
+_FREE_FIELDS = ("resume_from", "log_interval", "eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress",
                 "compile", "grad_checkpointing")
 
 
@@ -170,19 +171,28 @@ class Checkpointer:
 
     def resume(self, model, optimizer, ema: Optional["EMA"]) -> tuple[int, dict]:
         """Load the checkpoint of this stage into model / optimizer / EMA; (start step, counters)."""
-        prefix, place = self.prefix, self.place
-        if place.rank == 0:
+        prefix, place, given = self.prefix, self.place, self.cfg.resume_from
+        if given is not None:   # --resume PATH: another run's checkpoint of this stage (read only)
+            prefix = os.path.join(given, "checkpoint") if os.path.isdir(given) else _prefix(given)
+        elif place.rank == 0:
             recover_checkpoint(prefix)
         barrier(place.world)
         if not os.path.exists(prefix + ".json"):
+            if given is not None:
+                raise CheckpointError(f"resume from {given}: there is no checkpoint {prefix}.json")
             return 0, {}
         state_dict, meta = load_checkpoint(prefix)
         if meta.get("stage") != self.stage:
+            if given is not None:
+                raise CheckpointError(f"resume from {given}: the checkpoint is stage {meta.get('stage')!r}'s, "
+                                      f"not {self.stage!r}'s")
             warnings.warn(f"{prefix}.json belongs to stage {meta.get('stage')!r}, not {self.stage!r}: starting afresh")
             return 0, {}
+        # a field a checkpoint predates had its default's behaviour then
         state, trajectory = load_checkpoint_state(prefix), _trajectory(self.cfg)
-        if state["trajectory"] != trajectory:
-            diff = sorted(k for k in state["trajectory"] if state["trajectory"].get(k) != trajectory.get(k))
+        saved = {**_trajectory(TrainConfig()), **state["trajectory"]}
+        if saved != trajectory:
+            diff = sorted(k for k in saved if saved.get(k) != trajectory.get(k))
             raise CheckpointError(f"checkpoint {prefix}.json was written with a different config ({diff}); "
                                   f"use resume=False or another out_dir")
         if sorted(state_dict) != sorted(self.save_keys):
