@@ -148,6 +148,8 @@ class RunSpec:
     no_progress: bool = False
     log_interval: int = 0              # steps between metrics lines (0: ~1 % of the stage)
     resume: Optional[str] = None       # one stage: resume from this checkpoint instead of its own
+    checkpoint_hist: int = 0           # timm's: keep the weights of this many best evaluations
+    eval_metric: str = "top1"          # what best means: top1, top5 or loss
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
@@ -317,7 +319,8 @@ class Context:
                                    num_workers=workers, device=s.device, progress=not s.no_progress,
                                    compile=s.compile, grad_checkpointing=s.grad_checkpointing,
                                    log_interval=s.log_interval, channels_last=s.channels_last,
-                                   resume_from=s.resume)
+                                   resume_from=s.resume, checkpoint_hist=s.checkpoint_hist,
+                                   eval_metric=s.eval_metric)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

@@ -227,3 +227,22 @@ def test_resume_from_another_runs_checkpoint_replays_the_run(tmp_path):
         train(tiny_vit(), easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / "killed")),
               tmp_path / "y", stage="meta")
     assert cli.main(["run", "--resume", str(tmp_path / "killed")]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# --checkpoint-hist, --eval-metric
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric,key,sign", [("loss", "eval_loss", 1), ("top5", "eval_top5", -1)])
+def test_the_best_checkpoints_are_kept_as_timms_checkpoint_saver(tmp_path, metric, key, sign):
+    from incubation.train import load_checkpoint
+    cfg = TrainConfig(steps=6, batch_size=16, lr=3e-3, eval_every=1, checkpoint_hist=2, eval_metric=metric, **QUIET)
+    model = tiny_vit(num_classes=8)
+    train(model, easy_data(), easy_data(n=32, seed=3), cfg, tmp_path)
+    evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    best = sorted(evals, key=lambda e: (sign * e[key], e["step"]))[:2]
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.safetensors"))
+    assert kept == sorted(f"checkpoint-{e['step']}.safetensors" for e in best)
+    weights, meta = load_checkpoint(tmp_path / "model_best")
+    assert meta["step"] == best[0]["step"] and meta[key] == best[0][key]
+    assert weights.keys() == model.state_dict().keys()
+    assert cli.main(["meta", "--eval-metric", "top3"]) == 2

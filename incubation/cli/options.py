@@ -276,6 +276,10 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--no-progress", action="store_true", help="no progress bars"),
         add("--resume", type=nonempty_path, default=None, help="resume the stage from this checkpoint (a "
             "checkpoint.* file or its directory) instead of its own; not for run / incubate --all"),
+        add("--checkpoint-hist", type=positive_int, default=0, help="keep the weights of this many best "
+            "evaluations (checkpoint-<step>.*) and the best as model_best.* (timm's; default none)"),
+        add("--eval-metric", choices=("top1", "top5", "loss"), default="top1", help="what best means for "
+            "--checkpoint-hist (default top1)"),
         add("--log-interval", type=positive_int, default=0, help="steps between metrics lines (default ~1 %% of "
             "the stage)"),
         # for tests and quick looks: train / evaluate on a fixed random subset

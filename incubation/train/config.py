@@ -42,6 +42,8 @@ class TrainConfig:
     eval_every: int = 0            # steps between evaluations (0 = at the end only)
     eval_at_start: bool = False    # also evaluate before the first step (a metrics line of step 0)
     checkpoint_every: int = 0      # steps between checkpoints (0 = end of each epoch and at the end)
+    checkpoint_hist: int = 0       # timm's: keep the weights of this many best evaluations (0 = none)
+    eval_metric: str = "top1"      # what "best" means: top1, top5 (higher) or loss (lower)
     num_workers: int = 0
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
@@ -64,7 +66,9 @@ class TrainConfig:
         for name in ("batch_size", "accum_steps", "aug_repeats"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "log_interval", "eval_every", "checkpoint_every", "num_workers", "seed"):
+        need(self.eval_metric in ("top1", "top5", "loss"), f"eval_metric must be top1, top5 or loss, "
+             f"got {self.eval_metric!r}")
+        for name in ("warmup_steps", "checkpoint_hist", "log_interval", "eval_every", "checkpoint_every", "num_workers", "seed"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
                  f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         need(self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 0),

@@ -407,9 +407,11 @@ class _Runner:
                 evaluated = done == total or bool(cfg.eval_every and done % cfg.eval_every == 0)
                 logged, saved = evaluated or log.due(done), checkpointer.due(done)
                 if logged or saved:
-                    self._check_finite(done, checkpointer.save_keys if saved else None)
+                    kept = evaluated and checkpointer.keeps
+                    self._check_finite(done, checkpointer.save_keys if saved or kept else None)
                 if evaluated:
                     self.last_eval = self._evaluate_all()
+                    checkpointer.keep(done, self.model, self.last_eval)
                 if logged:
                     self.last_loss = log.line(done, lr, grad_norm, self.last_eval if evaluated else None)["loss"]
                 if saved:

@@ -2,6 +2,7 @@
 checkpointer (resume, periodic and final checkpoints)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,12 +27,15 @@ from .config import TrainConfig
 from .distributed import Place, Plan, all_sum, barrier, rng_state, set_rng_state
 from .optim import EMA
 
-__all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS"]
+__all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS", "EVAL_METRICS"]
+
+# --eval-metric -> (the evaluation's key, +1 when higher is better)
+EVAL_METRICS = {"top1": ("eval_acc", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}
 
 
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("resume_from", "log_interval", "eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress",
-                "compile", "grad_checkpointing")
+_FREE_FIELDS = ("checkpoint_hist", "eval_metric", "resume_from", "log_interval", "eval_every", "eval_at_start",
+                "checkpoint_every", "num_workers", "device", "progress", "compile", "grad_checkpointing")
 
 
 # --------------------------------------------------------------------------------------
@@ -161,6 +165,7 @@ class Checkpointer:
         self.every = cfg.checkpoint_every or plan.steps_per_epoch
         self.total = plan.total_steps
         self.saved_step: Optional[int] = None
+        self.kept: list = []   # [eval metric, step] of the checkpoint-<step>.* kept, best first
 
     def due(self, done: int) -> bool:
         return done % self.every == 0 or done == self.total
@@ -205,14 +210,37 @@ class Checkpointer:
             ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
         set_rng_state(state["rng"])
         self.saved_step = state["step"] or None
+        self.kept = state["counters"].get("kept", [])
         return state["step"], state["counters"]
 
     def save(self, step: int, model, optimizer, ema: Optional["EMA"], counters: dict) -> None:
         if self.place.rank == 0:
             state = {"step": step, "optimizer": optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
-                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": counters}
+                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": {**counters, "kept": self.kept}}
             save_checkpoint(self.prefix, self._weights(model), {**self.metadata, "step": step}, state=state)
         self.saved_step = step
+
+    @property
+    def keeps(self) -> bool:
+        return self.cfg.checkpoint_hist > 0
+
+    def keep(self, step: int, model, evaluation: dict) -> None:
+        """timm's CheckpointSaver: the weights of the cfg.checkpoint_hist best evaluations by
+        cfg.eval_metric (checkpoint-<step>.*, the others deleted) and of the best (model_best.*)."""
+        if not self.keeps or not evaluation or self.place.rank != 0:
+            return
+        key, sign = EVAL_METRICS[self.cfg.eval_metric]
+        summary, weights = {**self.metadata, "step": step, **evaluation}, self._weights(model)
+        save_checkpoint(os.path.join(self.out_dir, f"checkpoint-{step}"), weights, summary)
+        self.kept = sorted([k for k in self.kept if k[1] != step] + [[evaluation[key], step]],
+                           key=lambda k: (-sign * k[0], k[1]))
+        for _, old in self.kept[self.cfg.checkpoint_hist:]:
+            for suffix in (".safetensors", ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, f"checkpoint-{old}{suffix}"))
+        self.kept = self.kept[:self.cfg.checkpoint_hist]
+        if self.kept[0][1] == step:
+            save_checkpoint(os.path.join(self.out_dir, "model_best"), weights, summary)
 
     def save_final(self, model, ema: Optional["EMA"], summary: dict) -> str:
         """final.* (and final_ema.*, the averaged weights); returns final.safetensors' path."""
