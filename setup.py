@@ -122,6 +122,7 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "tensorboard",
         "matplotlib",
     ],
     extras_require={"dev": ["pytest", "hypothesis", "ninja"]},

@@ -150,6 +150,7 @@ class RunSpec:
     resume: Optional[str] = None       # one stage: resume from this checkpoint instead of its own
     checkpoint_hist: int = 0           # timm's: keep the weights of this many best evaluations
     eval_metric: str = "top1"          # what best means: top1, top5 or loss
+    log_tensorboard: Optional[str] = None   # TensorBoard logs, a run per stage
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
@@ -320,7 +321,7 @@ class Context:
                                    compile=s.compile, grad_checkpointing=s.grad_checkpointing,
                                    log_interval=s.log_interval, channels_last=s.channels_last,
                                    resume_from=s.resume, checkpoint_hist=s.checkpoint_hist,
-                                   eval_metric=s.eval_metric)
+                                   eval_metric=s.eval_metric, tensorboard_dir=s.log_tensorboard)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:

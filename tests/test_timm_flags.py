@@ -246,3 +246,18 @@ def test_the_best_checkpoints_are_kept_as_timms_checkpoint_saver(tmp_path, metri
     assert meta["step"] == best[0]["step"] and meta[key] == best[0][key]
     assert weights.keys() == model.state_dict().keys()
     assert cli.main(["meta", "--eval-metric", "top3"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# --log-tensorboard
+# ----------------------------------------------------------------------------------------------
+def test_tensorboard_gets_the_metrics_lines(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = TrainConfig(steps=4, batch_size=16, lr=1e-3, eval_every=2, tensorboard_dir=str(tmp_path / "tb"), **QUIET)
+    train(tiny_vit(), easy_data(), easy_data(n=32, seed=3), cfg, tmp_path / "meta")
+    lines = [json.loads(line) for line in open(tmp_path / "meta" / "metrics.jsonl")]
+    events = EventAccumulator(str(tmp_path / "tb" / "meta")).Reload()
+    for key in ("loss", "lr", "eval_acc", "eval_top5"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(m["step"], pytest.approx(m[key], rel=1e-6)) for m in lines if key in m], key
+    assert [e.step for e in events.Scalars("eval_acc")] == [2, 4]

@@ -280,6 +280,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             "evaluations (checkpoint-<step>.*) and the best as model_best.* (timm's; default none)"),
         add("--eval-metric", choices=("top1", "top5", "loss"), default="top1", help="what best means for "
             "--checkpoint-hist (default top1)"),
+        add("--log-tensorboard", type=out_dir, default=None, help="also write the metrics as TensorBoard scalars "
+            "in this directory (a run per stage; tensorboard --logdir DIR)"),
         add("--log-interval", type=positive_int, default=0, help="steps between metrics lines (default ~1 %% of "
             "the stage)"),
         # for tests and quick looks: train / evaluate on a fixed random subset

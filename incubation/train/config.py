@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"           # auto -> cuda if available else cpu
     progress: bool = True          # tqdm bar with loss / acc / img/s
     log_interval: int = 0          # steps between metrics lines (0: ~1 % of the steps)
+    tensorboard_dir: Optional[str] = None  # also write the metrics lines as TensorBoard scalars here
     resume_from: Optional[str] = None  # resume from this checkpoint (prefix, file or its dir), not out_dir's
     compile: bool = False          # torch.compile the model for training steps (eager ops under it)
     grad_checkpointing: bool = False  # recompute activations in backward (model.set_grad_checkpointing)

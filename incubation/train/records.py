@@ -34,8 +34,9 @@ EVAL_METRICS = {"top1": ("eval_acc", 1), "top5": ("eval_top5", 1), "loss": ("eva
 
 
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("checkpoint_hist", "eval_metric", "resume_from", "log_interval", "eval_every", "eval_at_start",
-                "checkpoint_every", "num_workers", "device", "progress", "compile", "grad_checkpointing")
+_FREE_FIELDS = ("tensorboard_dir", "checkpoint_hist", "eval_metric", "resume_from", "log_interval", "eval_every",
+                "eval_at_start", "checkpoint_every", "num_workers", "device", "progress", "compile",
+                "grad_checkpointing")
 
 
 # --------------------------------------------------------------------------------------
@@ -59,9 +60,12 @@ class MetricsLog:
         self.t0, self.wall_before = time.time(), wall_before
         self.window = torch.zeros(2, dtype=torch.float64, device=place.device)  # loss sum, correct: no sync per step
         self.window_t, self.window_images = self.t0, 0
-        self.bar = None
+        self.bar, self.tensorboard = None, None
         if place.rank == 0:
             self._truncate(start)
+            if cfg.tensorboard_dir is not None:   # a run per stage dir, beside the other stages'
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(os.path.join(cfg.tensorboard_dir, os.path.basename(out_dir)))
             if cfg.progress:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True)
@@ -122,6 +126,10 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json_dumps(line) + "\n")
+        if self.tensorboard is not None:   # every number of the line, at its step
+            for key, value in line.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, line["step"])
         if evaluated:
             self._write_summary()
 
@@ -145,6 +153,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _trajectory(cfg: TrainConfig) -> dict:
