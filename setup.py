@@ -66,7 +66,9 @@ def _extensions():
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # no -std flag: torch.utils.cpp_extension adds the C++ standard its own headers need.
-    cxx = ["-O3", "-fopenmp"] + _simd_flags()
+    # -g0: Python's own CFLAGS carry -g, and debug info for ATen's templates is most of the compile
+    # (measured: 44 s -> 17 s of CPU for csrc/cpu/layer_norm.cpp); these flags come last, so they win
+    cxx = ["-O3", "-g0", "-fopenmp"] + _simd_flags()
     define_macros = []
     if want_cuda:
         define_macros.append(("INCUBATION_WITH_CUDA", None))

@@ -14,9 +14,10 @@
 # lease (the default) is, in this order:
 #   build          pip install --no-build-isolation --no-deps -e . with INCUBATION_REQUIRE_EXTENSION=1,
 #                  TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=nproc; then `incubation backends`
-#   tests          the CUDA tests, `pytest -m gpu` of tests/test_kernels.py (every backend),
-#                  tests/test_triton.py (+ the sm_90 TMA linear's epilogue and fallback tests) and
-#                  tests/test_extension.py: every kernel against float64 in fp32/fp16/bf16, in SHARDS
+#   tests          the CUDA tests, `pytest -m gpu` of tests/test_kernels.py (every backend), the compiled
+#                  ViT with each GPU backend forced (tests/test_compile.py), opcheck of the Triton ops,
+#                  the sm_90 TMA linear's epilogue, fallback and in-place tests, and tests/test_extension.py:
+#                  every kernel against float64 in fp32/fp16/bf16, in SHARDS
 #                  processes at once. The Triton half (-k triton) needs no extension and runs while it
 #                  builds (compiling kernels is most of its time); the extension half (-k "not triton")
 #                  runs after the build.
@@ -25,8 +26,8 @@
 #   ops-attention  attention at N=257: ViT-B (head dim 64) and ViT-H (head dim 80), B=256, bf16
 #   tune           incubation tune --preset vit-b --batch-size 256 --dtype bf16 --device cuda (the cache
 #                  goes to INCUBATION_CACHE_DIR=lease/cache), then `incubation backends --device cuda`
-#   train          ViT-B train step, bf16 autocast, batch TRAIN_BATCH: ours-auto, ours-triton, timm,
-#                  timm-compile
+#   train          ViT-B train step, bf16 autocast, batch TRAIN_BATCH: ours-auto, ours-triton, ours-compile
+#                  (our ViT under torch.compile with the decisions `tune` cached), timm, timm-compile
 # Not in the lease, for a longer loan (up to 300 and 400 s: raise BUDGET_S): ops-dtypes (the op
 # benchmark at ViT-B in fp16 and fp32) and train-large (ViT-L and ViT-H train steps).
 #
@@ -38,7 +39,7 @@
 #   WHEELS       wheels for what the machine lacks (default .whl, git-ignored: carry it along; fill it
 #                elsewhere with e.g. `pip download ninja safetensors hypothesis -d .whl`)
 #   DEVICE=cpu DRY=1   the same plumbing on a CPU in about a minute, to try this script: no build,
-#                tiny shapes, the tests selected as on the GPU (so all skipped)
+#                tiny shapes, the tests selected as on the GPU (on a CPU: none)
 set -uo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -81,10 +82,11 @@ unset TRITON_INTERPRET  # the compiled kernels, never the interpreter
 # needs on an H100 (train: torch.compile of timm's ViT-B); tests-triton runs beside the build.
 ORDER=(env build tests-triton backends tests-extension ops ops-attention tune backends-tuned train ops-dtypes
        train-large)
-declare -A CAP=([env]=60 [build]=200 [tests-triton]=200 [backends]=30 [tests-extension]=90 [ops]=150
-                [ops-attention]=90 [tune]=120 [backends-tuned]=30 [train]=240 [ops-dtypes]=300 [train-large]=400)
+# (train: five providers, two of them compiled by Inductor: timm's ViT-B and ours with tuned decisions)
+declare -A CAP=([env]=60 [build]=200 [tests-triton]=150 [backends]=30 [tests-extension]=90 [ops]=120
+                [ops-attention]=60 [tune]=120 [backends-tuned]=30 [train]=300 [ops-dtypes]=300 [train-large]=400)
 declare -A FLOOR=([tests-triton]=0 [backends]=10 [tests-extension]=20 [ops]=60 [ops-attention]=25 [tune]=30
-                  [backends-tuned]=10 [train]=120 [ops-dtypes]=60 [train-large]=120)
+                  [backends-tuned]=10 [train]=170 [ops-dtypes]=60 [train-large]=120)
 declare -A PART_OF=([env]=env [build]=build [backends]=build [tests-triton]=tests [tests-extension]=tests [ops]=ops
                     [ops-attention]=ops-attention [tune]=tune [backends-tuned]=tune [train]=train
                     [ops-dtypes]=ops-dtypes [train-large]=train-large)
@@ -295,7 +297,8 @@ else
     SIZE_ATTN=(--models B,H --seq 257 --batch 256 --dtypes bf16)
     SIZE_DTYPES=(--models B --seq 197 --batch 256 --dtypes fp16,fp32)
     SIZE_TUNE=(--preset vit-b --batch-size 256 --dtype bf16)
-    SIZE_TRAIN=(--models B --batch "${TRAIN_BATCH:-128}" --amp bf16 --providers ours-auto,ours-triton,timm,timm-compile)
+    SIZE_TRAIN=(--models B --batch "${TRAIN_BATCH:-128}" --amp bf16
+                --providers ours-auto,ours-triton,ours-compile,timm,timm-compile)
     SIZE_LARGE=(--models L,H --amp bf16)
 fi
 TESTS=(-m gpu -v -rfEs --durations=15)
@@ -315,9 +318,11 @@ if want build; then
 fi
 if want tests; then  # the Triton half while the extension builds
     budget tests-triton
-    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" -k triton tests/test_triton.py tests/test_kernels.py \
+    run_step tests-triton "$T" pytest_shards tests-triton "${TESTS[@]}" -k triton tests/test_kernels.py \
+        tests/test_compile.py tests/test_triton.py::test_opcheck_every_triton_op \
         tests/test_triton_linear.py::test_linear_tma_every_epilogue \
-        tests/test_triton_linear.py::test_linear_inputs_tma_cannot_take_go_to_the_pointer_kernel
+        tests/test_triton_linear.py::test_linear_inputs_tma_cannot_take_go_to_the_pointer_kernel \
+        tests/test_triton_linear.py::test_output_changed_in_place_then_backward_as_eager
     write_summary
 fi
 if want build; then

@@ -1,34 +1,37 @@
 """How `incubation.ops` chooses a backend for each call: capability first, then measurement.
 
-Backends are modules that export `BACKENDS = {name: {op: (fn, check)}}` and, optionally,
-`UNAVAILABLE = {name: reason}`. This module imports them and reads those tables; they never
-import it. `check(*args)` returns None when the backend can serve the call, else the reason.
+Every op is declared once, in ops.py, as an `Op`: its eager reference, how a call is keyed
+(`rows` and `key`), and its backends by name (`impls`: backend -> (function, capability
+check), the functions those of `incubation.kernels.*` and `incubation.extension`). The one
+`Dispatcher`, `DISPATCH`, owns all mutable state: the ops, the forced backend, the decisions
+(in memory and in their file) and the notes the report shows. A capability check returns
+None when its backend can serve the call, else the reason.
 
-Per call:
+Per call (`DISPATCH.select`):
 - A forced backend (`INCUBATION_BACKEND`, `use_backend`) serves it, or raises BackendError
   if its check refuses. It is never measured.
-- `auto` looks up the call's signature (op, dtypes, shape bucket, flags, whether gradients
-  are needed) among the decisions for this device and these versions. On a miss it times
-  every backend whose check accepts the call against eager: forward, plus backward when
-  gradients are needed, interleaved, median of rounds. Each candidate's outputs and
-  gradients are compared with eager's first, so a kernel that is broken on this machine is
-  refused instead of chosen. A non-eager backend wins only if it beats eager by MARGIN.
-  Decisions are kept in memory and in a JSON file (`cache_path()`).
-- Eager serves, without measuring, where measuring is impossible: inside torch.compile
-  (inductor fuses the eager ops itself), and under torch.distributed with several ranks for
-  a signature the ranks did not agree on (`share_decisions`), so that every rank runs the
-  same kernels.
+- `auto` looks up the call's signature, a tuple (op, rows rounded up to a power of two, the
+  op's key: dtypes, feature sizes, flags, and whether gradients are needed) among the
+  decisions for this device and these versions. On a miss it times every backend whose check
+  accepts the call against eager: forward, plus backward when gradients are needed,
+  interleaved, median of rounds. Each candidate's outputs and gradients are compared with
+  eager's first, so a kernel that is broken on this machine is refused instead of chosen. A
+  non-eager backend wins only if it beats eager by MARGIN. Measuring leaves no trace: the
+  caller's graph, RNG and saved-tensor hooks (activation checkpointing) never see it.
+- Inside torch.compile / torch.export the decision is read at trace time and never measured:
+  the graph serves every batch size, so a backend serves there only where it won every
+  measured rows bucket of the signature (`incubation tune` measures them); with no decision,
+  eager serves (Inductor fuses its ops) and the report says so.
+- Under torch.distributed with several ranks, a signature the ranks did not agree on
+  (`share_decisions`) runs eager on every rank, so that every rank runs the same kernels.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import importlib
 import json
 import os
 import platform
-import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -36,26 +39,56 @@ from typing import Callable, Optional
 import torch
 
 from .errors import IncubationError
+from .measure import MARGIN, measure, outputs
 from .utils import measurement_dir
 
-__all__ = ["BackendError", "OPS", "BACKENDS", "MARGIN", "register", "use_backend", "current_backend",
-           "select", "implements", "backends", "format_backends", "tune", "share_decisions", "cache_path",
-           "clear_decisions"]
+__all__ = ["BackendError", "Op", "Decision", "Dispatcher", "DISPATCH", "BACKENDS", "MARGIN", "dtype_name", "pow2"]
 
-OPS = ("attention", "layer_norm", "add_layer_norm", "linear")
 BACKENDS = ("triton", "cuda", "cpp", "eager")
-MARGIN = 0.03            # a fused kernel must beat eager by 3 % to be chosen: ties go to PyTorch
-CACHE_FORMAT = "incubation-dispatch/1"
-_BACKEND_MODULES = ("incubation.kernels", "incubation.extension")
+CACHE_FORMAT = "incubation-dispatch/2"
 _DEVICES = {"triton": ("cuda",), "cuda": ("cuda",), "cpp": ("cpu",), "eager": ("cpu", "cuda", "meta")}
-# a candidate whose outputs or gradients differ from eager's by more than this (relative to
-# eager's largest magnitude) is broken, not merely rounded differently
-_AGREEMENT = {torch.float64: 1e-6, torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-_MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 5, 40, 0.3
 
 
 class BackendError(IncubationError, RuntimeError):
     """A forced backend cannot serve a call."""
+
+
+_DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)}
+
+
+def dtype_name(t: Optional[torch.Tensor]) -> str:
+    """A tensor's dtype as a signature part ("float32"; "none" for an absent tensor)."""
+    return "none" if t is None else _DTYPE_NAMES.get(t.dtype) or str(t.dtype).replace("torch.", "")
+
+
+def pow2(n: int) -> int:
+    """Rows rounded up to a power of two, so a partial last batch reuses the full batch's choice."""
+    return 1 << max(n - 1, 0).bit_length() if n > 0 else 0
+
+
+@dataclass
+class Op:
+    """An op that `incubation.ops` dispatches. A call's signature is (name, pow2(rows(*args)),
+    *key(*args), gradients?): `rows` is the size that varies with the batch, `key` the rest
+    (dtype first, then what `fields` names, for the report)."""
+    name: str
+    eager: Callable
+    rows: Callable[..., int]
+    key: Callable[..., tuple]
+    fields: tuple[str, ...]
+    rows_field: str = "rows"
+    impls: dict = field(default_factory=dict)   # backend -> (function, capability check or None)
+    reports: dict = field(default_factory=dict)  # backend -> function(device type) -> {kernel: calls}
+
+    def __post_init__(self):
+        self.impls = {"eager": (self.eager, None), **{b: i for b, i in self.impls.items() if i is not None}}
+
+    def describe(self, key: tuple) -> str:
+        """A signature as the report and the decision file show it."""
+        _, rows, dtype, *rest = key[:-1]
+        parts = [f"{name}={value if value is not None else 'none'}" for name, value in zip(self.fields, rest)]
+        return " ".join([self.name, dtype, f"{self.rows_field}={rows}", *parts, "fwd+bwd" if key[-1] else "fwd"])
 
 
 @dataclass
@@ -68,172 +101,16 @@ class Decision:
     def summary(self) -> str:
         if not self.ms:
             return f"only {self.choice} can serve it"
-        times = ", ".join(f"{b} {t:.3g} ms" for b, t in sorted(self.ms.items(), key=lambda kv: kv[1]))
-        return f"{times} -> {self.choice}"
+        # 4 significant digits: the 3 % rule between two times must be visible in the line
+        times = ", ".join(f"{b} {t:.4g} ms" for b, t in sorted(self.ms.items(), key=lambda kv: kv[1]))
+        ratio = min((t / self.ms["eager"] for b, t in self.ms.items() if b != "eager"), default=None) \
+            if self.ms.get("eager") else None
+        versus = f" (best kernel at {ratio:.3f}x eager; it must be < {1 - MARGIN:.2f}x)" if ratio is not None else ""
+        return f"{times}{versus} -> {self.choice}"
 
 
-# --------------------------------------------------------------------------------------
-# registry
-# --------------------------------------------------------------------------------------
-_impls: dict[str, dict[str, tuple[Callable, Optional[Callable]]]] = {op: {} for op in OPS}
-_unavailable: dict[str, str] = {}          # backend -> why it cannot serve anything
-_notes: dict[str, dict[str, str]] = {op: {} for op in OPS}   # op -> backend -> last refusal at a call
-# backend -> op -> function(device type) -> {kernel: calls}: which of its kernels a backend ran
-# (a backend module's optional KERNELS table, e.g. Triton's linear: the TMA kernel or the pointer one)
-_kernel_reports: dict[str, dict[str, Callable]] = {}
-_forced: Optional[str] = None  # a plain global, not a ContextVar, so torch.compile can trace it
-
-
-def register(op: str, backend: str, fn: Callable, check: Optional[Callable] = None,
-             devices: Optional[tuple[str, ...]] = None) -> None:
-    """Make `fn` `backend`'s implementation of `op` (`check(*args)`: None or a reason).
-
-    A backend name outside BACKENDS (a plug-in, a test double) must say which device types
-    it serves with `devices`."""
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
-    if backend not in _DEVICES:
-        if not devices:
-            raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS} "
-                             "(a new one must name the device types it serves: devices=('cuda',))")
-        _DEVICES[backend] = tuple(devices)
-    _impls[op][backend] = (fn, check)
-    clear_decisions()
-
-
-def _load_backends() -> None:
-    """Read the backend modules' tables; a module that fails to import makes its backends
-    unavailable with the reason."""
-    for name in _BACKEND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            label = "Triton kernels" if name.endswith("kernels") else "compiled extension incubation._C"
-            for backend in (("triton",) if name.endswith("kernels") else ("cpp", "cuda")):
-                _unavailable.setdefault(backend, f"{label} unavailable ({type(exc).__name__}: {exc})")
-            continue
-        for backend, table in module.BACKENDS.items():
-            for op, (fn, check) in table.items():
-                _impls[op][backend] = (fn, check)
-        _unavailable.update(getattr(module, "UNAVAILABLE", {}))
-        for backend, table in getattr(module, "KERNELS", {}).items():
-            _kernel_reports.setdefault(backend, {}).update(table)
-
-
-def implements(op: str, backend: str) -> bool:
-    """Whether `backend` has a kernel for `op` at all (it may still refuse some calls)."""
-    return backend not in _unavailable and backend in _impls.get(op, {})
-
-
-# --------------------------------------------------------------------------------------
-# forcing a backend
-# --------------------------------------------------------------------------------------
-def current_backend() -> str:
-    """The forced backend (`use_backend`, else INCUBATION_BACKEND), or 'auto'."""
-    name = _forced or os.environ.get("INCUBATION_BACKEND") or "auto"
-    if name != "auto" and name not in _DEVICES:
-        raise ValueError(f"INCUBATION_BACKEND={name!r} is not one of {('auto',) + BACKENDS}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Force `name` ('auto' restores the measured choice) for the ops called inside the block."""
-    if name != "auto" and name not in _DEVICES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
-    global _forced
-    previous, _forced = _forced, name
-    try:
-        yield
-    finally:
-        _forced = previous
-
-
-# --------------------------------------------------------------------------------------
-# capability
-# --------------------------------------------------------------------------------------
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device_reason(backend: str, device_type: str, forced: bool) -> Optional[str]:
-    if backend == "eager":
-        return None
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is available on this machine"
-    if backend == "triton" and device_type == "cpu":
-        if not _interpreting():
-            return "Triton needs CUDA tensors (set TRITON_INTERPRET=1 to run it on CPU for testing)"
-        if not forced:
-            return "the Triton interpreter runs on CPU only when forced (it is for testing, not speed)"
-        return None
-    if device_type not in _DEVICES.get(backend, ()):
-        return f"the {backend} kernels need {'/'.join(d.upper() for d in _DEVICES.get(backend, ()))} tensors, got {device_type}"
-    return None
-
-
-def _why_not(op: str, backend: str, device_type: str, args: tuple, forced: bool) -> Optional[str]:
-    """None if `backend` can serve this call (args=() asks about the device only)."""
-    if backend == "eager":
-        return None
-    reason = _device_reason(backend, device_type, forced) or _unavailable.get(backend)
-    if reason:
-        return reason
-    if backend not in _impls[op]:
-        return f"no {backend} implementation of {op}"
-    check = _impls[op][backend][1]
-    return check(*args) if (check is not None and args) else None
-
-
-# --------------------------------------------------------------------------------------
-# call signatures: what a decision is keyed by
-# --------------------------------------------------------------------------------------
-def _pow2(n: int) -> int:
-    """Rows rounded up to a power of two, so a partial last batch reuses the full batch's choice."""
-    return 1 << max(n - 1, 0).bit_length() if n > 0 else 0
-
-
-def _dtype(t: Optional[torch.Tensor]) -> str:
-    return "none" if t is None else str(t.dtype).replace("torch.", "")
-
-
-def signature(op: str, args: tuple, grad: bool) -> str:
-    """The key of a call's decision: op, dtypes, shape bucket, flags, gradients or not."""
-    if op == "attention":
-        q, k, _, _ = args
-        b, h, n, d = q.shape
-        parts = [_dtype(q), f"bh={_pow2(b * h)}", f"n={n}", f"nk={k.shape[2]}", f"d={d}"]
-    elif op == "linear":
-        x, w, bias, act, ls, res = args
-        parts = [_dtype(x), f"rows={_pow2(x.numel() // max(x.shape[-1], 1))}", f"in={w.shape[1]}",
-                 f"out={w.shape[0]}", f"bias={_dtype(bias)}", f"act={act}", f"ls={_dtype(ls)}",
-                 f"res={_dtype(res)}"]
-    else:   # layer_norm (x, w, b, eps), add_layer_norm (x, residual, w, b, eps)
-        x, w, b = args[0], args[-3], args[-2]
-        parts = [_dtype(x), f"rows={_pow2(x.numel() // max(x.shape[-1], 1))}", f"c={x.shape[-1]}",
-                 f"w={_dtype(w)}", f"b={_dtype(b)}"]
-        if op == "add_layer_norm":
-            parts.append(f"res={_dtype(args[1])}")
-    return " ".join([op, *parts, "fwd+bwd" if grad else "fwd"])
-
-
-def _needs_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-
-
-# --------------------------------------------------------------------------------------
-# the decisions, in memory and on disk
-# --------------------------------------------------------------------------------------
-_decisions: dict[str, dict[str, Decision]] = {}   # environment -> signature -> decision
-_loaded_file = False
-_environments: dict[torch.device, str] = {}
-_tuning = False        # inside tune(): measure even under several ranks (rank 0 decides for all)
-_remeasured: Optional[set] = None   # inside tune(fresh=True): the signatures measured anew so far
-
-
-def cache_path() -> str:
-    """The decision file: $INCUBATION_CACHE_DIR/dispatch.json, else the user cache dir."""
-    return os.path.join(measurement_dir(), "dispatch.json")
 
 
 def _cpu_name() -> str:
@@ -245,29 +122,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device) -> str:
-    """What a measurement depends on besides the call: the device and the software."""
-    env = _environments.get(device)
-    if env is None:
-        from . import __version__
-        try:
-            import triton
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = "none"
-        if device.type == "cuda":
-            name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
-        else:
-            name = _cpu_name()
-        env = f"{device.type}: {name} | torch {torch.__version__} | triton {triton_version} | incubation {__version__}"
-        _environments[device] = env
-    if device.type == "cpu":   # the thread count changes which kernel is faster
-        env += f" | {torch.get_num_threads()} threads"
-    return env
+def cache_path() -> str:
+    """The decision file: $INCUBATION_CACHE_DIR/dispatch.json, else the user cache dir."""
+    return os.path.join(measurement_dir(), "dispatch.json")
 
 
 def _valid(record) -> bool:
-    return (isinstance(record, dict) and isinstance(record.get("choice"), str)
+    return (isinstance(record, dict) and isinstance(record.get("choice"), str) and isinstance(record.get("key"), list)
             and isinstance(record.get("ms", {}), dict) and isinstance(record.get("refused", {}), dict)
             and all(isinstance(v, (int, float)) for v in record.get("ms", {}).values()))
 
@@ -281,37 +142,19 @@ def _read_file() -> dict:
     except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, ValueError) as exc:
-        warnings.warn(f"incubation: ignoring the dispatch cache {path}: unreadable ({exc})", stacklevel=3)
+        warnings.warn(f"incubation: ignoring the dispatch cache {path}: unreadable ({exc})", stacklevel=4)
         return {}
     if not (isinstance(data, dict) and data.get("format") == CACHE_FORMAT
             and isinstance(data.get("environments"), dict)
             and all(isinstance(e, dict) and all(_valid(r) for r in e.values())
                     for e in data["environments"].values())):
-        warnings.warn(f"incubation: ignoring the dispatch cache {path}: not a {CACHE_FORMAT} file", stacklevel=3)
+        warnings.warn(f"incubation: ignoring the dispatch cache {path}: not a {CACHE_FORMAT} file", stacklevel=4)
         return {}
     return data["environments"]
 
 
-def _load_file() -> None:
-    global _loaded_file
-    if _loaded_file:
-        return
-    _loaded_file = True
-    for env, records in _read_file().items():
-        mine = _decisions.setdefault(env, {})
-        for key, r in records.items():
-            if r["choice"] in _DEVICES:   # a backend this process knows
-                mine.setdefault(key, Decision(r["choice"], dict(r.get("ms", {})), dict(r.get("refused", {}))))
-
-
-def _save_file() -> None:
-    """Merge this process's measured decisions into the file (best effort, atomic)."""
+def _write_file(environments: dict) -> None:
     path = cache_path()
-    environments = _read_file()
-    for env, records in _decisions.items():
-        measured = {k: vars(d) for k, d in records.items() if d.ms}
-        if measured:
-            environments.setdefault(env, {}).update(measured)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -322,298 +165,367 @@ def _save_file() -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         warnings.warn(f"incubation: cannot write the dispatch cache {path} ({exc}); "
-                      "decisions are kept for this process only (set INCUBATION_CACHE_DIR)", stacklevel=3)
+                      "decisions are kept for this process only (set INCUBATION_CACHE_DIR)", stacklevel=4)
 
 
-def clear_decisions(memory_only: bool = True) -> None:
-    """Forget the measured decisions (and, with memory_only=False, delete the cache file)."""
-    global _loaded_file
-    _decisions.clear()
-    _loaded_file = False
-    if not memory_only:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(cache_path())
-
-
-# --------------------------------------------------------------------------------------
-# measuring
-# --------------------------------------------------------------------------------------
 def _distributed() -> bool:
     return (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1)
 
 
-def _leaves(args: tuple) -> tuple:
-    """The call's tensors as fresh leaves on the same storage: no graph reaches the caller's."""
-    return tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def _outputs(out) -> tuple:
-    return tuple(out) if isinstance(out, tuple) else (out,)
-
-
-def _run(fn: Callable, args: tuple, grad: bool) -> tuple:
-    """One forward (+ backward with the outputs themselves as output gradients); returns the
-    outputs and the input gradients, detached."""
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] if grad else []
-    with torch.enable_grad() if grad else torch.no_grad():
-        outs = _outputs(fn(*args))
-        grads = ()
-        if leaves:
-            live = [o for o in outs if o.requires_grad]
-            grads = torch.autograd.grad(live, leaves, [o.detach() for o in live], allow_unused=True)
-    return tuple(o.detach() for o in outs) + tuple(g for g in grads if g is not None)
-
-
-def _disagreement(got: tuple, want: tuple) -> Optional[str]:
-    """Why `got` (a candidate's outputs and gradients) is not eager's `want`, or None."""
-    if len(got) != len(want):
-        return f"returned {len(got)} outputs and gradients, eager {len(want)}"
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g.shape != w.shape or g.dtype != w.dtype:
-            return f"result {i} is {tuple(g.shape)} {g.dtype}, eager's {tuple(w.shape)} {w.dtype}"
-        if g.numel() == 0:
-            continue
-        finite = torch.isfinite(w)
-        if not torch.equal(torch.isfinite(g), finite):
-            return f"result {i} has non-finite values where eager's has none (or the reverse)"
-        g64, w64 = g.double()[finite], w.double()[finite]
-        if w64.numel():
-            error = ((g64 - w64).abs().max() / w64.abs().max().clamp_min(1e-30)).item()
-            if error > _AGREEMENT.get(w.dtype, 1e-2):
-                return f"result {i} differs from eager by {error:.2g} of its largest magnitude"
-    return None
-
-
-def _elapsed(fn: Callable, device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _measure(op: str, args: tuple, grad: bool, candidates: list[str], device: torch.device) -> Decision:
-    """Time every candidate against eager on the call's own inputs (interleaved rounds,
-    median), after checking each against eager's results."""
-    args = _leaves(args)
-    refused, ready = {}, {}
-    reference = _run(_impls[op]["eager"][0], args, grad)
-    for backend in candidates:
-        fn = _impls[op][backend][0]
-        try:
-            reason = _disagreement(_run(fn, args, grad), reference)   # also the warm-up (compiles, autotunes)
-        except Exception as exc:  # noqa: BLE001 - a kernel that fails here must not serve
-            reason = f"failed when measured ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        if reason:
-            refused[backend] = reason
-        else:
-            ready[backend] = fn
-    ready["eager"] = _impls[op]["eager"][0]
-    del reference
-    samples = {b: [] for b in ready}
-    spent, rounds = 0.0, 0
-    while rounds < _MAX_ROUNDS and (rounds < _MIN_ROUNDS or spent < _BUDGET_S):
-        order = list(ready)
-        order = order[rounds % len(order):] + order[:rounds % len(order)]  # rotate who goes first
-        for backend in order:
-            t = _elapsed(lambda: _run(ready[backend], args, grad), device)
-            samples[backend].append(t)
-            spent += t
-        rounds += 1
-    ms = {b: statistics.median(s) * 1e3 for b, s in samples.items()}
-    # a kernel wins on its median time relative to eager's in the same round: a burst of load
-    # on a shared machine slows both sides of a round, so it cannot crown a kernel by itself
-    ratio = {b: statistics.median(t / max(e, 1e-12) for t, e in zip(s, samples["eager"]))
-             for b, s in samples.items() if b != "eager"}
-    best = min(ratio, key=ratio.get, default=None)
-    choice = best if best is not None and ratio[best] < 1 - MARGIN else "eager"
-    return Decision(choice, ms, refused)
+def _needs_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 # --------------------------------------------------------------------------------------
-# selection
+# the dispatcher
 # --------------------------------------------------------------------------------------
-_measuring = False
+class Dispatcher:
+    """The ops, the forced backend, the decisions (memory and file) and the report's notes."""
 
+    def __init__(self):
+        self.ops: dict[str, Op] = {}
+        self.devices = dict(_DEVICES)               # backend -> device types it serves
+        self.unavailable: dict[str, str] = {}       # backend -> why it cannot serve anything
+        self.forced: Optional[str] = None           # use_backend's; a plain attribute torch.compile can trace
+        self.decisions: dict[str, dict[tuple, Decision]] = {}   # environment -> signature -> decision
+        self.loaded = False                         # whether the file was read into `decisions`
+        self.notes: dict[str, dict[str, str]] = collections.defaultdict(dict)   # op -> backend -> refusal at a call
+        self.graph_notes: dict[str, dict[str, str]] = collections.defaultdict(dict)   # op -> signature -> why
+        self.environments: dict[tuple, str] = {}   # (device, CPU threads) -> environment
+        self.tuning = False                         # inside tune(): measure even under several ranks
+        self.remeasured: Optional[set] = None       # inside tune(fresh=True): the signatures measured anew
+        self.measuring = False
 
-def _forced_impl(op: str, forced: str, device_type: str, args: tuple) -> Callable:
-    reason = _why_not(op, forced, device_type, args, forced=True)
-    if reason is None:
-        return _impls[op][forced][0]
-    usable = forced not in _unavailable and not _device_reason(forced, device_type, True)
-    if usable and forced not in _impls[op]:  # e.g. attention under "cpp": the rest of the model still runs forced
-        _notes[op][forced] = f"no {forced} implementation of {op} (ran eager)"
-        return _impls[op]["eager"][0]
-    raise BackendError(f"incubation.ops.{op}: backend {forced!r} was forced "
-                       f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
+    # ---- the ops and their backends --------------------------------------------------
+    def add(self, op: Op) -> Op:
+        self.ops[op.name] = op
+        return op
 
+    def register(self, op: str, backend: str, fn: Callable, check: Optional[Callable] = None,
+                 devices: Optional[tuple[str, ...]] = None) -> None:
+        """Make `fn` `backend`'s implementation of `op` (`check(*args)`: None or a reason).
 
-def _decide(op: str, args: tuple, device: torch.device) -> Decision:
-    """The decision for this call's signature: cached, or measured now."""
-    grad = _needs_grad(args)
-    key = signature(op, args, grad)
-    _load_file()
-    env = environment(device)
-    decision = _decisions.get(env, {}).get(key)
-    if decision is not None and (_remeasured is None or key in _remeasured):
-        return decision
-    refused, candidates = {}, []
-    for backend in _impls[op]:
-        if backend != "eager":
-            reason = _why_not(op, backend, device.type, args, forced=False)
-            if reason:
-                refused[backend] = reason
-            else:
-                candidates.append(backend)
-    if not candidates:
-        decision = Decision("eager", {}, refused)   # nothing to measure; not worth a file write
-    elif _distributed() and not _tuning:   # no rank measures alone: all run eager here
-        decision = Decision("eager", {}, {**refused, **{b: "not measured: under several ranks only the "
-                                                        "signatures of ops.tune + ops.share_decisions are"
-                                                        for b in candidates}})
-    else:
-        global _measuring
-        _measuring = True
+        A backend name outside BACKENDS (a plug-in, a test double) must say which device types
+        it serves with `devices`."""
+        if op not in self.ops:
+            raise ValueError(f"unknown op {op!r}; ops are {tuple(self.ops)}")
+        if backend not in self.devices:
+            if not devices:
+                raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS} "
+                                 "(a new one must name the device types it serves: devices=('cuda',))")
+            self.devices[backend] = tuple(devices)
+        self.ops[op].impls[backend] = (fn, check)
+        self.clear_decisions()
+
+    def implements(self, op: str, backend: str) -> bool:
+        """Whether `backend` has a kernel for `op` at all (it may still refuse some calls)."""
+        return backend not in self.unavailable and backend in self.ops[op].impls
+
+    # ---- forcing a backend -----------------------------------------------------------
+    def current_backend(self) -> str:
+        """The forced backend (`use_backend`, else INCUBATION_BACKEND), or 'auto'."""
+        name = self.forced or os.environ.get("INCUBATION_BACKEND") or "auto"
+        if name != "auto" and name not in self.devices:
+            raise ValueError(f"INCUBATION_BACKEND={name!r} is not one of {('auto',) + BACKENDS}")
+        return name
+
+    @contextlib.contextmanager
+    def use_backend(self, name: str):
+        """Force `name` ('auto' restores the measured choice) for the ops called inside the block."""
+        if name != "auto" and name not in self.devices:
+            raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + BACKENDS}")
+        previous, self.forced = self.forced, name
         try:
-            measured = _measure(op, args, grad, candidates, device)
+            yield
         finally:
-            _measuring = False
-        decision = Decision(measured.choice, measured.ms, {**refused, **measured.refused})
-    _decisions.setdefault(env, {})[key] = decision
-    if _remeasured is not None:
-        _remeasured.add(key)
-    if decision.ms:
-        _save_file()
-    return decision
+            self.forced = previous
 
+    # ---- capability ------------------------------------------------------------------
+    def _device_reason(self, backend: str, device_type: str, forced: bool) -> Optional[str]:
+        if backend == "eager":
+            return None
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available on this machine"
+        if backend == "triton" and device_type == "cpu":
+            if not _interpreting():
+                return "Triton needs CUDA tensors (set TRITON_INTERPRET=1 to run it on CPU for testing)"
+            if not forced:
+                return "the Triton interpreter runs on CPU only when forced (it is for testing, not speed)"
+            return None
+        if device_type not in self.devices.get(backend, ()):
+            served = "/".join(d.upper() for d in self.devices.get(backend, ()))
+            return f"the {backend} kernels need {served} tensors, got {device_type}"
+        return None
 
-def select(op: str, device: torch.device, args: tuple) -> Callable:
-    """The implementation that serves this call of `op` (see the module docstring)."""
-    forced = current_backend()
-    if forced != "auto":
-        return _forced_impl(op, forced, device.type, args)
-    if torch.compiler.is_compiling() or _measuring:
-        return _impls[op]["eager"][0]
-    choice = _decide(op, args, device).choice
-    if choice != "eager" and implements(op, choice):
-        reason = _impls[op][choice][1] and _impls[op][choice][1](*args)
-        if not reason:
-            return _impls[op][choice][0]
-        _notes[op][choice] = reason   # this call differs from the measured one (e.g. strides)
-    return _impls[op]["eager"][0]
+    def why_not(self, op: Op, backend: str, device_type: str, args: tuple, forced: bool) -> Optional[str]:
+        """None if `backend` can serve this call of `op` (args=() asks about the device only)."""
+        if backend == "eager":
+            return None
+        reason = self._device_reason(backend, device_type, forced) or self.unavailable.get(backend)
+        if reason:
+            return reason
+        if backend not in op.impls:
+            return f"no {backend} implementation of {op.name}"
+        check = op.impls[backend][1]
+        return check(*args) if (check is not None and args) else None
 
-
-# --------------------------------------------------------------------------------------
-# measuring a whole model, and agreeing across ranks
-# --------------------------------------------------------------------------------------
-def tune(model: torch.nn.Module, *inputs, train: bool = True, fresh: bool = False) -> dict[str, Decision]:
-    """Measure every op signature of `model(*inputs)`: a no-grad forward (evaluation) and, if
-    `train`, a forward + backward; `fresh` measures again the signatures already decided (a
-    decision measured on a busy machine is replaced). Leaves no trace: RNG states, gradients
-    and the training flag are restored. Returns the decisions made (signature -> Decision)."""
-    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    before = {k for e in _decisions.values() for k in e}
-    grads = {p: p.grad for p in model.parameters()}
-    was_training = model.training
-    global _tuning, _remeasured
-    remeasured = set() if fresh else None
-    _tuning, _remeasured = True, remeasured
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            model.eval()
-            with torch.no_grad():
-                model(*inputs)
-            if train:
-                model.train(was_training)
-                for p in grads:
-                    p.grad = None
-                out = model(*inputs)
-                torch.autograd.backward([o for o in _outputs(out) if o.requires_grad],
-                                        [torch.ones_like(o) for o in _outputs(out) if o.requires_grad])
-    finally:
-        _tuning, _remeasured = False, None
-        model.train(was_training)
-        for p, g in grads.items():
-            p.grad = g
-    env = environment(device)
-    return {k: d for k, d in _decisions.get(env, {}).items() if k not in before or k in (remeasured or ())}
-
-
-def share_decisions(src: int = 0) -> None:
-    """Collective: every rank takes rank `src`'s decisions. Call it on all ranks at the same
-    point, after `tune` ran on rank `src`; a signature not among them runs eager on every rank
-    (under several ranks no rank measures alone)."""
-    _load_file()
-    table = [{env: {k: vars(d) for k, d in records.items()} for env, records in _decisions.items()}]
-    torch.distributed.broadcast_object_list(table, src=src)
-    _decisions.clear()
-    for env, records in table[0].items():
-        _decisions[env] = {k: Decision(**r) for k, r in records.items()}
-
-
-# --------------------------------------------------------------------------------------
-# reporting
-# --------------------------------------------------------------------------------------
-def backends(device: str | torch.device = "cpu") -> dict[str, dict]:
-    """For every op on `device`: what serves it ("backend": the forced one, or how many
-    measured signatures each backend won), the backends that can serve some call
-    ("candidates"), why the others cannot ("refused"), the decisions per call signature
-    ("decisions": signature -> {choice, ms, refused}), and which kernels of a backend served
-    calls so far where it tells ("kernels": backend -> {kernel (and why): calls})."""
-    device = torch.device(device)
-    forced = current_backend()
-    _load_file()
-    env = environment(device)
-    report = {}
-    for op in OPS:
-        names = (forced,) if forced != "auto" else tuple(_impls[op])
-        candidates, refused = [], {}
-        for backend in names:
-            reason = _why_not(op, backend, device.type, (), forced=forced != "auto")
-            if reason is None:
-                candidates.append(backend)
+    # ---- the decisions, in memory and on disk -------------------------------------------
+    def environment(self, device: torch.device) -> str:
+        """What a measurement depends on besides the call: the device and the software (and, on
+        the CPU, the thread count, which changes which kernel is faster)."""
+        threads = torch.get_num_threads() if device.type == "cpu" else 0
+        env = self.environments.get((device, threads))
+        if env is None:
+            from . import __version__
+            try:
+                import triton
+                triton_version = triton.__version__
+            except ImportError:
+                triton_version = "none"
+            if device.type == "cuda":
+                name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
             else:
-                refused[backend] = reason
-        for backend, reason in _notes[op].items():
-            refused.setdefault(backend, f"at run time: {reason}")
-        decisions = {k: vars(d) for k, d in _decisions.get(env, {}).items() if k.split(" ", 1)[0] == op}
-        counts = collections.Counter(d["choice"] for d in decisions.values())
-        backend = forced if forced != "auto" else (
-            ", ".join(f"{b} x{n}" for b, n in counts.most_common()) or "not measured yet")
-        kernels = {b: used for b, table in _kernel_reports.items() if op in table
-                   for used in [table[op](device.type)] if used}
-        report[op] = {"backend": backend, "candidates": candidates, "refused": refused, "decisions": decisions,
-                      "kernels": kernels}
-    return report
+                name = _cpu_name()
+            env = (f"{device.type}: {name} | torch {torch.__version__} | triton {triton_version} "
+                   f"| incubation {__version__}" + (f" | {threads} threads" if device.type == "cpu" else ""))
+            self.environments[(device, threads)] = env
+        return env
 
+    def _load_file(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        for env, records in _read_file().items():
+            mine = self.decisions.setdefault(env, {})
+            for r in records.values():
+                if r["choice"] in self.devices:   # a backend this process knows
+                    mine.setdefault(tuple(r["key"]), Decision(r["choice"], dict(r.get("ms", {})),
+                                                              dict(r.get("refused", {}))))
 
-def format_backends(device: str | torch.device = "cpu") -> str:
-    """`backends(device)` as a human-readable table."""
-    device = torch.device(device)
-    mode = current_backend()
-    lines = [f"incubation.ops backends for {device.type} tensors (mode: {mode}{'' if mode != 'auto' else ', chosen by measurement'})",
-             f"  environment: {environment(device)}", f"  decisions file: {cache_path()}"]
-    for op, entry in backends(device).items():
-        lines.append(f"  {op:<15} candidates: {', '.join(entry['candidates']) or 'none'}")
-        for backend, reason in entry["refused"].items():
-            lines.append(f"      {backend:<7} refused: {reason}")
-        for backend, used in entry["kernels"].items():
-            lines.append(f"      {backend:<7} kernels run: " + "; ".join(f"{k} x{n}" for k, n in used.items()))
-        if mode == "auto":
+    def _save_file(self) -> None:
+        """Merge this process's measured decisions into the file (best effort, atomic)."""
+        environments = _read_file()
+        for env, records in self.decisions.items():
+            measured = {self.describe(k): {"key": list(k), **vars(d)} for k, d in records.items() if d.ms}
+            if measured:
+                environments.setdefault(env, {}).update(measured)
+        _write_file(environments)
+
+    def clear_decisions(self, memory_only: bool = True) -> None:
+        """Forget the measured decisions (and, with memory_only=False, delete the cache file)."""
+        self.decisions.clear()
+        self.loaded = False
+        if not memory_only:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(cache_path())
+
+    def describe(self, key: tuple) -> str:
+        op = self.ops.get(key[0])
+        return op.describe(key) if op else " ".join(map(str, key))
+
+    # ---- selection ---------------------------------------------------------------------
+    def select(self, op: Op, device: torch.device, args: tuple) -> Callable:
+        """The implementation that serves this call of `op` (see the module docstring)."""
+        if device.type == "meta":   # shapes only, no numbers: eager's shape rules serve every backend
+            return op.impls["eager"][0]
+        forced = self.current_backend()
+        if forced != "auto":
+            return self._forced_impl(op, forced, device.type, args)
+        if torch.compiler.is_compiling():
+            choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
+        elif self.measuring:
+            return op.impls["eager"][0]
+        else:
+            choice = self._decide(op, args, device).choice
+        if choice != "eager" and self.implements(op.name, choice):
+            fn, check = op.impls[choice]
+            reason = check and check(*args)
+            if not reason:
+                return fn
+            _note(op.name, choice, reason)   # this call differs from the measured one (e.g. strides)
+        return op.impls["eager"][0]
+
+    def _forced_impl(self, op: Op, forced: str, device_type: str, args: tuple) -> Callable:
+        reason = self.why_not(op, forced, device_type, args, forced=True)
+        if reason is None:
+            return op.impls[forced][0]
+        usable = forced not in self.unavailable and not self._device_reason(forced, device_type, True)
+        if usable and forced not in op.impls:  # e.g. attention under "cpp": the rest of the model still runs forced
+            _note(op.name, forced, f"no {forced} implementation of {op.name} (ran eager)")
+            return op.impls["eager"][0]
+        raise BackendError(f"incubation.ops.{op.name}: backend {forced!r} was forced "
+                           f"(INCUBATION_BACKEND / use_backend) but cannot serve this call: {reason}")
+
+    def _candidates(self, op: Op, args: tuple, device: torch.device) -> tuple[list[str], dict]:
+        refused, candidates = {}, []
+        for backend in op.impls:
+            if backend != "eager":
+                reason = self.why_not(op, backend, device.type, args, forced=False)
+                if reason:
+                    refused[backend] = reason
+                else:
+                    candidates.append(backend)
+        return candidates, refused
+
+    def _decide(self, op: Op, args: tuple, device: torch.device) -> Decision:
+        """The decision for this call's signature: cached, or measured now."""
+        grad = _needs_grad(args)
+        key = (op.name, pow2(op.rows(*args)), *op.key(*args), grad)
+        self._load_file()
+        env = self.environment(device)
+        decision = self.decisions.get(env, {}).get(key)
+        if decision is not None and (self.remeasured is None or key in self.remeasured):
+            return decision
+        candidates, refused = self._candidates(op, args, device)
+        if not candidates:
+            decision = Decision("eager", {}, refused)   # nothing to measure; not worth a file write
+        elif _distributed() and not self.tuning:   # no rank measures alone: all run eager here
+            decision = Decision("eager", {}, {**refused, **{b: "not measured: under several ranks only the "
+                                                            "signatures of ops.tune + ops.share_decisions are"
+                                                            for b in candidates}})
+        else:
+            self.measuring = True
+            try:
+                choice, ms, failed = measure(op.impls["eager"][0], {b: op.impls[b][0] for b in candidates},
+                                             args, grad, device)
+            finally:
+                self.measuring = False
+            decision = Decision(choice, ms, {**refused, **failed})
+        self.decisions.setdefault(env, {})[key] = decision
+        if self.remeasured is not None:
+            self.remeasured.add(key)
+        if decision.ms:
+            self._save_file()
+        return decision
+
+    def graph_choice(self, name: str, device: torch.device, key: tuple) -> str:
+        """The backend a compiled graph uses for calls of op `name` whose signature is `key`
+        but for the rows: the one every measured rows bucket chose, else eager (with a note)."""
+        self._load_file()
+        choices = {d.choice for k, d in self.decisions.get(self.environment(device), {}).items()
+                   if k[0] == name and k[2:] == key}
+        shown = self.ops[name].describe((name, "any", *key))
+        if len(choices) == 1:
+            (choice,) = choices
+            self.graph_notes[name].pop(shown, None)
+            return choice
+        self.graph_notes[name][shown] = (
+            "eager: no measured decision (run `incubation tune` before compiling)" if not choices else
+            f"eager: the measured rows buckets chose differently ({', '.join(sorted(choices))})")
+        return "eager"
+
+    # ---- measuring a whole model, and agreeing across ranks ------------------------------
+    def tune(self, model: torch.nn.Module, *inputs, train: bool = True, fresh: bool = False) -> dict[str, Decision]:
+        """Measure every op signature of `model(*inputs)`: a no-grad forward (evaluation) and, if
+        `train`, a forward + backward; `fresh` measures again the signatures already decided (a
+        decision measured on a busy machine is replaced). Leaves no trace: RNG states, gradients
+        and the training flag are restored. Returns the decisions made (signature -> Decision)."""
+        device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        before = {k for e in self.decisions.values() for k in e}
+        grads = {p: p.grad for p in model.parameters()}
+        was_training = model.training
+        remeasured = set() if fresh else None
+        self.tuning, self.remeasured = True, remeasured
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                model.eval()
+                with torch.no_grad():
+                    model(*inputs)
+                if train:
+                    model.train(was_training)
+                    for p in grads:
+                        p.grad = None
+                    out = outputs(model(*inputs))
+                    torch.autograd.backward([o for o in out if o.requires_grad],
+                                            [torch.ones_like(o) for o in out if o.requires_grad])
+        finally:
+            self.tuning, self.remeasured = False, None
+            model.train(was_training)
+            for p, g in grads.items():
+                p.grad = g
+        return {self.describe(k): d for k, d in self.decisions.get(self.environment(device), {}).items()
+                if k not in before or k in (remeasured or ())}
+
+    def share_decisions(self, src: int = 0) -> None:
+        """Collective: every rank takes rank `src`'s decisions. Call it on all ranks at the same
+        point, after `tune` ran on rank `src`; a signature not among them runs eager on every rank
+        (under several ranks no rank measures alone)."""
+        self._load_file()
+        table = [{env: [(k, vars(d)) for k, d in records.items()] for env, records in self.decisions.items()}]
+        torch.distributed.broadcast_object_list(table, src=src)
+        self.decisions = {env: {k: Decision(**r) for k, r in records} for env, records in table[0].items()}
+
+    # ---- reporting ---------------------------------------------------------------------
+    def backends(self, device: str | torch.device = "cpu") -> dict[str, dict]:
+        """For every op on `device`: what serves it ("backend": the forced one, or how many
+        measured signatures each backend won), the backends that can serve some call
+        ("candidates"), why the others cannot ("refused"), the decisions per call signature
+        ("decisions": signature -> {choice, ms, refused}), what compiled graphs run where no
+        decision serves them ("compiled"), and which kernels of a backend served calls so far
+        where it tells ("kernels": backend -> {kernel (and why): calls})."""
+        device = torch.device(device)
+        forced = self.current_backend()
+        self._load_file()
+        env = self.environment(device)
+        report = {}
+        for name, op in self.ops.items():
+            candidates, refused = [], {}
+            for backend in (forced,) if forced != "auto" else tuple(op.impls):
+                reason = self.why_not(op, backend, device.type, (), forced=forced != "auto")
+                if reason is None:
+                    candidates.append(backend)
+                else:
+                    refused[backend] = reason
+            for backend, reason in self.notes[name].items():
+                refused.setdefault(backend, f"at run time: {reason}")
+            decisions = {self.describe(k): vars(d) for k, d in self.decisions.get(env, {}).items() if k[0] == name}
+            counts = collections.Counter(d["choice"] for d in decisions.values())
+            backend = forced if forced != "auto" else (
+                ", ".join(f"{b} x{n}" for b, n in counts.most_common()) or "not measured yet")
+            kernels = {b: used for b, kernels_used in op.reports.items() for used in [kernels_used(device.type)] if used}
+            report[name] = {"backend": backend, "candidates": candidates, "refused": refused, "decisions": decisions,
+                            "compiled": dict(self.graph_notes[name]), "kernels": kernels}
+        return report
+
+    def format_backends(self, device: str | torch.device = "cpu") -> str:
+        """`backends(device)` as a human-readable table."""
+        device = torch.device(device)
+        mode = self.current_backend()
+        lines = [f"incubation.ops backends for {device.type} tensors "
+                 f"(mode: {mode}{'' if mode != 'auto' else ', chosen by measurement'})",
+                 f"  environment: {self.environment(device)}", f"  decisions file: {cache_path()}"]
+        for op, entry in self.backends(device).items():
+            lines.append(f"  {op:<15} candidates: {', '.join(entry['candidates']) or 'none'}")
+            lines += [f"      {backend:<7} refused: {reason}" for backend, reason in entry["refused"].items()]
+            lines += [f"      {backend:<7} kernels run: " + "; ".join(f"{k} x{n}" for k, n in used.items())
+                      for backend, used in entry["kernels"].items()]
+            if mode != "auto":
+                continue
             if not entry["decisions"]:
-                lines.append("      not measured yet (measured at the first call, or by `incubation tune`)")
+                lines.append("      not measured yet (measured at the first call, or by `incubation tune`; "
+                             "compiled graphs run eager until then)")
             for key, d in entry["decisions"].items():
                 lines.append(f"      {key.split(' ', 1)[1]}: {Decision(**d).summary()}")
-                for backend, reason in d["refused"].items():
-                    if backend in entry["candidates"]:
-                        lines.append(f"          {backend} refused: {reason}")
-    return "\n".join(lines)
+                lines += [f"          {backend} refused: {reason}" for backend, reason in d["refused"].items()
+                          if backend in entry["candidates"]]
+            lines += [f"      compiled {key.split(' ', 1)[1]}: {why}" for key, why in entry["compiled"].items()]
+        return "\n".join(lines)
 
 
-_load_backends()
+DISPATCH = Dispatcher()
+clear_decisions = DISPATCH.clear_decisions
+
+
+@torch.compiler.assume_constant_result
+def _note(name: str, backend: str, reason: str) -> None:
+    """Record why `backend` did not serve a call of op `name`, for the report (plain Python
+    when torch.compile traces the call: no guard on the notes)."""
+    DISPATCH.notes[name][backend] = reason
+
+
+@torch.compiler.assume_constant_result
+def _graph_choice(name: str, device: str, key: tuple) -> str:
+    """DISPATCH.graph_choice, run as plain Python when torch.compile traces a call: the
+    choice enters the graph as a constant (no file reading or dict guards traced)."""
+    return DISPATCH.graph_choice(name, torch.device(device), key)

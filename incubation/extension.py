@@ -4,13 +4,15 @@ compiled extension `incubation._C`.
 The operators live in `torch.ops.incubation` (schemas in csrc/ops.cpp, kernels in csrc/cpu/
 and csrc/cuda/; the dispatcher picks the kernel by device). This module gives them what
 autograd and torch.compile need, through `torch.library`: fake (meta) kernels and autograd
-formulas. `BACKENDS` exports, for `incubation.dispatch` to read (this module never imports it):
+formulas. `incubation.ops` declares these functions as its cpp and cuda backends (this module
+never imports the dispatcher):
 
     layer_norm, add_layer_norm -> incubation::layer_norm_fwd / add_layer_norm_fwd
                                   (backward: incubation::layer_norm_bwd)
     linear                     -> the GEMM by F.linear, then incubation::linear_epilogue_fwd
                                   for bias + GELU / layer scale / residual
                                   (backward: incubation::linear_epilogue_bwd, fused dGELU)
+    check_*                    -> None when the kernels can serve a call, else why not
 
 attention is not in the extension (the Triton and eager backends serve it).
 
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from . import double_backward
 
-__all__ = ["BACKENDS", "UNAVAILABLE", "DTYPES", "CUDA_MAX_FEATURES", "with_cuda"]
+__all__ = ["DTYPES", "CUDA_MAX_FEATURES", "with_cuda", "layer_norm", "add_layer_norm", "linear",
+           "check_layer_norm", "check_add_layer_norm", "check_linear"]
 
 # dtypes the kernels are compiled for, per device type (float64 on CPU: exact reference tests)
 DTYPES = {
@@ -218,13 +221,13 @@ def _prepared(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.T
     return None if t is None else t.to(dtype).contiguous()
 
 
-def _layer_norm(x, weight, bias, eps):
+def layer_norm(x, weight, bias, eps):
     return _lib.layer_norm_fwd(x.contiguous(), _prepared(weight, x.dtype), _prepared(bias, x.dtype), eps)[0]
 
 
-def _add_layer_norm(x, residual, weight, bias, eps):
+def add_layer_norm(x, residual, weight, bias, eps):
     if residual is None:
-        return _layer_norm(x, weight, bias, eps), x
+        return layer_norm(x, weight, bias, eps), x
     if _mixed(residual, x):   # x + residual commutes: the kernels take the float32 one as residual
         x, residual = residual, x
     dtype = residual.dtype if _mixed(x, residual) else x.dtype   # the outputs', as eager's promotion
@@ -233,7 +236,7 @@ def _add_layer_norm(x, residual, weight, bias, eps):
     return out, summed
 
 
-def _linear(x, weight, bias, activation, layer_scale, residual):
+def linear(x, weight, bias, activation, layer_scale, residual):
     gelu = activation == "gelu"
     if not gelu and layer_scale is None and residual is None:
         return F.linear(x, weight, bias)   # nothing to fuse beyond the GEMM's own bias add
@@ -259,24 +262,15 @@ def _unsupported(x: torch.Tensor, residual: Optional[torch.Tensor], features: in
     return None
 
 
-def _check_layer_norm(x, weight, bias, eps):
+def check_layer_norm(x, weight, bias, eps):
     return _unsupported(x, None, x.shape[-1], norm=True)
 
 
-def _check_add_layer_norm(x, residual, weight, bias, eps):
+def check_add_layer_norm(x, residual, weight, bias, eps):
     if residual is not None and _mixed(residual, x):   # served swapped (x + residual commutes)
         x, residual = residual, x
     return _unsupported(x, residual, x.shape[-1], norm=True)
 
 
-def _check_linear(x, weight, bias, activation, layer_scale, residual):
+def check_linear(x, weight, bias, activation, layer_scale, residual):
     return _unsupported(x, residual, weight.shape[0])
-
-
-_TABLE = {"layer_norm": (_layer_norm, _check_layer_norm),
-          "add_layer_norm": (_add_layer_norm, _check_add_layer_norm),
-          "linear": (_linear, _check_linear)}
-BACKENDS = {"cpp": _TABLE, "cuda": _TABLE} if with_cuda else {"cpp": _TABLE}
-UNAVAILABLE = {} if with_cuda else {
-    "cuda": "incubation._C was built without its CUDA kernels (no nvcc or CUDA torch at build time, "
-            "or INCUBATION_SKIP_CUDA_BUILD=1)"}

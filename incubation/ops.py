@@ -28,25 +28,38 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .dispatch import (
-    BACKENDS,
-    OPS,
-    BackendError,
-    backends,
-    current_backend,
-    format_backends,
-    implements,
-    register,
-    share_decisions,
-    tune,
-    use_backend,
-)
+from .dispatch import BACKENDS, DISPATCH, BackendError, Op, dtype_name
+
+try:
+    from . import extension  # the cpp (CPU) and cuda backends: incubation._C
+except ImportError as exc:
+    extension = None
+    for _backend in ("cpp", "cuda"):
+        DISPATCH.unavailable[_backend] = f"compiled extension incubation._C unavailable (ImportError: {exc})"
+else:
+    if not extension.with_cuda:
+        DISPATCH.unavailable["cuda"] = ("incubation._C was built without its CUDA kernels (no nvcc or CUDA torch "
+                                        "at build time, or INCUBATION_SKIP_CUDA_BUILD=1)")
+try:   # the triton backend
+    from .kernels import attention as triton_attention
+    from .kernels import linear as triton_linear
+    from .kernels import norm as triton_norm
+    from .kernels import usage as triton_usage
+except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+    triton_attention = triton_linear = triton_norm = triton_usage = None
+    DISPATCH.unavailable["triton"] = f"Triton kernels unavailable ({type(exc).__name__}: {exc})"
 
 __all__ = [
     "attention", "layer_norm", "add_layer_norm", "linear",
     "backends", "format_backends", "implements", "use_backend", "current_backend", "register", "BackendError",
-    "tune", "share_decisions", "OPS", "BACKENDS",
+    "tune", "share_decisions", "OPS", "BACKENDS", "DISPATCH",
 ]
+
+# the dispatcher's entry points (one object owns the state: incubation.dispatch.DISPATCH)
+backends, format_backends, implements = DISPATCH.backends, DISPATCH.format_backends, DISPATCH.implements
+use_backend, current_backend, register = DISPATCH.use_backend, DISPATCH.current_backend, DISPATCH.register
+tune, share_decisions = DISPATCH.tune, DISPATCH.share_decisions
+cache_path = dispatch.cache_path
 
 ACTIVATIONS = (None, "gelu")
 
@@ -91,8 +104,82 @@ def _eps(eps) -> float:
 
 
 # --------------------------------------------------------------------------------------
+# eager backend: the reference (timm's math)
+# --------------------------------------------------------------------------------------
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of t may share memory (e.g. an as_strided view): each stride, in
+    increasing order, must reach past every element the smaller ones span."""
+    if t.is_contiguous():
+        return False
+    span = 0
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n > 1), key=lambda p: p[1]):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def _eager_attention(q, k, v, scale):
+    # SDPA on CPU reads overlapping q / k / v wrongly: they get their own memory
+    q, k, v = (t.contiguous() if _overlapping(t) else t for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if q.device.type == "cpu":   # its CPU kernel returns 0 for a query row holding NaN: the row is NaN
+        out = out + (q * 0).sum(-1, keepdim=True)   # (exactly 0 for a finite row, NaN otherwise)
+    return out
+
+
+# the device types autocast knows, read once: torch.is_autocast_enabled raises for the others
+# (meta), and torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (a graph break)
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
+
+
+def _autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled for any device type."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def _without_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False)
+
+
+def _eager_layer_norm(x, weight, bias, eps):
+    w = None if weight is None else weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    if _autocast_on(x.device.type):   # autocast would return fp32: keep x's dtype
+        with _without_autocast(x.device.type):
+            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def _eager_add_layer_norm(x, residual, weight, bias, eps):
+    summed = x if residual is None else x + residual
+    return _eager_layer_norm(summed, weight, bias, eps), summed
+
+
+def _eager_linear(x, weight, bias, activation, layer_scale, residual):
+    out = F.linear(x, weight, bias)
+    if activation == "gelu":
+        out = F.gelu(out)
+    if layer_scale is not None:
+        out = out * layer_scale
+    if residual is not None:
+        out = residual + out
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # public ops
 # --------------------------------------------------------------------------------------
+def _attention_key(q, k, v, scale):
+    return dtype_name(q), q.shape[2], k.shape[2], q.shape[3]
+
+
+ATTENTION = DISPATCH.add(Op(
+    "attention", _eager_attention, rows=lambda q, k, v, scale: q.shape[0] * q.shape[1], key=_attention_key,
+    fields=("n", "nk", "d"), rows_field="bh",
+    impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check)}))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to 1 / sqrt(D).
 
@@ -123,7 +210,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     elif not _positive(scale):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     args = (q, k, v, float(scale))
-    return dispatch.select("attention", q.device, args)(*args)
+    return DISPATCH.select(ATTENTION, q.device, args)(*args)
+
+
+def _rows(x, *_) -> int:
+    """The rows of a (..., features) input: the size that varies with the batch."""
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def _layer_norm_key(x, weight, bias, eps):
+    return dtype_name(x), x.shape[-1], dtype_name(weight), dtype_name(bias)
+
+
+LAYER_NORM = DISPATCH.add(Op(
+    "layer_norm", _eager_layer_norm, rows=_rows, key=_layer_norm_key, fields=("c", "w", "b"),
+    impls={"triton": triton_norm and (triton_norm.layer_norm, triton_norm.check_layer_norm),
+           "cpp": extension and (extension.layer_norm, extension.check_layer_norm),
+           "cuda": extension and (extension.layer_norm, extension.check_layer_norm)}))
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -134,7 +237,18 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     _vector("bias", bias, x.shape[-1], "x's last dimension")
     _same_device("x", x, weight=weight, bias=bias)
     args = (x, weight, bias, _eps(eps))
-    return dispatch.select("layer_norm", x.device, args)(*args)
+    return DISPATCH.select(LAYER_NORM, x.device, args)(*args)
+
+
+def _add_layer_norm_key(x, residual, weight, bias, eps):
+    return dtype_name(x), x.shape[-1], dtype_name(weight), dtype_name(bias), dtype_name(residual)
+
+
+ADD_LAYER_NORM = DISPATCH.add(Op(
+    "add_layer_norm", _eager_add_layer_norm, rows=_rows, key=_add_layer_norm_key, fields=("c", "w", "b", "res"),
+    impls={"triton": triton_norm and (triton_norm.add_layer_norm, triton_norm.check_add_layer_norm),
+           "cpp": extension and (extension.add_layer_norm, extension.check_add_layer_norm),
+           "cuda": extension and (extension.add_layer_norm, extension.check_add_layer_norm)}))
 
 
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -149,7 +263,20 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     _vector("bias", bias, x.shape[-1], "x's last dimension")
     _same_device("x", x, residual=residual, weight=weight, bias=bias)
     args = (x, residual, weight, bias, _eps(eps))
-    return dispatch.select("add_layer_norm", x.device, args)(*args)
+    return DISPATCH.select(ADD_LAYER_NORM, x.device, args)(*args)
+
+
+def _linear_key(x, weight, bias, activation, layer_scale, residual):
+    return (dtype_name(x), weight.shape[1], weight.shape[0], dtype_name(bias), activation or "none",
+            dtype_name(layer_scale), dtype_name(residual))
+
+
+LINEAR = DISPATCH.add(Op(
+    "linear", _eager_linear, rows=_rows, key=_linear_key, fields=("in", "out", "bias", "act", "ls", "res"),
+    impls={"triton": triton_linear and (triton_linear.linear, triton_linear.check),
+           "cpp": extension and (extension.linear, extension.check_linear),
+           "cuda": extension and (extension.linear, extension.check_linear)},
+    reports={"triton": lambda device_type: triton_usage.report("linear", device_type)} if triton_linear else {}))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -176,7 +303,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if tuple(residual.shape) != expected:
             raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
     _same_device("x", x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = _autocast_on(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, layer_scale = (
@@ -188,46 +315,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                                 "all linear inputs must share a dtype)")
     args = (x, weight, bias, activation, layer_scale, residual)
     with _without_autocast(x.device.type) if autocast else contextlib.nullcontext():
-        return dispatch.select("linear", x.device, args)(*args)
+        return DISPATCH.select(LINEAR, x.device, args)(*args)
 
 
-# --------------------------------------------------------------------------------------
-# eager backend: the reference (timm's math)
-# --------------------------------------------------------------------------------------
-def _eager_attention(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _without_autocast(device_type: str):
-    return torch.autocast(device_type, enabled=False)
-
-
-def _eager_layer_norm(x, weight, bias, eps):
-    w = None if weight is None else weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    if torch.is_autocast_enabled(x.device.type):   # autocast would return fp32: keep x's dtype
-        with _without_autocast(x.device.type):
-            return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
-
-
-def _eager_add_layer_norm(x, residual, weight, bias, eps):
-    summed = x if residual is None else x + residual
-    return _eager_layer_norm(summed, weight, bias, eps), summed
-
-
-def _eager_linear(x, weight, bias, activation, layer_scale, residual):
-    out = F.linear(x, weight, bias)
-    if activation == "gelu":
-        out = F.gelu(out)
-    if layer_scale is not None:
-        out = out * layer_scale
-    if residual is not None:
-        out = residual + out
-    return out
-
-
-register("attention", "eager", _eager_attention)
-register("layer_norm", "eager", _eager_layer_norm)
-register("add_layer_norm", "eager", _eager_add_layer_norm)
-register("linear", "eager", _eager_linear)
+OPS = tuple(DISPATCH.ops)

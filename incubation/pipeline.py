@@ -19,7 +19,6 @@ launcher (`incubation.launch`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch.utils.data import Dataset
 
 from . import deep
 from .data import Augment, base_dataset, default_workers, holdout, load_dataset
-from .errors import UsageError
+from .errors import IncubationError, UsageError
 from .growth import lemon_config
 from .launch import Job, Resources
 from .nn import ViTConfig, train_flops_per_image
@@ -40,7 +39,7 @@ from .recipe import EMA_DECAY, Recipe
 from .recipe import OPTIONS as RECIPE_OPTIONS
 from .timm_compat import timm_config
 from .train import TrainConfig
-from .utils import atomic_write, json_dumps, versions
+from .utils import atomic_write, json_dumps, json_value, read_json_object, versions
 
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
            "stage_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
@@ -61,25 +60,25 @@ def stage_dir(run_dir: str, stage: str, module: Optional[int] = None) -> str:
     return os.path.join(run_dir, stage)
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_stage(directory: str) -> Optional[dict]:
     """The record of a finished stage (None if it has no final checkpoint): its final metadata,
     cost so far (wall seconds, train FLOPs, images, steps) and evaluation points."""
     if not os.path.exists(os.path.join(directory, "final.json")):
         return None
-    final = _read_json(os.path.join(directory, "final.json")).get("metadata", {})
+    final_path = os.path.join(directory, "final.json")
+    final = read_json_object(final_path).get("metadata", {})
+    if not isinstance(final, dict):
+        raise IncubationError(f"{final_path}: 'metadata' must be a JSON object, got {type(final).__name__}")
     lines = []
     metrics = os.path.join(directory, "metrics.jsonl")
     if os.path.exists(metrics):
-        with open(metrics) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
+        with open(metrics, encoding="utf-8", errors="replace") as f:
+            lines = [json_value(line, f"{metrics} line {i}") for i, line in enumerate(f, 1) if line.strip()]
+        if not all(isinstance(m, dict) for m in lines):
+            raise IncubationError(f"{metrics}: every line must be a JSON object")
     last = lines[-1] if lines else {}
     config_path = os.path.join(directory, "config.json")   # written by the CLI (absent for API runs)
-    config = _read_json(config_path) if os.path.exists(config_path) else None
+    config = read_json_object(config_path) if os.path.exists(config_path) else None
     evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
               "top5": m.get("eval_top5"), "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
     return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),

@@ -5,6 +5,7 @@ be written for a run whose stages ran in other processes or on other machines.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -75,21 +76,40 @@ def _flop_unit(report: dict) -> tuple[float, str]:
     return scale, name
 
 
+def _time_curves(report: dict) -> dict:
+    """The curves against wall-clock, with Deep Incubation also as it runs with its K incubations
+    on K machines at once (the same points, earlier by the incubations that overlap)."""
+    curves = dict(report["curves"])
+    di = report["summary"].get("deep incubation")
+    if di and curves.get("deep incubation"):
+        shift = di["wall_s_parallel"] - di["wall_s"]
+        curves["deep incubation, K machines"] = [{**p, "wall_s": p["wall_s"] + shift} for p in curves["deep incubation"]]
+    return curves
+
+
 def _plot(report: dict, run_dir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written, (unit, unit_name) = [], _flop_unit(report)
-    for axis, fname, label, scale in (("flops", PLOTS[0], f"training cost ({unit_name})", 1.0 / unit),
-                                      ("wall_s", PLOTS[1], "training time (s, stages one after another)", 1.0)):
+    for axis, fname, label, title, scale, curves in (
+            ("flops", PLOTS[0], f"training cost ({unit_name})", "Eval accuracy vs training cost", 1.0 / unit,
+             report["curves"]),
+            ("wall_s", PLOTS[1], "training time (s)", "Eval accuracy vs wall-clock (one machine, and K)", 1.0,
+             _time_curves(report))):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for name, points in report["curves"].items():
+        for name, points in curves.items():
             if not points:
                 continue
-            style = {"hybrids": dict(ls="none", marker="x"), "meta model": dict(ls=":", marker=".")}.get(
-                name, dict(marker="o"))
-            ax.plot([p[axis] * scale for p in points], [p["acc"] for p in points], label=name, **style)
+            style = {"hybrids": dict(ls="none", marker="x"), "meta model": dict(ls=":", marker="."),
+                     "deep incubation, K machines": dict(ls="--", marker="o", mfc="none")}.get(name, dict(marker="o"))
+            line, = ax.plot([p[axis] * scale for p in points], [p["acc"] for p in points], label=name, **style)
+            if name not in ("hybrids", "meta model"):   # each method's final value, written at its last point
+                last = points[-1]
+                ax.annotate(f"{last['acc']:.2f} %", (last[axis] * scale, last["acc"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8, color=line.get_color())
+        ax.set_title(title)
         ax.set_xlabel(label)
         ax.set_ylabel("eval top-1 accuracy (%)")
         ax.grid(alpha=0.3)
@@ -102,6 +122,7 @@ def _plot(report: dict, run_dir: str) -> list[str]:
     names = list(report["stages"])
     ax.barh(names, [report["stages"][n]["wall_s"] for n in names])
     ax.invert_yaxis()
+    ax.set_title("Wall time per stage")
     ax.set_xlabel("wall time (s)")
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, PLOTS[2]), dpi=110)
@@ -113,17 +134,69 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _verdict(summary: dict) -> list[str]:
-    """One plain sentence: which method reached the higher accuracy, at what training cost."""
+def _eval_images(report: dict) -> Optional[int]:
+    """How many images the final evaluations saw (from the CLI's config.json; None for API runs)."""
+    for name in ("e2e", "assemble"):
+        config = (report["stages"].get(name) or {}).get("config")
+        if config:
+            return config["data"]["eval_images"]
+    return None
+
+
+def _noise(a: float, b: float, n: int) -> float:
+    """The binomial standard error (points) of the difference of two accuracies on n images,
+    and never less than one image."""
+    p, q = a / 100, b / 100
+    return max(100 * math.sqrt((p * (1 - p) + q * (1 - q)) / n), 100 / n)
+
+
+def _verdict(summary: dict, n: Optional[int]) -> tuple[list[str], Optional[str]]:
+    """A plain sentence on which method reached the higher accuracy, with the margin, the
+    evaluation-set size and whether the margin is beyond noise; and the winner (None: no clear one)."""
     di, e2e = summary.get("deep incubation"), summary.get("end to end")
     if not (di and e2e) or di["acc"] is None or e2e["acc"] is None:
-        return []
-    won = "Deep Incubation" if di["acc"] > e2e["acc"] else "End-to-end training" if e2e["acc"] > di["acc"] else None
+        return [], None
     costs = f"{di['flops'] / 1e12:.2f} vs {e2e['flops'] / 1e12:.2f} TFLOP"
-    if won is None:
-        return ["", f"**Tie**: both reached {di['acc']:.2f} % ({costs})."]
-    return ["", f"**{won} won**: {max(di['acc'], e2e['acc']):.2f} % against {min(di['acc'], e2e['acc']):.2f} % "
-                f"at matched training cost ({costs})."]
+    margin = abs(di["acc"] - e2e["acc"])
+    lead = "Deep Incubation" if di["acc"] >= e2e["acc"] else "End-to-end training"
+    accs = f"{max(di['acc'], e2e['acc']):.2f} % against {min(di['acc'], e2e['acc']):.2f} %"
+    if n is None:
+        return ["", f"{lead} reached {accs} at matched training cost ({costs}), a margin of {margin:.2f} points; "
+                    "the evaluation-set size is unknown (no config.json), so whether that is beyond noise is too."], None
+    noise = _noise(di["acc"], e2e["acc"], n)
+    where = f"a margin of {margin:.2f} points on {n} evaluation images (standard error {noise:.2f} points)"
+    if margin <= noise:
+        return ["", f"**No clear winner**: {lead} reached {accs} at matched training cost ({costs}), {where}: "
+                    "within the noise of this evaluation set."], None
+    return ["", f"**{lead} won**: {accs} at matched training cost ({costs}), {where}."], lead
+
+
+def _varied_times(report: dict) -> list[str]:
+    """A warning when stages doing the same work took very different times: the machine was busy,
+    and wall-clock figures from it are not to be compared."""
+    times = [s["wall_s"] for name, s in report["stages"].items() if name.startswith("incubate-") and s["wall_s"] > 0]
+    if len(times) < 2 or max(times) <= 1.5 * min(times):
+        return []
+    return ["", f"**Wall-clock is unreliable here**: the incubations did the same work in {min(times):.0f} to "
+                f"{max(times):.0f} s, so this machine was busy while they ran. Compare training FLOPs, or re-run "
+                "on an idle machine before quoting times."]
+
+
+def _next_steps(winner: Optional[str], n: Optional[int]) -> list[str]:
+    """What to do next, given the outcome."""
+    if winner is None and n is not None:
+        step = (f"The two methods are within the noise of {n} evaluation images: repeat with other seeds "
+                "(`--seed`) or evaluate on more images before choosing (`incubation bench study` does both).")
+    elif winner == "Deep Incubation":
+        step = ("Deep Incubation was ahead at the same cost. To scale up, give each of the K incubations its own "
+                "machine (`incubation incubate --module i` per machine, or `incubation run --parallel K`).")
+    elif winner is not None:
+        step = ("End-to-end training was ahead. If the assembled model before fine-tuning is far below the hybrids "
+                "(assembly table), the modules do not fit together: try `--init lemon` (the study's recommendation) "
+                "or a longer assembly stage.")
+    else:
+        step = "Run `incubation report` on a run made by the CLI for a verdict with its evaluation-set size."
+    return ["", "## Next", "", step]
 
 
 def _assembly_table(a: Optional[dict]) -> list[str]:
@@ -185,12 +258,15 @@ def _markdown(report: dict, plots: list[str]) -> str:
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]
-        lines += _verdict(summary)
+    verdict, winner = _verdict(summary, _eval_images(report))
+    lines += verdict + _varied_times(report)
     lines += _assembly_table(report.get("assembly"))
     lines += _recipe_table(report)
     lines += ["", "Train FLOPs are the engine's count: 3 x forward FLOPs x images, less the backward a hybrid's "
                   "frozen meta blocks skip (no weight gradients; none at all before the module).", ""]
     lines += [f"![{p}]({p})" for p in plots]
+    if summary:
+        lines += _next_steps(winner, _eval_images(report))
     return "\n".join(lines) + "\n"
 
 

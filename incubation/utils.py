@@ -7,6 +7,8 @@ import platform
 import subprocess
 from typing import Optional
 
+from .errors import IncubationError
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
@@ -18,15 +20,13 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def user_cache_dir() -> str:
-    """$XDG_CACHE_HOME/incubation (default ~/.cache/incubation): downloads and measurements."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "incubation")
+    """Where downloads and measurements (dispatch decisions, tuned kernel configs) are kept:
+    $INCUBATION_CACHE_DIR, else $XDG_CACHE_HOME/incubation (default ~/.cache/incubation)."""
+    return os.environ.get("INCUBATION_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "incubation")
 
 
-def measurement_dir() -> str:
-    """Where measurements are kept (dispatch decisions, tuned kernel configs):
-    $INCUBATION_CACHE_DIR, else user_cache_dir()."""
-    return os.environ.get("INCUBATION_CACHE_DIR") or user_cache_dir()
+measurement_dir = user_cache_dir
 
 
 def _finite_or_none(obj):
@@ -43,6 +43,38 @@ def json_dumps(obj, **kwargs) -> str:
     """json.dumps for every JSON file the package writes: NaN and +-Infinity become null, because
     json.dumps would write them as the bare literals NaN / Infinity that strict parsers reject."""
     return json.dumps(_finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def json_value(text: str, where: str):
+    """json.loads of `text` (bare NaN / Infinity accepted, as files from before json_dumps hold
+    them); invalid JSON is an IncubationError naming `where` (a file, a line of a file)."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise IncubationError(f"{where} is not valid JSON: {exc}") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object (a dict) in the file `path`: anything else (invalid JSON, a list, a
+    number) is an IncubationError naming the file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        value = json_value(f.read(), str(path))
+    if not isinstance(value, dict):
+        raise IncubationError(f"{path} holds a JSON {_json_kind(value)}, not an object")
+    return value
+
+
+def _json_kind(value) -> str:
+    names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def memory_bytes() -> Optional[int]:
+    """This machine's physical memory in bytes (None where the OS does not tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def umask() -> int:

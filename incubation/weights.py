@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .nn import VisionTransformer, ViTConfig
-from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from .train.checkpoint import FORMAT, CheckpointError, load_checkpoint, refuse_non_float, torch_load
 
 __all__ = ["load_state_dict_file", "resample_pos_embed", "load_into", "LoadReport",
            "read_official", "OfficialCheckpoint", "official_config", "OFFICIAL_MODELS"]
@@ -128,21 +128,8 @@ def _kind(path: str) -> str:
 def _torch_load(path: str):
     """torch.load(weights_only=True) of `path`, every failure a CheckpointError naming the file.
     Nothing is ever unpickled beyond what weights_only allows."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
-        text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if found:   # a pickled class or function: never unpickled here
-            raise CheckpointError(f"{path} holds a {found.group(1)}, which is not loaded: weights are read with "
-                                  f"torch.load(weights_only=True) only (re-save the file with just its "
-                                  f"state_dict, or as safetensors)") from None
-        if "WeightsUnpickler error:" in text:   # keep torch's reason, not its advice to unpickle anyway
-            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
-        text = " ".join(text.split())
-        first = text if text else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable weights file (our checkpoint, safetensors or a "
-                              f"torch file): {type(exc).__name__}: {first}") from None
+    return torch_load(path, "is not a readable weights file (our checkpoint, safetensors or a torch file)",
+                      "; re-save the file with just its state_dict, or as safetensors", mmap=zipfile.is_zipfile(path))
 
 
 def _tensor_dict(obj, path: str, what: str) -> dict:
@@ -195,12 +182,15 @@ def _read(path, use_ema: bool = False) -> _Weights:
             state_dict = load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
-        return _Weights(_clean(_tensor_dict(state_dict, path, "the file")), None, kind)
-    obj = _torch_load(path)
-    if _is_official(obj):
-        official = _official(obj, path)
-        return _Weights(official.state_dict, None, "deep-incubation", official)
-    return _Weights(_clean(_unwrap(obj, path, use_ema)), None, kind)
+        state_dict = _tensor_dict(state_dict, path, "the file")
+    else:
+        obj = _torch_load(path)
+        if _is_official(obj):
+            official = _official(obj, path)   # refuses non-float weights itself
+            return _Weights(official.state_dict, None, "deep-incubation", official)
+        state_dict = _unwrap(obj, path, use_ema)
+    refuse_non_float(state_dict, path)
+    return _Weights(_clean(state_dict), None, kind)
 
 
 def load_state_dict_file(path, *, use_ema: bool = False) -> tuple[dict, Optional[dict]]:
@@ -467,6 +457,7 @@ def _official(obj: dict, path: str) -> OfficialCheckpoint:
             raise CheckpointError(f"{path}: its 'model_stages' and 'model' entries disagree (at "
                                   f"{_listed(differ) if differ else f'the split {sizes_a} vs {sizes_b}'})")
     flat, sizes, keys = from_stages if from_stages is not None else from_model
+    refuse_non_float(flat, path)
     return OfficialCheckpoint(path, flat, sizes, "model_stages" if from_stages is not None else "model", keys,
                               entries)
 

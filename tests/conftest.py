@@ -12,6 +12,16 @@ if not torch.cuda.is_available():
 # The dispatcher's measured decisions go to a fresh folder: tests neither read a developer's
 # cache nor leave one behind.
 os.environ.setdefault("INCUBATION_CACHE_DIR", tempfile.mkdtemp(prefix="incubation-test-cache-"))
+# Under pytest-xdist (`make test` runs `pytest -n auto`) the workers share the cores: each gets
+# its share of torch's intra-op threads instead of all of them (oversubscribed OpenMP spins).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+
+def pytest_report_header(config):
+    if not torch.cuda.is_available():
+        return "no CUDA device: the tests marked gpu (the CUDA backends' combinations) are not collected"
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +77,26 @@ def source_checkpoint(tmp_path):
     return save
 
 
+def _keep(config, items, keep):
+    """Deselect (pytest reports them so) the items for which keep(item) is false."""
+    dropped = [item for item in items if not keep(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if keep(item)]
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
-    """INCUBATION_TEST_SHARD=i/n keeps shard i of n (0-based), so that n pytest processes can
+    """Without a CUDA device the tests marked gpu (the CUDA backends' combinations of the tests
+    written once for every backend, and the CUDA-only tests) are left out rather than skipped one
+    by one; a machine with CUDA collects them (benchmarks/gpu.sh: pytest -m gpu).
+
+    INCUBATION_TEST_SHARD=i/n keeps shard i of n (0-based), so that n pytest processes can
     share the work (benchmarks/gpu.sh: on a fresh GPU the tests wait mostly on Triton compiling
     kernels, one process per core). The tests of one function in one dtype stay together (they
     compile the same kernels); those groups go, largest first, to the shard with fewest tests."""
+    if not torch.cuda.is_available():
+        _keep(config, items, lambda item: not item.get_closest_marker("gpu"))
     shard = os.environ.get("INCUBATION_TEST_SHARD")
     if not shard:
         return
@@ -90,5 +114,4 @@ def pytest_collection_modifyitems(config, items):
         load[target] += len(group)
         if target == index:
             keep.update(item.nodeid for item in group)
-    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in keep])
-    items[:] = [item for item in items if item.nodeid in keep]
+    _keep(config, items, lambda item: item.nodeid in keep)

@@ -90,6 +90,29 @@ def check_against_reference(fn, inputs, backend, factor=2.0):
         assert_within_rule(o, e, r, f"{backend} {name}", factor)
 
 
+def check_scaled_against_reference(fn, inputs, scaled, power, backend, factor=2.0):
+    """check_against_reference at inputs whose `scaled` ones (indices) are multiplied by 2**power,
+    for an fn whose outputs that scale leaves alone (LayerNorm, eps aside): rows so large that
+    eager's own statistics overflow to NaN. The baseline is eager at the inputs as given; the
+    gradients of the scaled inputs, which scale by 2**-power, are compared scaled back (exact)."""
+    big = [t * 2.0 ** power if i in scaled else t for i, t in enumerate(inputs)]
+    as_double = [t.double() for t in big]
+    ref_outs = _run(fn, as_double, "eager")
+    outs = len(ref_outs)
+    grads_out = [torch.randn_like(o).to(inputs[0].dtype).double() for o in ref_outs]
+
+    def scaled_back(results):
+        grads = results[outs:]
+        return results[:outs] + [g * 2.0 ** power if i in scaled else g for i, g in enumerate(grads)]
+
+    reference = scaled_back(_run(fn, as_double, "eager", grads_out))
+    ours = scaled_back(_run(fn, big, backend, grads_out))
+    eager = _run(fn, inputs, "eager", grads_out)
+    names = [f"output {i}" for i in range(outs)] + [f"grad of input {i}" for i in range(len(inputs))]
+    for name, o, e, r in zip(names, ours, eager, reference):
+        assert_within_rule(o, e, r, f"{backend} {name} at inputs x 2^{power}", factor)
+
+
 EPILOGUES = {  # name: (activation, bias, layer_scale, residual): ops.linear's epilogues as the ViT uses them
     "plain": (None, False, False, False),
     "qkv_bias": (None, True, False, False),
@@ -169,12 +192,9 @@ def _module(name):
         return None
 
 
-_MODULES = {"cpp": "incubation.extension", "cuda": "incubation.extension", "triton": "incubation.kernels"}
-
-
 def backend_table(backend):
-    """`backend`'s public table {op: (function, capability check)} (its module's BACKENDS)."""
-    return importlib.import_module(_MODULES[backend]).BACKENDS[backend]
+    """`backend`'s implementations {op: (function, capability check)}, as incubation.ops declares them."""
+    return {name: op.impls[backend] for name, op in ops.DISPATCH.ops.items() if backend in op.impls}
 
 
 def skip_unless_implemented(op, backend):
@@ -231,7 +251,7 @@ def backend_params():
     """pytest params (backend, device) for every fast backend, so that a test written once runs
     on each: the compiled extension on CPU ("cpp") and CUDA ("cuda"), Triton under its
     interpreter (CPU tensors) and on the GPU; each skipped, with the reason, where this machine
-    cannot run it."""
+    cannot run it (without a CUDA device, conftest.py leaves the CUDA ones, marked gpu, out)."""
     extension, kernels = _module("incubation.extension"), _module("incubation.kernels")
     gpu = torch.cuda.is_available()
     runs = [

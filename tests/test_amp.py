@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from kernel_rule import assert_within_rule, poisoned_memory  # noqa: E402
+from kernel_rule import assert_within_rule, backend_table, poisoned_memory  # noqa: E402
 
 from incubation import ops  # noqa: E402
 from incubation.nn.vit import Block  # noqa: E402
@@ -54,7 +54,7 @@ CASES = [  # (backend, device, autocast dtype), each skipped with its reason whe
 def counting_mixed_calls(backend):
     """Counts the add_layer_norm and residual-linear calls `backend` serves with a residual whose
     dtype differs from x's (the calls autocast makes)."""
-    table = (kernels if backend == "triton" else extension).BACKENDS[backend]
+    table = backend_table(backend)
     calls = collections.Counter()
 
     def counted(op, fn):

@@ -153,6 +153,24 @@ def test_train_step_json(tmp_path):
     assert payload["config"]["batch"] == 1
 
 
+
+def test_dispatch_overhead_benchmark(tmp_path, monkeypatch):
+    """`incubation bench dispatch`: every op with and without grad, auto against the backend it
+    chose called directly; overhead = auto - direct (the time itself is not asserted)."""
+    from incubation.bench import dispatch as dispatch_bench
+    monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dispatch_bench, "CALLS", 3)
+    assert bench.main(["dispatch", "--quick", "--device", "cpu", "--no-plot", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "dispatch.json").read_text())
+    rows = payload["rows"]
+    assert {(r["op"], r["grad"]) for r in rows} == {(op, g) for op in ("attention", "layer_norm", "add_layer_norm",
+                                                                       "linear") for g in (False, True)}
+    for r in rows:
+        assert r["backend"] in ("eager", "cpp") and r["auto_us"] > 0 and r["direct_us"] > 0
+        assert r["overhead_us"] == pytest.approx(r["auto_us"] - r["direct_us"])
+    assert payload["worst_us"] == max(r["overhead_us"] for r in rows)
+    assert "Dispatch overhead per call" in (tmp_path / "dispatch.md").read_text()
+
 @pytest.mark.slow
 def test_gpu_sh_dry_run(tmp_path):
     """benchmarks/gpu.sh's plumbing on CPU (DEVICE=cpu DRY=1): every step of the lease gets a

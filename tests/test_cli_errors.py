@@ -3,6 +3,7 @@ usage line, exit 2, the option named), faults of the user's files or of the envi
 line and exit 1, Ctrl-C exits 130, and only bugs (or INCUBATION_DEBUG=1) show a traceback."""
 import argparse
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -235,3 +236,73 @@ def test_a_failed_parallel_job_is_one_line_naming_its_log(tiny, folder, tmp_path
     for i in range(2):
         assert "(exit 1: incubation incubate: error: incubation needs the meta model" in proc.stderr
         assert f"log {out / f'incubate-{i}' / 'log.txt'})" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# issue 25: files and sizes that used to end in a traceback, a vague message or silence
+# --------------------------------------------------------------------------------------
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"incubation {command}: error: "), err
+    return err
+
+
+def test_absurd_sizes_are_refused_before_allocating(source_checkpoint, tmp_path, capsys):
+    source_checkpoint()
+    src = str(tmp_path / "src")
+    assert cli.main(["expand", src, "-o", str(tmp_path / "big"), "--embed-dim", "1000000"]) == 1
+    err = _one_line_error(capsys, "expand")
+    assert "more than this machine's memory" in err and "embed_dim=1000000," in err
+    record = json.loads(open(src + ".json").read())   # a size in the checkpoint's own JSON record
+    record["metadata"]["target_config"]["num_classes"] = 10 ** 12
+    open(src + ".json", "w").write(json.dumps(record))
+    assert cli.main(["expand", src, "-o", str(tmp_path / "big"), "--depth", "3"]) == 1
+    assert "num_classes=1000000000000 (the head)" in _one_line_error(capsys, "expand")
+    assert not os.path.exists(tmp_path / "big.json")
+
+
+def test_non_float_weights_are_refused_naming_the_file_and_the_dtype(tmp_path, capsys):
+    from incubation import VisionTransformer, ViTConfig
+    from incubation.train.checkpoint import save_checkpoint
+
+    cfg = ViTConfig(img_size=14, patch_size=7, in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2)
+    state = {k: (v * 100).long() for k, v in VisionTransformer(cfg).state_dict().items()}
+    save_checkpoint(str(tmp_path / "ints"), state, {"stage": "e2e", "target_config": cfg.to_dict()})
+    assert cli.main(["expand", str(tmp_path / "ints"), "-o", str(tmp_path / "big"), "--depth", "3"]) == 1
+    err = _one_line_error(capsys, "expand")
+    assert f"{tmp_path / 'ints.safetensors'}: tensor " in err and " is int64, not floating point" in err
+    assert not os.path.exists(tmp_path / "big.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "final.json holds a JSON array, not an object"),
+    ('{"metadata": {"stage": "meta", "eval_acc": nan}}', "final.json is not valid JSON: Expecting value: line 1"),
+    ('{"metadata": [1]}', "final.json: 'metadata' must be a JSON object, got list")])
+def test_a_damaged_final_json_is_named(text, message, tmp_path, capsys):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "final.json").write_text(text)
+    assert cli.main(["report", "--out", str(tmp_path)]) == 1
+    err = _one_line_error(capsys, "report")
+    assert f"{tmp_path / 'meta'}{os.sep}{message}" in err
+
+
+def test_resume_from_a_state_file_holding_code_gives_no_advice_to_unpickle(tiny, folder, tmp_path, capsys):
+    """A checkpoint side file with a pickled object is refused without torch's advice to load it
+    with weights_only=False (which would run what the file holds)."""
+    from incubation.utils import file_sha256
+
+    argv = ["meta", "--data", folder, "--out", str(tmp_path), "--epochs", "0.4", *tiny]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    stage = tmp_path / "meta"
+    for name in ("final.json", "final.safetensors"):   # unfinished: the next run resumes
+        os.remove(stage / name)
+    torch.save({"step": 1, "args": argparse.Namespace(lr=1)}, stage / "checkpoint.state.pt")
+    record = json.loads((stage / "checkpoint.json").read_text())
+    record["files"][".state.pt"] = file_sha256(stage / "checkpoint.state.pt")
+    (stage / "checkpoint.json").write_text(json.dumps(record))
+    assert cli.main(argv) == 1
+    err = _one_line_error(capsys, "meta")
+    assert f"{stage / 'checkpoint.state.pt'} holds a argparse.Namespace, which is not loaded" in err
+    assert "weights_only=False" not in err and "add_safe_globals" not in err

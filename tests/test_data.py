@@ -43,9 +43,14 @@ def fake_files(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "SPLITS", {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 12),
                                        "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 4)})
     monkeypatch.delenv("INCUBATION_DATA_DIR", raising=False)
+    monkeypatch.delenv("INCUBATION_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "no-debian")
+    monkeypatch.setattr(fm, "beside_checkout", lambda: None)
     return src, arrays
+
+
+_REAL_BESIDE_CHECKOUT = fm.beside_checkout   # the fixture below hides it from the other tests
 
 
 @pytest.fixture
@@ -98,6 +103,26 @@ def test_unreachable_mirror_raises(fake_files, monkeypatch):
         fm.find_fashion_mnist()
     with pytest.raises(data.DatasetError, match="not found"):
         fm.find_fashion_mnist(download=False)
+
+
+def test_cache_dir_honours_incubation_cache_dir(fake_files, http_server, monkeypatch, tmp_path):
+    """$INCUBATION_CACHE_DIR moves the data cache with the dispatch decisions (not $XDG_CACHE_HOME)."""
+    src, _ = fake_files
+    monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("INCUBATION_FASHION_MNIST_URL", http_server(src))
+    assert fm.find_fashion_mnist() == tmp_path / "mine" / "fashion-mnist"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_files_beside_the_checkout_are_found(fake_files, monkeypatch, tmp_path):
+    """A source checkout finds ../shared/data/fashion-mnist beside it, as the Makefile does, so the
+    Python API and `incubation run` find what `make demo` found."""
+    src, _ = fake_files
+    checkout = Path(__file__).resolve().parents[1]        # these tests run from a source checkout
+    assert _REAL_BESIDE_CHECKOUT() == checkout.parent / "shared" / "data" / "fashion-mnist"
+    monkeypatch.setattr(fm, "beside_checkout", lambda: src)
+    monkeypatch.delenv("INCUBATION_DATA_DIR", raising=False)
+    assert fm.find_fashion_mnist(download=False) == src
 
 
 def test_corrupt_local_file_names_it(fake_files):
@@ -227,6 +252,7 @@ import json, os, pathlib
 from incubation.data import fashion_mnist as fm
 fm.FILES = json.loads(os.environ["TEST_FILES"])
 fm.DEBIAN_DIR = pathlib.Path(os.environ["TEST_DEBIAN"])
+fm.beside_checkout = lambda: None
 fm.find_fashion_mnist()
 """
 

@@ -12,7 +12,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_rule import make, serving
+from kernel_rule import backend_table, make, serving
 
 from incubation import ops
 from incubation.nn import VisionTransformer
@@ -30,7 +30,7 @@ GPU_MARKS = (pytest.mark.gpu, pytest.mark.skipif(
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU_MARKS)]
 BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 EPS = 1e-6
-CHECK = {op: check for op, (_, check) in extension.BACKENDS["cpp"].items()}   # the capability checks
+CHECK = {op: check for op, (_, check) in backend_table("cpp").items()}   # the capability checks
 
 
 # --------------------------------------------------------------------------------------
@@ -66,16 +66,21 @@ def test_linear_gradcheck_float64(activation):
 # --------------------------------------------------------------------------------------
 # the raw operators: torch.library registrations and input validation
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_all_ops(device):
-    """Schemas, fake kernels, autograd registration and AOT dispatch (torch.compile's path)."""
+OPCHECK_CASES = [pytest.param("cpu", dtype, id=f"cpu-{str(dtype)[6:]}") for dtype in extension.DTYPES["cpu"]] + [
+    pytest.param("cuda", dtype, id=f"cuda-{str(dtype)[6:]}", marks=GPU_MARKS) for dtype in extension.DTYPES["cuda"]]
+
+
+@pytest.mark.parametrize("device, dtype", OPCHECK_CASES)
+def test_opcheck_all_ops(device, dtype):
+    """Schemas, fake kernels, autograd registration and AOT dispatch (torch.compile's path),
+    in every dtype the kernels are built for."""
     torch.manual_seed(5)
-    x = make((7, 40), torch.float32, device).requires_grad_()
-    r = make((7, 40), torch.float32, device).requires_grad_()
-    w = make((40,), torch.float32, device).requires_grad_()
-    b = make((40,), torch.float32, device).requires_grad_()
+    x = make((7, 40), dtype, device).requires_grad_()
+    r = make((7, 40), dtype, device).requires_grad_()
+    w = make((40,), dtype, device).requires_grad_()
+    b = make((40,), dtype, device).requires_grad_()
     _, mean, rstd = L.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
-    g = make((7, 40), torch.float32, device)
+    g = make((7, 40), dtype, device)
     cases = [
         (L.layer_norm_fwd, (x, w, b, EPS)),
         (L.layer_norm_fwd, (x, None, None, EPS)),

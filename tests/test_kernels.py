@@ -1,7 +1,7 @@
 """Op numerics of every fast backend, each test written once and run on each: the compiled
 extension on CPU ("cpp") and CUDA ("cuda"), Triton under its interpreter (CPU tensors) and on
 the GPU (kernel_rule.backend_params; each skipped, with the reason, where this machine cannot
-run it, and GPU runs marked `gpu`).
+run it; GPU runs are marked `gpu` and collected only where CUDA is).
 
 Every output and every gradient is checked against float64 with docs/DESIGN.md's rule (error at
 most kernel_rule.factor(backend, device, dtype) x eager's error in the same dtype, plus an atol
@@ -21,6 +21,7 @@ from kernel_rule import (
     backend_params,
     backend_table,
     check_against_reference,
+    check_scaled_against_reference,
     check_vit,
     factor,
     linear_fn,
@@ -77,6 +78,48 @@ def test_layer_norm_matches_reference(backend, device, dtype, rows, width, resid
         check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b], backend, rule)
     else:
         check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b], backend, rule)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [DTYPES[0], DTYPES[3]])
+@pytest.mark.parametrize("width", [768, 4099])
+@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add_ln"])
+def test_layer_norm_of_rows_far_from_zero(backend, device, dtype, width, residual):
+    """1000 + 0.01 N (issue 25): a mean or a variance taken of the values themselves loses the
+    digits that tell them apart (Triton and the C++ kernels erred 2x eager's and more)."""
+    skip_unless_dtype(backend, device, dtype)
+    torch.manual_seed(width)
+    x = make((3, width), dtype, device, scale=0.01, shift=1000.0)
+    w = make((width,), dtype, device, scale=0.2, shift=1.0)
+    b = make((width,), dtype, device, scale=0.2)
+    if residual:
+        r = make((3, width), dtype, device, scale=0.01)
+        check_against_reference(lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS), [x, r, w, b], backend)
+    else:
+        check_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b], backend)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype, power", [(torch.float32, 67), (torch.bfloat16, 100), (torch.float32, 120)],
+                         ids=["float32-1e20", "bfloat16-1e30", "float32-1e36"])
+@pytest.mark.parametrize("residual", [False, True], ids=["ln", "add_ln"])
+def test_layer_norm_of_huge_rows(backend, device, dtype, power, residual):
+    """Finite rows whose squares overflow float32 (issue 25: the C++ kernels gave NaN, Triton
+    zeros): LayerNorm's output does not depend on the rows' scale, so the baseline is eager at
+    the same rows divided by 2^power."""
+    skip_unless_dtype(backend, device, dtype)
+    torch.manual_seed(power)
+    x = make((5, 384), dtype, device, scale=2.0, shift=0.5)
+    w = make((384,), dtype, device, scale=0.2, shift=1.0)
+    b = make((384,), dtype, device, scale=0.2)
+    rule = factor(backend, device, dtype)
+    if residual:
+        r = make((5, 384), dtype, device)
+        fn = lambda x, r, w, b: ops.add_layer_norm(x, r, w, b, EPS)[0]   # noqa: E731 - summed is x + r, scaled
+        check_scaled_against_reference(fn, [x, r, w, b], {0, 1}, power, backend, rule)
+    else:
+        check_scaled_against_reference(lambda x, w, b: ops.layer_norm(x, w, b, EPS), [x, w, b], {0}, power, backend,
+                                       rule)
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)

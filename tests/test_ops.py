@@ -148,3 +148,51 @@ def test_empty_batches_keep_working(backend):
         sum(o.sum() for o in outs).backward()
         assert [tuple(o.shape) for o in outs] == [(0, 7, 8)] * 3 + [(0, 7, 4)]
         assert x.grad.shape == x.shape and torch.equal(W.grad, torch.zeros_like(W))
+
+
+# --------------------------------------------------------------------------------------
+# issue 25: the eager reference on inputs SDPA's CPU kernel gets wrong, and the meta device
+# --------------------------------------------------------------------------------------
+def test_eager_attention_on_overlapping_views_matches_float64():
+    """Defect 3: q, k, v as overlapping as_strided views of one buffer (SDPA's CPU kernel read
+    them wrongly: values up to 1e34)."""
+    torch.manual_seed(0)
+    base = torch.randn(4096)
+    for stride in [(8, 1, 2, 1), (64, 1, 1, 1), (1, 16, 0, 1), (1, 1, 8, 1), (40, 20, 4, 1)]:
+        q = base.as_strided((2, 3, 17, 8), stride)
+        k = base.as_strided((2, 3, 17, 8), stride, storage_offset=5)
+        v = base.as_strided((2, 3, 17, 8), stride, storage_offset=11)
+        want = _ref_attention(q.double(), k.double(), v.double(), 8 ** -0.5)
+        with ops.use_backend("eager"):
+            torch.testing.assert_close(ops.attention(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_keeps_a_nan_query_nan():
+    """Defect 3: a query row holding NaN gave 0 on CPU; its output row must be NaN, the others exact."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    q[0, 1, 4, 7] = float("nan")
+    with ops.use_backend("eager"):
+        out = ops.attention(q, k, v)
+    assert out[0, 1, 4].isnan().all()
+    finite = torch.ones_like(out, dtype=torch.bool)
+    finite[0, 1, 4] = False
+    want = _ref_attention(q.double(), k.double(), v.double(), 16 ** -0.5)
+    torch.testing.assert_close(out[finite].double(), want[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager", "cpp"])
+def test_vit_builds_and_runs_on_the_meta_device(backend):
+    """Defect 6: every op failed on meta ("unknown device type for autocast"); timm models
+    build and run on meta, and so must ours, whatever backend is chosen."""
+    from incubation import VisionTransformer
+    with torch.device("meta"):   # as timm's models are built on meta (e.g. for sharded loading)
+        model = VisionTransformer(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2,
+                                  num_classes=5, init_values=0.1)
+    with ops.use_backend(backend):
+        out = model(torch.randn(3, 3, 16, 16, device="meta"))
+        normed, summed = ops.add_layer_norm(torch.randn(2, 8, device="meta"), torch.randn(2, 8, device="meta"),
+                                            None, None)
+    assert out.device.type == "meta" and out.shape == (3, 5)
+    assert normed.shape == summed.shape == (2, 8)
+

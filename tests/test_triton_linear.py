@@ -22,10 +22,10 @@ import kernel_rule  # noqa: E402
 import pytest  # noqa: E402
 from kernel_rule import assert_within_rule, make, poisoned_memory  # noqa: E402
 
-from incubation import dispatch, ops  # noqa: E402
+from incubation import ops  # noqa: E402
 
 kernels = pytest.importorskip("incubation.kernels", reason="Triton is not importable")
-from incubation.kernels import linear  # noqa: E402
+from incubation.kernels import linear, usage  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 DEVICES = [
@@ -56,8 +56,8 @@ def linear_fn(activation, has_bias, has_scale, has_residual, expect):
         scale = rest.pop(0) if has_scale else None
         residual = rest.pop(0) if has_residual else None
         out = ops.linear(x, weight, bias, activation, layer_scale=scale, residual=residual)
-        if dispatch.current_backend() == "triton":  # (the references run eager)
-            assert linear.last_forward[0] == expect, linear.last_forward
+        if ops.current_backend() == "triton":  # (the references run eager)
+            assert usage.last("linear")[0] == expect, usage.last("linear")
         return out
     return fn
 
@@ -125,7 +125,7 @@ def forward_as_given(x, w, residual, expect, what):
     clones): served by `expect`, within the rule against float64."""
     with ops.use_backend("triton"):
         out = ops.linear(x, w, None, "gelu", residual=residual)
-    assert linear.last_forward[0] == expect, (what, linear.last_forward)
+    assert usage.last("linear")[0] == expect, (what, usage.last("linear"))
     with ops.use_backend("eager"):
         eager = ops.linear(x, w, None, "gelu", residual=residual)
     ref = torch.nn.functional.gelu(x.double() @ w.double().T)
@@ -233,17 +233,17 @@ def test_backends_report_says_which_linear_kernel_ran(tma):
 
 def test_tma_autotuning_choices_are_kept_across_processes(tmp_path, monkeypatch):
     """Triton does not keep autotuning results of configs with a pre-hook (the TMA kernel's set
-    the descriptors' block shapes), so linear.save_tuned / load_tuned keep them: a choice made
+    the descriptors' block shapes), so linear.TUNED (kernels/tuned.py) keeps them: a choice made
     in one process is in the next one's autotuner cache, with its pre-hook, and never timed."""
     monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(linear._forward_tma_kernel, "cache", {})
     chosen = linear._TMA_GPU_CONFIGS[2]
     key = (1024, 768, 3072, True, True, False, False, True, False, "tf32", "torch.bfloat16", "torch.bfloat16")
     linear._forward_tma_kernel.cache[key] = chosen
-    linear.save_tuned("NVIDIA H100 80GB HBM3")
+    linear.TUNED.save("NVIDIA H100 80GB HBM3")
     linear._forward_tma_kernel.cache.clear()   # a new process
-    assert linear.load_tuned("NVIDIA H200") == 0   # another GPU: its own file
-    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 1
+    assert linear.TUNED.load("NVIDIA H200") == 0   # another GPU: its own file
+    assert linear.TUNED.load("NVIDIA H100 80GB HBM3") == 1
     restored = linear._forward_tma_kernel.cache[key]
     assert restored is chosen and restored.pre_hook is not None
     # a config that is no longer among the kernel's, or a damaged file, is ignored
@@ -252,6 +252,27 @@ def test_tma_autotuning_choices_are_kept_across_processes(tmp_path, monkeypatch)
     record[0][1]["num_warps"] = 3
     path.write_text(json.dumps(record))
     linear._forward_tma_kernel.cache.clear()
-    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0 and not linear._forward_tma_kernel.cache
+    assert linear.TUNED.load("NVIDIA H100 80GB HBM3") == 0 and not linear._forward_tma_kernel.cache
     path.write_text("{not json")
-    assert linear.load_tuned("NVIDIA H100 80GB HBM3") == 0
+    assert linear.TUNED.load("NVIDIA H100 80GB HBM3") == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_output_changed_in_place_then_backward_as_eager(device, residual):
+    """Issue 25 defect 9: the output was a view made inside the autograd Function, so an
+    in-place change of it raised "Output 0 of _Linear is a view"; eager accepts it."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    w = torch.randn(48, 32, device=device, requires_grad=True)
+    r = torch.randn(2, 5, 48, device=device) if residual else None
+    grads = []
+    for backend in ("triton", "eager"):
+        with ops.use_backend(backend):
+            out = ops.linear(x, w, None, "gelu", residual=r)
+        out.mul_(2).add_(1)
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad, w.grad))
+        x.grad = w.grad = None
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -173,3 +173,32 @@ def test_config_accepts_json_lists_and_numpy_ints():
     assert cfg.img_size == (32, 48) and cfg.patch_size == (8, 8) and type(cfg.patch_size[0]) is int
     assert cfg.mlp_hidden_dim == 1
     incubation.to_timm(incubation.VisionTransformer(cfg))   # converts
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(qkv_bias=False, proj_bias=False, init_values=0.1), dict(pre_norm=True, final_norm=False),
+    dict(global_pool="avg", class_token=False, reg_tokens=2, num_classes=0), dict(no_embed_class=True, reg_tokens=1),
+    dict(global_pool="avg", fc_norm=True, init_values=1e-5)])
+def test_num_params_counts_the_built_model(options):
+    cfg = incubation.ViTConfig(**{**dict(img_size=(16, 24), patch_size=(4, 8), in_chans=2, num_classes=5,
+                                         embed_dim=12, depth=2, num_heads=2, mlp_ratio=1.5), **options})
+    assert cfg.num_params() == sum(p.numel() for p in incubation.VisionTransformer(cfg).parameters())
+
+
+def test_sizes_beyond_this_machines_memory_are_refused_before_allocating(monkeypatch):
+    """issue 25: --embed-dim 1000000 ended in the allocator's traceback. On the meta device
+    nothing is allocated, so any size builds there (as timm's models do)."""
+    from incubation.nn import vit
+    with pytest.raises(ValueError, match=r"more than this machine's memory .* most of them from embed_dim=1000000, "
+                                         r"depth=12, mlp_ratio=4.0 \(the blocks\)"):
+        incubation.VisionTransformer(embed_dim=1_000_000, num_heads=1)
+    with pytest.raises(ValueError, match=r"most of them from num_classes=1000000000000 \(the head\)"):
+        incubation.VisionTransformer(num_classes=10 ** 12)
+    base = incubation.ViTConfig()   # ViT-B: 86.6 M parameters, 346 MB
+    monkeypatch.setattr(vit, "memory_bytes", lambda: 4 * base.num_params() - 1)
+    with pytest.raises(ValueError, match="more than this machine's memory"):
+        incubation.VisionTransformer(base)
+    with torch.device("meta"):
+        assert incubation.VisionTransformer(base).pos_embed.is_meta
+    monkeypatch.setattr(vit, "memory_bytes", lambda: 4 * base.num_params())
+    incubation.VisionTransformer(base)

@@ -281,6 +281,10 @@ def test_read_official_refuses_inconsistent_files(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a Deep Incubation checkpoint"):
         read_official(tmp_path / "other.pth")
+    # int64 weights (issue 25): refused, not cast
+    ints = [{k: v.long() for k, v in stage.items()} for stage in _official_stages([1, 1])]
+    with pytest.raises(CheckpointError, match=r"int\.pth: tensor '.*' is int64, not floating point"):
+        read_official(_save_official(tmp_path / "int.pth", ints))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +413,26 @@ def test_unreadable_files_are_named(tmp_path):
             load_state_dict_file(tmp_path / name)
         assert str(tmp_path / name.replace(".safetensors", ".json" if name == "ours.safetensors" else
                                            ".safetensors")) in str(info.value)
+
+
+def test_non_float_weights_are_refused_naming_the_file_and_the_dtype(tmp_path):
+    """int64 (or bool) weights would be cast into the model without a word (issue 25): every
+    format refuses them; an integer buffer our models register (Apollo's slot map) still loads."""
+    sd = {k: (v * 100).long() for k, v in _ours().state_dict().items()}
+    torch.save(sd, tmp_path / "int.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "int.safetensors")
+    save_checkpoint(tmp_path / "ours", sd, {"stage": "e2e", "target_config": _ours().config.to_dict()})
+    torch.save({"model": {"w": torch.zeros(2, dtype=torch.bool)}}, tmp_path / "bool.pth")
+    cases = {"int.pth": "int64", "int.safetensors": "int64", "ours": "int64", "bool.pth": "bool"}
+    for name, dtype in cases.items():
+        shown = tmp_path / (name + ".safetensors" if name == "ours" else name)
+        with pytest.raises(CheckpointError, match=f"is {dtype}, not floating point") as info:
+            load_state_dict_file(tmp_path / name)
+        assert str(shown) in str(info.value)
+    with pytest.raises(CheckpointError, match="is int64, not floating point"):
+        load_into(_ours(), tmp_path / "int.pth")
+    save_checkpoint(tmp_path / "apollo", {"vit.w": torch.zeros(2), "unique_slots": torch.arange(3)}, {"stage": "grow"})
+    assert load_checkpoint(tmp_path / "apollo")[0]["unique_slots"].dtype == torch.int64
 
 
 def test_pos_embed_resampling(tmp_path):

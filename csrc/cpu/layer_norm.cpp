@@ -2,6 +2,10 @@
 // SIMD (at::vec::Vectorized) within a row, statistics and gradients in acc_t.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <iterator>
+
 #include "cpu_kernels.h"
 #include "incubation_ops.h"
 #include "incubation_math.h"
@@ -12,19 +16,22 @@ namespace {
 
 using namespace incubation::math;
 
-// Mean and variance of a row by Welford over SIMD lanes. Several independent lane sets
-// hide the latency of the update chain; lanes are then merged, then the tail pushed.
+// Mean and variance of v = x * scale - shift over a row, by Welford over SIMD lanes. Several
+// independent lane sets hide the latency of the update chain; lanes are then merged, then
+// the tail pushed.
 template <typename acc_t>
-Welford<acc_t> row_statistics(const acc_t* x, int64_t n) {
+Welford<acc_t> row_statistics(const acc_t* x, int64_t n, acc_t scale, acc_t shift) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t lanes = Vec::size();
   constexpr int sets = 4;
+  const Vec vscale(scale), vshift(shift);
+  auto v = [&](int64_t i) { return scaled_shifted(Vec::loadu(x + i), vscale, vshift); };
   Welford<Vec, acc_t> partial[sets];
   for (auto& w : partial) w = {Vec(acc_t(0)), Vec(acc_t(0)), acc_t(0)};
   int64_t i = 0;
   for (; i + sets * lanes <= n; i += sets * lanes)
-    for (int s = 0; s < sets; ++s) welford_push(partial[s], Vec::loadu(x + i + s * lanes));
-  for (; i + lanes <= n; i += lanes) welford_push(partial[0], Vec::loadu(x + i));
+    for (int s = 0; s < sets; ++s) welford_push(partial[s], v(i + s * lanes));
+  for (; i + lanes <= n; i += lanes) welford_push(partial[0], v(i));
 
   Welford<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
   for (const auto& w : partial) {
@@ -33,8 +40,31 @@ Welford<acc_t> row_statistics(const acc_t* x, int64_t n) {
     w.m2.store(m2);
     for (int64_t l = 0; l < lanes; ++l) total = welford_merge(total, Welford<acc_t>{mean[l], m2[l], w.count});
   }
-  for (; i < n; ++i) welford_push(total, x[i]);
+  for (; i < n; ++i) welford_push(total, scaled_shifted(x[i], scale, shift));
   return total;
+}
+
+// the largest magnitude in a row
+template <typename acc_t>
+acc_t row_max_abs(const acc_t* x, int64_t n) {
+  Vectorized<acc_t> top(acc_t(0));
+  vec_loop<acc_t>(n, [&](int64_t i, auto c) { top = at::vec::maximum(top, load(x, i, c).abs()); });
+  acc_t lanes[Vectorized<acc_t>::size()];
+  top.store(lanes);
+  return *std::max_element(std::begin(lanes), std::end(lanes));
+}
+
+// the row's standardisation (incubation_math.h): shifted by its first value, and scaled
+// down only where its squares overflow (a second pass, for rows of huge values)
+template <typename acc_t>
+RowNorm<acc_t> row_norm_of(const acc_t* x, int64_t n, acc_t eps) {
+  acc_t scale(1);
+  auto stats = row_statistics(x, n, scale, x[0]);
+  if (!std::isfinite(stats.m2)) {
+    scale = overflow_scale(row_max_abs(x, n));
+    stats = row_statistics(x, n, scale, x[0] * scale);
+  }
+  return row_norm(stats, scale, x[0] * scale, eps);
 }
 
 // out = LayerNorm(x [+ residual]); summed = x + residual rounded to res_t, and the
@@ -69,14 +99,13 @@ void layer_norm_fwd_kernel(const scalar_t* x, const res_t* residual, const OptTe
       } else {
         TORCH_INTERNAL_ASSERT(false, "a mixed-dtype LayerNorm needs its residual");
       }
-      const auto stats = row_statistics(src, n);
-      const acc_t mu = stats.mean, rs = welford_rstd(stats, acc_t(eps));
-      mean[r] = mu;
-      rstd[r] = rs;
-      const Vec vmu(mu), vrs(rs);
+      const RowNorm<acc_t> norm = row_norm_of(src, n, acc_t(eps));
+      mean[r] = row_mean(norm);
+      rstd[r] = row_rstd(norm);
+      const Vec scale(norm.scale), shift(norm.shift), mu(norm.mean), rs(norm.rstd);
       acc_t* o = out_row_as_acc(out + r * n, buf1);
       vec_loop<acc_t>(n, [&](int64_t i, auto c) {
-        store(o, i, c, at::vec::fmadd(layer_norm_xhat(load(src, i, c), vmu, vrs), load(w.data(), i, c),
+        store(o, i, c, at::vec::fmadd(standardize(load(src, i, c), scale, shift, mu, rs), load(w.data(), i, c),
                                       load(b.data(), i, c)));
       });
       finish_row(o, out + r * n, n);

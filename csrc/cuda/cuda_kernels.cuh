@@ -62,6 +62,12 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
 // True when rows of n values can move in 16-byte packs: n a multiple of the pack and
 // every pointer (null = absent) aligned to 16 bytes.
 template <typename T>

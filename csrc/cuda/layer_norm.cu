@@ -15,9 +15,60 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int64_t kSharedBytes = 48 * 1024;
 constexpr int64_t kMaxColumnSumFeatures = kSharedBytes / (2 * sizeof(float));
 
+// A row's statistics from each lane's part, merged across the warp; every lane gets lane 0's
+// result (merging in a different order may differ in the last bit between lanes).
+__device__ __forceinline__ Welford<float> warp_welford(Welford<float> stats) {
+#pragma unroll
+  for (int step = kWarp / 2; step > 0; step /= 2) {
+    Welford<float> other{__shfl_xor_sync(kFullMask, stats.mean, step), __shfl_xor_sync(kFullMask, stats.m2, step),
+                         __shfl_xor_sync(kFullMask, stats.count, step)};
+    stats = welford_merge(stats, other);
+  }
+  return {__shfl_sync(kFullMask, stats.mean, 0), __shfl_sync(kFullMask, stats.m2, 0),
+          __shfl_sync(kFullMask, stats.count, 0)};
+}
+
+// The VEC values LayerNorm normalises at `at`: x's, or with a residual the summed ones (once
+// the first pass has written them: the lane that reads them wrote them)
+template <typename T, typename R, int VEC>
+__device__ __forceinline__ void normalised_values(const T* x, const R* summed, int64_t at, float (&v)[VEC]) {
+  if (summed != nullptr) {
+    const Pack<R, VEC> sv = load_pack<VEC>(summed + at);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(sv.v[i]);
+  } else {
+    const Pack<T, VEC> xv = load_pack<VEC>(x + at);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(xv.v[i]);
+  }
+}
+
+// The statistics of a row whose squares overflowed (huge values), again, scaled down: two more
+// passes over the row, values(c, v) giving the VEC values at column c; sets `scale`.
+template <int VEC, typename Values>
+__device__ Welford<float> scaled_statistics(const Values& values, int lane, int n, float first, float& scale) {
+  float top = 0.f;
+  for (int c = lane * VEC; c < n; c += kWarp * VEC) {
+    float v[VEC];
+    values(c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) top = fmaxf(top, fabsf(v[i]));
+  }
+  scale = overflow_scale(warp_max(top));
+  Welford<float> stats{0.f, 0.f, 0.f};
+  for (int c = lane * VEC; c < n; c += kWarp * VEC) {
+    float v[VEC];
+    values(c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) welford_push(stats, scaled_shifted(v[i], scale, first * scale));
+  }
+  return warp_welford(stats);
+}
+
 // summed = x + residual (rounded to R); out = LayerNorm(summed or x); mean, rstd per row.
 // R is T, or float for a float residual onto a bfloat16 / float16 x (autocast's residual
-// stream): summed, out, weight and bias have R.
+// stream): summed, out, weight and bias have R. The statistics are those of the row shifted
+// by its first value, and scaled down where its squares overflow (incubation_math.h).
 template <typename T, typename R, int VEC>
 __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const R* __restrict__ residual,
                                       const R* __restrict__ weight, const R* __restrict__ bias, R* __restrict__ out,
@@ -28,6 +79,11 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const R* __restri
   const int64_t warps = int64_t(gridDim.x) * warps_per_block;
   for (int64_t row = int64_t(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; row < rows; row += warps) {
     const int64_t offset = row * n;
+    auto values = [&](int c, float (&v)[VEC]) { normalised_values(x, summed, offset + c, v); };
+    const float first = residual != nullptr
+                            ? static_cast<float>(R(static_cast<float>(x[offset]) + static_cast<float>(residual[offset])))
+                            : static_cast<float>(x[offset]);
+    float scale = 1.f;
     Welford<float> stats{0.f, 0.f, 0.f};
     for (int c = lane * VEC; c < n; c += kWarp * VEC) {
       const Pack<T, VEC> xv = load_pack<VEC>(x + offset + c);
@@ -45,38 +101,25 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const R* __restri
         store_pack(summed + offset + c, sv);
       }
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) welford_push(stats, v[i]);
+      for (int i = 0; i < VEC; ++i) welford_push(stats, scaled_shifted(v[i], scale, first));
     }
-#pragma unroll
-    for (int step = kWarp / 2; step > 0; step /= 2) {
-      Welford<float> other{__shfl_xor_sync(kFullMask, stats.mean, step), __shfl_xor_sync(kFullMask, stats.m2, step),
-                           __shfl_xor_sync(kFullMask, stats.count, step)};
-      stats = welford_merge(stats, other);
-    }
-    // merging in a different order may differ in the last bit between lanes: use lane 0's
-    const float mu = __shfl_sync(kFullMask, stats.mean, 0);
-    const float rs = __shfl_sync(kFullMask, welford_rstd(stats, eps), 0);
+    stats = warp_welford(stats);
+    if (!isfinite(stats.m2)) stats = scaled_statistics<VEC>(values, lane, n, first, scale);
+    const RowNorm<float> norm = row_norm(stats, scale, first * scale, eps);
     if (lane == 0) {
-      mean[row] = mu;
-      rstd[row] = rs;
+      mean[row] = row_mean(norm);
+      rstd[row] = row_rstd(norm);
     }
     for (int c = lane * VEC; c < n; c += kWarp * VEC) {
       float v[VEC];
-      if (residual != nullptr) {   // this lane wrote these summed values
-        const Pack<R, VEC> sv = load_pack<VEC>(summed + offset + c);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(sv.v[i]);
-      } else {
-        const Pack<T, VEC> xv = load_pack<VEC>(x + offset + c);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] = static_cast<float>(xv.v[i]);
-      }
+      values(c, v);
       const Pack<R, VEC> wv = load_pack_or<VEC>(weight == nullptr ? nullptr : weight + c, 1.f);
       const Pack<R, VEC> bv = load_pack_or<VEC>(bias == nullptr ? nullptr : bias + c, 0.f);
       Pack<R, VEC> ov;
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
-        ov.v[i] = R(layer_norm_xhat(v[i], mu, rs) * static_cast<float>(wv.v[i]) + static_cast<float>(bv.v[i]));
+        ov.v[i] = R(standardize(v[i], norm.scale, norm.shift, norm.mean, norm.rstd) * static_cast<float>(wv.v[i]) +
+                    static_cast<float>(bv.v[i]));
       store_pack(out + offset + c, ov);
     }
   }

@@ -83,10 +83,56 @@ INCUBATION_HOST_DEVICE inline Welford<T, T> welford_merge(const Welford<T, T>& a
   return {a.mean + delta * share_b, a.m2 + b.m2 + delta * delta * a.count * share_b, count};
 }
 
-// 1 / sqrt(biased variance + eps), as torch.nn.functional.layer_norm
+// ------------------------------------------------------------------------------------
+// A row's standardisation, exact in its set-up for every finite row: the statistics are
+// those of v = x * scale - shift, where
+//   - shift is the row's first value (times scale), so that data far from zero
+//     (1000 + 0.01 N) keeps its digits in v: x - shift is exact where x is near shift;
+//   - scale is 1, or, where the squares overflow (1e20 in float), the power of two that
+//     brings the row's largest magnitude to about 1 (overflow_scale).
+// Then xhat = (v - mean_v) * rstd_v, mean(x) = (shift + mean_v) / scale and
+// rstd(x) = rstd_v * scale, the statistics saved for the backward.
+// ------------------------------------------------------------------------------------
 template <typename T>
-INCUBATION_HOST_DEVICE inline T welford_rstd(const Welford<T, T>& w, T eps) {
-  return T(1) / sqrt_(w.m2 / w.count + eps);
+INCUBATION_HOST_DEVICE inline T scaled_shifted(T x, T scale, T shift) {
+  return x * scale - shift;
+}
+
+// 2^-k with k >= 0 that brings max_abs to [0.5, 1) (below 4 at the top of float's range)
+INCUBATION_HOST_DEVICE inline float overflow_scale(float max_abs) {
+  int exponent = 0;
+  ::frexpf(max_abs, &exponent);   // max_abs = f * 2^exponent, 0.5 <= f < 1
+  return ::ldexpf(1.f, exponent < 0 ? 0 : -(exponent > 126 ? 126 : exponent));   // a normal float
+}
+
+INCUBATION_HOST_DEVICE inline double overflow_scale(double max_abs) {
+  int exponent = 0;
+  ::frexp(max_abs, &exponent);
+  return ::ldexp(1.0, exponent < 0 ? 0 : -(exponent > 1022 ? 1022 : exponent));
+}
+
+template <typename T>
+struct RowNorm {
+  T scale, shift;   // v = x * scale - shift
+  T mean, rstd;     // of v: xhat = (v - mean) * rstd
+};
+
+// rstd as torch.nn.functional.layer_norm: 1 / sqrt(biased variance + eps), with eps scaled as v
+template <typename T>
+INCUBATION_HOST_DEVICE inline RowNorm<T> row_norm(const Welford<T, T>& w, T scale, T shift, T eps) {
+  return {scale, shift, w.mean, T(1) / sqrt_(w.m2 / w.count + eps * scale * scale)};
+}
+
+template <typename T>
+INCUBATION_HOST_DEVICE inline T row_mean(const RowNorm<T>& r) { return (r.shift + r.mean) / r.scale; }
+
+template <typename T>
+INCUBATION_HOST_DEVICE inline T row_rstd(const RowNorm<T>& r) { return r.rstd * r.scale; }
+
+// V: T, or SIMD lanes of T (then every argument but x broadcast)
+template <typename V>
+INCUBATION_HOST_DEVICE inline V standardize(V x, V scale, V shift, V mean, V rstd) {
+  return (scaled_shifted(x, scale, shift) - mean) * rstd;
 }
 
 // ------------------------------------------------------------------------------------

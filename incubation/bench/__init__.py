@@ -1,9 +1,10 @@
-"""`incubation bench [ops|train|study|assembly] [options]`: the benchmarks, part of the package.
+"""`incubation bench [ops|train|study|assembly|dispatch] [options]`: the benchmarks, part of the package.
 
 - `ops`: per-op microbenchmarks, every backend vs eager / SDPA / torch.compile (`bench.ops`);
 - `train`: one ViT training step, ours per backend vs timm eager and torch.compile (`bench.train_step`);
 - `study`: Deep Incubation vs E2E vs LEMON vs Apollo at matched FLOPs (`bench.study`);
-- `assembly`: every mix of meta blocks and incubated modules of a finished study (`bench.assembly`).
+- `assembly`: every mix of meta blocks and incubated modules of a finished study (`bench.assembly`);
+- `dispatch`: what `auto` costs per call over calling the chosen backend directly (`bench.dispatch`).
 
 They write under the current directory (runs/bench/..., runs/study) or `--out`, so they work
 from an installed wheel as from a checkout. `incubation bench ops --help` lists the options;
@@ -17,11 +18,11 @@ from typing import Optional
 
 __all__ = ["BENCHMARKS", "main"]
 
-BENCHMARKS = {"ops": "ops", "train": "train_step", "study": "study", "assembly": "assembly"}
+BENCHMARKS = {"ops": "ops", "train": "train_step", "study": "study", "assembly": "assembly", "dispatch": "dispatch"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`incubation bench [ops|train|study|assembly] [options]` (ops when no benchmark is named)."""
+    """`incubation bench [ops|train|study|assembly|dispatch] [options]` (ops when no benchmark is named)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     named = bool(argv) and argv[0] in BENCHMARKS
     name = argv.pop(0) if named else "ops"

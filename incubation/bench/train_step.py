@@ -9,7 +9,9 @@ torch.compile, with the same weights, batch and optimizer, measured in one run.
 
 Providers: ours-eager, ours-triton, ours-cuda, ours-cpp (the backend forced for every op: one
 that cannot serve some op is skipped, with the reason), ours-auto (each op's fastest available
-backend, listed in the output), timm, timm-compile. Peak memory: what a provider adds (model
+backend, listed in the output), ours-compile (our model under torch.compile in auto mode: each
+op's kernel is the decision cached for its signature, by `incubation tune` beforehand; eager,
+which Inductor fuses, where none is), timm, timm-compile. Peak memory: what a provider adds (model
 copy, gradients, optimizer state, activations): torch.cuda.max_memory_allocated on GPU, the
 growth of the resident set on CPU (indicative).
 """
@@ -52,7 +54,7 @@ from incubation.bench.common import (
 )
 from incubation.nn import train_flops_per_image
 
-PROVIDERS = ("ours-eager", "ours-triton", "ours-cuda", "ours-cpp", "ours-auto", "timm", "timm-compile")
+PROVIDERS = ("ours-eager", "ours-triton", "ours-cuda", "ours-cpp", "ours-auto", "ours-compile", "timm", "timm-compile")
 GPU_BATCH = {"Ti": 256, "S": 256, "B": 256, "L": 128, "H": 64, "demo": 1024}
 CPU_BATCH = {"Ti": 8, "S": 4, "B": 2, "L": 1, "H": 1, "demo": 128}
 NUM_CLASSES = 1000
@@ -67,6 +69,8 @@ def build_model(model: str, device, img_size: Optional[int] = None) -> incubatio
 
 def _provider_model(provider: str, ours: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """(model to train, backend forced around the step) for one provider; weights copied."""
+    if provider == "ours-compile":   # auto: the compiled graph takes the decisions cached (by `tune`) at trace time
+        return torch.compile(copy.deepcopy(ours)), "auto"
     if provider.startswith("ours-"):
         return copy.deepcopy(ours), provider[len("ours-"):]
     theirs = incubation.to_timm(ours).to(next(ours.parameters()).device)

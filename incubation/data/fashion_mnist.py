@@ -3,9 +3,11 @@
 Where the files are looked for, in order:
   1. `data_dir` (the CLI's --data-dir)
   2. $INCUBATION_DATA_DIR
-  3. the user cache: $XDG_CACHE_HOME/incubation/fashion-mnist (default ~/.cache/...)
-  4. /usr/share/datasets/fashion-mnist (Debian package `dataset-fashion-mnist`)
-  5. otherwise downloaded into the user cache over https from the dataset's GitHub repository
+  3. beside a source checkout: ../shared/data/fashion-mnist next to it, as the Makefile looks
+  4. the user cache: $INCUBATION_CACHE_DIR/fashion-mnist, else $XDG_CACHE_HOME/incubation/...
+     (default ~/.cache/incubation/...)
+  5. /usr/share/datasets/fashion-mnist (Debian package `dataset-fashion-mnist`)
+  6. otherwise downloaded into the user cache over https from the dataset's GitHub repository
      (or $INCUBATION_FASHION_MNIST_URL) and verified against the sha256 sums below.
 Every file is checked against its sha256 before use; a corrupt or truncated file raises
 `DatasetError` naming it and is never used (a bad download is deleted, a bad file in the
@@ -77,6 +79,13 @@ class _DownloadFailed(DatasetError):
 
 def cache_dir() -> Path:
     return Path(user_cache_dir()) / "fashion-mnist"
+
+
+def beside_checkout() -> Optional[Path]:
+    """../shared/data/fashion-mnist next to the source checkout this package runs from (where
+    `make demo` finds it), or None for an installed package."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout.parent / "shared" / "data" / "fashion-mnist" if (checkout / "setup.py").is_file() else None
 
 
 def _accepted(name: str) -> tuple[str, ...]:
@@ -195,7 +204,10 @@ def find_fashion_mnist(data_dir: Optional[str | os.PathLike] = None, download: b
         return _given_dir(Path(env), "INCUBATION_DATA_DIR")
     cache, searched = cache_dir(), []
     _remove_stale_parts(cache)
-    for label, d in (("the user cache", cache), ("Debian's dataset-fashion-mnist", DEBIAN_DIR)):
+    places = [("the user cache", cache), ("Debian's dataset-fashion-mnist", DEBIAN_DIR)]
+    if beside_checkout() is not None:
+        places.insert(0, ("beside the checkout", beside_checkout()))
+    for label, d in places:
         if not d.is_dir():
             searched.append(f"{label} {d} (does not exist)")
             continue

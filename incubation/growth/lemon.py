@@ -94,6 +94,7 @@ def lemon_expand(model: VisionTransformer, embed_dim: Optional[int] = None, dept
     _check_depth_init(depth_init)
     src = model.config
     dst = _target_config(src, embed_dim, depth, num_heads, mlp_ratio)
+    dst.check_fits_in_memory()   # before the expanded tensors are allocated
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         state = _expand_width(model.state_dict(), src, dst, gen)

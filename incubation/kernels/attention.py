@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import autotune, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
-from . import tile_registers as _regs
+from .common import autotune, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from .common import tile_registers as _regs
 
 MAX_HEAD_DIM = 128
 MAX_GRID_BLOCKS = 65535  # CUDA's limit on the second grid axis (the row blocks of one batch*head)
@@ -283,47 +283,71 @@ def _meta(q: torch.Tensor) -> dict:
     return dict(BLOCK_D=_block_d(q.shape[3]), UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype))
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        B, H, n_q, D = q.shape
-        n_kv = k.shape[2]
-        # (B, H, N, D) with (B, N, H, D) memory, so o.transpose(1, 2).reshape(B, N, H * D) is a view. Not
-        # itself a view (empty_strided, not .transpose of a buffer): autograd raises at any in-place op
-        # on a view made inside a custom Function, where eager's output takes them.
-        o = torch.empty_strided((B, H, n_q, D), (n_q * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-        qk_scale = scale * _LOG2E
-        grid = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
-        with device_guard(q):
-            _forward_kernel[grid](q, k, v, o, lse, qk_scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                                  H, n_q, n_kv, D, **_meta(q))
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
+# The kernels as torch custom ops (incubation::triton_attention and its backward): one node each
+# in a torch.compile / torch.export graph, with fake kernels for shapes and register_autograd.
+@torch.library.custom_op("incubation::triton_attention", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out has shape (B, H, N, D) and (B, N, H, D) memory, so o.transpose(1, 2).reshape(B,
+    N, H * D) is a view; lse (B, H, N) fp32 is the backward's."""
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    o, lse = _forward_fake(q, k, v, scale)
+    grid = lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))  # noqa: E731
+    with device_guard(q):
+        _forward_kernel[grid](q, k, v, o, lse, scale * _LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                              H, n_q, n_kv, D, **_meta(q))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        if double_backward.needed():
-            return (*double_backward.eager_grads(lambda q, k, v: _math_attention(q, k, v, ctx.scale), (q, k, v),
-                                                 ctx.needs_input_grad[:3], (do,)), None)
-        B, H, n_q, D = q.shape
-        n_kv = k.shape[2]
-        meta = _meta(q)
-        delta = torch.empty_like(lse)
-        delta_rows = 64
-        dq = torch.empty((B, H, n_q, D), dtype=q.dtype, device=q.device)
-        dk = torch.empty((B, H, n_kv, D), dtype=k.dtype, device=k.device)
-        dv = torch.empty_like(dk)
-        qk_scale = ctx.scale * _LOG2E
-        grid = lambda m: (B * H, triton.cdiv(n_kv, m["BLOCK_OWN"]) + triton.cdiv(n_q, m["BLOCK_OWN"]))  # noqa: E731
-        with device_guard(q):
-            _delta_kernel[(B * H, triton.cdiv(n_q, delta_rows))](
-                o, do, delta, *o.stride(), *do.stride(), H, n_q, D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
-            _backward_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, qk_scale, ctx.scale,
-                                   *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, n_q, n_kv, D, **meta)
-        return dq, dk, dv, None
+
+@_forward.register_fake
+def _forward_fake(q, k, v, scale):
+    B, H, n_q, D = q.shape
+    o = torch.empty_strided((B, H, n_q, D), (n_q * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
+    return o, torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("incubation::triton_attention_backward", mutates_args=())
+def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+              lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous (B, H, N, D)."""
+    B, H, n_q, D = q.shape
+    n_kv = k.shape[2]
+    meta = _meta(q)
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    dq, dk, dv = _backward_fake(do, q, k, v, o, lse, scale)
+    grid = lambda m: (B * H, triton.cdiv(n_kv, m["BLOCK_OWN"]) + triton.cdiv(n_q, m["BLOCK_OWN"]))  # noqa: E731
+    with device_guard(q):
+        _delta_kernel[(B * H, triton.cdiv(n_q, delta_rows))](
+            o, do, delta, *o.stride(), *do.stride(), H, n_q, D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=delta_rows)
+        _backward_kernel[grid](q, k, v, do, lse, delta, dq, dk, dv, scale * _LOG2E, scale,
+                               *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, n_q, n_kv, D, **meta)
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _backward_fake(do, q, k, v, o, lse, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _gradients(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    if double_backward.needed():   # differentiable eager math (create_graph=True)
+        return (*double_backward.eager_grads(lambda q, k, v: _math_attention(q, k, v, ctx.scale), (q, k, v),
+                                             ctx.needs_input_grad[:3], (do,)), None)
+    return (*_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _math_attention(q, k, v, scale):
@@ -338,7 +362,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     """softmax(q k^T * scale) v for (B, H, N, D) tensors of any strides (validated by
     incubation.ops); the result has shape (B, H, N, D) and (B, N, H, D) memory (strides
     (N*H*D, D, H*D, 1)): its transpose(1, 2) is contiguous."""
-    return _Attention.apply(q, k, v, scale)
+    return _forward(q, k, v, scale)[0]
 
 
 def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[str]:

@@ -9,7 +9,7 @@ the backward needs it: for GELU's derivative, or for the layer scale's gradient.
                        slices; for inputs TMA can address (16-byte aligned starts and row strides)
   _forward_kernel      (linear_fwd) one program per tile, pointers through any strides: other
                        GPUs, other inputs, fp32 in ieee precision, and the interpreter by default
-forward_kernel() names the kernel a call gets and why (FORWARD_KERNEL forces one; last_forward
+forward_kernel() names the kernel a call gets and why (FORWARD_KERNEL forces one; usage.last
 records the latest call's); the dispatcher measures the Triton backend against eager either way.
 
 Backward: one elementwise kernel turns the output gradient into the pre-activation gradient
@@ -24,10 +24,6 @@ under autocast), as the eager `residual + out` does.
 """
 from __future__ import annotations
 
-import collections
-import hashlib
-import json
-import os
 from typing import Optional
 
 import torch
@@ -37,9 +33,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .. import double_backward
-from ..utils import atomic_write, measurement_dir
-from . import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
-from . import tile_registers as _regs
+from . import usage
+from .common import INTERPRET, autotune, bucket, dense, device_guard, dot_precision, fma_dots, unsupported, upcast_dots
+from .common import tile_registers as _regs
+from .tuned import TunedConfigs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)       # (kernels read globals only as constexpr)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -77,6 +74,25 @@ def _tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
 
+# The epilogue's math, shared by the pointer kernel's _epilogue and the TMA kernel's
+# _epilogue_tma (they differ only in how residual, pre and out move): on an fp32 tile, the
+# bias, then (after the pre-activation is stored) exact GELU and the layer scale.
+@triton.jit
+def _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _activated_scaled(acc, cols, col_ok, LS, GELU: tl.constexpr, HAS_LS: tl.constexpr):
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
+    if HAS_LS:
+        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
 @triton.jit
 def _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
               HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_LS: tl.constexpr,
@@ -90,14 +106,10 @@ def _epilogue(acc, row0, cols, M, N, BIAS, LS, RES, OUT, PRE, srm, srn,
     row_ok, col_ok = rows < M - row0, cols < N
     mask = row_ok[:, None] & col_ok[None, :]
     dense = rows[:, None] * N + cols[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS)
     if STORE_PRE:
         tl.store(PRE + row0 * N + dense, acc.to(PRE.dtype.element_ty), mask=mask)
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
-    if HAS_LS:
-        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _activated_scaled(acc, cols, col_ok, LS, GELU, HAS_LS)
     if HAS_RESIDUAL:
         acc += tl.load(RES + row0 * srm + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
                        other=0.0).to(tl.float32)
@@ -191,14 +203,10 @@ def _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE, HAS_BIAS: tl.co
     """_epilogue on a slice whose residual, out and pre are tensor descriptors."""
     cols = off_n + tl.arange(0, acc.shape[1])
     col_ok = cols < N
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _with_bias(acc, cols, col_ok, BIAS, HAS_BIAS)
     if STORE_PRE:
         PRE.store([off_m, off_n], acc.to(PRE.dtype))
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
-    if HAS_LS:
-        acc *= tl.load(LS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _activated_scaled(acc, cols, col_ok, LS, GELU, HAS_LS)
     if HAS_RESIDUAL:
         acc += RES.load([off_m, off_n]).to(tl.float32)
     OUT.store([off_m, off_n], acc.to(OUT.dtype))
@@ -239,6 +247,10 @@ def _forward_tma_kernel(X, W, BIAS, LS, RES, OUT, PRE, M, N, K, M_BUCKET,
         else:
             _epilogue_tma(acc, off_m, off_n, N, BIAS, LS, RES, OUT, PRE,
                           HAS_BIAS, GELU, HAS_LS, HAS_RESIDUAL, STORE_PRE)
+
+
+# its autotuning choices, kept across processes (its configs' pre-hooks keep Triton from it)
+TUNED = TunedConfigs("linear_fwd_tma", _forward_tma_kernel, _TMA_GPU_CONFIGS)
 
 
 # Which forward kernel serves: "auto" (the TMA kernel on sm_90 for inputs it can take, else the
@@ -286,18 +298,6 @@ def forward_kernel(x2: torch.Tensor, weight: torch.Tensor, residual: Optional[to
     reason = (_tma_layout("x", x2) or _tma_layout("weight", weight)
               or (residual is not None and _tma_layout("residual", residual)))
     return ("linear_fwd", reason) if reason else ("linear_fwd_tma", None)
-
-
-last_forward: tuple[str, Optional[str]] = ("", None)  # forward_kernel()'s answer for the latest call
-_forward_counts: collections.Counter = collections.Counter()  # (device type, kernel, reason) -> calls
-
-
-def kernels_used(device_type: str) -> dict[str, int]:
-    """The forward kernels that served calls on this device type since import, with why the
-    pointer kernel did ("linear_fwd (x has strides ...)") -> number of calls; for
-    `incubation backends`."""
-    return {kernel + (f" ({reason})" if reason else ""): n
-            for (dev, kernel, reason), n in sorted(_forward_counts.items(), key=str) if dev == device_type}
 
 
 @triton.jit
@@ -370,145 +370,136 @@ def _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, dtype):
     return dpre, None if db_part is None else db_part.sum(0), None if dls_part is None else dls_part.sum(0)
 
 
-# Triton keeps no autotuning result across processes for configs with a pre-hook (it cannot
-# serialise the hook), so the TMA kernel's choices are kept here: one file per kernel source,
-# GPU and Triton version, under measurement_dir(); a config no longer in the list is ignored.
-def _tuned_file(device_name: str) -> str:
-    source = getattr(_forward_tma_kernel.fn, "cache_key", "")   # (the interpreter's function has none)
-    what = f"{source}|{device_name}|triton {triton.__version__}"
-    return os.path.join(measurement_dir(), f"linear_fwd_tma-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json")
-
-
-def _config_record(config: triton.Config) -> dict:
-    return {"kwargs": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def load_tuned(device_name: str) -> int:
-    """Put the TMA kernel's configs chosen by earlier processes on this GPU into its autotuner's
-    cache (so they are not timed again); returns how many. A missing or unreadable file is none."""
-    try:
-        with open(_tuned_file(device_name), encoding="utf-8") as f:
-            records = json.load(f)
-        known = {json.dumps(_config_record(c), sort_keys=True): c for c in _TMA_GPU_CONFIGS}
-        found = [(tuple(key), known.get(json.dumps(record, sort_keys=True))) for key, record in records]
-    except (OSError, ValueError, TypeError):
-        return 0
-    for key, config in found:
-        if config is not None:
-            _forward_tma_kernel.cache.setdefault(key, config)
-    return sum(config is not None for _, config in found)
-
-
-def save_tuned(device_name: str) -> None:
-    """Write the TMA kernel's autotuning choices of this process (best effort: a read-only
-    cache directory only costs the next process the timing)."""
-    records = [[list(key), _config_record(config)] for key, config in _forward_tma_kernel.cache.items()]
-    try:
-        os.makedirs(measurement_dir(), exist_ok=True)
-        atomic_write(_tuned_file(device_name), json.dumps(records).encode())
-    except OSError:
-        pass
-
-
-_tuned_loaded: set[str] = set()   # the GPUs whose file this process has read
-
-
 def _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu):
-    """Launch the forward kernel forward_kernel() picks (recorded in last_forward)."""
-    global last_forward
+    """Launch the forward kernel forward_kernel() picks (recorded in usage)."""
     M, K = x2.shape
     N = weight.shape[0]
-    last_forward = forward_kernel(x2, weight, r2, out.dtype)
-    _forward_counts[(x2.device.type, *last_forward)] += 1
+    kernel, reason = forward_kernel(x2, weight, r2, out.dtype)
+    usage.record("linear", x2.device.type, kernel, reason)
     flags = dict(HAS_BIAS=bias is not None, GELU=gelu, HAS_LS=layer_scale is not None, HAS_RESIDUAL=r2 is not None,
                  STORE_PRE=pre is not None, UPCAST=upcast_dots(x2.dtype), PRECISION=dot_precision(x2.dtype))
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
     with device_guard(x2):
-        if last_forward[0] == "linear_fwd_tma":
-            if x2.device.type == "cuda":
-                props = torch.cuda.get_device_properties(x2.device)
-                sms, gpu = props.multi_processor_count, props.name
-            else:   # the interpreter: no GPU, nothing tuned
-                sms, gpu = INTERPRETER_SMS, None
-            # (the block shapes are placeholders: each config's pre-hook sets its own)
-            desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
-            if gpu is not None and gpu not in _tuned_loaded:
-                _tuned_loaded.add(gpu)
-                load_tuned(gpu)
-            tuned = len(_forward_tma_kernel.cache)
-            _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](
-                desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
-                DTYPE=str(x2.dtype), **flags)
-            if gpu is not None and len(_forward_tma_kernel.cache) > tuned:
-                save_tuned(gpu)
-        else:
+        if kernel == "linear_fwd":
             _forward_kernel[lambda meta: (tiles(meta),)](
                 x2, weight, bias, layer_scale, r2, out, pre, M, N, K, *x2.stride(), *weight.stride(),
                 *(r2.stride() if r2 is not None else (0, 0)), bucket(M), **flags)
+            return
+        if x2.device.type == "cuda":
+            props = torch.cuda.get_device_properties(x2.device)
+            sms, gpu = props.multi_processor_count, props.name
+        else:   # the interpreter: no GPU, nothing tuned
+            sms, gpu = INTERPRETER_SMS, None
+        # (the block shapes are placeholders: each config's pre-hook sets its own)
+        desc = lambda t: None if t is None else TensorDescriptor.from_tensor(t, [16, 16])  # noqa: E731
+        launch = lambda: _forward_tma_kernel[lambda meta: (min(sms, tiles(meta)),)](  # noqa: E731
+            desc(x2), desc(weight), bias, layer_scale, desc(r2), desc(out), desc(pre), M, N, K, bucket(M),
+            DTYPE=str(x2.dtype), **flags)
+        if gpu is None:
+            launch()
+        else:
+            TUNED.launch(gpu, launch)
 
 
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation, layer_scale, residual):
-        N, K = weight.shape
-        x2 = _rows(x, K)
-        M = x2.shape[0]
+# The kernels as torch custom ops (incubation::triton_linear and its backward): one node each in a
+# torch.compile / torch.export graph, with fake kernels for shapes and register_autograd.
+@torch.library.custom_op("incubation::triton_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool,
+               layer_scale: Optional[torch.Tensor], residual: Optional[torch.Tensor], store_pre: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre): out = residual + layer_scale * act(x @ weight^T + bias), in the dtype eager's
+    residual + out has; pre (x's dtype, rows x out features) is the pre-activation the backward
+    needs (for GELU's derivative or the layer scale's gradient), empty unless store_pre."""
+    N, K = weight.shape
+    x2 = _rows(x, K)
+    M = x2.shape[0]
+    out, pre = _linear_fake(x, weight, bias, gelu, layer_scale, residual, store_pre)
+    if M > 0:  # (an empty batch would only key a needless autotuning run)
         r2 = None if residual is None else _rows(residual, N)
-        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        gelu = activation == "gelu"
-        # (grad mode is off inside forward; needs_input_grad tells what backward will want)
-        needs = ctx.needs_input_grad
-        store_pre = (gelu and any(needs[:3])) or (layer_scale is not None and needs[4])
-        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        pre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_pre else None
-        if M > 0:  # (an empty batch would only key a needless autotuning run)
-            _forward(x2, weight, bias, layer_scale, r2, out, pre, gelu)
-        # x itself (not the x2 view made here) and bias stay connected to the graph for a
-        # differentiable backward; bias is kept for that only
-        ctx.save_for_backward(x, weight, bias, layer_scale, pre)
-        ctx.gelu = gelu
-        ctx.residual_dtype = None if residual is None else residual.dtype
-        return out.view(*x.shape[:-1], N)
+        _forward(x2, weight, bias, layer_scale, r2, out.view(M, N), pre if store_pre else None, gelu)
+    return out, pre
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, layer_scale, pre = ctx.saved_tensors
-        if double_backward.needed():
-            return _Linear._eager_backward(ctx, x, weight, bias, layer_scale, grad)
-        N, K = weight.shape
-        x2 = _rows(x, K)
-        g2 = _rows(grad, N)
-        want_dx, want_dw, want_db, _, want_dls, want_dres = ctx.needs_input_grad
-        want_db = want_db and bias is not None
-        want_dls = want_dls and layer_scale is not None
-        dpre = db = dls = None
-        if (want_dx or want_dw or want_db or want_dls) and (ctx.gelu or layer_scale is not None):
-            dpre, db, dls = _epilogue_backward(g2, pre, layer_scale, ctx.gelu, want_db, want_dls, x2.dtype)
-        elif want_dx or want_dw or want_db:
-            dpre = g2.to(x2.dtype)
-            db = g2.sum(0, dtype=torch.float32) if want_db else None
-        dx = (dpre @ weight).view(x.shape) if want_dx else None
-        dw = dpre.t() @ x2 if want_dw else None
-        dres = grad.to(ctx.residual_dtype) if want_dres else None
-        return (dx, dw, None if db is None else db.to(weight.dtype), None,
-                None if dls is None else dls.to(layer_scale.dtype), dres)
 
-    @staticmethod
-    def _eager_backward(ctx, x, weight, bias, layer_scale, grad):
-        """The backward as differentiable eager math (for create_graph=True)."""
-        def epilogue(x, weight, bias, layer_scale):
-            out = F.linear(x, weight, bias)
-            out = F.gelu(out) if ctx.gelu else out
-            return out if layer_scale is None else out * layer_scale
+@_linear_op.register_fake
+def _linear_fake(x, weight, bias, gelu, layer_scale, residual, store_pre):
+    N = weight.shape[0]
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    out = torch.empty((*x.shape[:-1], N), dtype=out_dtype, device=x.device)
+    return out, torch.empty((rows, N) if store_pre else (0, N), dtype=x.dtype, device=x.device)
 
-        need_x, need_w, need_b, _, need_ls, need_res = ctx.needs_input_grad
-        dx, dw, db, dls = double_backward.eager_grads(
-            epilogue, (x, weight, bias, layer_scale), (need_x, need_w, need_b, need_ls), (grad.to(x.dtype),))
-        return dx, dw, db, None, dls, grad.to(ctx.residual_dtype) if need_res else None
+
+@torch.library.custom_op("incubation::triton_linear_backward", mutates_args=())
+def _backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor,
+                 layer_scale: Optional[torch.Tensor], gelu: bool, want_dx: bool, want_dw: bool, want_db: bool,
+                 want_dls: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dlayer_scale), each empty unless wanted; dbias and dlayer_scale fp32."""
+    N, K = weight.shape
+    x2, g2 = _rows(x, K), _rows(grad, N)
+    dpre = db = dls = None
+    if (want_dx or want_dw or want_db or want_dls) and (gelu or layer_scale is not None):
+        dpre, db, dls = _epilogue_backward(g2, pre, layer_scale, gelu, want_db, want_dls, x2.dtype)
+    elif want_dx or want_dw or want_db:
+        dpre = g2.to(x2.dtype)
+        db = g2.sum(0, dtype=torch.float32) if want_db else None
+    empty = lambda dtype: torch.empty(0, dtype=dtype, device=x.device)  # noqa: E731
+    dx = (dpre @ weight).view(x.shape) if want_dx else empty(x.dtype)
+    dw = dpre.t() @ x2 if want_dw else empty(weight.dtype)
+    return dx, dw, empty(torch.float32) if db is None else db, empty(torch.float32) if dls is None else dls
+
+
+@_backward_op.register_fake
+def _backward_fake(grad, x, weight, pre, layer_scale, gelu, want_dx, want_dw, want_db, want_dls):
+    N = weight.shape[0]
+    like = lambda want, shape, dtype: torch.empty(shape if want else (0,), dtype=dtype, device=x.device)  # noqa: E731
+    return (like(want_dx, x.shape, x.dtype), like(want_dw, weight.shape, weight.dtype),
+            like(want_db, (N,), torch.float32), like(want_dls, (N,), torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu, layer_scale, residual, _ = inputs
+    _, pre = output
+    ctx.mark_non_differentiable(pre)
+    # x itself and bias stay connected to the graph for a differentiable backward (bias for that only)
+    ctx.save_for_backward(x, weight, bias, layer_scale, pre)
+    ctx.gelu = gelu
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _gradients(ctx, grad, _dpre):
+    x, weight, bias, layer_scale, pre = ctx.saved_tensors
+    if double_backward.needed():
+        return _eager_gradients(ctx, x, weight, bias, layer_scale, grad)
+    want_dx, want_dw, want_db, _, want_dls, want_dres, _ = ctx.needs_input_grad
+    want_db, want_dls = want_db and bias is not None, want_dls and layer_scale is not None
+    dx, dw, db, dls = _backward_op(grad, x, weight, pre, layer_scale, ctx.gelu, want_dx, want_dw, want_db, want_dls)
+    return (dx if want_dx else None, dw if want_dw else None, db.to(weight.dtype) if want_db else None, None,
+            dls.to(layer_scale.dtype) if want_dls else None, grad.to(ctx.residual_dtype) if want_dres else None, None)
+
+
+def _eager_gradients(ctx, x, weight, bias, layer_scale, grad):
+    """The backward as differentiable eager math (for create_graph=True)."""
+    def epilogue(x, weight, bias, layer_scale):
+        out = F.linear(x, weight, bias)
+        out = F.gelu(out) if ctx.gelu else out
+        return out if layer_scale is None else out * layer_scale
+
+    need_x, need_w, need_b, _, need_ls, need_res, _ = ctx.needs_input_grad
+    dx, dw, db, dls = double_backward.eager_grads(
+        epilogue, (x, weight, bias, layer_scale), (need_x, need_w, need_b, need_ls), (grad.to(x.dtype),))
+    return dx, dw, db, None, dls, grad.to(ctx.residual_dtype) if need_res else None, None
+
+
+_linear_op.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def linear(x, weight, bias, activation, layer_scale, residual):
-    return _Linear.apply(x, weight, dense(bias), activation, dense(layer_scale), residual)
+    gelu = activation == "gelu"
+    # the pre-activation is stored only when the backward needs it
+    needs = torch.is_grad_enabled() and (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                                         layer_scale is not None and layer_scale.requires_grad)
+    store_pre = bool(needs) and ((gelu and any(needs[:3])) or (layer_scale is not None and needs[3]))
+    return _linear_op(x, weight, dense(bias), gelu, dense(layer_scale), residual, store_pre)[0]
 
 
 def check(x, weight, bias, activation, layer_scale, residual) -> Optional[str]:

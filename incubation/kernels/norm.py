@@ -22,9 +22,18 @@ import triton
 import triton.language as tl
 
 from .. import double_backward
-from . import INTERPRET, dense, device_guard, unsupported
+from .common import INTERPRET, dense, device_guard, unsupported
 
 MAX_FEATURES = 8192  # one row per tile; wider rows would spill registers in the backward
+
+
+@triton.jit
+def _overflow_scale(top):
+    """The power of two 2^-k that brings `top` (a row's largest magnitude, fp32) below 4, with
+    k >= 0: 1 for rows of ordinary values."""
+    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127   # top = 1.f x 2^exponent
+    k = tl.minimum(tl.maximum(exponent, 0), 126)
+    return ((127 - k) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -40,10 +49,21 @@ def _forward_kernel(X, R, W, B, Y, S, MEAN, RSTD, M, C, sx, sr, eps,
     if HAS_RESIDUAL:
         s += tl.load(R + rows64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(S + rows64 * C + cols[None, :], s.to(S.dtype.element_ty), mask=mask)
-    mean = tl.sum(s, 1) / C
-    centred = tl.where(mask, s - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / C + eps)
-    y = centred * rstd[:, None]
+    # the statistics of v = s * scale - shift (both exact): shifted by the row's first value, so
+    # that data far from zero (1000 + 0.01 N) keeps its digits, and scaled by a power of two so
+    # that the squares of huge rows (1e20) stay finite; as csrc/include/incubation_math.h
+    first = tl.load(X + rows.to(tl.int64) * sx, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        first += tl.load(R + rows.to(tl.int64) * sr, mask=row_ok, other=0.0).to(tl.float32)
+    scale = _overflow_scale(tl.max(tl.abs(s), 1))
+    shift = first * scale
+    v = s * scale[:, None] - shift[:, None]
+    mean_v = tl.sum(tl.where(mask, v, 0.0), 1) / C
+    centred = tl.where(mask, v - mean_v[:, None], 0.0)
+    rstd_v = tl.rsqrt(tl.sum(centred * centred, 1) / C + eps * scale * scale)
+    y = centred * rstd_v[:, None]
+    mean = (shift + mean_v) / scale
+    rstd = rstd_v * scale
     if HAS_W:
         y *= tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
@@ -118,77 +138,101 @@ def _programs(rows: int, block_m: int, device: torch.device) -> int:
     return min(triton.cdiv(rows, block_m), 4 * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-class _AddLayerNorm(torch.autograd.Function):
-    """(x [+ residual]) -> LayerNorm; returns (normed, summed) with a residual, else normed."""
+# The kernels as torch custom ops (incubation::triton_add_layer_norm and its backward): one node
+# each in a torch.compile / torch.export graph, with fake kernels for shapes and register_autograd.
+@torch.library.custom_op("incubation::triton_add_layer_norm", mutates_args=())
+def _forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(normed, summed, mean, rstd) of x (+ residual); summed is empty without a residual."""
+    C = x.shape[-1]
+    x2 = _rows(x, C)
+    M = x2.shape[0]
+    r2 = None if residual is None else _rows(residual, C)
+    y, summed, mean, rstd = _forward_fake(x, residual, weight, bias, eps)
+    block_m, block_c, warps, _ = _tiling(C)
+    with device_guard(x):
+        _forward_kernel[(triton.cdiv(M, block_m),)](
+            x2, r2, weight, bias, y, None if r2 is None else summed, mean, rstd, M, C, x2.stride(0),
+            0 if r2 is None else r2.stride(0), eps,
+            HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    return y, summed, mean, rstd
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        C = x.shape[-1]
-        x2 = _rows(x, C)
-        M = x2.shape[0]
-        r2 = None if residual is None else _rows(residual, C)
-        # as eager's x + residual: an fp32 residual stream with a half-precision branch (autocast)
-        # sums in fp32, and the LayerNorm of that sum is fp32 too
-        dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        y = torch.empty(x.shape, dtype=dtype, device=x.device)
-        summed = None if residual is None else torch.empty(x.shape, dtype=dtype, device=x.device)
-        mean = torch.empty(M, dtype=torch.float32, device=x.device)
-        rstd = torch.empty_like(mean)
-        block_m, block_c, warps, _ = _tiling(C)
-        with device_guard(x):
-            _forward_kernel[(triton.cdiv(M, block_m),)](
-                x2, r2, weight, bias, y, summed, mean, rstd, M, C, x2.stride(0),
-                0 if r2 is None else r2.stride(0), eps,
-                HAS_RESIDUAL=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        # x or summed (an input or an output) and the parameters stay connected to the graph
-        # for a differentiable backward; bias is kept for that only
-        ctx.save_for_backward(x if summed is None else summed, weight, bias, mean, rstd)
-        ctx.shape = x.shape
-        ctx.has_residual = residual is not None
-        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
-        ctx.eps = eps
-        ctx.set_materialize_grads(False)
-        return y if summed is None else (y, summed)
 
-    @staticmethod
-    def backward(ctx, dy, dsummed=None):
-        s, weight, bias, mean, rstd = ctx.saved_tensors
-        if double_backward.needed():
-            return _AddLayerNorm._eager_backward(ctx, s, weight, bias, dy, dsummed)
-        M, C = mean.shape[0], ctx.shape[-1]
-        s2 = _rows(s, C)
-        if dy is None:
-            dy = torch.zeros((M, C), dtype=s.dtype, device=s.device)
-        dy2 = _rows(dy, C)
-        ds2 = None if dsummed is None else _rows(dsummed, C)
-        want_dw = weight is not None and ctx.needs_input_grad[2]
-        want_db = bias is not None and ctx.needs_input_grad[3]
-        block_m, block_c, _, warps = _tiling(C)
-        programs = max(1, _programs(M, block_m, s.device))  # one program writes zero sums when M == 0
-        rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, programs), block_m) * block_m)
-        programs = max(1, triton.cdiv(M, rows_per_program))
-        dx = torch.empty((M, C), dtype=s.dtype, device=s.device)
-        dw_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_dw else None
-        db_part = torch.empty((programs, C), dtype=torch.float32, device=s.device) if want_db else None
-        with device_guard(s):
-            _backward_kernel[(programs,)](
-                dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C, dy2.stride(0),
-                0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
-                HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
-                BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
-        ds = dx.view(ctx.shape)
-        dw = dw_part.sum(0).to(weight.dtype) if want_dw else None
-        db = db_part.sum(0).to(bias.dtype) if want_db else None
+@_forward.register_fake
+def _forward_fake(x, residual, weight, bias, eps):
+    # as eager's x + residual: an fp32 residual stream with a half-precision branch (autocast)
+    # sums in fp32, and the LayerNorm of that sum is fp32 too
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    rows = x.numel() // max(x.shape[-1], 1)
+    y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    summed = torch.empty(x.shape if residual is not None else (0,), dtype=dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    return y, summed, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("incubation::triton_add_layer_norm_backward", mutates_args=())
+def _backward(dy: torch.Tensor, dsummed: Optional[torch.Tensor], s: torch.Tensor, weight: Optional[torch.Tensor],
+              mean: torch.Tensor, rstd: torch.Tensor, want_dw: bool, want_db: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d summed, d weight, d bias) of LayerNorm(s) (dsummed reached s directly); dweight / dbias
+    are fp32 and empty unless wanted."""
+    M, C = mean.shape[0], s.shape[-1]
+    s2, dy2 = _rows(s, C), _rows(dy, C)
+    ds2 = None if dsummed is None else _rows(dsummed, C)
+    block_m, block_c, _, warps = _tiling(C)
+    programs = max(1, _programs(M, block_m, s.device))  # one program writes zero sums when M == 0
+    rows_per_program = max(block_m, triton.cdiv(triton.cdiv(M, programs), block_m) * block_m)
+    programs = max(1, triton.cdiv(M, rows_per_program))
+    dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    part = lambda want: torch.empty((programs, C), dtype=torch.float32, device=s.device) if want else None  # noqa: E731
+    dw_part, db_part = part(want_dw), part(want_db)
+    with device_guard(s):
+        _backward_kernel[(programs,)](
+            dy2, ds2, s2, weight, mean, rstd, dx, dw_part, db_part, M, C,
+            dy2.stride(0), 0 if ds2 is None else ds2.stride(0), s2.stride(0), rows_per_program,
+            HAS_DS=ds2 is not None, HAS_W=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    sums = lambda part: torch.empty(0, dtype=torch.float32, device=s.device) if part is None else part.sum(0)  # noqa: E731
+    return dx, sums(dw_part), sums(db_part)
+
+
+@_backward.register_fake
+def _backward_fake(dy, dsummed, s, weight, mean, rstd, want_dw, want_db):
+    C = s.shape[-1]
+    sums = lambda want: torch.empty((C if want else 0,), dtype=torch.float32, device=s.device)  # noqa: E731
+    return torch.empty(s.shape, dtype=s.dtype, device=s.device), sums(want_dw), sums(want_db)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    _, summed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    # x or summed (an input or an output) and the parameters stay connected to the graph for a
+    # differentiable backward; bias is kept for that only
+    ctx.save_for_backward(x if residual is None else summed, weight, bias, mean, rstd)
+    ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
+    ctx.eps = eps
+
+
+def _gradients(ctx, dy, dsummed, _dmean, _drstd):
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    need_x, need_residual, need_w, need_b, _ = ctx.needs_input_grad
+    if ctx.dtypes[1] is None:
+        dsummed = None   # (the empty placeholder output)
+    if double_backward.needed():   # differentiable eager math (create_graph=True)
+        ds, dw, db = double_backward.layer_norm_grads(s, weight, bias, ctx.eps, (need_x or need_residual, need_w, need_b),
+                                                      dy, dsummed)
         return (*_split(ds, ctx), dw, db, None)
+    if dy is None:
+        dy = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+    want_dw, want_db = weight is not None and need_w, bias is not None and need_b
+    ds, dw, db = _backward(dy, dsummed, s, weight, mean, rstd, want_dw, want_db)
+    return (*_split(ds, ctx), dw.to(weight.dtype) if want_dw else None, db.to(bias.dtype) if want_db else None, None)
 
-    @staticmethod
-    def _eager_backward(ctx, s, weight, bias, dy, dsummed):
-        """The backward as differentiable eager math (for create_graph=True)."""
-        need_x, need_residual, need_w, need_b, _ = ctx.needs_input_grad
-        ds, dw, db = double_backward.layer_norm_grads(s, weight, bias, ctx.eps,
-                                                      (need_x or need_residual, need_w, need_b), dy, dsummed)
-        return (*_split(ds, ctx), dw, db, None)
+
+_forward.register_autograd(_gradients, setup_context=_setup_context)
 
 
 def _split(ds, ctx):
@@ -200,13 +244,14 @@ def _split(ds, ctx):
 
 
 def layer_norm(x, weight, bias, eps):
-    return _AddLayerNorm.apply(x, None, dense(weight), dense(bias), eps)
+    return _forward(x, None, dense(weight), dense(bias), eps)[0]
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
     if residual is None:
         return layer_norm(x, weight, bias, eps), x
-    return _AddLayerNorm.apply(x, residual, dense(weight), dense(bias), eps)
+    normed, summed, _, _ = _forward(x, residual, dense(weight), dense(bias), eps)
+    return normed, summed
 
 
 def check_add_layer_norm(x, residual, weight, bias, eps) -> Optional[str]:

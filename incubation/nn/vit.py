@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..utils import memory_bytes
 
 __all__ = ["ViTConfig", "VisionTransformer", "train_flops_per_image", "TRAIN_FLOPS_PER_FORWARD", "Block", "Attention", "Mlp", "LayerScale",
            "PatchEmbed", "LayerNorm", "DropPath"]
@@ -128,6 +129,34 @@ class ViTConfig:
             errors.append("attn_drop_rate > 0 is not supported (the fused attention has no dropout)")
         if errors:
             raise ValueError("invalid ViT config: " + "; ".join(errors))
+
+    def check_fits_in_memory(self) -> None:
+        """Refuse sizes whose float32 parameters alone exceed this machine's memory, naming the
+        sizes, rather than fail in the allocator (VisionTransformer calls it, except on meta)."""
+        memory, count = memory_bytes(), self.num_params()
+        if memory is None or 4 * count <= memory:
+            return
+        d, grid = self.embed_dim, "x".join(map(str, self.grid_size))
+        parts = {f"embed_dim={d}, depth={self.depth}, mlp_ratio={self.mlp_ratio} (the blocks)": self.depth * d * d,
+                 f"num_classes={self.num_classes} (the head)": self.num_classes * d,
+                 f"img_size={self.img_size}, patch_size={self.patch_size} ({grid} patches, pos_embed)":
+                     self.num_patches * d,
+                 f"in_chans={self.in_chans}, patch_size={self.patch_size} (patch_embed)":
+                     self.in_chans * math.prod(self.patch_size) * d}
+        raise ValueError(f"invalid ViT config: {count:.3g} parameters, {4 * count / 2 ** 30:.3g} GiB in float32, "
+                         f"more than this machine's memory ({memory / 2 ** 30:.3g} GiB); most of them from "
+                         f"{max(parts, key=parts.get)}")
+
+    def num_params(self) -> int:
+        """The parameter count of VisionTransformer(self), from the sizes alone (nothing built)."""
+        d, h, bias = self.embed_dim, self.mlp_hidden_dim, int(self.proj_bias)
+        block = (4 * d + 3 * d * d + 3 * d * int(self.qkv_bias) + d * d + d * bias   # norms, attention
+                 + 2 * d * h + (h + d) * bias + 2 * d * int(bool(self.init_values)))  # mlp, layer scales
+        embed_len = self.num_patches + (0 if self.no_embed_class else self.num_prefix_tokens)
+        stem = d * (self.in_chans * math.prod(self.patch_size) + int(not self.pre_norm)
+                    + self.num_prefix_tokens + embed_len)
+        norms = 2 * d * (int(self.pre_norm) + int(self.final_norm))
+        return self.depth * block + stem + norms + (d + 1) * self.num_classes
 
     @property
     def use_fc_norm(self) -> bool:
@@ -376,6 +405,8 @@ class VisionTransformer(nn.Module):
                 raise TypeError(f"VisionTransformer got unsupported arguments {unknown}; "
                                 f"supported: {[f.name for f in fields(ViTConfig)]}")
             config = ViTConfig(**kwargs)
+        if torch.empty(0).device.type != "meta":
+            config.check_fits_in_memory()
         self.config = c = config
         self.num_classes, self.embed_dim, self.global_pool = c.num_classes, c.embed_dim, c.global_pool
         self.num_prefix_tokens = c.num_prefix_tokens
@@ -387,7 +418,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, c.embed_dim))
         self.pos_drop = nn.Dropout(c.pos_drop_rate)
         self.norm_pre = LayerNorm(c.embed_dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
-        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()  # timm's stochastic depth rule
+        # timm's stochastic depth rule (on the CPU: the model may be built under torch.device('meta'))
+        rates = torch.linspace(0, c.drop_path_rate, c.depth, device="cpu").tolist()
         self.blocks = nn.Sequential(*[
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.proj_bias, c.proj_drop_rate,
                   c.init_values, rates[i], c.norm_eps) for i in range(c.depth)])

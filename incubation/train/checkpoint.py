@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
@@ -33,7 +34,7 @@ from ..utils import file_sha256 as _sha256
 from ..utils import fsync_dir as _fsync_dir
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_state", "recover_checkpoint",
-           "CheckpointError", "first_nonfinite"]
+           "CheckpointError", "first_nonfinite", "refuse_non_float", "torch_load"]
 
 FORMAT = "incubation-checkpoint/1"
 WEIGHTS, META, STATE = ".safetensors", ".json", ".state.pt"
@@ -71,6 +72,22 @@ def first_nonfinite(tensors: dict) -> Optional[str]:
             return None
         return keys[int((~flags).nonzero()[0, 0])]
     return next((k for k, f in zip(keys, flags) if not bool(f)), None)
+
+
+# the integer tensors a checkpoint may hold: buffers our models register as integers (Apollo's
+# map of sampled block slots); every other tensor is a weight and must be floating point
+INTEGER_BUFFERS = frozenset({"unique_slots"})
+
+
+def refuse_non_float(tensors: dict, path: str) -> None:
+    """CheckpointError naming `path`, the first key (sorted) and its dtype when a tensor is not
+    floating point (int64 or bool weights would be cast into the model without a word)."""
+    for key in sorted(tensors):
+        t = tensors[key]
+        integer_buffer = key.rsplit(".", 1)[-1] in INTEGER_BUFFERS and not (t.is_complex() or t.dtype == torch.bool)
+        if not (t.is_floating_point() or integer_buffer):
+            raise CheckpointError(f"{path}: tensor {key!r} is {str(t.dtype).replace('torch.', '')}, not floating "
+                                  f"point: weights must be float32, bfloat16, float16 or float64; refusing to load it")
 
 
 def _unique_tensors(state_dict: dict) -> tuple[dict, dict]:
@@ -230,7 +247,8 @@ def load_checkpoint(path_prefix: str, expect: Optional[dict] = None) -> tuple[di
         state_dict = load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {path} is unreadable: {exc}") from exc
-    bad = first_nonfinite(state_dict)  # every stage load, assembly, expansion and resume comes here
+    refuse_non_float(state_dict, path)  # every stage load, assembly, expansion and resume comes here
+    bad = first_nonfinite(state_dict)
     if bad is not None:
         raise CheckpointError(f"checkpoint file {path} holds NaN or infinite values (first: {bad!r}): refusing "
                               f"to load it")
@@ -241,11 +259,27 @@ def load_checkpoint(path_prefix: str, expect: Optional[dict] = None) -> tuple[di
     return state_dict, metadata
 
 
+def torch_load(path: str, unreadable: str, remedy: str = "", **kwargs):
+    """torch.load(path, weights_only=True) onto the CPU. A failure is a one-line CheckpointError
+    naming the file: `{path} {unreadable}: {torch's reason}`, or that it holds a pickled class
+    (then `remedy` follows), never torch's advice to load with weights_only=False (which runs
+    any code the file holds)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:   # a pickled class or function: never unpickled here
+            raise CheckpointError(f"{path} holds a {found.group(1)}, which is not loaded: torch files are read "
+                                  f"with torch.load(weights_only=True) only (tensors and plain containers){remedy}") from None
+        if "WeightsUnpickler error:" in text:   # torch's reason, without its advice
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        text = " ".join(text.split())
+        raise CheckpointError(f"{path} {unreadable}: {type(exc).__name__}{': ' + text if text else ''}") from None
+
+
 def load_checkpoint_state(path_prefix: str) -> dict:
     """The side file `<prefix>.state.pt`, verified against `<prefix>.json`."""
     prefix = _prefix(path_prefix)
     path = _verified(prefix, STATE, _read_record(prefix))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"checkpoint file {path} is unreadable: {exc}") from exc
+    return torch_load(path, "is not a readable checkpoint state file")

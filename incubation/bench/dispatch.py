@@ -1,0 +1,105 @@
+"""Dispatch-overhead benchmark: what `auto` costs per call over calling the backend it chose
+directly, for every op at a size where the kernel itself takes little time.
+
+    incubation bench dispatch                # CPU (or the GPU), each op with and without grad
+    incubation bench dispatch --quick        # shorter timing
+
+For each op: `auto` is the public call (`ops.linear(...)`: input validation, the signature
+tuple, the decision lookup, the chosen backend's capability check, then the backend); `direct`
+calls the function that `auto` chose with the same arguments. The decision is made (measured)
+before timing. Overhead = auto - direct, in microseconds per call, against the issue's
+target of at most 2 us (issue 24 item 3).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Optional
+
+import torch
+
+from incubation import ops
+from incubation.bench.common import (
+    benchmark_parser,
+    describe_environment,
+    environment,
+    median_ms,
+    resolve_device,
+    set_threads,
+    table,
+    write_outputs,
+)
+from incubation.dispatch import DISPATCH
+
+TARGET_US = 2.0
+CALLS = 200   # calls per timed run: the overhead is a few microseconds, below one timer reading
+
+
+def _calls(device: torch.device, grad: bool) -> dict[str, tuple]:
+    """op -> (public function, its arguments, the dispatcher's argument tuple), small sizes."""
+    def t(*shape):
+        return torch.randn(*shape, device=device).requires_grad_(grad)
+    x, r, w, b = t(4, 8, 32), t(4, 8, 32), t(32), t(32)
+    q, k, v = t(2, 2, 8, 16), t(2, 2, 8, 16), t(2, 2, 8, 16)
+    weight, bias = t(48, 32), t(48)
+    return {
+        "attention": (ops.attention, (q, k, v), (q, k, v, 0.25)),
+        "layer_norm": (ops.layer_norm, (x, w, b), (x, w, b, 1e-6)),
+        "add_layer_norm": (ops.add_layer_norm, (x, r, w, b), (x, r, w, b, 1e-6)),
+        "linear": (ops.linear, (x, weight, bias, "gelu"), (x, weight, bias, "gelu", None, None)),
+    }
+
+
+def _loop(fn, args):
+    def run():
+        for _ in range(CALLS):
+            fn(*args)
+    return run
+
+
+def measure(device: torch.device, quick: bool) -> list[dict]:
+    rows = []
+    for grad in (False, True):
+        with torch.no_grad() if not grad else contextlib.nullcontext():
+            for name, (public, args, dispatched) in _calls(device, grad).items():
+                public(*args)   # decides (measures) the signature first
+                chosen = DISPATCH.select(DISPATCH.ops[name], device, dispatched)
+                backend = next(b for b, (fn, _) in DISPATCH.ops[name].impls.items() if fn is chosen)
+                auto_us = median_ms(_loop(public, args), device, quick=quick) * 1e3 / CALLS
+                direct_us = median_ms(_loop(chosen, dispatched), device, quick=quick) * 1e3 / CALLS
+                rows.append({"op": name, "grad": grad, "backend": backend, "auto_us": auto_us,
+                             "direct_us": direct_us, "overhead_us": auto_us - direct_us})
+    return rows
+
+
+COLUMNS = [("op", "op", ""), ("grad", "grad", ""), ("backend", "chosen", ""), ("auto_us", "auto us", ".2f"),
+           ("direct_us", "direct us", ".2f"), ("overhead_us", "overhead us", ".2f")]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = benchmark_parser("incubation bench dispatch", __doc__, "shorter timing", "runs/bench/dispatch")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    if ops.current_backend() != "auto":
+        print(f"incubation bench dispatch: error: INCUBATION_BACKEND={ops.current_backend()} forces a backend; "
+              "this measures auto", file=sys.stderr)
+        return 1
+    env = environment(device)
+    rows = measure(device, args.quick)
+    worst = max(r["overhead_us"] for r in rows)
+    verdict = f"worst overhead {worst:.2f} us per call: {'met' if worst <= TARGET_US else 'missed'} (target <= {TARGET_US} us)"
+    print(describe_environment(env))
+    print(table(rows, COLUMNS))
+    print(verdict)
+    markdown = "\n\n".join(["## Dispatch overhead per call (`incubation bench dispatch`)", describe_environment(env),
+                            table(rows, COLUMNS, markdown=True), verdict])
+    out = args.out or os.path.join("runs", "bench", "dispatch")
+    write_outputs(out, "dispatch", {"environment": env, "rows": rows, "target_us": TARGET_US, "worst_us": worst},
+                  markdown, args.append_results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
