@@ -349,7 +349,7 @@ class Context:
         args = {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in _NOT_OPTIONS},
                 **dataclasses.asdict(recipe)}
         atomic_write(os.path.join(directory, "args.yaml"),
-                     yaml.safe_dump(json.loads(json_dumps(args)), sort_keys=False).encode())
+                     yaml.safe_dump(json_value(json_dumps(args), "args.yaml"), sort_keys=False).encode())
 
 
 def stage_recipe(spec: RunSpec, preset: Preset, stage: str) -> Recipe:
