@@ -205,7 +205,8 @@ def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: 
         head += ["--module", str(module)]
     if stage == "e2e":
         spec = matched_baseline(spec)
-    return head + _option_argv(dataclasses.replace(spec, out=spec.run_dir, experiment=None), option_fields(stage))
+    out = spec.out if spec.experiment else spec.run_dir   # the child resolves --experiment as the parent did
+    return head + _option_argv(dataclasses.replace(spec, out=out), option_fields(stage))
 
 
 # ----------------------------------------------------------------------------------------------
