@@ -22,7 +22,7 @@ The pipeline itself is `incubation.pipeline`: a stage subcommand runs one stage 
 Stages find the previous stage's outputs in the run dir (--out, default runs/<preset>) and resume an
 interrupted stage from its checkpoint. A stage uses its preset recipe (incubation.presets);
 --epochs / --batch-size / --lr override it (for `run`: every stage; the E2E baseline always gets
-the pipeline's FLOPs there). --lr is the base rate for a batch of 512 (peak = lr x batch / 512).
+the pipeline's FLOPs there). --lr is the absolute peak lr, as timm's; --lr-base scales to the batch.
 
 New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser), handler(args)).
 """
