@@ -124,6 +124,7 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "tensorboard",
         "matplotlib",
     ],
     extras_require={"dev": ["pytest", "hypothesis", "ninja"], "slurm": ["submitit>=1.5"]},

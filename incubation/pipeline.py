@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import yaml
 from torch.utils.data import Dataset
 
 from . import deep
@@ -79,11 +80,11 @@ def read_stage(directory: str) -> Optional[dict]:
     config_path = os.path.join(directory, "config.json")   # written by the CLI (absent for API runs)
     config = read_json_object(config_path) if os.path.exists(config_path) else None
     evals = [{"step": m["step"], "flops": m.get("flops"), "wall_s": m.get("wall_s"), "acc": m["eval_acc"],
-              "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
+              "top5": m.get("eval_top5"), "loss": m.get("eval_loss")} for m in lines if "eval_acc" in m]
     return {"dir": directory, "stage": final.get("stage"), "module": final.get("module"), "K": final.get("K"),
             "sizes": final.get("sizes"), "target_config": final.get("target_config"),
-            "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_loss": final.get("eval_loss"),
-            "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
+            "steps": final.get("step"), "eval_acc": final.get("eval_acc"), "eval_top5": final.get("eval_top5"),
+            "eval_loss": final.get("eval_loss"), "train_loss": final.get("train_loss"), "wall_s": last.get("wall_s", 0.0),
             "flops": last.get("flops", 0.0), "images": last.get("images", 0), "evals": evals, "config": config}
 
 
@@ -124,6 +125,7 @@ class RunSpec:
     data_dir: Optional[str] = None
     val_size: Optional[int] = None     # evaluate on this many held-out training images
     out: Optional[str] = None          # the run dir (default runs/<preset>)
+    experiment: Optional[str] = None   # timm's: the run dir's name under --out (or runs/) instead of the preset's
     preset: str = "tiny"
     model: Optional[str] = None        # a timm ViT name as the target
     img_size: Optional[int] = None
@@ -138,9 +140,16 @@ class RunSpec:
     accum_steps: int = 1
     compile: bool = False
     grad_checkpointing: bool = False
+    channels_last: bool = False        # timm's --channels-last
+    pin_mem: bool = False              # timm's --pin-mem (pinned on CUDA anyway)
     seed: int = 0
     device: str = "auto"
     no_progress: bool = False
+    log_interval: int = 0              # steps between metrics lines (0: ~1 % of the stage)
+    resume: Optional[str] = None       # one stage: resume from this checkpoint instead of its own
+    checkpoint_hist: int = 0           # timm's: keep the weights of this many best evaluations
+    eval_metric: str = "top1"          # what best means: top1, top5 or loss
+    log_tensorboard: Optional[str] = None   # TensorBoard logs, a run per stage
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
@@ -149,6 +158,8 @@ class RunSpec:
 
     @property
     def run_dir(self) -> str:
+        if self.experiment is not None:
+            return os.path.join("runs" if self.out is None else self.out, self.experiment)
         return self.out if self.out is not None else os.path.join("runs", self.preset)
 
     def resources_for(self, stage: str) -> Resources:
@@ -175,7 +186,7 @@ def _option_argv(spec: RunSpec, names: list[str]) -> list[str]:
         if isinstance(value, bool):  # a switch
             argv += [flag] if value else []
         elif value is not None and value != default:  # lists as the text their type parses
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv
 
 
@@ -194,7 +205,8 @@ def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: 
         head += ["--module", str(module)]
     if stage == "e2e":
         spec = matched_baseline(spec)
-    return head + _option_argv(dataclasses.replace(spec, out=spec.run_dir), option_fields(stage))
+    out = spec.out if spec.experiment else spec.run_dir   # the child resolves --experiment as the parent did
+    return head + _option_argv(dataclasses.replace(spec, out=out), option_fields(stage))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,13 +318,20 @@ class Context:
         workers = s.workers if s.workers is not None else default_workers(self.train_set)
         return recipe.train_config(len(self.train_set), steps, accum_steps=s.accum_steps, seed=s.seed,
                                    num_workers=workers, device=s.device, progress=not s.no_progress,
-                                   compile=s.compile, grad_checkpointing=s.grad_checkpointing)
+                                   compile=s.compile, grad_checkpointing=s.grad_checkpointing,
+                                   log_interval=s.log_interval, channels_last=s.channels_last,
+                                   resume_from=s.resume, checkpoint_hist=s.checkpoint_hist,
+                                   eval_metric=s.eval_metric, tensorboard_dir=s.log_tensorboard)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
                      **extra) -> None:
-        """<stage dir>/config.json: everything that defines the stage, for the record (rank 0)."""
+        """<stage dir>/config.json: everything that defines the stage, for the record, and args.yaml
+        (timm's record of the options); rank 0."""
         if os.environ.get("RANK", "0") != "0":
             return
+        name = stage if module is None else f"{stage} {module}"
+        say(f"{name}: {cfg.steps} steps of {cfg.batch_size} images, {cfg.opt} at peak lr {cfg.lr:.4g} "
+            f"(warmup {cfg.warmup_steps} steps, {cfg.sched} schedule to {cfg.min_lr:.3g})")
         directory = stage_dir(self.run_dir, stage, module)
         os.makedirs(directory, exist_ok=True)
         s, train, ev = self.spec, base_dataset(self.train_set), base_dataset(self.eval_set)
@@ -327,6 +346,11 @@ class Context:
                   "model": self.target_for(recipe).to_dict(), "timm_model": s.model,
                   "augment": self.augment.to_dict(), "data": data, **extra, "versions": versions()}
         atomic_write(os.path.join(directory, "config.json"), (json_dumps(record, indent=2) + "\n").encode())
+        # timm's args.yaml: the options of the stage as one flat mapping (the run's, then the resolved recipe)
+        args = {**{f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in _NOT_OPTIONS},
+                **dataclasses.asdict(recipe)}
+        atomic_write(os.path.join(directory, "args.yaml"),
+                     yaml.safe_dump(json_value(json_dumps(args), "args.yaml"), sort_keys=False).encode())
 
 
 def stage_recipe(spec: RunSpec, preset: Preset, stage: str) -> Recipe:

@@ -67,7 +67,9 @@ OFFICIAL_AUGMENT = dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mo
 
 
 def _official(name: str, model: dict, drop_path: float) -> Preset:
-    meta = Recipe(epochs=300, drop_path=0.0, aug_repeats=3, **OFFICIAL_AUGMENT)
+    # main.py's lr 5e-4 is a base lr at batch 512, scaled linearly (DeiT's rule)
+    meta = Recipe(epochs=300, lr_base=5e-4, lr_base_size=512, lr_base_scale="linear", drop_path=0.0, aug_repeats=3,
+                  **OFFICIAL_AUGMENT)
     return Preset(
         name=name, description=f"{name.upper()} with the official Deep Incubation recipe (GPU, ImageNet-sized data)",
         model=model, img_size=224, meta=meta,
@@ -76,7 +78,7 @@ def _official(name: str, model: dict, drop_path: float) -> Preset:
         e2e=replace(meta, drop_path=drop_path))
 
 
-_TINY = Recipe(epochs=2.0, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_epochs=0.1, mixup=0.0, cutmix=0.0,
+_TINY = Recipe(epochs=2.0, batch_size=128, lr_base=2e-3, lr_base_scale="linear", min_lr=1e-5, warmup_epochs=0.1, mixup=0.0, cutmix=0.0,
                evals=2)
 
 PRESETS = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .data import Augment
-from .train import TrainConfig, epochs_to_steps
+from .train import TrainConfig, epochs_to_steps, steps_per_epoch
 
 __all__ = ["Recipe", "OPTIONS", "EMA_DECAY"]
 
@@ -27,11 +27,36 @@ def _field(default, help: str, *flags: str, type: Optional[str] = None):
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one stage trains (optimisation, regularisation) and augments its images. `lr` is the base
-    rate for a batch of 512: the peak lr given to the engine is lr x batch_size / 512 (the DeiT rule)."""
+    """How one stage trains (optimisation, regularisation) and augments its images. The peak lr is
+    `lr` when given (absolute, as timm's --lr), else timm's train.py rule: lr_base x (batch_size /
+    lr_base_size), or its square root with lr_base_scale 'sqrt' (default: 'sqrt' for the Ada* and
+    LAMB optimizers, else 'linear'). The presets give DeiT's base lrs at batch 512, scaled linearly."""
     epochs: float = _field(1.0, "epochs of the stage", "--epochs", type="positive_float")
     batch_size: int = _field(2048, "global batch per optimizer step", "-b", "--batch-size", type="positive_int")
-    lr: float = _field(5e-4, "base lr for a batch of 512 (peak = lr x batch / 512)", "--lr", type="positive_float")
+    lr: Optional[float] = _field(None, "peak lr, absolute as timm's (default: from --lr-base)", "--lr",
+                                 type="positive_float")
+    lr_base: float = _field(5e-4, "base lr at --lr-base-size images per step, scaled to the batch when --lr is not "
+                            "given", "--lr-base", type="positive_float")
+    lr_base_size: int = _field(512, "the batch of --lr-base", "--lr-base-size", type="positive_int")
+    lr_base_scale: Optional[str] = _field(None, "scaling of --lr-base to the batch: linear or sqrt (default: "
+                                          "timm's, sqrt for Ada* / LAMB optimizers, else linear)", "--lr-base-scale",
+                                          type="lr_base_scale")
+    opt: str = _field("adamw", "optimizer, by timm's name (create_optimizer_v2: adamw, sgd, lamb, ...)", "--opt",
+                      type="optimizer_name")
+    momentum: float = _field(0.9, "optimizer momentum (sgd, ...)", "--momentum", type="momentum")
+    opt_eps: Optional[float] = _field(None, "optimizer epsilon (default: the optimizer's)", "--opt-eps",
+                                      type="positive_float")
+    opt_betas: Optional[tuple] = _field(None, "optimizer betas, e.g. 0.9,0.999 (default: the optimizer's)",
+                                        "--opt-betas", type="betas")
+    layer_decay: Optional[float] = _field(None, "layer-wise lr decay (timm's, by the model's group_matcher)",
+                                          "--layer-decay", type="decay_rate")
+    sched: Optional[str] = _field(None, "lr schedule: cosine or step, timm's per optimizer step (default: ours, "
+                                  "a warmup from 0 that reaches the peak on its last step, then a cosine to --min-lr)",
+                                  "--sched", type="sched_name")
+    warmup_lr: Optional[float] = _field(None, "--sched cosine|step: the lr warmup starts from (default timm's 1e-5)",
+                                        "--warmup-lr", type="non_negative_float")
+    decay_epochs: float = _field(90.0, "--sched step: epochs between decays", "--decay-epochs", type="positive_float")
+    decay_rate: float = _field(0.1, "--sched step: the lr factor of each decay", "--decay-rate", type="decay_rate")
     min_lr: float = _field(1e-5, "the floor of the cosine schedule, absolute as timm's (capped at the peak lr)",
                            "--min-lr", type="positive_float")
     warmup_epochs: float = _field(20.0, "linear warmup epochs", "--warmup-epochs", type="non_negative_float")
@@ -57,7 +82,12 @@ class Recipe:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr * self.batch_size / 512
+        """The absolute peak lr (timm's train.py: --lr, else --lr-base scaled to the global batch)."""
+        if self.lr is not None:
+            return self.lr
+        scale = self.lr_base_scale or ("sqrt" if any(o in self.opt.lower() for o in ("ada", "lamb")) else "linear")
+        ratio = self.batch_size / self.lr_base_size
+        return self.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
 
     def steps(self, num_train: int) -> int:
         """Optimizer steps of `epochs` passes over `num_train` images (at least 1)."""
@@ -73,9 +103,15 @@ class Recipe:
         """The engine's TrainConfig of this recipe on `num_train` images; `steps` overrides the
         epochs; `options` are the TrainConfig fields a recipe leaves open (seed, device, ...)."""
         steps = steps or self.steps(num_train)
-        evals = self.evals or max(1, round(steps * self.batch_size / num_train))  # default: every epoch
+        evals = self.evals or max(1, round(steps / max(1, steps_per_epoch(num_train, self.batch_size))))  # every epoch
+        timm_sched = dict(sched=self.sched, warmup_lr=1e-5 if self.warmup_lr is None else self.warmup_lr,
+                          decay_steps=epochs_to_steps(self.decay_epochs, num_train, self.batch_size)
+                          if self.sched == "step" else None,
+                          decay_rate=self.decay_rate) if self.sched else {}
         return TrainConfig(
             steps=steps, batch_size=self.batch_size, lr=self.peak_lr, min_lr=min(self.min_lr, self.peak_lr),
+            opt=self.opt, momentum=self.momentum, opt_eps=self.opt_eps, opt_betas=self.opt_betas,
+            layer_decay=self.layer_decay, **timm_sched,
             weight_decay=self.weight_decay, clip_grad=self.clip_grad, label_smoothing=self.label_smoothing,
             warmup_steps=min(epochs_to_steps(self.warmup_epochs, num_train, self.batch_size, minimum=0), steps - 1),
             mixup=self.mixup, cutmix=self.cutmix, ema_decay=self.ema_decay, aug_repeats=self.aug_repeats,

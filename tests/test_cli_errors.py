@@ -17,7 +17,7 @@ from incubation.errors import IncubationError
 
 FUZZ = ["0", "-1", "nan", "inf", ""]
 ZERO_IS_VALID = {"--seed", "--module", "--num-workers", "--drop-path", "--smoothing", "--reprob", "--mixup", "--cutmix",
-                 "--weight-decay", "--warmup-epochs"}  # the numeric options where 0 means something
+                 "--weight-decay", "--warmup-epochs", "--momentum", "--warmup-lr"}  # the numeric options where 0 means something
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -22,7 +22,7 @@ The pipeline itself is `incubation.pipeline`: a stage subcommand runs one stage 
 Stages find the previous stage's outputs in the run dir (--out, default runs/<preset>) and resume an
 interrupted stage from its checkpoint. A stage uses its preset recipe (incubation.presets);
 --epochs / --batch-size / --lr override it (for `run`: every stage; the E2E baseline always gets
-the pipeline's FLOPs there). --lr is the base rate for a batch of 512 (peak = lr x batch / 512).
+the pipeline's FLOPs there). --lr is the absolute peak lr, as timm's; --lr-base scales to the batch.
 
 New subcommands are entries of SUBCOMMANDS: name -> (help, add_arguments(parser), handler(args)).
 """
@@ -106,6 +106,7 @@ def _cmd_incubate(args):
     if not args.all:
         pipeline.run_stage(spec, "incubate", args.module)
         return
+    _one_stage_resume(spec, "incubate --all")
     pipeline.check_stage(spec, "incubate", 0)   # the meta model is there
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.parallel == 1:  # under torchrun: here, in turn
         for i in range(pipeline.num_modules(spec)[0]):
@@ -114,8 +115,15 @@ def _cmd_incubate(args):
     _launch(spec, args.parallel, stages=["incubate"])
 
 
+def _one_stage_resume(spec, command: str) -> None:
+    if spec.resume is not None:
+        raise UsageError(f"argument --resume: names one stage's checkpoint, not {command}'s: give it to that "
+                         "stage's command (meta, incubate --module I, assemble or e2e)")
+
+
 def _cmd_run(args):
     spec = launching.with_resources(spec_from_args(args), args)
+    _one_stage_resume(spec, "run")
     pipeline.check_initial_checkpoint(spec, "run")
     pipeline.num_modules(spec)   # --modules and --split agree
     if args.launcher == "slurm":

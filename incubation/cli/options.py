@@ -23,7 +23,8 @@ from ..presets import PRESETS
 from ..recipe import OPTIONS as RECIPE_OPTIONS
 
 __all__ = ["positive_int", "non_negative_int", "seed_int", "positive_float", "non_negative_float", "fraction",
-           "decay_rate", "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
+           "decay_rate", "momentum", "betas", "optimizer_name", "lr_base_scale", "sched_name",
+           "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
            "device_name", "model_name", "data_name", "add_common_arguments", "add_incubation_options",
            "spec_from_args", "common_argv"]
 
@@ -93,6 +94,43 @@ def decay_rate(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
     return value
+
+
+def momentum(text: str) -> float:
+    """An optimizer momentum in [0, 1) (0: none)."""
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text!r}")
+    return value
+
+
+def betas(text: str) -> tuple:
+    """Two optimizer betas in [0, 1), e.g. 0.9,0.999."""
+    values = tuple(_float(v) for v in text.split(","))
+    if len(values) != 2 or not all(0.0 <= v < 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) like 0.9,0.999, got {text!r}")
+    return values
+
+
+def optimizer_name(text: str) -> str:
+    """A timm optimizer name (timm.optim.list_optimizers)."""
+    from timm.optim import list_optimizers
+    if text.lower() not in list_optimizers():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm optimizer (e.g. adamw, sgd, lamb; "
+                                         f"timm.optim.list_optimizers() lists them)")
+    return text.lower()
+
+
+def lr_base_scale(text: str) -> str:
+    if text not in ("linear", "sqrt"):
+        raise argparse.ArgumentTypeError(f"expected linear or sqrt, got {text!r}")
+    return text
+
+
+def sched_name(text: str) -> str:
+    if text not in ("cosine", "step"):
+        raise argparse.ArgumentTypeError(f"expected cosine or step (timm's schedulers), got {text!r}")
+    return text
 
 
 def auto_augment(text: str) -> str:
@@ -202,6 +240,7 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Act
         add("--val-size", type=positive_int, default=None, help="evaluate on this many training images held out "
             "(a fixed draw) instead of the test split: choose recipes there, keep the test split for the end"),
         add("--out", type=out_dir, default=None, help="run dir (default runs/<preset>)"),
+        add("--experiment", type=nonempty_path, default=None, help="timm's: the run dir is <--out or runs>/NAME"),
         add("--preset", default="tiny", choices=sorted(PRESETS), help="model + recipe (default tiny)"),
         add("--model", type=model_name, default=None, help="a timm ViT by name as the target (built with "
             "pretrained=False, converted by from_timm) instead of the preset's"),
@@ -234,11 +273,24 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
         add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
             help="gradient accumulation micro-batches per step"),
         add("--compile", action="store_true", help="torch.compile the model for the training steps"),
+        add("--channels-last", action="store_true", help="model and images in channels-last memory format"),
+        add("--pin-mem", action="store_true", help="pin the loaders' memory (the default on CUDA; for timm's "
+            "command lines)"),
         add("--grad-checkpointing", action="store_true", help="recompute each block's activations in the "
             "backward pass (less memory, ~1/3 more compute)"),
         add("--seed", type=seed_int, default=0),
         add("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:i"),
         add("--no-progress", action="store_true", help="no progress bars"),
+        add("--resume", type=nonempty_path, default=None, help="resume the stage from this checkpoint (a "
+            "checkpoint.* file or its directory) instead of its own; not for run / incubate --all"),
+        add("--checkpoint-hist", type=positive_int, default=0, help="keep the weights of this many best "
+            "evaluations (checkpoint-<step>.*) and the best as model_best.* (timm's; default none)"),
+        add("--eval-metric", choices=("top1", "top5", "loss"), default="top1", help="what best means for "
+            "--checkpoint-hist (default top1)"),
+        add("--log-tensorboard", type=out_dir, default=None, help="also write the metrics as TensorBoard scalars "
+            "in this directory (a run per stage; tensorboard --logdir DIR)"),
+        add("--log-interval", type=positive_int, default=0, help="steps between metrics lines (default ~1 %% of "
+            "the stage)"),
         # for tests and quick looks: train / evaluate on a fixed random subset
         add("--limit-train", type=positive_int, default=None, help=argparse.SUPPRESS),
         add("--limit-eval", type=positive_int, default=None, help=argparse.SUPPRESS),

@@ -6,7 +6,8 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import DivergedError, TrainConfig, TrainResult
 from .engine import evaluate, train
 from .lock import RunDirLocked
-from .schedule import epochs_to_steps, lr_at
+from .schedule import epochs_to_steps, lr_at, steps_per_epoch
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_at", "epochs_to_steps", "save_checkpoint", "load_checkpoint",
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "lr_at", "epochs_to_steps", "steps_per_epoch",
+           "save_checkpoint", "load_checkpoint",
            "CheckpointError", "DivergedError", "RunDirLocked"]

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from .config import TrainConfig
+from .schedule import steps_per_epoch
 
 __all__ = ["derived_seed", "seed_all", "rng_state", "set_rng_state", "Plan", "make_plan", "StepBatches",
            "join_process_group", "device_of", "all_sum", "barrier", "Place"]
@@ -75,7 +76,7 @@ def make_plan(num_samples: int, cfg: TrainConfig, world: int) -> Plan:
     if (cfg.mixup or cfg.cutmix) and (cfg.batch_size // parts) % 2:
         raise ValueError(f"mixup/cutmix pair each image with its mirror in the micro-batch, which must be even: "
                          f"batch_size {cfg.batch_size} / (world_size x accum_steps = {parts}) = {cfg.batch_size // parts}")
-    per_epoch = num_samples // cfg.batch_size  # incomplete last batch dropped: every step sees a full batch
+    per_epoch = steps_per_epoch(num_samples, cfg.batch_size)  # every step sees a full batch
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     decay = cfg.decay_steps if cfg.decay_steps is not None else max(0, total - cfg.warmup_steps)
     return Plan(per_epoch, total, cfg.batch_size // parts, decay)

@@ -45,9 +45,9 @@ from .checkpoint import (
 from .config import DivergedError, TrainConfig, TrainResult
 from .distributed import Place, Plan, StepBatches, all_sum, derived_seed, device_of, join_process_group, make_plan, seed_all
 from .lock import RunDirLock, RunDirLocked
-from .optim import EMA, adamw, trained_parameters
+from .optim import EMA, make_optimizer, trained_parameters
 from .records import Checkpointer, MetricsLog
-from .schedule import lr_at
+from .schedule import lr_schedule
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
@@ -101,7 +101,7 @@ def _eval_loader(dataset: Dataset, batch_size: int, device, rank: int = 0, world
 def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: int = 1) -> dict:
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0.0, 0.0
+    correct, correct5, loss_sum = 0.0, 0.0, 0.0
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -110,15 +110,17 @@ def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: in
             logits = _at_least_fp32(logits)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += float((logits.argmax(-1) == y).sum())
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices   # timm's accuracy(topk=(1, 5))
+            correct5 += float((top5 == y[:, None]).any(-1).sum())
     finally:
         model.train(was_training)
-    correct, loss_sum = all_sum([correct, loss_sum], world, device)
+    correct, correct5, loss_sum = all_sum([correct, correct5, loss_sum], world, device)
     n = len(loader.dataset)
-    return {"acc": 100.0 * correct / n, "loss": loss_sum / n}
+    return {"acc": 100.0 * correct / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n}
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=None, *, amp: bool = False) -> dict:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset` (this process only).
+    """Top-1 and top-5 accuracy (%, "acc" and "top5") and mean cross-entropy of `model` on `dataset` (this process only).
     `device`: default the model's. `amp`: bf16 autocast when on CUDA."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -180,7 +182,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
           stage: str = "train", params: Optional[Iterable[nn.Parameter]] = None,
           save_keys: Optional[Sequence[str]] = None, metadata: Optional[dict] = None,
           hooks: Sequence[Callable[[int, nn.Module], None]] = (), resume: bool = True) -> TrainResult:
-    """Train `model` with AdamW + warmup-cosine on `train_set`; returns a TrainResult.
+    """Train `model` with cfg.opt (AdamW) + cfg.sched (warmup-cosine) on `train_set`; returns a TrainResult.
 
     params: what the optimizer holds (default: every parameter that requires grad); the others
         are frozen for the run (requires_grad restored afterwards) and never change.
@@ -190,9 +192,10 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         forward passes, under a seed shared by all ranks.
     resume: continue from `out_dir/checkpoint` if it belongs to the same stage; a checkpoint
         written with a different trajectory config raises CheckpointError.
-    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (one row per
-    evaluation), final.{safetensors,json} (and final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a
-    second run on the same out_dir raises RunDirLocked naming the holder.
+    out_dir receives checkpoint.{safetensors,json,state.pt}, metrics.jsonl, summary.csv (timm's
+    columns, one row per evaluation: per epoch by default), final.{safetensors,json} (and
+    final_ema.* with ema_decay); only rank 0 writes, holding out_dir/.lock for the run: a second run
+    on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
     step; checkpoints are never written from such weights, so out_dir keeps the last good one.
     """
@@ -203,7 +206,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     rank, world, local_rank = join_process_group()
     place = Place(rank, world, device_of(cfg.device, world, local_rank))
     plan = make_plan(len(train_set), cfg, world)
-    model.to(place.device)
+    model.to(place.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     trained = trained_parameters(model, params)
     out_dir = os.fspath(out_dir)
     checkpointer = Checkpointer(out_dir, stage, cfg, plan, place, _check_save_keys(model, save_keys, trained),
@@ -215,7 +218,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     lock = _lock_run_dir(out_dir, place)
     try:
         with _only_trained_require_grad(model, trained):
-            optimizer = adamw(trained, cfg)
+            optimizer = make_optimizer(model, trained, cfg)
             ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
             start, counters = checkpointer.resume(model, optimizer, ema) if resume else (0, {})
             log = MetricsLog(out_dir, stage, cfg, plan, place, start, counters.get("wall_seconds", 0.0),
@@ -275,6 +278,7 @@ class _Runner:
         self.last_loss = self.counters.get("train_loss", float("nan"))
         self.last_eval = self.counters.get("eval", {})
         self.mixer = _mixer(self.cfg, self.model, self.train_set)
+        self.lr_of = lr_schedule(self.cfg, self.plan.total_steps, self.plan.decay_steps)
         self.eval_loader = None
 
     def _net(self):
@@ -296,11 +300,11 @@ class _Runner:
             self.eval_loader = _eval_loader(self.eval_set, max(256, self.plan.micro_batch), self.device, self.rank,
                                             self.world, self.cfg.num_workers)
         ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
-        result.update(eval_acc=ev["acc"], eval_loss=ev["loss"])
+        result.update(eval_acc=ev["acc"], eval_top5=ev["top5"], eval_loss=ev["loss"])
         if self.ema is not None:
             with self.ema.swapped_in():
                 ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
-            result.update(ema_eval_acc=ev["acc"], ema_eval_loss=ev["loss"])
+            result.update(ema_eval_acc=ev["acc"], ema_eval_top5=ev["top5"], ema_eval_loss=ev["loss"])
         return result
 
     def _check_finite(self, done: int, save_keys=None) -> None:
@@ -336,14 +340,15 @@ class _Runner:
         for hook in self.hooks:
             hook(step, self.model)
         seed_all(derived_seed(cfg.seed, "step", step, "rank", self.rank))
-        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                   decay_steps=self.plan.decay_steps)
+        lr = self.lr_of(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)   # timm's layer decay
         losses = []
         for micro in range(cfg.accum_steps):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             x, targets = self.mixer(x, y) if self.mixer is not None else (x, None)
             last = micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if (self.world == 1 or last) else self.ddp.no_sync():
@@ -402,9 +407,11 @@ class _Runner:
                 evaluated = done == total or bool(cfg.eval_every and done % cfg.eval_every == 0)
                 logged, saved = evaluated or log.due(done), checkpointer.due(done)
                 if logged or saved:
-                    self._check_finite(done, checkpointer.save_keys if saved else None)
+                    kept = evaluated and checkpointer.keeps
+                    self._check_finite(done, checkpointer.save_keys if saved or kept else None)
                 if evaluated:
                     self.last_eval = self._evaluate_all()
+                    checkpointer.keep(done, self.model, self.last_eval)
                 if logged:
                     self.last_loss = log.line(done, lr, grad_norm, self.last_eval if evaluated else None)["loss"]
                 if saved:
@@ -421,6 +428,7 @@ class _Runner:
         wall = log.wall()
         path = checkpointer.save_final(self.model, self.ema, {"train_loss": self.last_loss, **self.last_eval})
         return TrainResult(train_loss=self.last_loss, eval_acc=self.last_eval.get("eval_acc"),
+                           eval_top5=self.last_eval.get("eval_top5"),
                            eval_loss=self.last_eval.get("eval_loss"), steps=total, images_seen=images,
                            wall_seconds=wall, train_flops=log.flops() * images if log.flops else None,
                            checkpoint_path=path, metrics_path=log.path)

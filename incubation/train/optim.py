@@ -1,5 +1,6 @@
-"""The optimizer of the training engine: which parameters train, AdamW with weight decay off
-for 1-D parameters and tokens, the EMA of the weights (the schedule: `schedule.lr_at`)."""
+"""The optimizer of the training engine: which parameters train, timm's optimizer (AdamW by
+default) with weight decay off for 1-D parameters and tokens and optional layer-wise lr decay,
+the EMA of the weights (the schedule: `schedule.lr_schedule`)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ from torch import nn
 
 from .config import TrainConfig
 
-__all__ = ["trained_parameters", "adamw", "EMA", "NO_DECAY_NAMES"]
+__all__ = ["trained_parameters", "make_optimizer", "EMA", "NO_DECAY_NAMES"]
 
 
 NO_DECAY_NAMES = ("cls_token", "reg_token", "dist_token", "pos_embed")
@@ -35,12 +36,29 @@ def trained_parameters(model: nn.Module, params) -> list[tuple[str, nn.Parameter
     return chosen
 
 
-def adamw(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    def no_decay(name, p):
-        return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+
+
+def make_optimizer(model: nn.Module, named: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's `create_optimizer_v2(cfg.opt)` over the trained parameters `named` (those of `model`
+    that require grad): weight decay off by `_no_decay`; with cfg.layer_decay, timm's layer-wise
+    groups by the model's group_matcher (each group's lr_scale multiplies the scheduled lr)."""
+    from timm.optim import create_optimizer_v2, param_groups_layer_decay
+    no_decay = {n for n, p in named if _no_decay(n, p)}
+    if cfg.layer_decay is None:
+        groups = [{"params": [p for n, p in named if n not in no_decay], "weight_decay": cfg.weight_decay},
+                  {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    elif callable(getattr(model, "group_matcher", None)):
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=sorted(no_decay),
+                                          layer_decay=cfg.layer_decay)
+    else:
+        raise ValueError(f"layer_decay needs the model's layers: {type(model).__name__} has no group_matcher "
+                         "(timm's map of parameters to layers); train it without layer_decay")
+    extra = {k: v for k, v in (("eps", cfg.opt_eps), ("betas", cfg.opt_betas)) if v is not None}
+    # every group has its weight decay: the default is 0, as timm makes it for the groups it builds
+    return create_optimizer_v2(groups, opt=cfg.opt, lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **extra)
 
 
 class EMA:

@@ -2,6 +2,7 @@
 checkpointer (resume, periodic and final checkpoints)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,6 +17,7 @@ from torch import nn
 from ..utils import atomic_write, json_dumps
 from .checkpoint import (
     CheckpointError,
+    _prefix,
     load_checkpoint,
     load_checkpoint_state,
     recover_checkpoint,
@@ -25,37 +27,45 @@ from .config import TrainConfig
 from .distributed import Place, Plan, all_sum, barrier, rng_state, set_rng_state
 from .optim import EMA
 
-__all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS"]
+__all__ = ["MetricsLog", "Checkpointer", "SUMMARY_COLUMNS", "EVAL_METRICS"]
+
+# --eval-metric -> (the evaluation's key, +1 when higher is better)
+EVAL_METRICS = {"top1": ("eval_acc", 1), "top5": ("eval_top5", 1), "loss": ("eval_loss", -1)}
 
 
 # Config fields that do not change the trajectory: they may differ between a run and its resume.
-_FREE_FIELDS = ("eval_every", "eval_at_start", "checkpoint_every", "num_workers", "device", "progress", "compile",
+_FREE_FIELDS = ("tensorboard_dir", "checkpoint_hist", "eval_metric", "resume_from", "log_interval", "eval_every",
+                "eval_at_start", "checkpoint_every", "num_workers", "device", "progress", "compile",
                 "grad_checkpointing")
 
 
 # --------------------------------------------------------------------------------------
 # the run's two records: the metrics log and the checkpoints
 # --------------------------------------------------------------------------------------
-SUMMARY_COLUMNS = ("step", "epoch", "lr", "train_loss", "eval_loss", "eval_top1", "ema_eval_loss", "ema_eval_top1",
-                   "images", "wall_s")
+# timm's summary.csv columns first, then ours
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "step", "ema_eval_loss",
+                   "ema_eval_top1", "ema_eval_top5", "images", "wall_s")
 
 
 class MetricsLog:
     """metrics.jsonl (a line every ~1 % of the steps and at every evaluation), summary.csv (one
-    row per evaluation, as timm writes it) and the progress bar; it owns the timing of the run
+    row per evaluation, per epoch by default, timm's columns first) and the progress bar; it owns the timing of the run
     and the window of per-step losses since the last line. Only rank 0 writes."""
 
     def __init__(self, out_dir: str, stage: str, cfg: TrainConfig, plan: Plan, place: Place, start: int,
                  wall_before: float, flops: Optional[Callable[[], float]]):
         self.path, self.summary_path = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "summary.csv")
         self.cfg, self.plan, self.place, self.flops = cfg, plan, place, flops
-        self.every = max(1, plan.total_steps // 100)
+        self.every = cfg.log_interval or max(1, plan.total_steps // 100)
         self.t0, self.wall_before = time.time(), wall_before
         self.window = torch.zeros(2, dtype=torch.float64, device=place.device)  # loss sum, correct: no sync per step
         self.window_t, self.window_images = self.t0, 0
-        self.bar = None
+        self.bar, self.tensorboard = None, None
         if place.rank == 0:
             self._truncate(start)
+            if cfg.tensorboard_dir is not None:   # a run per stage dir, beside the other stages'
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(os.path.join(cfg.tensorboard_dir, os.path.basename(out_dir)))
             if cfg.progress:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=plan.total_steps, initial=start, desc=stage, dynamic_ncols=True)
@@ -116,6 +126,10 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json_dumps(line) + "\n")
+        if self.tensorboard is not None:   # every number of the line, at its step
+            for key, value in line.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, line["step"])
         if evaluated:
             self._write_summary()
 
@@ -127,8 +141,9 @@ class MetricsLog:
                 if "eval_acc" in m:
                     rows.append({"step": m["step"], "epoch": m["epoch"], "lr": m["lr"],
                                  "train_loss": m.get("loss", ""), "eval_loss": m["eval_loss"], "eval_top1": m["eval_acc"],
-                                 "ema_eval_loss": m.get("ema_eval_loss", ""),
-                                 "ema_eval_top1": m.get("ema_eval_acc", ""), "images": m["images"], "wall_s": m["wall_s"]})
+                                 "eval_top5": m.get("eval_top5", ""), "ema_eval_loss": m.get("ema_eval_loss", ""),
+                                 "ema_eval_top1": m.get("ema_eval_acc", ""), "ema_eval_top5": m.get("ema_eval_top5", ""),
+                                 "images": m["images"], "wall_s": m["wall_s"]})
         text = io.StringIO()
         writer = csv.DictWriter(text, SUMMARY_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -138,6 +153,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _trajectory(cfg: TrainConfig) -> dict:
@@ -158,6 +175,7 @@ class Checkpointer:
         self.every = cfg.checkpoint_every or plan.steps_per_epoch
         self.total = plan.total_steps
         self.saved_step: Optional[int] = None
+        self.kept: list = []   # [eval metric, step] of the checkpoint-<step>.* kept, best first
 
     def due(self, done: int) -> bool:
         return done % self.every == 0 or done == self.total
@@ -168,19 +186,28 @@ class Checkpointer:
 
     def resume(self, model, optimizer, ema: Optional["EMA"]) -> tuple[int, dict]:
         """Load the checkpoint of this stage into model / optimizer / EMA; (start step, counters)."""
-        prefix, place = self.prefix, self.place
-        if place.rank == 0:
+        prefix, place, given = self.prefix, self.place, self.cfg.resume_from
+        if given is not None:   # --resume PATH: another run's checkpoint of this stage (read only)
+            prefix = os.path.join(given, "checkpoint") if os.path.isdir(given) else _prefix(given)
+        elif place.rank == 0:
             recover_checkpoint(prefix)
         barrier(place.world)
         if not os.path.exists(prefix + ".json"):
+            if given is not None:
+                raise CheckpointError(f"resume from {given}: there is no checkpoint {prefix}.json")
             return 0, {}
         state_dict, meta = load_checkpoint(prefix)
         if meta.get("stage") != self.stage:
+            if given is not None:
+                raise CheckpointError(f"resume from {given}: the checkpoint is stage {meta.get('stage')!r}'s, "
+                                      f"not {self.stage!r}'s")
             warnings.warn(f"{prefix}.json belongs to stage {meta.get('stage')!r}, not {self.stage!r}: starting afresh")
             return 0, {}
+        # a field a checkpoint predates had its default's behaviour then
         state, trajectory = load_checkpoint_state(prefix), _trajectory(self.cfg)
-        if state["trajectory"] != trajectory:
-            diff = sorted(k for k in state["trajectory"] if state["trajectory"].get(k) != trajectory.get(k))
+        saved = {**_trajectory(TrainConfig()), **state["trajectory"]}
+        if saved != trajectory:
+            diff = sorted(k for k in saved if saved.get(k) != trajectory.get(k))
             raise CheckpointError(f"checkpoint {prefix}.json was written with a different config ({diff}); "
                                   f"use resume=False or another out_dir")
         if sorted(state_dict) != sorted(self.save_keys):
@@ -193,14 +220,37 @@ class Checkpointer:
             ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
         set_rng_state(state["rng"])
         self.saved_step = state["step"] or None
+        self.kept = state["counters"].get("kept", [])
         return state["step"], state["counters"]
 
     def save(self, step: int, model, optimizer, ema: Optional["EMA"], counters: dict) -> None:
         if self.place.rank == 0:
             state = {"step": step, "optimizer": optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
-                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": counters}
+                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": {**counters, "kept": self.kept}}
             save_checkpoint(self.prefix, self._weights(model), {**self.metadata, "step": step}, state=state)
         self.saved_step = step
+
+    @property
+    def keeps(self) -> bool:
+        return self.cfg.checkpoint_hist > 0
+
+    def keep(self, step: int, model, evaluation: dict) -> None:
+        """timm's CheckpointSaver: the weights of the cfg.checkpoint_hist best evaluations by
+        cfg.eval_metric (checkpoint-<step>.*, the others deleted) and of the best (model_best.*)."""
+        if not self.keeps or not evaluation or self.place.rank != 0:
+            return
+        key, sign = EVAL_METRICS[self.cfg.eval_metric]
+        summary, weights = {**self.metadata, "step": step, **evaluation}, self._weights(model)
+        save_checkpoint(os.path.join(self.out_dir, f"checkpoint-{step}"), weights, summary)
+        self.kept = sorted([k for k in self.kept if k[1] != step] + [[evaluation[key], step]],
+                           key=lambda k: (-sign * k[0], k[1]))
+        for _, old in self.kept[self.cfg.checkpoint_hist:]:
+            for suffix in (".safetensors", ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, f"checkpoint-{old}{suffix}"))
+        self.kept = self.kept[:self.cfg.checkpoint_hist]
+        if self.kept[0][1] == step:
+            save_checkpoint(os.path.join(self.out_dir, "model_best"), weights, summary)
 
     def save_final(self, model, ema: Optional["EMA"], summary: dict) -> str:
         """final.* (and final_ema.*, the averaged weights); returns final.safetensors' path."""
