@@ -27,7 +27,7 @@ def _parsers(parser):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, prefix", [(["meta", "--drop", "0.1"], "--drop"),
                                           (["expand", "ckpt", "-o", "big", "--dept", "3"], "--dept"),
-                                          (["grow", "--sched", "even"], "--sched")])
+                                          (["grow", "--schedul", "even"], "--schedul")])
 def test_a_prefix_of_an_option_is_no_option(argv, prefix, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.build_parser().parse_args(argv)

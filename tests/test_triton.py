@@ -201,7 +201,7 @@ def test_attention_check_refuses_a_non_positive_scale_and_too_many_row_blocks(mo
 def test_check_refuses_views_reaching_past_32_bit_offsets(monkeypatch):
     """The kernels index a strided view with 32-bit offsets: a slice of a wider tensor reaches
     further than its element count. Shown with the limit lowered to 1000 elements."""
-    monkeypatch.setattr(kernels, "_MAX_ELEMENTS", 1000)
+    monkeypatch.setattr(kernels.common, "_MAX_ELEMENTS", 1000)
     wide = torch.randn(10, 200)
     x, w = wide[:, :8], torch.randn(4, 8)        # 80 elements, but its last one is element 1807
     assert "reaches 1807 elements" in triton_linear.check(x, w, None, None, None, None)
@@ -214,7 +214,7 @@ def test_check_refuses_views_reaching_past_32_bit_offsets(monkeypatch):
 
 
 def test_check_refuses_cpu_tensors_for_compiled_kernels(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels.common, "INTERPRET", False)
     assert "built for the GPU" in triton_norm.check_layer_norm(torch.randn(2, 8), None, None, EPS)
 
 
