@@ -43,13 +43,15 @@ def _summarise(run_dir: str) -> dict:
         curves["hybrids"] = points
     if assemble is not None:
         curves["deep incubation"] = _curve(assemble, flops0, wall0)
-        summary["deep incubation"] = {"acc": assemble["eval_acc"], "flops": flops0 + assemble["flops"],
+        summary["deep incubation"] = {"acc": assemble["eval_acc"], "top5": assemble.get("eval_top5"),
+                                      "flops": flops0 + assemble["flops"],
                                       "wall_s": wall0 + assemble["wall_s"],
                                       "wall_s_parallel": (meta["wall_s"] if meta else 0.0) + assemble["wall_s"] +
                                       max((s["wall_s"] for s in incubations), default=0.0)}
     if e2e is not None:
         curves["end to end"] = _curve(e2e)
-        summary["end to end"] = {"acc": e2e["eval_acc"], "flops": e2e["flops"], "wall_s": e2e["wall_s"]}
+        summary["end to end"] = {"acc": e2e["eval_acc"], "top5": e2e.get("eval_top5"), "flops": e2e["flops"],
+                                 "wall_s": e2e["wall_s"]}
     return {"run_dir": os.path.abspath(run_dir), "stages": stages, "curves": curves, "summary": summary,
             "assembly": _assembly(meta, incubations, assemble)}
 
@@ -245,16 +247,19 @@ def _markdown(report: dict, plots: list[str]) -> str:
                   f"patch {target['patch_size'][0]}, image {target['img_size'][0]}, {target['num_classes']} classes"
                   + (f"; K = {len(split)} modules of {split} blocks." if split else "."), ""]
     lines += [
-             f"| stage | steps | images | train {unit_name} | wall s | eval acc % | eval loss |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| stage | steps | images | train {unit_name} | wall s | eval acc % | eval top-5 % | eval loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {_fmt(s['steps'], 'd')} | {_fmt(s['images'], 'd')} | {s['flops'] / unit:.3f} | "
-                     f"{s['wall_s']:.1f} | {_fmt(s['eval_acc'], '.2f')} | {_fmt(s['eval_loss'], '.4f')} |")
+                     f"{s['wall_s']:.1f} | {_fmt(s['eval_acc'], '.2f')} | {_fmt(s.get('eval_top5'), '.2f')} | "
+                     f"{_fmt(s['eval_loss'], '.4f')} |")
     summary = report["summary"]
     if summary:
-        lines += ["", f"| method | eval acc % | train {unit_name} | wall s (sequential) |", "|---|---:|---:|---:|"]
+        lines += ["", f"| method | eval acc % | eval top-5 % | train {unit_name} | wall s (sequential) |",
+                  "|---|---:|---:|---:|---:|"]
         for name, s in summary.items():
-            lines.append(f"| {name} | {_fmt(s['acc'], '.2f')} | {s['flops'] / unit:.3f} | {s['wall_s']:.1f} |")
+            lines.append(f"| {name} | {_fmt(s['acc'], '.2f')} | {_fmt(s.get('top5'), '.2f')} | {s['flops'] / unit:.3f} | "
+                         f"{s['wall_s']:.1f} |")
         if "deep incubation" in summary:
             lines += ["", f"With the K incubations on K machines at once the Deep Incubation wall time is "
                           f"{summary['deep incubation']['wall_s_parallel']:.1f} s."]

@@ -108,3 +108,20 @@ def test_plots_have_titles_final_values_and_the_k_machine_curve(tmp_path, monkey
     assert "deep incubation, K machines" in labels
     di = report["summary"]["deep incubation"]
     assert di["wall_s_parallel"] == 30.0 + 11.0 + 10.0 and di["wall_s"] == 30.0 + 21.0 + 10.0
+
+
+def test_top5_is_reported_per_stage_and_per_method(tmp_path):
+    """timm's second metric: the stage table and the method table carry eval top-5 beside top-1,
+    from each stage's final.json ('-' where a stage recorded none)."""
+    run = tmp_path / "run"
+    _stage(run, "meta", 70.0, 30.0, 3e12, K=1)
+    _stage(run, "incubate-0", 75.0, 10.0, 1e12, module=0)
+    _stage(run, "assemble", 82.0, 10.0, 1e12, 10000, eval_top5=98.25)
+    _stage(run, "e2e", 80.0, 60.0, 6e12, 10000, eval_top5=97.5)
+    report = write_report(str(run))
+    md = (run / "report.md").read_text()
+    assert "| stage | steps | images | train TFLOP | wall s | eval acc % | eval top-5 % | eval loss |" in md
+    assert "| assemble | 10 | 640 | 1.000 | 10.0 | 82.00 | 98.25 | - |" in md
+    assert "| meta | 10 | 640 | 3.000 | 30.0 | 70.00 | - | - |" in md
+    assert "| deep incubation | 82.00 | 98.25 |" in md and "| end to end | 80.00 | 97.50 |" in md
+    assert report["summary"]["end to end"]["top5"] == 97.5
