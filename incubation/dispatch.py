@@ -42,7 +42,7 @@ from .errors import IncubationError
 from .measure import MARGIN, measure, outputs
 from .utils import measurement_dir
 
-__all__ = ["BackendError", "Op", "Decision", "Dispatcher", "DISPATCH", "BACKENDS", "MARGIN", "dtype_name", "pow2"]
+__all__ = ["BackendError", "Op", "Decision", "Dispatcher", "DISPATCH", "BACKENDS", "MARGIN", "pow2"]
 
 BACKENDS = ("triton", "cuda", "cpp", "eager")
 CACHE_FORMAT = "incubation-dispatch/2"
@@ -55,11 +55,19 @@ class BackendError(IncubationError, RuntimeError):
 
 _DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)}
+_BY_NAME = {**{name: d for d, name in _DTYPE_NAMES.items()}, "none": None}
 
 
-def dtype_name(t: Optional[torch.Tensor]) -> str:
-    """A tensor's dtype as a signature part ("float32"; "none" for an absent tensor)."""
-    return "none" if t is None else _DTYPE_NAMES.get(t.dtype) or str(t.dtype).replace("torch.", "")
+def _part_name(part) -> object:
+    """A signature part as the report and the decision file show it: a key holds dtypes and None
+    (cheap to build at every call), the file their names."""
+    if part is None:
+        return "none"
+    return (_DTYPE_NAMES.get(part) or str(part).replace("torch.", "")) if isinstance(part, torch.dtype) else part
+
+
+def _key_from_file(parts: list) -> tuple:
+    return tuple(_BY_NAME.get(p, p) if isinstance(p, str) else p for p in parts)
 
 
 def pow2(n: int) -> int:
@@ -71,7 +79,8 @@ def pow2(n: int) -> int:
 class Op:
     """An op that `incubation.ops` dispatches. A call's signature is (name, pow2(rows(*args)),
     *key(*args), gradients?): `rows` is the size that varies with the batch, `key` the rest
-    (dtype first, then what `fields` names, for the report)."""
+    (dtype first, then what `fields` names, for the report; dtypes as torch.dtype, an absent
+    tensor as None: both run at every call, so they build the tuple from attributes only)."""
     name: str
     eager: Callable
     rows: Callable[..., int]
@@ -87,8 +96,8 @@ class Op:
     def describe(self, key: tuple) -> str:
         """A signature as the report and the decision file show it."""
         _, rows, dtype, *rest = key[:-1]
-        parts = [f"{name}={value if value is not None else 'none'}" for name, value in zip(self.fields, rest)]
-        return " ".join([self.name, dtype, f"{self.rows_field}={rows}", *parts, "fwd+bwd" if key[-1] else "fwd"])
+        parts = [f"{name}={_part_name(value)}" for name, value in zip(self.fields, rest)]
+        return " ".join([self.name, _part_name(dtype), f"{self.rows_field}={rows}", *parts, "fwd+bwd" if key[-1] else "fwd"])
 
 
 @dataclass
@@ -174,7 +183,24 @@ def _distributed() -> bool:
 
 
 def _needs_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if not torch.is_grad_enabled():
+        return False
+    for a in args:   # a loop, not any(generator): this runs at every call
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
+
+
+# os.environ.get raises and catches two KeyErrors for an unset variable (0.7 us, a third of the
+# per-call budget); CPython's backing dict of encoded names answers the same in 30 ns.
+_ENVIRON, _BACKEND_VARIABLE = os.environ._data, os.environ.encodekey("INCUBATION_BACKEND")
+_META = torch.device("meta")
+
+
+def _backend_variable() -> Optional[str]:
+    """INCUBATION_BACKEND as os.environ.get returns it."""
+    value = _ENVIRON.get(_BACKEND_VARIABLE)
+    return None if value is None else os.environ.decodevalue(value)
 
 
 # --------------------------------------------------------------------------------------
@@ -225,7 +251,7 @@ class Dispatcher:
     # ---- forcing a backend -----------------------------------------------------------
     def current_backend(self) -> str:
         """The forced backend (`use_backend`, else INCUBATION_BACKEND), or 'auto'."""
-        name = self.forced or os.environ.get("INCUBATION_BACKEND") or "auto"
+        name = self.forced or _backend_variable() or "auto"
         if name != "auto" and name not in self.devices:
             raise ValueError(f"INCUBATION_BACKEND={name!r} is not one of {('auto',) + BACKENDS}")
         return name
@@ -274,7 +300,7 @@ class Dispatcher:
     def environment(self, device: torch.device) -> str:
         """What a measurement depends on besides the call: the device and the software (and, on
         the CPU, the thread count, which changes which kernel is faster)."""
-        threads = torch.get_num_threads() if device.type == "cpu" else 0
+        threads = torch.get_num_threads()   # read for every device: device.type costs 0.25 us a call
         env = self.environments.get((device, threads))
         if env is None:
             from . import __version__
@@ -300,14 +326,14 @@ class Dispatcher:
             mine = self.decisions.setdefault(env, {})
             for r in records.values():
                 if r["choice"] in self.devices:   # a backend this process knows
-                    mine.setdefault(tuple(r["key"]), Decision(r["choice"], dict(r.get("ms", {})),
+                    mine.setdefault(_key_from_file(r["key"]), Decision(r["choice"], dict(r.get("ms", {})),
                                                               dict(r.get("refused", {}))))
 
     def _save_file(self) -> None:
         """Merge this process's measured decisions into the file (best effort, atomic)."""
         environments = _read_file()
         for env, records in self.decisions.items():
-            measured = {self.describe(k): {"key": list(k), **vars(d)} for k, d in records.items() if d.ms}
+            measured = {self.describe(k): {"key": [_part_name(p) for p in k], **vars(d)} for k, d in records.items() if d.ms}
             if measured:
                 environments.setdefault(env, {}).update(measured)
         _write_file(environments)
@@ -327,24 +353,24 @@ class Dispatcher:
     # ---- selection ---------------------------------------------------------------------
     def select(self, op: Op, device: torch.device, args: tuple) -> Callable:
         """The implementation that serves this call of `op` (see the module docstring)."""
-        if device.type == "meta":   # shapes only, no numbers: eager's shape rules serve every backend
-            return op.impls["eager"][0]
-        forced = self.current_backend()
-        if forced != "auto":
-            return self._forced_impl(op, forced, device.type, args)
+        if device == _META:   # shapes only, no numbers: eager's shape rules serve every backend
+            return op.eager
+        forced = self.forced or _backend_variable()
+        if forced and forced != "auto":
+            return self._forced_impl(op, self.current_backend(), device.type, args)
         if torch.compiler.is_compiling():
             choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
         elif self.measuring:
-            return op.impls["eager"][0]
+            return op.eager
         else:
             choice = self._decide(op, args, device).choice
-        if choice != "eager" and self.implements(op.name, choice):
+        if choice != "eager" and choice in op.impls and choice not in self.unavailable:
             fn, check = op.impls[choice]
             reason = check and check(*args)
             if not reason:
                 return fn
             _note(op.name, choice, reason)   # this call differs from the measured one (e.g. strides)
-        return op.impls["eager"][0]
+        return op.eager
 
     def _forced_impl(self, op: Op, forced: str, device_type: str, args: tuple) -> Callable:
         reason = self.why_not(op, forced, device_type, args, forced=True)
@@ -372,7 +398,8 @@ class Dispatcher:
         """The decision for this call's signature: cached, or measured now."""
         grad = _needs_grad(args)
         key = (op.name, pow2(op.rows(*args)), *op.key(*args), grad)
-        self._load_file()
+        if not self.loaded:
+            self._load_file()
         env = self.environment(device)
         decision = self.decisions.get(env, {}).get(key)
         if decision is not None and (self.remeasured is None or key in self.remeasured):

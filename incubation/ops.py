@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .dispatch import BACKENDS, DISPATCH, BackendError, Op, dtype_name
+from .dispatch import BACKENDS, DISPATCH, BackendError, Op
 
 try:
     from . import extension  # the cpp (CPU) and cuda backends: incubation._C
@@ -123,8 +123,11 @@ def _eager_attention(q, k, v, scale):
     # SDPA on CPU reads overlapping q / k / v wrongly: they get their own memory
     q, k, v = (t.contiguous() if _overlapping(t) else t for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if q.device.type == "cpu":   # its CPU kernel returns 0 for a query row holding NaN: the row is NaN
-        out = out + (q * 0).sum(-1, keepdim=True)   # (exactly 0 for a finite row, NaN otherwise)
+    # SDPA's CPU kernel returns 0 for a query row holding NaN or inf: such a row must be NaN. The
+    # fix-up (exactly 0 for a finite row) costs ~10 % of the attention with its backward, so it runs
+    # only when q holds a non-finite value (one read of q), or unconditionally in a compiled graph.
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or not torch.isfinite(q.detach().sum())):
+        out = out + (q * 0).sum(-1, keepdim=True)
     return out
 
 
@@ -143,8 +146,9 @@ def _without_autocast(device_type: str):
 
 
 def _eager_layer_norm(x, weight, bias, eps):
-    w = None if weight is None else weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
+    # (.to only where the dtype differs: each call of it costs a dispatch even when it returns self)
+    w = weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
+    b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
     if _autocast_on(x.device.type):   # autocast would return fp32: keep x's dtype
         with _without_autocast(x.device.type):
             return F.layer_norm(x, (x.shape[-1],), w, b, eps)
@@ -171,7 +175,7 @@ def _eager_linear(x, weight, bias, activation, layer_scale, residual):
 # public ops
 # --------------------------------------------------------------------------------------
 def _attention_key(q, k, v, scale):
-    return dtype_name(q), q.shape[2], k.shape[2], q.shape[3]
+    return q.dtype, q.shape[2], k.shape[2], q.shape[3]
 
 
 ATTENTION = DISPATCH.add(Op(
@@ -218,8 +222,12 @@ def _rows(x, *_) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
 
+def _dtype(t: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    return None if t is None else t.dtype
+
+
 def _layer_norm_key(x, weight, bias, eps):
-    return dtype_name(x), x.shape[-1], dtype_name(weight), dtype_name(bias)
+    return x.dtype, x.shape[-1], _dtype(weight), _dtype(bias)
 
 
 LAYER_NORM = DISPATCH.add(Op(
@@ -241,7 +249,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
 
 def _add_layer_norm_key(x, residual, weight, bias, eps):
-    return dtype_name(x), x.shape[-1], dtype_name(weight), dtype_name(bias), dtype_name(residual)
+    return x.dtype, x.shape[-1], _dtype(weight), _dtype(bias), _dtype(residual)
 
 
 ADD_LAYER_NORM = DISPATCH.add(Op(
@@ -267,8 +275,7 @@ def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
 
 
 def _linear_key(x, weight, bias, activation, layer_scale, residual):
-    return (dtype_name(x), weight.shape[1], weight.shape[0], dtype_name(bias), activation or "none",
-            dtype_name(layer_scale), dtype_name(residual))
+    return x.dtype, weight.shape[1], weight.shape[0], _dtype(bias), activation, _dtype(layer_scale), _dtype(residual)
 
 
 LINEAR = DISPATCH.add(Op(

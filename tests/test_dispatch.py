@@ -235,7 +235,7 @@ def test_a_call_the_chosen_backend_refuses_runs_eager_and_is_reported(monkeypatc
     ops.register("layer_norm", "picky", EAGER_LN, check=lambda x, *a: "odd strides" if not x.is_contiguous() else None,
                  devices=("cpu",))
     DISPATCH.decisions[DISPATCH.environment(torch.device("cpu"))] = {
-        ("layer_norm", 64, "float32", 32, "none", "none", False): dispatch.Decision("picky", {"picky": 1, "eager": 2})}
+        ("layer_norm", 64, torch.float32, 32, None, None, False): dispatch.Decision("picky", {"picky": 1, "eager": 2})}
     DISPATCH.loaded = True
     x = torch.randn(32, 64).t()
     torch.testing.assert_close(ops.layer_norm(x, None, None), EAGER_LN(x, None, None, 1e-6))

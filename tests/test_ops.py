@@ -167,11 +167,13 @@ def test_eager_attention_on_overlapping_views_matches_float64():
             torch.testing.assert_close(ops.attention(q, k, v).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_eager_attention_keeps_a_nan_query_nan():
-    """Defect 3: a query row holding NaN gave 0 on CPU; its output row must be NaN, the others exact."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_eager_attention_keeps_a_nan_query_nan(bad):
+    """Defect 3: a query row holding NaN (or inf) gave 0 on CPU; its output row must be NaN, the
+    others exact. The query is a strided view, as the ViT passes it."""
     torch.manual_seed(1)
-    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
-    q[0, 1, 4, 7] = float("nan")
+    q, k, v = torch.randn(1, 9, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    q[0, 1, 4, 7] = bad
     with ops.use_backend("eager"):
         out = ops.attention(q, k, v)
     assert out[0, 1, 4].isnan().all()

@@ -4,16 +4,19 @@ directly, for every op at a size where the kernel itself takes little time.
     incubation bench dispatch                # CPU (or the GPU), each op with and without grad
     incubation bench dispatch --quick        # shorter timing
 
-For each op: `auto` is the public call (`ops.linear(...)`: input validation, the signature
-tuple, the decision lookup, the chosen backend's capability check, then the backend); `direct`
-calls the function that `auto` chose with the same arguments. The decision is made (measured)
-before timing. Overhead = auto - direct, in microseconds per call, against the issue's
-target of at most 2 us (issue 24 item 3).
+Three loops per op, each CALLS calls, interleaved over rounds (median): `direct` calls the function
+that `auto` chose; `dispatched` asks the dispatcher first (`DISPATCH.select`: the signature tuple,
+the decision lookup, the chosen backend's capability check) and then calls what it returns;
+`public` is the public call (`ops.linear(...)`: input validation, then the same). Dispatch
+overhead = dispatched - direct: what `auto` adds, against the issue's target of at most 2 us
+(issue 24 item 3). Validation = public - dispatched, paid in every mode (auto or forced), is shown
+beside it. The decision is made (measured) before timing.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 from typing import Optional
 
@@ -34,6 +37,7 @@ from incubation.dispatch import DISPATCH
 
 TARGET_US = 2.0
 CALLS = 200   # calls per timed run: the overhead is a few microseconds, below one timer reading
+ROUNDS = 21
 
 
 def _calls(device: torch.device, grad: bool) -> dict[str, tuple]:
@@ -58,23 +62,39 @@ def _loop(fn, args):
     return run
 
 
+def _dispatched_loop(op, device, args):
+    def run():
+        for _ in range(CALLS):
+            DISPATCH.select(op, device, args)(*args)
+    return run
+
+
 def measure(device: torch.device, quick: bool) -> list[dict]:
     rows = []
     for grad in (False, True):
         with torch.no_grad() if not grad else contextlib.nullcontext():
             for name, (public, args, dispatched) in _calls(device, grad).items():
                 public(*args)   # decides (measures) the signature first
-                chosen = DISPATCH.select(DISPATCH.ops[name], device, dispatched)
-                backend = next(b for b, (fn, _) in DISPATCH.ops[name].impls.items() if fn is chosen)
-                auto_us = median_ms(_loop(public, args), device, quick=quick) * 1e3 / CALLS
-                direct_us = median_ms(_loop(chosen, dispatched), device, quick=quick) * 1e3 / CALLS
-                rows.append({"op": name, "grad": grad, "backend": backend, "auto_us": auto_us,
-                             "direct_us": direct_us, "overhead_us": auto_us - direct_us})
+                op = DISPATCH.ops[name]
+                chosen = DISPATCH.select(op, device, dispatched)
+                backend = next(b for b, (fn, _) in op.impls.items() if fn is chosen)
+                loops = {"direct": _loop(chosen, dispatched),
+                         "dispatched": _dispatched_loop(op, device, dispatched),
+                         "public": _loop(public, args)}
+                us = {k: [] for k in loops}
+                for _ in range(3 if quick else ROUNDS):   # interleaved: a change of load hits all three
+                    for k, run in loops.items():
+                        us[k].append(median_ms(run, device, quick=True) * 1e3 / CALLS)
+                us = {k: statistics.median(v) for k, v in us.items()}
+                rows.append({"op": name, "grad": grad, "backend": backend, "direct_us": us["direct"],
+                             "overhead_us": us["dispatched"] - us["direct"],
+                             "validation_us": us["public"] - us["dispatched"], "public_us": us["public"]})
     return rows
 
 
-COLUMNS = [("op", "op", ""), ("grad", "grad", ""), ("backend", "chosen", ""), ("auto_us", "auto us", ".2f"),
-           ("direct_us", "direct us", ".2f"), ("overhead_us", "overhead us", ".2f")]
+COLUMNS = [("op", "op", ""), ("grad", "grad", ""), ("backend", "chosen", ""), ("direct_us", "direct us", ".2f"),
+           ("overhead_us", "dispatch overhead us", ".2f"), ("validation_us", "validation us", ".2f"),
+           ("public_us", "public call us", ".2f")]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -89,7 +109,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = environment(device)
     rows = measure(device, args.quick)
     worst = max(r["overhead_us"] for r in rows)
-    verdict = f"worst overhead {worst:.2f} us per call: {'met' if worst <= TARGET_US else 'missed'} (target <= {TARGET_US} us)"
+    verdict = (f"worst dispatch overhead {worst:.2f} us per call: {'met' if worst <= TARGET_US else 'missed'} "
+               f"(target <= {TARGET_US} us); input validation {min(r['validation_us'] for r in rows):.2f}-"
+               f"{max(r['validation_us'] for r in rows):.2f} us more in every mode")
     print(describe_environment(env))
     print(table(rows, COLUMNS))
     print(verdict)
