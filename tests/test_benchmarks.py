@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -129,7 +130,7 @@ def test_ops_bad_arguments(ops_bench, capsys):
 def test_train_step_json(tmp_path):
     payload = train.run_train_benchmarks(
         device="cpu", models=["Ti"], batch=1, providers=["ours-eager", "ours-triton", "timm"], quick=True,
-        warmup=1, out_dir=str(tmp_path), plot=False, log=lambda *_: None)
+        warmup=1, out_dir=str(tmp_path), plot=False, log=lambda *_: None, rounds=2)
     with open(tmp_path / "train_step.json") as f:
         written = json.load(f)
     assert written["benchmark"] == "train_step" and written["environment"]["device"] == "cpu"
@@ -148,6 +149,9 @@ def test_train_step_json(tmp_path):
     assert by_provider["ours-eager"]["loss_first_step"] == pytest.approx(by_provider["timm"]["loss_first_step"],
                                                                          rel=1e-4)
     assert by_provider["timm"]["x_timm"] == pytest.approx(1.0)
+    for name in ("ours-eager", "timm"):   # two interleaved rounds, the median of them reported
+        assert len(by_provider[name]["round_ms"]) == 2
+        assert by_provider[name]["ms"] == pytest.approx(statistics.median(by_provider[name]["round_ms"]))
     assert {t["status"] for t in written["targets"]} <= TARGET_STATUSES
     assert (tmp_path / "train_step.md").read_text().startswith("## Train-step benchmark, CPU")
     assert payload["config"]["batch"] == 1
@@ -155,8 +159,9 @@ def test_train_step_json(tmp_path):
 
 
 def test_dispatch_overhead_benchmark(tmp_path, monkeypatch):
-    """`incubation bench dispatch`: every op with and without grad, auto against the backend it
-    chose called directly; overhead = auto - direct (the time itself is not asserted)."""
+    """`incubation bench dispatch`: every op with and without grad, the backend auto chose called
+    directly, through the dispatcher, and through the public op; overhead = dispatched - direct,
+    validation = public - dispatched (the times themselves are not asserted)."""
     from incubation.bench import dispatch as dispatch_bench
     monkeypatch.setenv("INCUBATION_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(dispatch_bench, "CALLS", 3)
@@ -166,8 +171,8 @@ def test_dispatch_overhead_benchmark(tmp_path, monkeypatch):
     assert {(r["op"], r["grad"]) for r in rows} == {(op, g) for op in ("attention", "layer_norm", "add_layer_norm",
                                                                        "linear") for g in (False, True)}
     for r in rows:
-        assert r["backend"] in ("eager", "cpp") and r["auto_us"] > 0 and r["direct_us"] > 0
-        assert r["overhead_us"] == pytest.approx(r["auto_us"] - r["direct_us"])
+        assert r["backend"] in ("eager", "cpp") and r["public_us"] > 0 and r["direct_us"] > 0
+        assert r["public_us"] == pytest.approx(r["direct_us"] + r["overhead_us"] + r["validation_us"])
     assert payload["worst_us"] == max(r["overhead_us"] for r in rows)
     assert "Dispatch overhead per call" in (tmp_path / "dispatch.md").read_text()
 

@@ -82,7 +82,7 @@ def measure(device: torch.device, quick: bool) -> list[dict]:
                          "dispatched": _dispatched_loop(op, device, dispatched),
                          "public": _loop(public, args)}
                 us = {k: [] for k in loops}
-                for _ in range(3 if quick else ROUNDS):   # interleaved: a change of load hits all three
+                for _ in range(1 if quick else ROUNDS):   # interleaved: a change of load hits all three
                     for k, run in loops.items():
                         us[k].append(median_ms(run, device, quick=True) * 1e3 / CALLS)
                 us = {k: statistics.median(v) for k, v in us.items()}
