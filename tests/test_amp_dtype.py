@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tiny_training import QUIET, easy_data, tiny_vit
 
-from incubation import ops
+from incubation import cli, ops, pipeline
 from incubation.train import DivergedError, TrainConfig, train
 from incubation.train.checkpoint import load_checkpoint_state
 from incubation.train.optim import make_optimizer, trained_parameters
@@ -159,6 +159,22 @@ def test_a_loss_scale_that_keeps_falling_is_a_divergence(tmp_path):
     model = tiny_vit(**FP32)
     with pytest.raises(DivergedError, match=r"at step 30: .*loss scale fell to 6.1\d*e-05"):
         train(model, easy_data(**FP32), None, cfg, tmp_path, hooks=[_overflow_at(model, set(range(40)))])
+
+
+def test_amp_dtype_on_the_command_line(tiny, folder, run_cli, tmp_path, capsys):
+    assert cli.main(["meta", "--amp-dtype", "float8"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "incubation meta: error: argument --amp-dtype: expected bfloat16 or float16 (timm's autocast dtypes), "
+        "got 'float8'")
+    spec = cli.spec_from_args(cli.build_parser().parse_args(["run", "--amp-dtype", "float16"]))
+    assert spec.recipe == {"amp_dtype": "float16"}
+    assert pipeline.stage_argv(spec, "meta")[-2:] == ["--amp-dtype", "float16"]   # a child gets it
+    assert run_cli("meta", "--data", folder, "--out", tmp_path, *tiny, "--amp-dtype", "float16", "--epochs", "1") == 0
+    assert "), float16 autocast with loss scaling\n" in capsys.readouterr().out
+    config = json.load(open(tmp_path / "meta" / "config.json"))
+    assert config["train_config"]["amp_dtype"] == config["recipe"]["amp_dtype"] == "float16"
+    assert _scaler_state(tmp_path / "meta")["scale"] > 0
 
 
 @pytest.mark.gpu
