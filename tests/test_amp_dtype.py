@@ -17,6 +17,7 @@ from incubation.train.checkpoint import load_checkpoint_state
 from incubation.train.optim import make_optimizer, trained_parameters
 
 FP32 = dict(dtype=torch.float32)   # autocast casts float32 (a float64 model would keep float64)
+CPU = dict(QUIET, device="cpu")    # the CPU twins, on a GPU machine too
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +57,7 @@ def test_the_bfloat16_default_trains_on_cpu_as_without_amp(tmp_path):
     results = []
     for amp in (True, False):
         model = tiny_vit(**FP32)
-        cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, amp=amp, **QUIET)
+        cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, amp=amp, **CPU)
         train(model, easy_data(**FP32), None, cfg, tmp_path / str(amp))
         results.append(model.state_dict())
         assert _scaler_state(tmp_path / str(amp)) is None
@@ -78,7 +79,7 @@ def test_a_float16_step_is_torchs_gradscaler_loop(tmp_path):
 
     model, ref = tiny_vit(**FP32), tiny_vit(**FP32)
     cfg = TrainConfig(steps=1, batch_size=32, lr=0.1, opt="sgd", weight_decay=0.0, clip_grad=0.5,
-                      amp_dtype="float16", **QUIET)
+                      amp_dtype="float16", **CPU)
     train(model, Recording(), None, cfg, tmp_path / "fp16")
 
     x, y = data.tensors[0][reads], data.tensors[1][reads]   # the engine's order
@@ -104,7 +105,7 @@ def test_a_float16_step_is_torchs_gradscaler_loop(tmp_path):
 def test_skipped_steps_are_no_divergence_and_leave_the_weights(tmp_path):
     """Steps 1 and 2 overflow: the scaler skips them (the weights and the optimizer stay) and
     halves its scale twice; the run is no divergence and ends as a run of the one good step."""
-    cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, min_lr=1e-3, amp_dtype="float16", log_interval=1, **QUIET)
+    cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, min_lr=1e-3, amp_dtype="float16", log_interval=1, **CPU)
     skipped = tiny_vit(**FP32)
     train(skipped, easy_data(**FP32), None, cfg, tmp_path / "skipped", hooks=[_overflow_at(skipped, {1, 2})])
     one = tiny_vit(**FP32)
@@ -120,7 +121,7 @@ def test_skipped_steps_are_no_divergence_and_leave_the_weights(tmp_path):
 def test_a_float16_run_resumes_bit_identically_with_its_scaler(tmp_path):
     """Stopped after its checkpoint at step 4 and resumed, a float16 run with a skipped step ends
     with the weights and the scaler state of the uninterrupted run (a fresh scaler would not)."""
-    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", mixup=0.5, **QUIET)
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", mixup=0.5, **CPU)
 
     def stop_at_5(step, model):
         if step == 5:
@@ -145,7 +146,7 @@ def test_a_nan_loss_under_float16_is_still_a_divergence(tmp_path):
     engine stops there all the same, naming the step."""
     data = easy_data(n=32, **FP32)
     data.tensors[0][7] = math.nan
-    cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, amp_dtype="float16", **QUIET)
+    cfg = TrainConfig(steps=2, batch_size=16, lr=1e-3, amp_dtype="float16", **CPU)
     model = tiny_vit(**FP32)
     with pytest.raises(DivergedError, match=r"diverged at step [12]: the loss"):
         train(model, data, None, cfg, tmp_path)
@@ -155,7 +156,7 @@ def test_a_nan_loss_under_float16_is_still_a_divergence(tmp_path):
 def test_a_loss_scale_that_keeps_falling_is_a_divergence(tmp_path):
     """Gradients infinite at every step: the scale halves from 2**16 until it is below 1e-4
     (after 30 skipped steps), and that is a divergence, not one more skipped step."""
-    cfg = TrainConfig(steps=40, batch_size=16, lr=1e-3, amp_dtype="float16", log_interval=1, **QUIET)
+    cfg = TrainConfig(steps=40, batch_size=16, lr=1e-3, amp_dtype="float16", log_interval=1, **CPU)
     model = tiny_vit(**FP32)
     with pytest.raises(DivergedError, match=r"at step 30: .*loss scale fell to 6.1\d*e-05"):
         train(model, easy_data(**FP32), None, cfg, tmp_path, hooks=[_overflow_at(model, set(range(40)))])
@@ -180,12 +181,29 @@ def test_amp_dtype_on_the_command_line(tiny, folder, run_cli, tmp_path, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device (CPU twins: the float16 tests above, on CPU autocast)")
-def test_cuda_float16_run_learns_with_its_scaler(tmp_path):
+def test_cuda_float16_learns_and_resumes_with_its_scaler(tmp_path):
     model = tiny_vit(dtype=torch.float32, global_pool="avg")
     train_set, eval_set = easy_data(256, seed=1, dtype=torch.float32), easy_data(128, seed=2, dtype=torch.float32)
     cfg = TrainConfig(epochs=12, batch_size=32, lr=1e-2, warmup_steps=10, clip_grad=1.0, amp_dtype="float16",
                       device="cuda", progress=False)
-    result = train(model, train_set, eval_set, cfg, tmp_path)
+    result = train(model, train_set, eval_set, cfg, tmp_path / "learn")
     assert next(model.parameters()).is_cuda and result.eval_acc > 90
-    state = _scaler_state(tmp_path)
-    assert state["scale"] > 0 and state["_growth_tracker"] > 0
+    assert _scaler_state(tmp_path / "learn")["_growth_tracker"] > 0
+    # stopped after step 4 and resumed, with a skipped step 1: the uninterrupted run's weights and scaler
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", device="cuda",
+                      **QUIET)
+
+    def stop_at_5(step, model):
+        if step == 5:
+            raise KeyboardInterrupt("stopped")
+    whole = tiny_vit(**FP32)
+    train(whole, easy_data(**FP32), None, cfg, tmp_path / "whole", hooks=[_overflow_at(whole, {1})])
+    cut = tiny_vit(**FP32)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(cut, {1}), stop_at_5])
+    resumed = tiny_vit(seed=3, **FP32)
+    train(resumed, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(resumed, {1})])
+    for k, v in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert _scaler_state(tmp_path / "cut") == _scaler_state(tmp_path / "whole")
+    assert _scaler_state(tmp_path / "whole")["scale"] == 2.0 ** 15
