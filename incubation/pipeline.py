@@ -330,8 +330,9 @@ class Context:
         if os.environ.get("RANK", "0") != "0":
             return
         name = stage if module is None else f"{stage} {module}"
+        device = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         say(f"{name}: {cfg.steps} steps of {cfg.batch_size} images, {cfg.opt} at peak lr {cfg.lr:.4g} "
-            f"(warmup {cfg.warmup_steps} steps, {cfg.sched} schedule to {cfg.min_lr:.3g})")
+            f"(warmup {cfg.warmup_steps} steps, {cfg.sched} schedule to {cfg.min_lr:.3g}), {cfg.precision(device)}")
         directory = stage_dir(self.run_dir, stage, module)
         os.makedirs(directory, exist_ok=True)
         s, train, ev = self.spec, base_dataset(self.train_set), base_dataset(self.eval_set)

@@ -78,6 +78,8 @@ class Recipe:
                               "(1 = off; the vit-* presets: 3)", "--aug-repeats", type="positive_int")
     ema_decay: Optional[float] = _field(None, f"EMA decay (default {EMA_DECAY}; implies --model-ema)",
                                         "--model-ema-decay", type="decay_rate")
+    amp_dtype: str = _field("bfloat16", "autocast dtype: bfloat16 (on CUDA only; a CPU run keeps float32) or float16 "
+                            "(on CUDA and CPU, with a GradScaler's loss scaling)", "--amp-dtype", type="amp_dtype")
     evals: int = _field(0, "evaluations spread over the stage for the accuracy curves (0 = every epoch)")
 
     @property
@@ -115,6 +117,7 @@ class Recipe:
             weight_decay=self.weight_decay, clip_grad=self.clip_grad, label_smoothing=self.label_smoothing,
             warmup_steps=min(epochs_to_steps(self.warmup_epochs, num_train, self.batch_size, minimum=0), steps - 1),
             mixup=self.mixup, cutmix=self.cutmix, ema_decay=self.ema_decay, aug_repeats=self.aug_repeats,
+            amp_dtype=self.amp_dtype,
             eval_every=math.ceil(steps / evals), **options)
 
 

@@ -153,7 +153,7 @@ def _sample(action) -> list:
         return [next(c for c in action.choices if c != action.default)]
     special = {"--data": "folder:/some/images", "--device": "cpu", "--split": "3,1", "--modules": "2",
                "--model": "vit_tiny_patch16_224", "--aa": "rand-m7-mstd0.5", "--lr-base-scale": "sqrt",
-               "--opt": "sgd", "--sched": "step", "--opt-betas": "0.8,0.9"}
+               "--opt": "sgd", "--sched": "step", "--opt-betas": "0.8,0.9", "--amp-dtype": "float16"}
     if action.option_strings[-1] in special:
         return [special[action.option_strings[-1]]]
     for text in ("3", "0.5", "/some/dir"):

@@ -46,7 +46,9 @@ def test_lr_is_absolute_and_lr_base_scales_as_timm():
 
 def test_a_stage_prints_its_resolved_lr(tiny, folder, run_cli, tmp_path, capsys):
     assert run_cli("meta", "--data", folder, "--out", tmp_path, *tiny, "--lr", "3e-3", "--epochs", "1") == 0
-    assert "meta: 6 steps of 8 images, adamw at peak lr 0.003 (warmup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "meta: 6 steps of 8 images, adamw at peak lr 0.003 (warmup" in out
+    assert "), no autocast (bfloat16 autocast applies on CUDA only)\n" in out   # --amp-dtype's default on CPU
 
 
 # ----------------------------------------------------------------------------------------------

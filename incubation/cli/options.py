@@ -21,9 +21,10 @@ from ..data import Augment
 from ..pipeline import RunSpec, stage_argv
 from ..presets import PRESETS
 from ..recipe import OPTIONS as RECIPE_OPTIONS
+from ..train.config import AMP_DTYPES
 
 __all__ = ["positive_int", "non_negative_int", "seed_int", "positive_float", "non_negative_float", "fraction",
-           "decay_rate", "momentum", "betas", "optimizer_name", "lr_base_scale", "sched_name",
+           "decay_rate", "momentum", "betas", "optimizer_name", "lr_base_scale", "sched_name", "amp_dtype",
            "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
            "device_name", "model_name", "data_name", "add_common_arguments", "add_incubation_options",
            "spec_from_args", "common_argv"]
@@ -130,6 +131,13 @@ def lr_base_scale(text: str) -> str:
 def sched_name(text: str) -> str:
     if text not in ("cosine", "step"):
         raise argparse.ArgumentTypeError(f"expected cosine or step (timm's schedulers), got {text!r}")
+    return text
+
+
+def amp_dtype(text: str) -> str:
+    """timm's --amp-dtype: bfloat16 or float16 (TrainConfig.autocast_dtype says where each applies)."""
+    if text not in AMP_DTYPES:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(AMP_DTYPES)} (timm's autocast dtypes), got {text!r}")
     return text
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 from ..errors import IncubationError
 
 SCHEDULES = ("warmup_cosine", "cosine", "step")   # ours, then timm's
+AMP_DTYPES = ("bfloat16", "float16")              # timm's --amp-dtype
 
 __all__ = ["TrainConfig", "TrainResult", "DivergedError"]
 
@@ -35,7 +36,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     mixup: float = 0.0             # mixup alpha (0 = off)
     cutmix: float = 0.0            # cutmix alpha (0 = off)
-    amp: bool = True               # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True               # autocast in amp_dtype (see autocast_dtype); False: the model's dtype
+    amp_dtype: str = "bfloat16"    # timm's --amp-dtype: bfloat16 (CUDA only) or float16 (CUDA and CPU, loss scaling)
     ema_decay: Optional[float] = None
     aug_repeats: int = 1           # repeated augmentation: each image this often per epoch (1 = off)
     seed: int = 0
@@ -74,6 +76,7 @@ class TrainConfig:
                  f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         need(self.decay_steps is None or (isinstance(self.decay_steps, int) and self.decay_steps >= 0),
              f"decay_steps must be an integer >= 0 or None, got {self.decay_steps!r}")
+        need(self.amp_dtype in AMP_DTYPES, f"amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
         need(self.sched in SCHEDULES, f"sched must be one of {SCHEDULES}, got {self.sched!r}")
         need(self.sched != "cosine" or self.decay_steps is None,
              "decay_steps (our cosine's length, LEMON's schedule) does not apply to timm's cosine schedule")
@@ -94,6 +97,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def autocast_dtype(self, device_type: str) -> Optional[str]:
+        """The autocast dtype of this run on `device_type`, None for none. bfloat16 applies on CUDA
+        only (a CPU run keeps the model's dtype, as before --amp-dtype); float16 applies on CUDA and
+        on CPU, as timm's --amp-dtype float16 autocasts on any device, always with loss scaling."""
+        if not self.amp or (self.amp_dtype == "bfloat16" and device_type != "cuda"):
+            return None
+        return self.amp_dtype
+
+    @property
+    def loss_scaling(self) -> bool:
+        """float16 autocast trains with a GradScaler, on every device (timm's only on CUDA): float16's
+        range is too small for unscaled gradients; bfloat16 has float32's and needs none."""
+        return self.amp and self.amp_dtype == "float16"
+
+    def precision(self, device_type: str) -> str:
+        """In words, for the line a stage prints when it starts."""
+        dtype = self.autocast_dtype(device_type)
+        if dtype is None:
+            return "no autocast" + (" (bfloat16 autocast applies on CUDA only)" if self.amp else "")
+        return f"{dtype} autocast" + (" with loss scaling" if self.loss_scaling else "")
 
 
 class DivergedError(IncubationError, RuntimeError):

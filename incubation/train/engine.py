@@ -51,6 +51,10 @@ from .schedule import lr_schedule
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "DivergedError"]
 
+# Under float16 loss scaling, a scale below this means the gradients overflow at every scale: a
+# divergence, not an overflow the GradScaler skips (fairseq's --min-loss-scale default)
+MIN_LOSS_SCALE = 1e-4
+
 
 # --------------------------------------------------------------------------------------
 # loss, mixing, evaluation
@@ -80,10 +84,16 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, dtype: Optional[str]):
+    """Autocast in `dtype` ("bfloat16", "float16"; TrainConfig.autocast_dtype), or none for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def _grad_scaler(cfg: TrainConfig, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    """The run's GradScaler (TrainConfig.loss_scaling: float16 autocast), on the run's device."""
+    return torch.amp.GradScaler(device.type) if cfg.loss_scaling else None
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, device, rank: int = 0, world: int = 1,
@@ -98,7 +108,7 @@ def _eval_loader(dataset: Dataset, batch_size: int, device, rank: int = 0, world
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, loader: DataLoader, device, amp: bool, world: int = 1) -> dict:
+def _evaluate(model: nn.Module, loader: DataLoader, device, amp: Optional[str], world: int = 1) -> dict:
     was_training = model.training
     model.eval()
     correct, correct5, loss_sum = 0.0, 0.0, 0.0
@@ -128,7 +138,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device=N
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    return _evaluate(model, _eval_loader(dataset, batch_size, device), device, amp)
+    return _evaluate(model, _eval_loader(dataset, batch_size, device), device,
+                     "bfloat16" if amp and device.type == "cuda" else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,6 +209,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
     on the same out_dir raises RunDirLocked naming the holder.
     A NaN or infinite loss, gradient norm or weight raises DivergedError naming the stage and the
     step; checkpoints are never written from such weights, so out_dir keeps the last good one.
+    Under float16 autocast (cfg.amp_dtype) a GradScaler scales the loss; a step it skips for
+    infinite gradients is no divergence, a loss scale below MIN_LOSS_SCALE is.
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
@@ -220,11 +233,13 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Optional[Dataset], cfg
         with _only_trained_require_grad(model, trained):
             optimizer = make_optimizer(model, trained, cfg)
             ema = EMA(trained, cfg.ema_decay) if cfg.ema_decay else None
-            start, counters = checkpointer.resume(model, optimizer, ema) if resume else (0, {})
+            scaler = _grad_scaler(cfg, place.device)
+            start, counters = checkpointer.resume(model, optimizer, ema, scaler) if resume else (0, {})
             log = MetricsLog(out_dir, stage, cfg, plan, place, start, counters.get("wall_seconds", 0.0),
                               _train_flops(model))
             runner = _Runner(model=model, train_set=train_set, eval_set=eval_set, cfg=cfg, plan=plan, place=place,
-                             trained=trained, optimizer=optimizer, ema=ema, hooks=hooks, counters=counters)
+                             trained=trained, optimizer=optimizer, ema=ema, scaler=scaler, hooks=hooks,
+                             counters=counters)
             return runner.run(start, log, checkpointer)
     finally:
         if lock is not None:
@@ -245,7 +260,7 @@ def _lock_run_dir(out_dir: str, place: Place) -> Optional[RunDirLock]:
     return lock
 
 
-def _agree_on_kernels(model, data, batch: int, device, amp: bool, rank: int) -> None:
+def _agree_on_kernels(model, data, batch: int, device, amp: Optional[str], rank: int) -> None:
     """Under DDP every rank must run the same kernels: rank 0 measures the model's op calls
     on a real micro-batch and the other ranks take its decisions (see incubation.dispatch)."""
     if ops.current_backend() != "auto":
@@ -270,6 +285,7 @@ class _Runner:
     trained: list
     optimizer: torch.optim.Optimizer
     ema: Optional[EMA]
+    scaler: Optional[torch.amp.GradScaler]   # float16 autocast's loss scaling
     hooks: Sequence[Callable[[int, nn.Module], None]]
     counters: dict   # a checkpoint's, when resuming
 
@@ -280,6 +296,7 @@ class _Runner:
         self.mixer = _mixer(self.cfg, self.model, self.train_set)
         self.lr_of = lr_schedule(self.cfg, self.plan.total_steps, self.plan.decay_steps)
         self.eval_loader = None
+        self.amp = self.cfg.autocast_dtype(self.device.type)
 
     def _net(self):
         """What the steps call: the model, in DDP with several ranks (self.ddp, for no_sync),
@@ -299,21 +316,25 @@ class _Runner:
         if self.eval_loader is None:
             self.eval_loader = _eval_loader(self.eval_set, max(256, self.plan.micro_batch), self.device, self.rank,
                                             self.world, self.cfg.num_workers)
-        ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
+        ev = _evaluate(self.model, self.eval_loader, self.device, self.amp, self.world)
         result.update(eval_acc=ev["acc"], eval_top5=ev["top5"], eval_loss=ev["loss"])
         if self.ema is not None:
             with self.ema.swapped_in():
-                ev = _evaluate(self.model, self.eval_loader, self.device, self.cfg.amp, self.world)
+                ev = _evaluate(self.model, self.eval_loader, self.device, self.amp, self.world)
             result.update(ema_eval_acc=ev["acc"], ema_eval_top5=ev["top5"], ema_eval_loss=ev["loss"])
         return result
 
     def _check_finite(self, done: int, save_keys=None) -> None:
         """Raise DivergedError if a step since the last check had a non-finite loss or gradient
-        norm, or (with save_keys, before a checkpoint) a weight to save is not finite. The guard
-        syncs with the device only here: where the engine syncs anyway (log lines) and before
-        every checkpoint, so that nothing unchecked is ever saved."""
+        norm (not one the GradScaler skipped), the loss scale fell below MIN_LOSS_SCALE, or (with
+        save_keys, before a checkpoint) a weight to save is not finite. The guard syncs with the
+        device only here: where the engine syncs anyway (log lines) and before every checkpoint, so
+        that nothing unchecked is ever saved."""
         first = self.first_bad.clone()
         bad_key = None
+        scale = self.scaler.get_scale() if self.scaler is not None else math.inf   # the same on every rank
+        if scale < MIN_LOSS_SCALE:
+            first.clamp_(max=float(done))
         if save_keys is not None:
             sd = self.model.state_dict()
             bad_key = first_nonfinite({k: sd[k] for k in save_keys})
@@ -324,12 +345,14 @@ class _Runner:
         bad = float(first)
         if not math.isfinite(bad):
             return
-        weight = f" (first non-finite weight: {bad_key!r})" if bad_key is not None else ""
+        detail = f" (first non-finite weight: {bad_key!r})" if bad_key is not None else ""
+        if scale < MIN_LOSS_SCALE:
+            detail += f" (the float16 loss scale fell to {scale:g}: the gradients overflow at every scale)"
         ckpt = self.checkpointer
         kept = (f"the last good checkpoint {ckpt.prefix}.safetensors (step {ckpt.saved_step}) is kept and a resume "
                 f"starts from it" if ckpt.saved_step else "this run wrote no checkpoint")
         raise DivergedError(f"stage {ckpt.stage!r} diverged at step {int(bad)}: the loss, the gradient norm or the "
-                            f"weights became NaN or infinite{weight}; {kept}. Lower the learning rate (peak "
+                            f"weights became NaN or infinite{detail}; {kept}. Lower the learning rate (peak "
                             f"{self.cfg.lr:g}), add warmup or set clip_grad")
 
     def _step(self, step: int, net: nn.Module, batches, window: torch.Tensor):
@@ -352,34 +375,48 @@ class _Runner:
             x, targets = self.mixer(x, y) if self.mixer is not None else (x, None)
             last = micro == cfg.accum_steps - 1
             with contextlib.nullcontext() if (self.world == 1 or last) else self.ddp.no_sync():
-                with _autocast(device, cfg.amp):
+                with _autocast(device, self.amp):
                     logits = net(x)
                 logits = _at_least_fp32(logits)
                 if targets is None:
                     targets = _soft_targets(y, logits.shape[-1], cfg.label_smoothing, logits.dtype)
                 loss = F.cross_entropy(logits, targets.to(logits.dtype))
-                (loss / cfg.accum_steps).backward()
+                scaled = loss / cfg.accum_steps
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
             with torch.no_grad():
                 window += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
             losses.append(loss.detach())
+        return lr, self._update(losses)
+
+    def _update(self, losses: list) -> torch.Tensor:
+        """Clip, note a divergence, step the optimizer (through the GradScaler under float16
+        autocast) and the EMA; returns the gradient norm before clipping."""
+        cfg, scaler = self.cfg, self.scaler
         params = [p for _, p in self.trained]
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)   # the norm and its clipping are the true gradients'
         if cfg.clip_grad is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        # Noted on the device, checked at the next sync (_check_finite). There is no GradScaler to
-        # account for: CUDA AMP is bf16, whose range is fp32's, so a non-finite value is a real
-        # divergence; an fp16 GradScaler's skipped steps (inf gradients on purpose) must not count.
-        finite = torch.isfinite(grad_norm)
-        for loss in losses:
-            finite &= torch.isfinite(loss)
+        # Noted on the device, checked at the next sync (_check_finite). A non-finite loss is a
+        # divergence. So is a non-finite gradient norm under bfloat16 (float32's range) or none;
+        # under float16 the GradScaler skips that step and lowers its scale (an overflow it expects:
+        # not counted; a scale that keeps falling is, in _check_finite).
+        finite = torch.stack([torch.isfinite(loss) for loss in losses]).all()
+        if scaler is None:
+            finite &= torch.isfinite(grad_norm)
         self.done_t += 1  # = step + 1, counted on the device: a host scalar would cost a blocking copy
         self.first_bad = torch.where(finite, self.first_bad, torch.minimum(self.first_bad, self.done_t))
-        self.optimizer.step()
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)   # skipped when a gradient is not finite
+            scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
-        return lr, grad_norm
+        return grad_norm
 
     def _batches(self, start: int):
         """This rank's micro-batches of steps [start, total), in order (see StepBatches)."""
@@ -394,7 +431,7 @@ class _Runner:
         self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=self.device)  # first non-finite step
         self.done_t = torch.full((), float(start), dtype=torch.float64, device=self.device)
         if self.world > 1:
-            _agree_on_kernels(self.model, self.train_set, self.plan.micro_batch, self.device, cfg.amp, self.rank)
+            _agree_on_kernels(self.model, self.train_set, self.plan.micro_batch, self.device, self.amp, self.rank)
         net, batches = self._net(), self._batches(start)
         if cfg.eval_at_start and start == 0 and self.eval_set is not None:
             log.start_line(self._evaluate_all())
@@ -416,7 +453,7 @@ class _Runner:
                     self.last_loss = log.line(done, lr, grad_norm, self.last_eval if evaluated else None)["loss"]
                 if saved:
                     counters = {"wall_seconds": log.wall(), "train_loss": self.last_loss, "eval": self.last_eval}
-                    checkpointer.save(done, self.model, self.optimizer, self.ema, counters)
+                    checkpointer.save(done, self.model, self.optimizer, self.ema, counters, self.scaler)
         finally:
             log.close()
         return self._finish(start, log, checkpointer)

@@ -184,8 +184,8 @@ class Checkpointer:
         sd = model.state_dict()
         return {k: sd[k] for k in self.save_keys}
 
-    def resume(self, model, optimizer, ema: Optional["EMA"]) -> tuple[int, dict]:
-        """Load the checkpoint of this stage into model / optimizer / EMA; (start step, counters)."""
+    def resume(self, model, optimizer, ema: Optional["EMA"], scaler=None) -> tuple[int, dict]:
+        """Load the checkpoint of this stage into model / optimizer / EMA / GradScaler; (start step, counters)."""
         prefix, place, given = self.prefix, self.place, self.cfg.resume_from
         if given is not None:   # --resume PATH: another run's checkpoint of this stage (read only)
             prefix = os.path.join(given, "checkpoint") if os.path.isdir(given) else _prefix(given)
@@ -218,15 +218,20 @@ class Checkpointer:
             if state["ema"] is None:
                 raise CheckpointError(f"checkpoint {prefix}.state.pt has no EMA state but ema_decay is set")
             ema.shadow = {n: t.to(ema.shadow[n].device) for n, t in state["ema"].items()}
+        if scaler is not None:   # float16 is a trajectory field: its checkpoints hold the scaler's state
+            if state.get("scaler") is None:
+                raise CheckpointError(f"checkpoint {prefix}.state.pt has no GradScaler state but amp_dtype is float16")
+            scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.saved_step = state["step"] or None
         self.kept = state["counters"].get("kept", [])
         return state["step"], state["counters"]
 
-    def save(self, step: int, model, optimizer, ema: Optional["EMA"], counters: dict) -> None:
+    def save(self, step: int, model, optimizer, ema: Optional["EMA"], counters: dict, scaler=None) -> None:
         if self.place.rank == 0:
             state = {"step": step, "optimizer": optimizer.state_dict(), "trajectory": _trajectory(self.cfg),
-                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": {**counters, "kept": self.kept}}
+                     "ema": ema.shadow if ema else None, "rng": rng_state(), "counters": {**counters, "kept": self.kept},
+                     "scaler": scaler.state_dict() if scaler is not None else None}
             save_checkpoint(self.prefix, self._weights(model), {**self.metadata, "step": step}, state=state)
         self.saved_step = step
 
