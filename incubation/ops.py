@@ -19,7 +19,6 @@ The eager backend is the reference: exactly timm's math (exact erf GELU, SDPA at
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -321,8 +320,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
                 raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
                                 "all linear inputs must share a dtype)")
     args = (x, weight, bias, activation, layer_scale, residual)
-    with _without_autocast(x.device.type) if autocast else contextlib.nullcontext():
-        return DISPATCH.select(LINEAR, x.device, args)(*args)
+    if autocast:
+        with _without_autocast(x.device.type):
+            return DISPATCH.select(LINEAR, x.device, args)(*args)
+    return DISPATCH.select(LINEAR, x.device, args)(*args)
 
 
 OPS = tuple(DISPATCH.ops)
