@@ -40,7 +40,7 @@ import torch
 
 from .errors import IncubationError
 from .measure import MARGIN, measure, outputs
-from .utils import measurement_dir
+from .utils import user_cache_dir
 
 __all__ = ["BackendError", "Op", "Decision", "Dispatcher", "DISPATCH", "BACKENDS", "MARGIN", "pow2"]
 
@@ -133,7 +133,7 @@ def _cpu_name() -> str:
 
 def cache_path() -> str:
     """The decision file: $INCUBATION_CACHE_DIR/dispatch.json, else the user cache dir."""
-    return os.path.join(measurement_dir(), "dispatch.json")
+    return os.path.join(user_cache_dir(), "dispatch.json")
 
 
 def _valid(record) -> bool:

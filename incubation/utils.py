@@ -26,8 +26,6 @@ def user_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "incubation")
 
 
-measurement_dir = user_cache_dir
-
 
 def _finite_or_none(obj):
     if isinstance(obj, float):

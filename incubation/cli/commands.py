@@ -10,7 +10,7 @@
     incubation report                    report.md, report.json and plots of <out>
     incubation expand CKPT -o OUT ...    LEMON: a larger, function-preserving model from a checkpoint
     incubation grow                      Apollo: progressive depth training of the target
-    incubation bench ops|train|study|assembly   the benchmarks (incubation.bench) on this machine
+    incubation bench ops|train|study|assembly|dispatch   the benchmarks (incubation.bench) on this machine
     incubation tune [--preset P | --model NAME]   measure every op call of a model on each backend
                                          ahead of training, into the dispatch cache
     incubation backends                  which kernel backend serves each op, its timings, and why
@@ -315,7 +315,7 @@ def _cmd_bench(args):
 
 def _add_bench(p):
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="ops|train|study|assembly and their options (incubation bench ops --help)")
+                   help="ops|train|study|assembly|dispatch and their options (incubation bench ops --help)")
 
 
 def _add_import_official(p):

@@ -1,6 +1,6 @@
 """Autotuning choices kept on disk, for a kernel whose configs have a pre-hook: Triton keeps
 no tuning result of such configs across processes (it cannot serialise the hook). One file
-per kernel source, GPU and Triton version, under measurement_dir(); a config no longer among
+per kernel source, GPU and Triton version, under user_cache_dir(); a config no longer among
 the kernel's is ignored, and a missing or unreadable file is no choice at all.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import triton
 
-from ..utils import atomic_write, measurement_dir
+from ..utils import atomic_write, user_cache_dir
 
 __all__ = ["TunedConfigs"]
 
@@ -30,7 +30,7 @@ class TunedConfigs:
     def path(self, device_name: str) -> str:
         source = getattr(self.kernel.fn, "cache_key", "")   # (the interpreter's function has none)
         what = f"{source}|{device_name}|triton {triton.__version__}"
-        return os.path.join(measurement_dir(), f"{self.name}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json")
+        return os.path.join(user_cache_dir(), f"{self.name}-{hashlib.sha256(what.encode()).hexdigest()[:16]}.json")
 
     def load(self, device_name: str) -> int:
         """Put the configs chosen by earlier processes on this GPU into the autotuner's cache
@@ -52,7 +52,7 @@ class TunedConfigs:
         next process the timing)."""
         records = [[list(key), _record(config)] for key, config in self.kernel.cache.items()]
         try:
-            os.makedirs(measurement_dir(), exist_ok=True)
+            os.makedirs(user_cache_dir(), exist_ok=True)
             atomic_write(self.path(device_name), json.dumps(records).encode())
         except OSError:
             pass
