@@ -112,7 +112,9 @@ def test_a_stage_never_starts_from_weights_in_the_directory_it_writes(command, s
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy, reason", [("bogus-policy", "Unknown AA policy bogus"),
                                             ("rand-x9", "Unknown RandAugment config section"),
-                                            ("randfoo", "timm knows no such policy")])
+                                            ("randfoo", "timm knows no such policy"),
+                                            ("rand-bogus", "section(s) 'bogus' hold no number"),
+                                            ("augmix-m5-wide", "section(s) 'wide' hold no number")])
 def test_an_unknown_auto_augment_policy_is_a_usage_error(policy, reason, capsys):
     assert cli.main(["meta", "--aa", policy]) == 2
     err = capsys.readouterr().err

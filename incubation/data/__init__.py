@@ -9,6 +9,7 @@ the attributes `num_classes`, `in_chans` and `img_size` that the model configs n
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -75,6 +76,11 @@ class Augment:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in ("bilinear", "bicubic", "nearest", "random"):
             raise ValueError(f"interpolation must be bilinear, bicubic, nearest or random, got {self.interpolation!r}")
+        ignored = _sections_timm_ignores(self.auto_augment or "")
+        if ignored:
+            raise ValueError(f"auto-augment policy {self.auto_augment!r}: section(s) {', '.join(map(repr, ignored))} "
+                             "hold no number, and timm would ignore them without a word (each section is a key "
+                             "and a number, e.g. rand-m9-mstd0.5-inc1)")
 
     def transform(self, img_size: int, training: bool):
         """The timm transform of this recipe for images of `img_size`."""
@@ -94,6 +100,15 @@ class Augment:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _sections_timm_ignores(policy: str) -> list[str]:
+    """The sections of a timm auto-augment policy that timm's parsers skip silently: those with
+    no number (but rand's t<transforms>). An unknown policy name is timm's to refuse."""
+    name, *sections = policy.split("-")
+    if name not in ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a"):
+        return []
+    return [s for s in sections if not re.search(r"\d", s) and not (name == "rand" and s.startswith("t"))]
 
 
 def base_dataset(dataset: Dataset) -> Dataset:
