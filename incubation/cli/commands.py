@@ -40,7 +40,7 @@ import torch
 
 from .. import bench, ops, pipeline
 from ..errors import IncubationError
-from ..growth import lemon_expand, too_few_steps, train_apollo
+from ..growth import apollo_schedule, lemon_expand, too_few_steps, train_apollo
 from ..launch.local import LocalLauncher, last_line
 from ..nn import VisionTransformer
 from ..official import import_official
@@ -266,6 +266,11 @@ def _cmd_grow(args):
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
     cfg = run.train_config(recipe)
+    if args.stages is not None and args.switch is None and args.schedule == "apollo":
+        own = apollo_schedule(target.depth, 100)[0]   # its stages do not depend on the steps
+        raise UsageError(f"argument --stages: --schedule apollo (the default) sets the stages itself ({','.join(map(str, own))} "
+                         f"at depth {target.depth}); for --stages {','.join(map(str, args.stages))} give --schedule even "
+                         "or --switch")
     least = too_few_steps(target.depth, cfg.steps, args.stages, args.switch, args.schedule)
     if least is not None:
         schedule = f"--switch {','.join(map(str, args.switch))}" if args.switch else f"--schedule {args.schedule}"
