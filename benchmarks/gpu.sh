@@ -83,10 +83,13 @@ unset TRITON_INTERPRET  # the compiled kernels, never the interpreter
 ORDER=(env build tests-triton backends tests-extension ops ops-attention tune backends-tuned train ops-dtypes
        train-large)
 # (train: five providers, two of them compiled by Inductor: timm's ViT-B and ours with tuned decisions)
-declare -A CAP=([env]=60 [build]=200 [tests-triton]=150 [backends]=30 [tests-extension]=90 [ops]=120
-                [ops-attention]=60 [tune]=120 [backends-tuned]=30 [train]=300 [ops-dtypes]=300 [train-large]=400)
-declare -A FLOOR=([tests-triton]=0 [backends]=10 [tests-extension]=20 [ops]=60 [ops-attention]=25 [tune]=30
-                  [backends-tuned]=10 [train]=170 [ops-dtypes]=60 [train-large]=120)
+# (first lease, H200, budget 450: build 62 s, train 101 s; ops-attention's 25 s and tune's 30 s were
+# spent compiling kernels before anything was measured, so those floors are higher now, and the
+# Triton tests, the least new information, give way: with a longer call, raise BUDGET_S)
+declare -A CAP=([env]=60 [build]=200 [tests-triton]=100 [backends]=30 [tests-extension]=90 [ops]=120
+                [ops-attention]=60 [tune]=150 [backends-tuned]=30 [train]=300 [ops-dtypes]=300 [train-large]=400)
+declare -A FLOOR=([tests-triton]=0 [backends]=10 [tests-extension]=20 [ops]=60 [ops-attention]=40 [tune]=75
+                  [backends-tuned]=10 [train]=130 [ops-dtypes]=60 [train-large]=120)
 declare -A PART_OF=([env]=env [build]=build [backends]=build [tests-triton]=tests [tests-extension]=tests [ops]=ops
                     [ops-attention]=ops-attention [tune]=tune [backends-tuned]=tune [train]=train
                     [ops-dtypes]=ops-dtypes [train-large]=train-large)
