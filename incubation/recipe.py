@@ -78,7 +78,8 @@ class Recipe:
                               "(1 = off; the vit-* presets: 3)", "--aug-repeats", type="positive_int")
     ema_decay: Optional[float] = _field(None, f"EMA decay (default {EMA_DECAY}; implies --model-ema)",
                                         "--model-ema-decay", type="decay_rate")
-    evals: int = _field(0, "evaluations spread over the stage for the accuracy curves (0 = every epoch)")
+    evals: int = _field(0, "evaluations spread over the stage for the accuracy curves (0 = every epoch)", "--evals",
+                        type="non_negative_int")
 
     @property
     def peak_lr(self) -> float:
