@@ -7,9 +7,12 @@ graph that a launcher runs, and each stage run in this process.
   The run dir holds `<out>/<stage>/` (`<out>/incubate-<i>/` per module): the engine's files and
   config.json; a stage whose `final.json` exists is finished.
 - `RunSpec`: what a run is (the `incubation` command's common options; Python users build it
-  directly) and what each stage asks of a machine (`Resources`).
+  directly), per stage its own recipe changes (`stage_recipes`) and what it asks of a machine
+  (`Resources`). Runs may share one meta model (`meta_from`: the incubations of another run's).
 - `jobs(spec)`: the graph as `launch.Job`s, each one stage as `python -m incubation.cli <stage>
   ...` (its command line rebuilt from the spec by `stage_argv`); the K incubations are one array.
+  A job is named by its stage directory relative to a root (default the run dir: `meta`,
+  `incubate-0`, ...), so that the graphs of several runs join into one (the study's).
 - `run_stage(spec, stage, module)`: one stage in this process (what each job's command runs); it
   returns at once when the stage is already finished.
 
@@ -42,7 +45,7 @@ from .train import TrainConfig
 from .utils import atomic_write, is_inside, json_dumps, json_value, read_json_object, versions
 
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
-           "stage_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
+           "stage_dir", "meta_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
            "check_stage", "check_initial_checkpoint", "option_fields", "say", "print_result"]
 
 
@@ -113,6 +116,12 @@ def _final(run_dir: str, stage: str, module: Optional[int] = None) -> str:
     return os.path.join(stage_dir(run_dir, stage, module), "final")
 
 
+def meta_dir(spec: "RunSpec") -> str:
+    """The meta stage whose model the incubations of `spec` start from: the run's own, or that of
+    the run `spec.meta_from` (variants of the incubation sharing one meta model)."""
+    return stage_dir(spec.run_dir if spec.meta_from is None else spec.meta_from, "meta")
+
+
 # ----------------------------------------------------------------------------------------------
 # what a run is
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +139,9 @@ class RunSpec:
     model: Optional[str] = None        # a timm ViT name as the target
     img_size: Optional[int] = None
     patch_size: Optional[int] = None
+    depth: Optional[int] = None        # the target's blocks, width and heads (default: the preset's or --model's)
+    embed_dim: Optional[int] = None
+    num_heads: Optional[int] = None
     initial_checkpoint: Optional[str] = None   # meta / e2e start from these weights
     skip_bad_images: bool = False
     workers: Optional[int] = None
@@ -148,12 +160,15 @@ class RunSpec:
     log_interval: int = 0              # steps between metrics lines (0: ~1 % of the stage)
     resume: Optional[str] = None       # one stage: resume from this checkpoint instead of its own
     checkpoint_hist: int = 0           # timm's: keep the weights of this many best evaluations
+    checkpoint_every: int = 0          # steps between checkpoints (0: at the end of each epoch)
     eval_metric: str = "top1"          # what best means: top1, top5 or loss
     log_tensorboard: Optional[str] = None   # TensorBoard logs, a run per stage
     limit_train: Optional[int] = None
     limit_eval: Optional[int] = None
     init: Optional[str] = None         # incubation only: random or lemon (default: the preset's)
     meta_mode: str = "eval"            # incubation only: the frozen meta blocks in eval or train mode
+    meta_from: Optional[str] = None    # incubate / assemble: the run dir whose meta model to use (default this one)
+    stage_recipes: dict = field(default_factory=dict)   # stage -> Recipe field -> value, over `recipe` there
     resources: dict = field(default_factory=dict, compare=False)   # stage name -> Resources
 
     @property
@@ -166,15 +181,21 @@ class RunSpec:
         return self.resources.get(stage, Resources())
 
 
-# RunSpec fields that only `incubate` takes; `resources` is the launcher's, `recipe` holds Recipe fields
-_INCUBATE_ONLY = ("init", "meta_mode")
-_NOT_OPTIONS = ("resources", "recipe")
+# RunSpec fields that only some stages take; `resources` is the launcher's, `recipe` and `stage_recipes`
+# hold Recipe fields
+_STAGE_ONLY = {"init": ("incubate",), "meta_mode": ("incubate",), "meta_from": ("incubate", "assemble")}
+_NOT_OPTIONS = ("resources", "recipe", "stage_recipes")
 
 
 def option_fields(stage: str) -> list[str]:
     """The RunSpec fields that are command-line options of `stage` (`--<name with dashes>`)."""
     return [f.name for f in dataclasses.fields(RunSpec)
-            if f.name not in _NOT_OPTIONS and (stage == "incubate" or f.name not in _INCUBATE_ONLY)]
+            if f.name not in _NOT_OPTIONS and stage in _STAGE_ONLY.get(f.name, (stage,))]
+
+
+def recipe_changes(spec: RunSpec, stage: str) -> dict:
+    """The Recipe fields `spec` gives in `stage`: its `recipe`, then the stage's own."""
+    return {**spec.recipe, **spec.stage_recipes.get(stage, {})}
 
 
 def _option_argv(spec: RunSpec, names: list[str]) -> list[str]:
@@ -196,15 +217,20 @@ def matched_baseline(spec: RunSpec) -> RunSpec:
     return dataclasses.replace(spec, recipe={k: v for k, v in spec.recipe.items() if k != "epochs"})
 
 
-def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: str = sys.executable) -> list[str]:
-    """The command line that runs `stage` (module `module` of incubate) of `spec` in its own process."""
-    head = [python, "-m", "incubation.cli", stage]
+def stage_argv(spec: RunSpec, stage: str, module: Optional[int] = None, python: str = sys.executable,
+               program: str = "incubation.cli") -> list[str]:
+    """The command line that runs `stage` (module `module` of incubate) of `spec` in its own process:
+    `python -m <program> <stage> <options>` (`program`: a command whose subcommand takes the common
+    options, `incubation.cli` for the pipeline's stages and `grow`)."""
+    head = [python, "-m", program, stage]
     if stage == "report":
         return head + ["--out", spec.run_dir]
     if stage == "incubate":
         head += ["--module", str(module)]
     if stage == "e2e":
         spec = matched_baseline(spec)
+    # the child runs this one stage: the stage's own recipe changes join the run's
+    spec = dataclasses.replace(spec, recipe=recipe_changes(spec, stage), stage_recipes={})
     out = spec.out if spec.experiment else spec.run_dir   # the child resolves --experiment as the parent did
     return head + _option_argv(dataclasses.replace(spec, out=out), option_fields(stage))
 
@@ -223,7 +249,7 @@ class Stage:
 
 def num_modules(spec: RunSpec) -> tuple[int, Optional[list]]:
     """(K, blocks per module): from the meta checkpoint when there is one, else the options / preset."""
-    meta = read_stage(stage_dir(spec.run_dir, "meta"))
+    meta = read_stage(meta_dir(spec))
     if meta is not None:
         if spec.modules not in (None, meta["K"]) or spec.split not in (None, meta["sizes"]):
             raise ValueError(f"{meta['dir']} holds a meta model for K={meta['K']} modules of {meta['sizes']} "
@@ -238,31 +264,50 @@ def num_modules(spec: RunSpec) -> tuple[int, Optional[list]]:
     return K, sizes
 
 
-def _job_names(stage: Stage, K: int) -> list[str]:
-    return [f"{stage.name}-{i}" for i in range(K)] if stage.per_module else [stage.name]
+def _dirs(spec: RunSpec, stage: Stage, K: int) -> list[str]:
+    """The directories of a stage's jobs (the meta stage: the shared one with `meta_from`)."""
+    if stage.name == "meta":
+        return [meta_dir(spec)]
+    if stage.per_module:
+        return [stage_dir(spec.run_dir, stage.name, i) for i in range(K)]
+    return [stage_dir(spec.run_dir, stage.name)]
 
 
-def finished(spec: RunSpec) -> set:
-    """The names of the jobs of `spec` whose stage has its final checkpoint (the report never is)."""
+def _name(spec: RunSpec, directory: str, root: Optional[str]) -> str:
+    """A job's name: its directory relative to `root` (default the run dir: meta, incubate-0, ...)."""
+    return os.path.relpath(directory, spec.run_dir if root is None else root)
+
+
+def _own_stages(spec: RunSpec, stages=None) -> list[Stage]:
+    """The stages of `spec` (those named in `stages`) that run in its run dir (not a shared meta)."""
+    return [s for s in STAGES.values() if (stages is None or s.name in stages)
+            and not (s.name == "meta" and spec.meta_from is not None)]
+
+
+def finished(spec: RunSpec, root: Optional[str] = None) -> set:
+    """The names of the jobs of `spec` whose stage has its final checkpoint (the report never is),
+    the shared meta model's included."""
     K, _ = num_modules(spec)
-    return {name for stage in STAGES.values() if stage.recipe for name in _job_names(stage, K)
-            if os.path.exists(os.path.join(spec.run_dir, name, "final.json"))}
+    dirs = [d for s in STAGES.values() if s.recipe for d in _dirs(spec, s, K)]
+    return {_name(spec, d, root) for d in dirs if os.path.exists(os.path.join(d, "final.json"))}
 
 
-def jobs(spec: RunSpec, python: str = sys.executable, stages=None) -> list[Job]:
+def jobs(spec: RunSpec, python: str = sys.executable, stages=None, root: Optional[str] = None) -> list[Job]:
     """The unfinished jobs of the pipeline (all of `STAGES`, or those named in `stages`), in an order
-    that runs; a job's needs may name finished jobs (`finished(spec)`) or jobs left out."""
+    that runs, named relative to `root` (default the run dir). A job needs the jobs of the stages it
+    needs among those chosen, and with `meta_from` the shared meta model's job (another run's, or
+    finished: `finished(spec)` names it)."""
     K, _ = num_modules(spec)
-    done, graph = finished(spec), []
-    for stage in STAGES.values():
-        if stages is not None and stage.name not in stages:
-            continue
-        needs = [n for s in stage.needs for n in _job_names(STAGES[s], K)]
-        for i, name in enumerate(_job_names(stage, K)):
+    done, graph = finished(spec, root), []
+    for stage in _own_stages(spec, stages):
+        needs = [_name(spec, d, root) for s in stage.needs
+                 if stages is None or s in stages or (s == "meta" and spec.meta_from is not None)
+                 for d in _dirs(spec, STAGES[s], K)]
+        for i, directory in enumerate(_dirs(spec, stage, K)):
+            name = _name(spec, directory, root)
             if name in done:
                 continue
-            log = os.path.join(spec.run_dir, name, "log.txt") if stage.recipe else \
-                os.path.join(spec.run_dir, "report.log")
+            log = os.path.join(directory, "log.txt") if stage.recipe else os.path.join(spec.run_dir, "report.log")
             graph.append(Job(name, stage_argv(spec, stage.name, i if stage.per_module else None, python), log,
                              needs, resources=spec.resources_for(stage.name),
                              array=stage.name if stage.per_module else None))
@@ -282,10 +327,12 @@ def print_result(name: str, result) -> None:
     say(f"{name}: eval acc {acc}, {result.steps} steps, {result.wall_seconds:.1f} s -> {result.checkpoint_path}")
 
 
-def _subset(dataset, limit: Optional[int], seed: int):
+def _subset(dataset, limit: Optional[int]):
+    """`limit` random images of `dataset`: the same ones whatever --seed (runs of several seeds
+    differ in their training only, as the study's points do)."""
     if limit is None or limit >= len(dataset):
         return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
     return torch.utils.data.Subset(dataset, keep.tolist())
 
 
@@ -321,6 +368,7 @@ class Context:
                                    compile=s.compile, grad_checkpointing=s.grad_checkpointing,
                                    log_interval=s.log_interval, channels_last=s.channels_last,
                                    resume_from=s.resume, checkpoint_hist=s.checkpoint_hist,
+                                   checkpoint_every=s.checkpoint_every,
                                    eval_metric=s.eval_metric, tensorboard_dir=s.log_tensorboard)
 
     def write_config(self, stage: str, recipe: Recipe, cfg: TrainConfig, module: Optional[int] = None,
@@ -355,8 +403,8 @@ class Context:
 
 
 def stage_recipe(spec: RunSpec, preset: Preset, stage: str) -> Recipe:
-    """The preset's recipe of `stage` with what `spec` gives."""
-    changes = dict(spec.recipe)
+    """The preset's recipe of `stage` with what `spec` gives (in every stage, then in this one)."""
+    changes = recipe_changes(spec, stage)
     if spec.model_ema and changes.get("ema_decay") is None:
         changes["ema_decay"] = EMA_DECAY
     return dataclasses.replace(preset.recipe(stage), **changes)
@@ -383,19 +431,21 @@ def _timm_patch_size(name: str) -> int:
 
 
 def _target(spec: RunSpec, preset: Preset, data) -> ViTConfig:
-    """The target ViT for this data: the preset's, or --model's, with --patch-size."""
+    """The target ViT for this data: the preset's, or --model's, with --patch-size, --depth,
+    --embed-dim and --num-heads."""
     size, patch = data.img_size, spec.patch_size
+    shape = {k: getattr(spec, k) for k in ("depth", "embed_dim", "num_heads") if getattr(spec, k) is not None}
     if patch is None:
         patch = _timm_patch_size(spec.model) if spec.model else preset.model["patch_size"]
     if size % patch:
         raise UsageError(f"argument --img-size: images of {size} px do not split into patches of {patch} px: give "
                          f"--img-size a multiple of {patch}, or --patch-size a divisor of {size}")
     if not spec.model:
-        return ViTConfig(**{**preset.model, "patch_size": patch, "img_size": size, "in_chans": data.in_chans,
-                            "num_classes": data.num_classes})
+        return ViTConfig(**{**preset.model, **shape, "patch_size": patch, "img_size": size,
+                            "in_chans": data.in_chans, "num_classes": data.num_classes})
     import timm
     model = timm.create_model(spec.model, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans,
-                              img_size=size, patch_size=patch)
+                              img_size=size, patch_size=patch, **shape)
     try:
         return timm_config(model)
     except (TypeError, ValueError) as exc:
@@ -413,8 +463,8 @@ def context(spec: RunSpec) -> Context:
     else:
         train_set, eval_set = (load_dataset(spec.data, split, **load) for split in ("train", "test"))
     target = _target(spec, preset, base_dataset(train_set))
-    return Context(spec, preset, _subset(train_set, spec.limit_train, spec.seed),
-                   _subset(eval_set, spec.limit_eval, spec.seed), target, augment)
+    return Context(spec, preset, _subset(train_set, spec.limit_train), _subset(eval_set, spec.limit_eval), target,
+                   augment)
 
 
 def _train_meta(run: Context, module=None):
@@ -434,14 +484,14 @@ def _train_incubate(run: Context, module: int):
     if init == "lemon":  # LEMON's schedule for a function-preserving start: same peak, no long tail
         cfg = lemon_config(cfg)
     run.write_config("incubate", recipe, cfg, module, init=init, meta_mode=meta_mode)
-    return deep.train_module(_final(run.run_dir, "meta"), run.target_for(recipe), module, run.train_set,
+    return deep.train_module(os.path.join(meta_dir(run.spec), "final"), run.target_for(recipe), module, run.train_set,
                              run.eval_set, cfg, stage_dir(run.run_dir, "incubate", module), init=init,
                              meta_mode=meta_mode)
 
 
 def _train_assemble(run: Context, module=None):
     K, sizes = num_modules(run.spec)
-    meta = _final(run.run_dir, "meta")
+    meta = os.path.join(meta_dir(run.spec), "final")
     recipe = run.recipe("assemble")
     cfg = run.train_config(recipe)
     run.write_config("assemble", recipe, cfg, K=K, sizes=sizes)
@@ -454,7 +504,7 @@ def _train_e2e(run: Context, module=None):
     """At the pipeline's training FLOPs when it has finished and no --epochs is given."""
     recipe = run.recipe("e2e")
     target = run.target_for(recipe)
-    cost = pipeline_cost(run.run_dir) if "epochs" not in run.spec.recipe else None
+    cost = pipeline_cost(run.run_dir) if "epochs" not in recipe_changes(run.spec, "e2e") else None
     steps = None
     if cost is not None:  # the same training FLOPs as the whole Deep Incubation pipeline
         steps = max(1, round(cost["flops"] / (train_flops_per_image(target) * recipe.batch_size)))
@@ -494,7 +544,7 @@ def check_stage(spec: RunSpec, stage: str, module: Optional[int]) -> None:
     """What can be refused before any data is loaded."""
     check_initial_checkpoint(spec, stage)
     if stage == "incubate":
-        meta = _final(spec.run_dir, "meta")
+        meta = os.path.join(meta_dir(spec), "final")
         if not os.path.exists(meta + ".json"):
             raise FileNotFoundError(f"incubation needs the meta model {meta}.safetensors: run `incubation meta` "
                                     f"first")
@@ -527,7 +577,8 @@ def run(spec: RunSpec) -> None:
     writes the report."""
     check_initial_checkpoint(spec, "run")
     loaded = context(spec)
-    run_stage(spec, "meta", run=loaded)
+    if spec.meta_from is None:
+        run_stage(spec, "meta", run=loaded)
     for i in range(num_modules(spec)[0]):
         run_stage(spec, "incubate", i, run=loaded)
     run_stage(spec, "assemble", run=loaded)

@@ -80,7 +80,8 @@ class Recipe:
                                         "--model-ema-decay", type="decay_rate")
     amp_dtype: str = _field("bfloat16", "autocast dtype: bfloat16 (on CUDA only; a CPU run keeps float32) or float16 "
                             "(on CUDA and CPU, with a GradScaler's loss scaling)", "--amp-dtype", type="amp_dtype")
-    evals: int = _field(0, "evaluations spread over the stage for the accuracy curves (0 = every epoch)")
+    evals: int = _field(0, "evaluations spread over the stage for the accuracy curves (0 = every epoch)", "--evals",
+                        type="non_negative_int")
 
     @property
     def peak_lr(self) -> float:

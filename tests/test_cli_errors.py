@@ -16,7 +16,8 @@ from incubation.bench import study
 from incubation.errors import IncubationError
 
 FUZZ = ["0", "-1", "nan", "inf", ""]
-ZERO_IS_VALID = {"--seed", "--module", "--num-workers", "--drop-path", "--smoothing", "--reprob", "--mixup", "--cutmix",
+ZERO_IS_VALID = {"--seed", "--module", "--evals", "--checkpoint-every",
+                 "--num-workers", "--drop-path", "--smoothing", "--reprob", "--mixup", "--cutmix",
                  "--weight-decay", "--warmup-epochs", "--momentum", "--warmup-lr"}  # the numeric options where 0 means something
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,7 @@
 """incubation.pipeline: the job graph (its shape for any K and split, finished stages left out,
 refusal of graphs that cannot run), the child command lines rebuilt from a RunSpec, and the ways
 of running the pipeline (serial, --parallel, stage by stage, the Python API) giving the same weights."""
+import dataclasses
 import json
 import os
 
@@ -66,6 +67,55 @@ def test_finished_stages_are_left_out(tmp_path):
     assert "e2e" not in _names(pipeline.jobs(spec))
 
 
+def _option(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_runs_sharing_a_meta_model_join_into_one_graph(tmp_path):
+    root = str(tmp_path)
+    base = pipeline.RunSpec(out=os.path.join(root, "a"), modules=2, stage_recipes={"meta": {"epochs": 3.0}})
+    variant = dataclasses.replace(base, out=os.path.join(root, "b"), init="lemon", meta_from=base.out)
+    graph = (pipeline.jobs(base, python="py", stages=["meta", "incubate", "assemble"], root=root)
+             + pipeline.jobs(variant, python="py", stages=["incubate", "assemble"], root=root))
+    assert _names(graph) == ["a/meta", "a/incubate-0", "a/incubate-1", "a/assemble", "b/incubate-0", "b/incubate-1",
+                             "b/assemble"]
+    needs = {j.name: list(j.needs) for j in graph}
+    assert needs["b/incubate-1"] == ["a/meta"] and needs["b/assemble"] == ["b/incubate-0", "b/incubate-1"]
+    assert len(check_graph(graph)) == len(graph)   # every need is a job of the joined graph
+    argv = {j.name: j.argv for j in graph}
+    assert _option(argv["a/meta"], "--epochs") == "3.0" and "--epochs" not in argv["a/incubate-0"]
+    assert _option(argv["b/incubate-0"], "--meta-from") == base.out and _option(argv["b/incubate-0"], "--init") == "lemon"
+    assert _option(argv["b/assemble"], "--meta-from") == base.out and "--init" not in argv["b/assemble"]
+    assert graph[4].log == os.path.join(root, "b", "incubate-0", "log.txt")
+    # on its own, the variant has no meta job: it needs the shared one, done once it is finished
+    alone = pipeline.jobs(variant)
+    assert _names(alone) == ["incubate-0", "incubate-1", "assemble", "e2e", "report"]
+    assert alone[0].needs == [os.path.join("..", "a", "meta")]
+    _finish(tmp_path / "a", "meta", stage="meta", K=2, sizes=[2, 2])
+    assert pipeline.finished(variant) == {os.path.join("..", "a", "meta")}
+    assert pipeline.finished(variant, root=root) == {"a/meta"} and pipeline.num_modules(variant) == (2, [2, 2])
+    check_graph(pipeline.jobs(variant), pipeline.finished(variant))
+    with pytest.raises(ValueError, match="disagree"):
+        pipeline.jobs(dataclasses.replace(variant, modules=3))
+
+
+def test_a_stage_recipe_replaces_the_runs_in_that_stage():
+    spec = pipeline.RunSpec(recipe={"epochs": 5.0, "lr": 1e-3}, stage_recipes={"e2e": {"epochs": 2.0}})
+    tiny = pipeline.get_preset("tiny")
+    assert pipeline.stage_recipe(spec, tiny, "meta").epochs == 5.0
+    assert (pipeline.stage_recipe(spec, tiny, "e2e").epochs, pipeline.stage_recipe(spec, tiny, "e2e").lr) == (2.0, 1e-3)
+    assert _option(pipeline.stage_argv(spec, "e2e"), "--epochs") == "2.0"   # given for e2e: no FLOP matching
+    assert "--epochs" not in pipeline.stage_argv(dataclasses.replace(spec, stage_recipes={}), "e2e")
+
+
+def test_the_target_shape_options_and_a_subset_the_seed_does_not_change():
+    spec = pipeline.RunSpec(depth=2, embed_dim=16, num_heads=2, limit_train=50, limit_eval=20)
+    run = pipeline.context(spec)
+    assert (run.target.depth, run.target.embed_dim, run.target.num_heads, run.target.patch_size) == (2, 16, 2, (7, 7))
+    other = pipeline.context(dataclasses.replace(spec, seed=3))
+    assert other.train_set.indices == run.train_set.indices and other.eval_set.indices == run.eval_set.indices
+
+
 def test_graphs_that_cannot_run_are_refused():
     def job(name, *needs):
         return Job(name, ["true"], "log", needs)
@@ -84,14 +134,18 @@ def test_a_child_command_line_parses_back_to_the_spec(tmp_path):
     parser = cli.build_parser()
     spec = pipeline.RunSpec(out=str(tmp_path), data="folder:/x", modules=3, split=[1, 2, 5], model_ema=True, seed=7,
                             limit_train=9, init="lemon", meta_mode="train", no_progress=True, device="cpu",
+                            depth=6, embed_dim=32, num_heads=2, checkpoint_every=5, meta_from=str(tmp_path / "other"),
                             recipe=dict(epochs=0.30000000000000004, lr=1e-3, auto_augment="none", label_smoothing=0.0,
-                                        ema_decay=0.5, batch_size=3))
+                                        ema_decay=0.5, batch_size=3),
+                            stage_recipes={"incubate": dict(epochs=0.5, evals=1), "meta": dict(lr=2e-3)})
     for stage, module in (("meta", None), ("incubate", 2), ("assemble", None)):
         argv = pipeline.stage_argv(spec, stage, module)[3:]
         parsed = cli.spec_from_args(parser.parse_args(argv))
-        expected = spec if stage == "incubate" else pipeline.RunSpec(**{**spec.__dict__, "init": None,
-                                                                       "meta_mode": "eval"})
-        assert parsed == expected, stage
+        # the child runs one stage: its own recipe changes are its recipe; it takes only its own options
+        expected = dict(spec.__dict__, recipe={**spec.recipe, **spec.stage_recipes.get(stage, {})}, stage_recipes={})
+        if stage != "incubate":
+            expected.update(init=None, meta_mode="eval", meta_from=spec.meta_from if stage == "assemble" else None)
+        assert parsed == pipeline.RunSpec(**expected), stage
     e2e = cli.spec_from_args(parser.parse_args(pipeline.stage_argv(spec, "e2e")[3:]))
     assert "epochs" not in e2e.recipe and e2e.recipe["lr"] == 1e-3   # the baseline trains for the pipeline's FLOPs
 

@@ -23,6 +23,8 @@ from incubation import ViTConfig, deep
 from incubation.bench import study
 from incubation.train import evaluate
 
+VARIANTS = {"random": "deep", "lemon": "deep-lemon", "metatrain": "deep-metatrain"}   # --variant -> the study's method
+
 
 class Mixed(nn.Module):
     """The meta model with the modules in `use` substituted (module i: its target blocks; module
@@ -65,22 +67,22 @@ def main(argv=None) -> int:
     p.add_argument("--study", required=True, help="a study's --out")
     p.add_argument("--budget", default="2")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", action="append", help="random, lemon, metatrain (default: every one run)")
+    p.add_argument("--variant", action="append", choices=sorted(VARIANTS),
+                   help="random, lemon, metatrain (default: every one run)")
     p.add_argument("--json", help="write the numbers here too")
     args = p.parse_args(argv)
-    cfg = study._load_config(args.study)
-    _, eval_set, _ = study._datasets(cfg)
-    tag = study._tag(float(args.budget), args.seed)
-    variants = args.variant or [study._variant(m) for m in study.DEEP_VARIANTS if m in cfg.methods]
+    cfg, budget = study._load_config(args.study), float(args.budget)
+    eval_set = study.data(cfg, args.study).eval_set   # the validation split with --val-size
     results = {}
-    for variant in variants:
-        modules = [os.path.join(args.study, f"incubate-{variant}-{i}", tag, "final") for i in range(cfg.K)]
-        results[variant] = r = diagnose(os.path.join(args.study, "meta", tag, "final"), modules, eval_set)
+    for variant in args.variant or [v for v, m in VARIANTS.items() if m in cfg.methods]:
+        meta, *modules, _ = [os.path.join(d, "final") for d in study.method_dirs(cfg, args.study, VARIANTS[variant],
+                                                                                 budget, args.seed)]
+        results[variant] = r = diagnose(meta, modules, eval_set)
         print(f"{variant}: meta {r['meta']:.2f} | hybrids {' '.join(f'{a:.2f}' for a in r['hybrid'])} | "
               f"all but i {' '.join(f'{a:.2f}' for a in r['all_but'])} | assembled {r['assembled']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"study": args.study, "tag": tag, "results": results}, f, indent=1)
+            json.dump({"study": args.study, "budget": budget, "seed": args.seed, "results": results}, f, indent=1)
     return 0
 
 

@@ -19,11 +19,20 @@ FLOPs are the engine's count (`incubation.train`), a hybrid's frozen meta blocks
 backward they skip. Wall-clock is measured per job: --parallel jobs at once, each on
 its share of the cores (incubation.launch.local.LocalLauncher).
 
-Each stage of each method is one job (`run` writes them all to <out>/plan.json), run as its own
-process (`_job`), which writes <out>/<job>/result.json when it finishes. `run` skips finished jobs and an interrupted job
-resumes from its checkpoint (the engine's), so `run` can be repeated until everything is done;
-it refuses an --out made with other settings. It then writes <out>/study.json, study.md and
-study.png.
+Every method at every point is a pipeline run (`incubation.pipeline.RunSpec`) in its own run dir,
+<out>/<method>/b<budget>-s<seed>/, whose stages are the pipeline's (`pipeline.stage_dir`), each
+with its epochs from the budget (`stage_recipes`). `deep` holds the meta model that the other
+Deep Incubation variants share (`meta_from`), `lemon-small` is LEMON's small model (its `e2e`).
+The job graph is the pipeline's (`pipeline.jobs`, jobs named by their directory under <out>),
+plus two jobs the pipeline has no stage for, built here as `launch.Job`s with the same options:
+Apollo is `incubation grow` (<run>/grow/), LEMON's expansion and training the `_lemon` subcommand
+of this module (`train_lemon`, <run>/lemon/). `run` writes the graph to <out>/plan.json and runs
+it (`incubation.launch.local.LocalLauncher`, a process per stage); a stage is finished when its
+final checkpoint exists, so `run` skips finished stages and an interrupted one resumes from its
+checkpoint (the engine's): `run` can be repeated until everything is done. It refuses an --out
+made with other settings. With --val-size each method's final model is then tested on the test
+split (<its last stage>/test.json). It then writes <out>/study.json, study.md and study.png,
+read from the stages' own records (`pipeline.read_stage`).
 """
 from __future__ import annotations
 
@@ -41,17 +50,18 @@ from typing import Optional
 
 import torch
 
-from incubation import VisionTransformer, ViTConfig, deep
+from incubation import VisionTransformer, ViTConfig, deep, pipeline
 from incubation.bench.study_report import METHODS, markdown, plot
 from incubation.cli.exits import run_main
-from incubation.cli.options import nonempty_path, out_dir, positive_int
+from incubation.cli.options import add_common_arguments, nonempty_path, out_dir, positive_int, spec_from_args
 from incubation.errors import IncubationError
-from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand, train_apollo
-from incubation.launch import Job as LocalJob
+from incubation.growth import ApolloViT, apollo_schedule, lemon_config, lemon_expand
+from incubation.launch import Job
 from incubation.launch.local import LocalLauncher
 from incubation.nn import train_flops_per_image
+from incubation.pipeline import read_stage, stage_dir
 from incubation.presets import get_preset
-from incubation.train import epochs_to_steps
+from incubation.train import steps_per_epoch
 from incubation.train.checkpoint import load_checkpoint
 from incubation.utils import atomic_write, versions
 
@@ -60,6 +70,7 @@ DEEP_VARIANTS = {"deep": ("random", "eval"), "deep-lemon": ("lemon", "eval"), "d
 DEEP_EPOCHS = {"meta": 3.0, "incubate": 1.0, "assemble": 1.0}  # the paper's 300 : 100 : 100
 LEMON_SMALL_SHARE = 0.25     # of the budget spent on training the small model
 CHECKPOINT_EVERY = 100       # steps: an interruption loses at most this much of a job
+BATCH = get_preset("tiny").recipe("e2e").batch_size   # every stage's (the tiny preset's recipes)
 
 
 @dataclass
@@ -103,26 +114,121 @@ class StudyConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# the jobs
+# the runs: a pipeline RunSpec per method and point, in <out>/<method>/b<budget>-s<seed>/
 # ----------------------------------------------------------------------------------------------
-def _recipe(stage: str):
-    """The tiny preset's recipe of a stage (batch 128, AdamW, warmup-cosine), evaluated at the end."""
-    return dataclasses.replace(get_preset("tiny").recipe(stage), evals=1)
+def run_dir(out: str, method: str, budget: float, seed: int) -> str:
+    """The run dir of `method` at one point; its stages are the pipeline's (`pipeline.stage_dir`).
+    "lemon-small" is LEMON's small model, "deep" also holds the meta model every variant shares."""
+    return os.path.join(out, method, f"b{budget:g}-s{seed}")
 
 
-def _tag(budget: float, seed: int) -> str:
-    """The part of a job's name (and directory) that says which point it belongs to."""
-    return f"b{budget:g}-s{seed}"
+def method_dirs(cfg: StudyConfig, out: str, method: str, budget: float, seed: int) -> list[str]:
+    """The stage directories whose costs add up to a method's at one point (the last one gives its
+    accuracy and holds its final model)."""
+    def run(name):
+        return run_dir(out, name, budget, seed)
+    if method in DEEP_VARIANTS:
+        return [stage_dir(run("deep"), "meta"), *[stage_dir(run(method), "incubate", i) for i in range(cfg.K)],
+                stage_dir(run(method), "assemble")]
+    return {"e2e": [stage_dir(run("e2e"), "e2e")], "apollo": [stage_dir(run("apollo"), "grow")],
+            "lemon": [stage_dir(run("lemon-small"), "e2e"), os.path.join(run("lemon"), "lemon")]}[method]
 
 
-@dataclass
-class Job:
-    name: str               # <stage>/b<budget>-s<seed>: also its directory under --out
-    stage: str              # e2e, meta, incubate-<init>-<i>, assemble-<init>, lemon-small, lemon, apollo
-    budget: float
-    seed: int
-    steps: int
-    needs: list             # names of the jobs whose outputs it reads
+def _spec(cfg: StudyConfig, directory: str, seed: int, epochs: dict) -> pipeline.RunSpec:
+    """A run of the study's target on Fashion-MNIST: the tiny preset's recipes (batch 128, AdamW,
+    warmup-cosine), evaluated at the end; `epochs`: stage -> its epochs."""
+    return pipeline.RunSpec(data_dir=cfg.data_dir, val_size=cfg.val_size, out=directory, preset="tiny",
+                            patch_size=cfg.patch, depth=cfg.depth, embed_dim=cfg.width, num_heads=cfg.heads,
+                            modules=cfg.K, seed=seed, no_progress=True, limit_train=cfg.limit_train,
+                            limit_eval=cfg.limit_eval, checkpoint_every=CHECKPOINT_EVERY, recipe={"evals": 1},
+                            stage_recipes={stage: {"epochs": e} for stage, e in epochs.items()})
+
+
+def data(cfg: StudyConfig, out: str) -> pipeline.Context:
+    """The study's data (training and evaluation sets) and target, as each of its runs loads them."""
+    return pipeline.context(_spec(cfg, run_dir(out, "e2e", cfg.budgets[0], 0), 0, {}))
+
+
+def _epochs(steps: int, num_train: int) -> float:
+    """`steps` in epochs (epochs_to_steps rounds them back to exactly `steps`)."""
+    return steps / steps_per_epoch(num_train, BATCH)
+
+
+def _deep_epoch_flops(cfg: StudyConfig, num_train: int) -> float:
+    """Training FLOPs of Deep Incubation at one unit of DEEP_EPOCHS."""
+    target, K = cfg.target(), cfg.K
+    meta = deep.build_meta_model(target, K)
+    hybrids = sum(deep.build_hybrid(meta, target, i).train_flops_per_image() for i in range(K))
+    return num_train * (DEEP_EPOCHS["meta"] * train_flops_per_image(meta) + DEEP_EPOCHS["incubate"] * hybrids
+                        + DEEP_EPOCHS["assemble"] * train_flops_per_image(target))
+
+
+def point_specs(cfg: StudyConfig, out: str, num_train: int, budget: float, seed: int) -> dict:
+    """name -> RunSpec of each run at one point, in the order their jobs start (the longest chain,
+    Deep Incubation, first): each stage's epochs spend the method's share of the budget."""
+    target = cfg.target()
+    flops = budget * train_flops_per_image(target) * num_train   # the budget unit: an E2E epoch
+
+    def spec(name, **epochs):
+        return _spec(cfg, run_dir(out, name, budget, seed), seed, epochs)
+    specs = {}
+    if set(DEEP_VARIANTS) & set(cfg.methods):
+        scale = flops / _deep_epoch_flops(cfg, num_train)   # a stage's epochs: DEEP_EPOCHS x scale
+        specs["deep"] = base = spec("deep", **{k: v * scale for k, v in DEEP_EPOCHS.items()})
+        for method in [m for m in DEEP_VARIANTS if m in cfg.methods and m != "deep"]:
+            init, meta_mode = DEEP_VARIANTS[method]
+            specs[method] = dataclasses.replace(base, out=run_dir(out, method, budget, seed), init=init,
+                                                meta_mode=meta_mode, meta_from=base.out)
+    if "lemon" in cfg.methods:
+        small = train_flops_per_image(_small(target)) * BATCH
+        specs["lemon-small"] = dataclasses.replace(
+            spec("lemon-small", e2e=_epochs(max(1, round(LEMON_SMALL_SHARE * flops / small)), num_train)),
+            depth=cfg.depth // 2, embed_dim=cfg.width // 2, num_heads=cfg.heads // 2)
+        steps = max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / BATCH))
+        specs["lemon"] = spec("lemon", _lemon=_epochs(steps, num_train))
+    if "apollo" in cfg.methods:
+        specs["apollo"] = spec("apollo", grow=_epochs(_apollo_steps(target, flops, BATCH, seed), num_train))
+    if "e2e" in cfg.methods:
+        specs["e2e"] = spec("e2e", e2e=budget)
+    return specs
+
+
+def _jobs(cfg: StudyConfig, out: str, specs: dict, python: str = sys.executable) -> tuple[list, set]:
+    """(the unfinished jobs of one point's runs, the names of its finished ones). The Deep
+    Incubation runs and E2E are the pipeline's graphs; Apollo is `incubation grow` and LEMON's
+    expansion the study's `_lemon` subcommand, each one job with the pipeline's options."""
+    graph, done = [], set()
+    for name, spec in specs.items():
+        if name in DEEP_VARIANTS or name in ("e2e", "lemon-small"):
+            stages = ["e2e"] if name in ("e2e", "lemon-small") else \
+                ["meta"] * (name == "deep") + ["incubate", "assemble"] * (name in cfg.methods)
+            graph += pipeline.jobs(spec, python, stages=stages, root=out)
+            done |= pipeline.finished(spec, root=out)
+            continue
+        if name == "lemon":
+            small = specs["lemon-small"].run_dir
+            argv = pipeline.stage_argv(spec, "_lemon", python=python, program="incubation.bench.study")
+            argv, needs = argv + ["--small", small], [os.path.relpath(stage_dir(small, "e2e"), out)]
+            directory = os.path.join(spec.run_dir, "lemon")
+        else:   # apollo
+            argv, needs = pipeline.stage_argv(spec, "grow", python=python), []
+            directory = stage_dir(spec.run_dir, "grow")
+        name = os.path.relpath(directory, out)
+        if os.path.exists(os.path.join(directory, "final.json")):
+            done.add(name)
+        else:
+            graph.append(Job(name, argv, os.path.join(directory, "log.txt"), needs))
+    return graph, done
+
+
+def plan(cfg: StudyConfig, out: str, num_train: int, python: str = sys.executable) -> tuple[list, set]:
+    """(every unfinished job of the study, the names of the finished ones): the largest budgets
+    first, so that the small jobs fill the end of a parallel run."""
+    graph, done = [], set()
+    for budget, seed in reversed(cfg.runs()):
+        jobs, finished = _jobs(cfg, out, point_specs(cfg, out, num_train, budget, seed), python)
+        graph, done = graph + jobs, done | finished
+    return graph, done
 
 
 def _small(target: ViTConfig) -> ViTConfig:
@@ -159,132 +265,48 @@ def _apollo_steps(target: ViTConfig, flops: float, batch: int, seed: int) -> int
     return low
 
 
-def plan_jobs(cfg: StudyConfig, num_train: int) -> list[Job]:
-    """Every job of the study, in the order they start: the largest budgets first, so that the
-    small jobs fill the end of a parallel run; in a run, the longest chain (Deep Incubation) first."""
-    target, K, batch = cfg.target(), cfg.K, _recipe("e2e").batch_size
-    epoch = train_flops_per_image(target) * num_train  # the budget unit
-    meta = deep.build_meta_model(target, K)
-    deep_epoch = num_train * (DEEP_EPOCHS["meta"] * train_flops_per_image(meta)
-                              + DEEP_EPOCHS["incubate"] * sum(deep.build_hybrid(meta, target, i).train_flops_per_image()
-                                                              for i in range(K))
-                              + DEEP_EPOCHS["assemble"] * train_flops_per_image(target))
-    jobs = []
-    for budget, seed in reversed(cfg.runs()):
-        flops, tag = budget * epoch, _tag(budget, seed)
-
-        def add(stage, steps, needs=()):
-            jobs.append(Job(f"{stage}/{tag}", stage, budget, seed, steps, [f"{n}/{tag}" for n in needs]))
-            return stage
-
-        if set(DEEP_VARIANTS) & set(cfg.methods):
-            scale = flops / deep_epoch  # a stage's epochs: DEEP_EPOCHS x scale
-            steps = {k: epochs_to_steps(v * scale, num_train, batch) for k, v in DEEP_EPOCHS.items()}
-            add("meta", steps["meta"])
-            for method in DEEP_VARIANTS:
-                if method in cfg.methods:
-                    variant = _variant(method)
-                    modules = [add(f"incubate-{variant}-{i}", steps["incubate"], ["meta"]) for i in range(K)]
-                    add(f"assemble-{variant}", steps["assemble"], ["meta", *modules])
-        if "lemon" in cfg.methods:
-            small = train_flops_per_image(_small(target)) * batch
-            add("lemon-small", max(1, round(LEMON_SMALL_SHARE * flops / small)))
-            add("lemon", max(1, round((1 - LEMON_SMALL_SHARE) * budget * num_train / batch)), ["lemon-small"])
-        if "apollo" in cfg.methods:
-            add("apollo", _apollo_steps(target, flops, batch, seed))
-        if "e2e" in cfg.methods:
-            add("e2e", epochs_to_steps(budget, num_train, batch))
-    return jobs
+def train_lemon(spec: pipeline.RunSpec, small_run: str):
+    """LEMON (the `_lemon` job): the small model of `small_run` (its e2e stage) expanded losslessly to
+    the target of `spec`, then trained on the rest of the budget with LEMON's schedule, into
+    <run dir>/lemon/."""
+    from incubation.train import train
+    run = pipeline.context(spec)
+    state, md = load_checkpoint(os.path.join(stage_dir(small_run, "e2e"), "final"))
+    small = VisionTransformer(ViTConfig.from_dict(md["target_config"]))
+    small.load_state_dict(state)
+    t = run.target
+    big = lemon_expand(small, embed_dim=t.embed_dim, depth=t.depth, num_heads=t.num_heads, seed=spec.seed)
+    cfg = lemon_config(run.train_config(run.recipe("e2e")))
+    return train(big, run.train_set, run.eval_set, cfg, os.path.join(spec.run_dir, "lemon"), stage="lemon",
+                 metadata={"stage": "lemon", "target_config": big.config.to_dict()})
 
 
-def method_stages(method: str, K: int) -> list[str]:
-    """The stages whose costs add up to a method's (the last one gives its accuracy)."""
-    if method in DEEP_VARIANTS:
-        variant = _variant(method)
-        return ["meta", *[f"incubate-{variant}-{i}" for i in range(K)], f"assemble-{variant}"]
-    return {"lemon": ["lemon-small", "lemon"]}.get(method, [method])
-
-
-def _variant(method: str) -> str:
-    """The stage-name part of a Deep Incubation variant: random, lemon or metatrain."""
-    return {"deep": "random", "deep-lemon": "lemon", "deep-metatrain": "metatrain"}[method]
-
-
-def _datasets(cfg: StudyConfig):
-    """(train, eval, test): eval is the validation split with --val-size (test stays for the
-    final numbers), else the test split itself."""
+def _test_set(cfg: StudyConfig):
     from torch.utils.data import Subset
 
-    from incubation.data import holdout, load_dataset
+    from incubation.data import load_dataset
     test = load_dataset("fashion-mnist", "test", cfg.data_dir)
-    if cfg.val_size:
-        train, evaluation = holdout("fashion-mnist", cfg.val_size, data_dir=cfg.data_dir)
-    else:
-        train, evaluation = load_dataset("fashion-mnist", "train", cfg.data_dir), test
-    sets = []
-    for data, limit in ((train, cfg.limit_train), (evaluation, cfg.limit_eval), (test, cfg.limit_eval)):
-        if limit is not None and limit < len(data):
-            keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:limit]
-            data = Subset(data, keep.tolist())
-        sets.append(data)
-    return sets
+    if cfg.limit_eval is not None and cfg.limit_eval < len(test):
+        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:cfg.limit_eval]
+        test = Subset(test, keep.tolist())
+    return test
 
 
-def run_job(cfg: StudyConfig, out: str, job: Job) -> dict:
-    """Train one job (resuming its checkpoint if any); write and return its result.json."""
-    from incubation.train import evaluate, train
-    train_set, eval_set, test_set = _datasets(cfg)
-    target, n, d = cfg.target(), len(train_set), os.path.join(out, job.name)
-    tag = job.name.split("/", 1)[1]
-
-    def final(stage):
-        return os.path.join(out, stage, tag, "final")
-
-    def config(stage, lemon=False):
-        c = _recipe(stage).train_config(n, job.steps, seed=job.seed, progress=False, checkpoint_every=CHECKPOINT_EVERY)
-        return lemon_config(c) if lemon else c
-
-    data = (train_set, eval_set)
-    if job.stage == "e2e":
-        result = deep.train_e2e(target, *data, config("e2e"), d)
-    elif job.stage == "meta":
-        result = deep.train_meta(target, cfg.K, *data, config("meta"), d)
-    elif job.stage.startswith("incubate-"):
-        _, variant, i = job.stage.split("-")
-        init, meta_mode = ("lemon", "eval") if variant == "lemon" else ("random", "train" if variant == "metatrain"
-                                                                        else "eval")
-        result = deep.train_module(final("meta"), target, int(i), *data, config("incubate", init == "lemon"), d,
-                                   init=init, meta_mode=meta_mode)
-    elif job.stage.startswith("assemble-"):
-        variant = job.stage.split("-")[1]
-        result = deep.train_assembled(target, [final(f"incubate-{variant}-{i}") for i in range(cfg.K)], *data,
-                                      config("assemble"), d, meta_checkpoint=final("meta"))
-    elif job.stage == "lemon-small":
-        result = deep.train_e2e(_small(target), *data, config("e2e"), d)
-    elif job.stage == "lemon":
-        small = VisionTransformer(_small(target))
-        small.load_state_dict(load_checkpoint(final("lemon-small"))[0])
-        big = lemon_expand(small, embed_dim=target.embed_dim, depth=target.depth, num_heads=target.num_heads,
-                           seed=job.seed)
-        result = train(big, *data, config("e2e", lemon=True), d, stage="lemon",
-                       metadata={"stage": "lemon", "target_config": big.config.to_dict()})
-    elif job.stage == "apollo":
-        result, exported = train_apollo(target, *data, config("e2e"), d, stage="apollo")
-    else:
-        raise ValueError(f"unknown stage {job.stage!r}")
-    summary = {"acc": result.eval_acc, "flops": result.train_flops, "wall_s": result.wall_seconds,
-               "steps": result.steps, "threads": torch.get_num_threads(), "commit": versions()["commit"]}
-    if cfg.val_size and not job.stage.startswith(("meta", "incubate-", "lemon-small")):   # a method's final model
-        model = VisionTransformer(target if job.stage != "lemon" else big.config)
-        model.load_state_dict(load_checkpoint(exported if job.stage == "apollo" else result.checkpoint_path)[0])
-        summary["test_acc"] = evaluate(model, test_set)["acc"]
-    atomic_write(os.path.join(d, "result.json"), json.dumps(summary).encode())
-    return summary
-
-
-def _result(out: str, name: str) -> Optional[dict]:
-    path = os.path.join(out, name, "result.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+def _record_tests(cfg: StudyConfig, out: str) -> None:
+    """With --val-size (the runs evaluate on validation): each method's final model on the test
+    split, once, into <its last stage>/test.json."""
+    from incubation.train import evaluate
+    if not cfg.val_size:
+        return
+    finals = [(m, method_dirs(cfg, out, m, b, s)[-1]) for b, s in cfg.runs() for m in cfg.methods]
+    todo = [(m, d) for m, d in finals if os.path.exists(os.path.join(d, "final.json"))
+            and not os.path.exists(os.path.join(d, "test.json"))]
+    test_set = _test_set(cfg) if todo else None
+    for method, directory in todo:   # Apollo's final model is the plain ViT it exports
+        state, md = load_checkpoint(os.path.join(directory, "model" if method == "apollo" else "final"))
+        model = VisionTransformer(ViTConfig.from_dict(md["target_config"]))
+        model.load_state_dict(state)
+        atomic_write(os.path.join(directory, "test.json"), json.dumps({"test_acc": evaluate(model, test_set)["acc"]}).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,16 +340,13 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     _claim(out, cfg)
-    num_train = len(_datasets(cfg)[0])
+    num_train = len(data(cfg, out).train_set)
     _update_state(out, num_train=num_train)
-    jobs = plan_jobs(cfg, num_train)
-    # the job processes read their job from here instead of each planning the whole study again
-    atomic_write(os.path.join(out, "plan.json"), json.dumps([dataclasses.asdict(j) for j in jobs]).encode())
-    done = {j.name for j in jobs if _result(out, j.name) is not None}
-    todo = [LocalJob(j.name, [sys.executable, "-m", "incubation.bench.study", "_job", "--out", out, j.name],
-                     os.path.join(out, j.name, "log.txt"), j.needs) for j in jobs if j.name not in done]
-    t0 = time.time()
-    bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress)
+    todo, done = plan(cfg, out, num_train)
+    atomic_write(os.path.join(out, "plan.json"), json.dumps({"done": sorted(done), "jobs": [
+        dataclasses.asdict(j) for j in todo]}, indent=1).encode())
+    t0, total = time.time(), len(todo) + len(done)
+    bar = tqdm(total=total, initial=len(done), desc="study", unit="job", disable=not progress)
 
     finished = []
 
@@ -340,7 +359,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
     try:
         outcome = LocalLauncher(parallel, report=report).launch(todo, done)
     except KeyboardInterrupt:  # run_jobs has ended every job
-        print(f"study interrupted: run the same command again to resume ({len(done) + len(finished)}/{len(jobs)} "
+        print(f"study interrupted: run the same command again to resume ({len(done) + len(finished)}/{total} "
               "jobs done)", file=sys.stderr)
         raise
     finally:
@@ -350,6 +369,7 @@ def run(cfg: StudyConfig, out: str, parallel: int = 2, progress: bool = True) ->
               **{k: "a job it needs failed" for k in outcome.skipped}}
     if failed:
         raise IncubationError("study jobs failed: " + "; ".join(f"{k} ({v})" for k, v in failed.items()))
+    _record_tests(cfg, out)
     return write_report(out)
 
 
@@ -371,19 +391,19 @@ def collect(cfg: StudyConfig, out: str) -> list[dict]:
     """One point per (method, budget, seed) whose jobs have all finished."""
     points = []
     for budget, seed in cfg.runs():
-        tag = _tag(budget, seed)
         for method in cfg.methods:
-            stages = method_stages(method, cfg.K)
-            results = [_result(out, f"{s}/{tag}") for s in stages]
-            if any(r is None for r in results):
+            dirs = method_dirs(cfg, out, method, budget, seed)
+            stages = [read_stage(d) for d in dirs]
+            if any(s is None for s in stages):
                 continue
-            walls = dict(zip(stages, (r["wall_s"] for r in results)))
+            walls = [s["wall_s"] for s in stages]
             # K machines: the incubations run at once, so only the slowest counts
-            incubations = [w for s, w in walls.items() if s.startswith("incubate-")]
-            parallel = sum(walls.values()) - sum(incubations) + max(incubations, default=0.0)
-            points.append({"method": method, "budget": budget, "seed": seed, "acc": results[-1]["acc"],
-                           "test_acc": results[-1].get("test_acc"),
-                           "flops": sum(r["flops"] for r in results), "wall_s": sum(walls.values()),
+            incubations = [s["wall_s"] for s in stages if s["stage"] == "incubate"]
+            parallel = sum(walls) - sum(incubations) + max(incubations, default=0.0)
+            test = os.path.join(dirs[-1], "test.json")
+            points.append({"method": method, "budget": budget, "seed": seed, "acc": stages[-1]["eval_acc"],
+                           "test_acc": json.load(open(test))["test_acc"] if os.path.exists(test) else None,
+                           "flops": sum(s["flops"] for s in stages), "wall_s": sum(walls),
                            "wall_s_k_machines": parallel})
     return points
 
@@ -497,9 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write study.json / study.md / study.png from the finished jobs",
                          allow_abbrev=False)
     rep.add_argument("--out", type=out_dir, default=os.path.join("runs", "study"))
-    job = sub.add_parser("_job", help=argparse.SUPPRESS, allow_abbrev=False)
-    job.add_argument("--out", type=out_dir, required=True)
-    job.add_argument("name")
+    lemon = sub.add_parser("_lemon", help=argparse.SUPPRESS, allow_abbrev=False)   # a job of `run`: train_lemon
+    add_common_arguments(lemon)
+    lemon.add_argument("--small", type=out_dir, required=True, help="the run dir of the small model")
     return p
 
 
@@ -513,11 +533,8 @@ def _main(args) -> None:
     elif args.command == "report":
         study = write_report(args.out)
     else:
-        cfg = _load_config(args.out)
-        jobs = {j["name"]: Job(**j) for j in json.load(open(os.path.join(args.out, "plan.json")))}
-        if args.name not in jobs:
-            raise ValueError(f"no job {args.name!r} in the study of {args.out}")
-        print(json.dumps(run_job(cfg, args.out, jobs[args.name])))
+        result = train_lemon(spec_from_args(args), args.small)
+        print(f"lemon: eval acc {result.eval_acc:.2f}%, {result.steps} steps -> {result.checkpoint_path}")
         return
     print(markdown(study))
     print(f"report: {os.path.join(args.out, 'study.md')}, study.json, study.png")

@@ -55,6 +55,7 @@ from .exits import EXIT_STATUS, UsageError, exit_status, run_main
 from .options import (
     add_common_arguments,
     add_incubation_options,
+    add_meta_from,
     device_name,
     fractions,
     non_negative_int,
@@ -148,8 +149,14 @@ def _cmd_report(args):
         _print_summary(write_report(run_dir), run_dir)
 
 
+def _add_assemble(p):
+    add_common_arguments(p)
+    add_meta_from(p)
+
+
 def _add_incubate(p):
     add_common_arguments(p)
+    add_meta_from(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--module", type=non_negative_int, help="the module to incubate (0..K-1)")
     which.add_argument("--all", action="store_true", help="incubate every module")
@@ -357,7 +364,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "run": ("the whole pipeline, the E2E baseline at matched FLOPs, and the report", _add_run, _cmd_run),
     "meta": ("stage 1: train the meta model", add_common_arguments, lambda args: _stage(args, "meta")),
     "incubate": ("stage 2: incubate one module (--module i) or all (--all)", _add_incubate, _cmd_incubate),
-    "assemble": ("stage 3: assemble the incubated modules and fine-tune", add_common_arguments,
+    "assemble": ("stage 3: assemble the incubated modules and fine-tune", _add_assemble,
                  lambda args: _stage(args, "assemble")),
     "e2e": ("the baseline: train the target end to end", add_common_arguments, lambda args: _stage(args, "e2e")),
     "status": ("the state of each stage of a run submitted to Slurm: pending (why), running, done, failed or "

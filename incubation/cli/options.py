@@ -26,7 +26,7 @@ from ..train.config import AMP_DTYPES
 __all__ = ["positive_int", "non_negative_int", "seed_int", "positive_float", "non_negative_float", "fraction",
            "decay_rate", "momentum", "betas", "optimizer_name", "lr_base_scale", "sched_name", "amp_dtype",
            "auto_augment", "positive_ints", "fractions", "nonempty_path", "out_dir", "output_prefix",
-           "device_name", "model_name", "data_name", "add_common_arguments", "add_incubation_options",
+           "device_name", "model_name", "data_name", "add_common_arguments", "add_incubation_options", "add_meta_from",
            "spec_from_args", "common_argv"]
 
 
@@ -256,6 +256,12 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Act
             "else the preset's, else the data set's own)"),
         add("--patch-size", type=positive_int, default=None, help="patch size of the target (default: the "
             "preset's or --model's); --img-size must be a multiple of it"),
+        add("--depth", type=positive_int, default=None, help="blocks of the target (default: the preset's or "
+            "--model's)"),
+        add("--embed-dim", type=positive_int, default=None, help="width of the target (default: the preset's or "
+            "--model's)"),
+        add("--num-heads", type=positive_int, default=None, help="attention heads of the target (default: the "
+            "preset's or --model's)"),
         add("--initial-checkpoint", type=nonempty_path, default=None, help="start from these weights (meta, "
             "e2e, grow): ours, a timm state dict (.pth/.bin) or .safetensors; pos_embed is resampled to "
             "--img-size, a head for other classes is left fresh"),
@@ -293,6 +299,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
             "checkpoint.* file or its directory) instead of its own; not for run / incubate --all"),
         add("--checkpoint-hist", type=positive_int, default=0, help="keep the weights of this many best "
             "evaluations (checkpoint-<step>.*) and the best as model_best.* (timm's; default none)"),
+        add("--checkpoint-every", type=non_negative_int, default=0, help="steps between the checkpoints a stage "
+            "resumes from (default 0: at the end of each epoch)"),
         add("--eval-metric", choices=("top1", "top5", "loss"), default="top1", help="what best means for "
             "--checkpoint-hist (default top1)"),
         add("--log-tensorboard", type=out_dir, default=None, help="also write the metrics as TensorBoard scalars "
@@ -318,11 +326,18 @@ def add_incubation_options(p: argparse.ArgumentParser) -> None:
                         "preset's (demo: lemon, the others: random)")
 
 
+def add_meta_from(p: argparse.ArgumentParser) -> None:
+    """The option of `incubate` and `assemble` that shares another run's meta model."""
+    p.add_argument("--meta-from", type=out_dir, default=None,
+                   help="the run dir whose meta model to incubate / check the modules against (default: this run's): "
+                        "variants of the incubation (--init, --meta-mode) sharing one meta model")
+
+
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The RunSpec of parsed options: each RunSpec field from the option of the same name (the
     incubation-only ones keep their defaults where a subcommand does not take them), the recipe
     options given into `recipe`."""
-    names = [f.name for f in dataclasses.fields(RunSpec) if f.name not in ("resources", "recipe")]
+    names = [f.name for f in dataclasses.fields(RunSpec) if f.name not in ("resources", "recipe", "stage_recipes")]
     recipe = {f.name: getattr(args, f.name) for f in RECIPE_OPTIONS if getattr(args, f.name, None) is not None}
     return RunSpec(**{name: getattr(args, name) for name in names if hasattr(args, name)}, recipe=recipe)
 
