@@ -118,11 +118,9 @@ def test_skipped_steps_are_no_divergence_and_leave_the_weights(tmp_path):
     assert [math.isfinite(line["grad_norm"] or math.inf) for line in lines] == [True, False, False]
 
 
-def test_a_float16_run_resumes_bit_identically_with_its_scaler(tmp_path):
-    """Stopped after its checkpoint at step 4 and resumed, a float16 run with a skipped step ends
-    with the weights and the scaler state of the uninterrupted run (a fresh scaler would not)."""
-    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", mixup=0.5, **CPU)
-
+def _stop_at_5_and_resume(cfg, tmp_path, check_cut=lambda: True):
+    """A run of `cfg` whose step 1 overflows, stopped at step 5 and resumed, ends with the weights
+    and the scaler state of the uninterrupted run (check_cut: asked of the stopped run's files)."""
     def stop_at_5(step, model):
         if step == 5:
             raise KeyboardInterrupt("stopped")
@@ -131,12 +129,20 @@ def test_a_float16_run_resumes_bit_identically_with_its_scaler(tmp_path):
     cut = tiny_vit(**FP32)
     with pytest.raises(KeyboardInterrupt):
         train(cut, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(cut, {1}), stop_at_5])
-    assert _scaler_state(tmp_path / "cut")["scale"] == 2.0 ** 15
+    assert check_cut()
     resumed = tiny_vit(seed=3, **FP32)
     train(resumed, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(resumed, {1})])
     for k, v in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[k], v), k
     assert _scaler_state(tmp_path / "cut") == _scaler_state(tmp_path / "whole")
+
+
+def test_a_float16_run_resumes_bit_identically_with_its_scaler(tmp_path):
+    """Stopped after its checkpoint at step 4 and resumed, a float16 run with a skipped step ends
+    with the weights and the scaler state of the uninterrupted run (a fresh scaler would not)."""
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", mixup=0.5, **CPU)
+
+    _stop_at_5_and_resume(cfg, tmp_path, check_cut=lambda: _scaler_state(tmp_path / "cut")["scale"] == 2.0 ** 15)
     assert _scaler_state(tmp_path / "whole") == {"scale": 2.0 ** 15, "growth_factor": 2.0, "backoff_factor": 0.5,
                                                  "growth_interval": 2000, "_growth_tracker": 4}
 
@@ -193,17 +199,5 @@ def test_cuda_float16_learns_and_resumes_with_its_scaler(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, checkpoint_every=2, amp_dtype="float16", device="cuda",
                       **QUIET)
 
-    def stop_at_5(step, model):
-        if step == 5:
-            raise KeyboardInterrupt("stopped")
-    whole = tiny_vit(**FP32)
-    train(whole, easy_data(**FP32), None, cfg, tmp_path / "whole", hooks=[_overflow_at(whole, {1})])
-    cut = tiny_vit(**FP32)
-    with pytest.raises(KeyboardInterrupt):
-        train(cut, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(cut, {1}), stop_at_5])
-    resumed = tiny_vit(seed=3, **FP32)
-    train(resumed, easy_data(**FP32), None, cfg, tmp_path / "cut", hooks=[_overflow_at(resumed, {1})])
-    for k, v in whole.state_dict().items():
-        assert torch.equal(resumed.state_dict()[k], v), k
-    assert _scaler_state(tmp_path / "cut") == _scaler_state(tmp_path / "whole")
+    _stop_at_5_and_resume(cfg, tmp_path)
     assert _scaler_state(tmp_path / "whole")["scale"] == 2.0 ** 15
