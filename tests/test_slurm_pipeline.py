@@ -100,9 +100,10 @@ def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_c
     assert {rows[n].state for n in ("meta", "incubate-0")} == {"done"}
     status = _incubation("status", "--out", out).stdout
     assert "failed (exit 1)" in status and rows["incubate-1"].last_line in status
-    # after the fix, a rerun submits only what is left; cancel stops it
+    # after the fix, a rerun submits only what is left; cancel stops it (held back by --begin, so
+    # that the tiny incubate-1 cannot finish before the cancel: that race failed this test)
     (out / "incubate-1" / "checkpoint.json").unlink()
-    rerun = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM)
+    rerun = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM, "--slurm-option", "begin=now+600")
     assert rerun.returncode == 0, rerun.stderr
     submitted = [line.split(":")[0] for line in rerun.stdout.splitlines() if ": Slurm job " in line]
     assert submitted == ["incubate-1", "assemble", "e2e", "report"]
