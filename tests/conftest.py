@@ -108,6 +108,12 @@ def slurm_cluster(tmp_path_factory):
             os.environ["SLURM_CONF"] = previous
 
 
+# the test files that take longest on CPU (measured with --durations), longest first; the two
+# Slurm files stay next to each other (one worker, one test cluster)
+LONGEST_FIRST = ("test_study.py", "test_slurm_pipeline.py", "test_slurm.py", "test_readme.py", "test_benchmarks.py",
+                 "test_cli.py", "test_compile_check.py")
+
+
 def _keep(config, items, keep):
     """Deselect (pytest reports them so) the items for which keep(item) is false."""
     dropped = [item for item in items if not keep(item)]
@@ -128,6 +134,10 @@ def pytest_collection_modifyitems(config, items):
     compile the same kernels); those groups go, largest first, to the shard with fewest tests."""
     if not torch.cuda.is_available():
         _keep(config, items, lambda item: not item.get_closest_marker("gpu"))
+    # the files with the longest tests first, each file kept whole (its module fixtures run once):
+    # xdist's workers then end on short tests instead of one waiting for the study at the tail
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
     shard = os.environ.get("INCUBATION_TEST_SHARD")
     if not shard:
         return
