@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_training import QUIET, easy_data, tiny_vit
+from tiny_training import QUIET, Recording, easy_data, tiny_vit
 
 from incubation import cli, ops, pipeline
 from incubation.train import DivergedError, TrainConfig, train
@@ -67,22 +67,13 @@ def test_the_bfloat16_default_trains_on_cpu_as_without_amp(tmp_path):
 def test_a_float16_step_is_torchs_gradscaler_loop(tmp_path):
     """One full-batch step with clipping against torch's documented recipe: autocast(float16),
     scaler.scale(loss).backward(), unscale_, clip, scaler.step, scaler.update. Bit for bit."""
-    data, reads = easy_data(n=32, **FP32), []
-
-    class Recording(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(data)
-
-        def __getitem__(self, i):
-            reads.append(i)
-            return data[i]
-
+    data = Recording(easy_data(n=32, **FP32))
     model, ref = tiny_vit(**FP32), tiny_vit(**FP32)
     cfg = TrainConfig(steps=1, batch_size=32, lr=0.1, opt="sgd", weight_decay=0.0, clip_grad=0.5,
                       amp_dtype="float16", **CPU)
-    train(model, Recording(), None, cfg, tmp_path / "fp16")
+    train(model, data, None, cfg, tmp_path / "fp16")
 
-    x, y = data.tensors[0][reads], data.tensors[1][reads]   # the engine's order
+    x, y = data.data.tensors[0][data.reads], data.data.tensors[1][data.reads]   # the engine's order
     scaler, optimizer = torch.amp.GradScaler("cpu"), make_optimizer(ref, trained_parameters(ref, None), cfg)
     with torch.autocast("cpu", dtype=torch.float16):
         logits = ref(x)

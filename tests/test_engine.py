@@ -397,7 +397,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from tiny_training import tiny_vit, easy_data
+    from tiny_training import Recording, tiny_vit, easy_data
     from incubation.train import TrainConfig, train
     out, mode, steps, batch, accum = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     ddp = mode.startswith("ddp")
@@ -409,23 +409,12 @@ SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(steps=steps, batch_size=batch, accum_steps=accum, lr=1e-3, warmup_steps=2,
                       checkpoint_every=2, eval_every=3, progress=False, **extra)
     data = easy_data(64)
-    if mode == "ddp-repeats":   # record the indices this rank reads, in order
-        class Recording(torch.utils.data.Dataset):
-            def __len__(self):
-                return len(data)
-
-            def __getitem__(self, i):
-                reads.append(i)
-                return data[i]
-
-        reads, train_set = [], Recording()
-    else:
-        train_set = data
+    train_set = Recording(data) if mode == "ddp-repeats" else data   # the indices this rank reads, in order
     train(model, train_set, easy_data(32, seed=5), cfg, out, hooks=hooks)
     if mode == "ddp-repeats":
         import json, os
         with open(os.path.join(out, "reads-" + os.environ.get("RANK", "0") + ".json"), "w") as f:
-            json.dump(reads, f)
+            json.dump(train_set.reads, f)
 """)
 
 

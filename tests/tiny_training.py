@@ -2,7 +2,7 @@
 test_reliability_engine.py, test_dispatch.py), and for the scripts those tests run in
 subprocesses (they put tests/ on sys.path and import this module, which is not a test file)."""
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 import incubation
 
@@ -24,3 +24,17 @@ def easy_data(n=128, seed=1, dtype=torch.float64):
         r, col = divmod(c, 2)
         x[i, 0, 4 * r:4 * r + 4, 4 * col:4 * col + 4] += 1.5
     return TensorDataset(x.to(dtype), y)
+
+
+class Recording(Dataset):
+    """`data`, noting the index of every read in `reads`, in order (what the engine read when)."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return self.data[i]
