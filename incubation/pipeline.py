@@ -45,7 +45,7 @@ from .train import TrainConfig
 from .utils import atomic_write, is_inside, json_dumps, json_value, read_json_object, versions
 
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
-           "stage_dir", "meta_dir", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
+           "stage_dir", "meta_dir", "subset", "read_stage", "read_incubations", "pipeline_cost", "EMA_DECAY", "Context", "context",
            "check_stage", "check_initial_checkpoint", "option_fields", "say", "print_result"]
 
 
@@ -327,7 +327,7 @@ def print_result(name: str, result) -> None:
     say(f"{name}: eval acc {acc}, {result.steps} steps, {result.wall_seconds:.1f} s -> {result.checkpoint_path}")
 
 
-def _subset(dataset, limit: Optional[int]):
+def subset(dataset, limit: Optional[int]):
     """`limit` random images of `dataset`: the same ones whatever --seed (runs of several seeds
     differ in their training only, as the study's points do)."""
     if limit is None or limit >= len(dataset):
@@ -463,7 +463,7 @@ def context(spec: RunSpec) -> Context:
     else:
         train_set, eval_set = (load_dataset(spec.data, split, **load) for split in ("train", "test"))
     target = _target(spec, preset, base_dataset(train_set))
-    return Context(spec, preset, _subset(train_set, spec.limit_train), _subset(eval_set, spec.limit_eval), target,
+    return Context(spec, preset, subset(train_set, spec.limit_train), subset(eval_set, spec.limit_eval), target,
                    augment)
 
 

@@ -282,14 +282,8 @@ def train_lemon(spec: pipeline.RunSpec, small_run: str):
 
 
 def _test_set(cfg: StudyConfig):
-    from torch.utils.data import Subset
-
     from incubation.data import load_dataset
-    test = load_dataset("fashion-mnist", "test", cfg.data_dir)
-    if cfg.limit_eval is not None and cfg.limit_eval < len(test):
-        keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:cfg.limit_eval]
-        test = Subset(test, keep.tolist())
-    return test
+    return pipeline.subset(load_dataset("fashion-mnist", "test", cfg.data_dir), cfg.limit_eval)   # the runs' draw
 
 
 def _record_tests(cfg: StudyConfig, out: str) -> None:
