@@ -333,13 +333,14 @@ def _bench_model(model, size, amp, providers, dev, img_size, autocast, quick, wa
 
 
 def _add_ratios(records: list[dict]) -> None:
-    """x_timm, x_timm_compile: each provider's throughput over timm's (same model), where both ran."""
+    """x_timm, x_timm_compile: each provider's throughput over timm's (same model), where both ran
+    (`_speedup`: the median of the per-round ratios, as the targets)."""
     for rec in records:
         if rec["status"] == "ok":
             for theirs in ("timm", "timm-compile"):
                 other = next((r for r in records if r["model"] == rec["model"] and r["provider"] == theirs
                               and r["status"] == "ok"), None)
-                rec[f"x_{theirs.replace('-', '_')}"] = other and rec["images_per_s"] / other["images_per_s"]
+                rec[f"x_{theirs.replace('-', '_')}"] = other and _speedup(rec, other)
 
 
 def build_parser() -> argparse.ArgumentParser:
