@@ -18,6 +18,10 @@ Per call (`DISPATCH.select`):
   eager's first, so a kernel that is broken on this machine is refused instead of chosen. A
   non-eager backend wins only if it beats eager by MARGIN. Measuring leaves no trace: the
   caller's graph, RNG and saved-tensor hooks (activation checkpointing) never see it.
+- A repeated call (the same op, device, thread count, shapes, dtypes, flags and need for
+  gradients) costs one lookup in `chosen`, the memo of what the first such call was served by;
+  the chosen backend's capability check still runs (strides may differ). The memo is cleared
+  whenever a decision is made, replaced or forgotten.
 - Inside torch.compile / torch.export the decision is read at trace time and never measured:
   the graph serves every batch size, so a backend serves there only where it won every
   measured rows bucket of the signature (`incubation tune` measures them); with no decision,
@@ -80,12 +84,15 @@ class Op:
     """An op that `incubation.ops` dispatches. A call's signature is (name, pow2(rows(*args)),
     *key(*args), gradients?): `rows` is the size that varies with the batch, `key` the rest
     (dtype first, then what `fields` names, for the report; dtypes as torch.dtype, an absent
-    tensor as None: both run at every call, so they build the tuple from attributes only)."""
+    tensor as None). `call_key` is the cheaper key of the dispatcher's memo: the same facts with
+    the shapes whole (no rows arithmetic), built from tensor attributes only (`t is not None and
+    t.dtype`, not a helper call: it runs at every call)."""
     name: str
     eager: Callable
     rows: Callable[..., int]
     key: Callable[..., tuple]
     fields: tuple[str, ...]
+    call_key: Callable[..., tuple]   # the call's exact shapes, dtypes and flags: what `key` and `rows` read
     rows_field: str = "rows"
     impls: dict = field(default_factory=dict)   # backend -> (function, capability check or None)
     reports: dict = field(default_factory=dict)  # backend -> function(device type) -> {kernel: calls}
@@ -222,6 +229,10 @@ class Dispatcher:
         self.tuning = False                         # inside tune(): measure even under several ranks
         self.remeasured: Optional[set] = None       # inside tune(fresh=True): the signatures measured anew
         self.measuring = False
+        # (op, device, threads, gradients?, op.call_key) -> (backend, function, capability check or None):
+        # what select returned for that exact call, so that a repeated call costs one dict lookup.
+        # Cleared whenever a decision is made, replaced or forgotten.
+        self.chosen: dict[tuple, tuple] = {}
 
     # ---- the ops and their backends --------------------------------------------------
     def add(self, op: Op) -> Op:
@@ -341,6 +352,7 @@ class Dispatcher:
     def clear_decisions(self, memory_only: bool = True) -> None:
         """Forget the measured decisions (and, with memory_only=False, delete the cache file)."""
         self.decisions.clear()
+        self.chosen.clear()
         self.loaded = False
         if not memory_only:
             with contextlib.suppress(FileNotFoundError):
@@ -355,22 +367,41 @@ class Dispatcher:
         """The implementation that serves this call of `op` (see the module docstring)."""
         if device == _META:   # shapes only, no numbers: eager's shape rules serve every backend
             return op.eager
-        forced = self.forced or _backend_variable()
-        if forced and forced != "auto":
-            return self._forced_impl(op, self.current_backend(), device.type, args)
-        if torch.compiler.is_compiling():
-            choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
-        elif self.measuring:
-            return op.eager
-        else:
-            choice = self._decide(op, args, device).choice
-        if choice != "eager" and choice in op.impls and choice not in self.unavailable:
-            fn, check = op.impls[choice]
+        if (self.forced is None and _ENVIRON.get(_BACKEND_VARIABLE) is None and not torch.compiler.is_compiling()
+                and not self.measuring and self.remeasured is None):
+            # auto, run by Python: the memo first (the whole cost of a repeated call)
+            memo = (op.name, device, torch.get_num_threads(), _needs_grad(args), op.call_key(*args))
+            chosen = self.chosen.get(memo)
+            if chosen is None:
+                chosen = self.chosen[memo] = self._implementation(op, self._decide(op, args, device).choice)
+            backend, fn, check = chosen
             reason = check and check(*args)
             if not reason:
                 return fn
-            _note(op.name, choice, reason)   # this call differs from the measured one (e.g. strides)
+            _note(op.name, backend, reason)   # this call differs from the measured one (e.g. strides)
+            return op.eager
+        forced = self.forced or _backend_variable()
+        if forced and forced != "auto":
+            return self._forced_impl(op, self.current_backend(), device.type, args)
+        if self.measuring:
+            return op.eager
+        if torch.compiler.is_compiling():
+            choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
+        else:
+            choice = self._decide(op, args, device).choice
+        backend, fn, check = self._implementation(op, choice)
+        reason = check and check(*args)
+        if not reason:
+            return fn
+        _note(op.name, backend, reason)
         return op.eager
+
+    def _implementation(self, op: Op, choice: str) -> tuple[str, Callable, Optional[Callable]]:
+        """The backend that serves a call decided for `choice`, its function and capability check
+        (eager: none)."""
+        if choice != "eager" and choice in op.impls and choice not in self.unavailable:
+            return (choice, *op.impls[choice])
+        return "eager", op.eager, None
 
     def _forced_impl(self, op: Op, forced: str, device_type: str, args: tuple) -> Callable:
         reason = self.why_not(op, forced, device_type, args, forced=True)
@@ -420,6 +451,7 @@ class Dispatcher:
                 self.measuring = False
             decision = Decision(choice, ms, {**refused, **failed})
         self.decisions.setdefault(env, {})[key] = decision
+        self.chosen.clear()
         if self.remeasured is not None:
             self.remeasured.add(key)
         if decision.ms:
@@ -482,6 +514,7 @@ class Dispatcher:
         table = [{env: [(k, vars(d)) for k, d in records.items()] for env, records in self.decisions.items()}]
         torch.distributed.broadcast_object_list(table, src=src)
         self.decisions = {env: {k: Decision(**r) for k, r in records} for env, records in table[0].items()}
+        self.chosen.clear()
 
     # ---- reporting ---------------------------------------------------------------------
     def backends(self, device: str | torch.device = "cpu") -> dict[str, dict]:

@@ -179,7 +179,7 @@ def _attention_key(q, k, v, scale):
 
 ATTENTION = DISPATCH.add(Op(
     "attention", _eager_attention, rows=lambda q, k, v, scale: q.shape[0] * q.shape[1], key=_attention_key,
-    fields=("n", "nk", "d"), rows_field="bh",
+    call_key=lambda q, k, v, scale: (q.dtype, q.shape, k.shape), fields=("n", "nk", "d"), rows_field="bh",
     impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check)}))
 
 
@@ -230,7 +230,9 @@ def _layer_norm_key(x, weight, bias, eps):
 
 
 LAYER_NORM = DISPATCH.add(Op(
-    "layer_norm", _eager_layer_norm, rows=_rows, key=_layer_norm_key, fields=("c", "w", "b"),
+    "layer_norm", _eager_layer_norm, rows=_rows, key=_layer_norm_key,
+    call_key=lambda x, weight, bias, eps: (x.dtype, x.shape, weight is not None and weight.dtype,
+                                           bias is not None and bias.dtype), fields=("c", "w", "b"),
     impls={"triton": triton_norm and (triton_norm.layer_norm, triton_norm.check_layer_norm),
            "cpp": extension and (extension.layer_norm, extension.check_layer_norm),
            "cuda": extension and (extension.layer_norm, extension.check_layer_norm)}))
@@ -252,7 +254,11 @@ def _add_layer_norm_key(x, residual, weight, bias, eps):
 
 
 ADD_LAYER_NORM = DISPATCH.add(Op(
-    "add_layer_norm", _eager_add_layer_norm, rows=_rows, key=_add_layer_norm_key, fields=("c", "w", "b", "res"),
+    "add_layer_norm", _eager_add_layer_norm, rows=_rows, key=_add_layer_norm_key,
+    call_key=lambda x, residual, weight, bias, eps: (x.dtype, x.shape, weight is not None and weight.dtype,
+                                                     bias is not None and bias.dtype,
+                                                     residual is not None and residual.dtype),
+    fields=("c", "w", "b", "res"),
     impls={"triton": triton_norm and (triton_norm.add_layer_norm, triton_norm.check_add_layer_norm),
            "cpp": extension and (extension.add_layer_norm, extension.check_add_layer_norm),
            "cuda": extension and (extension.add_layer_norm, extension.check_add_layer_norm)}))
@@ -278,7 +284,11 @@ def _linear_key(x, weight, bias, activation, layer_scale, residual):
 
 
 LINEAR = DISPATCH.add(Op(
-    "linear", _eager_linear, rows=_rows, key=_linear_key, fields=("in", "out", "bias", "act", "ls", "res"),
+    "linear", _eager_linear, rows=_rows, key=_linear_key,
+    call_key=lambda x, weight, bias, activation, layer_scale, residual: (
+        x.dtype, x.shape, weight.shape, bias is not None and bias.dtype, activation,
+        layer_scale is not None and layer_scale.dtype, residual is not None and residual.dtype),
+    fields=("in", "out", "bias", "act", "ls", "res"),
     impls={"triton": triton_linear and (triton_linear.linear, triton_linear.check),
            "cpp": extension and (extension.linear, extension.check_linear),
            "cuda": extension and (extension.linear, extension.check_linear)},
