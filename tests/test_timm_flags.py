@@ -175,6 +175,17 @@ def test_log_interval_sets_the_metrics_lines(tmp_path):
     assert cli.main(["meta", "--log-interval", "0"]) == 2
 
 
+def test_amp_is_timms_switch_to_float16_unless_amp_dtype_says_otherwise():
+    assert _recipe().amp_dtype == "bfloat16"                       # autocast is always on here
+    assert _recipe("--amp").amp_dtype == "float16"                 # timm's --amp-dtype default
+    assert _recipe("--amp", "--amp-dtype", "bfloat16").amp_dtype == "bfloat16"
+    assert _recipe("--amp-dtype", "bfloat16", "--amp").amp_dtype == "bfloat16"
+    spec = cli.spec_from_args(cli.build_parser().parse_args(["run", "--amp"]))
+    child = cli.spec_from_args(cli.build_parser().parse_args(pipeline.stage_argv(spec, "incubate", 1)[3:]))
+    assert child.recipe["amp_dtype"] == "float16"                  # what each stage's process gets
+    assert cli.main(["meta", "--amp=1"]) == 2                      # a switch takes no value
+
+
 def test_experiment_names_the_run_dir_as_timms_output_subdirectory(tmp_path):
     parse = cli.build_parser().parse_args
     spec = cli.spec_from_args(parse(["run", "--out", str(tmp_path), "--experiment", "lamb-1", "--log-interval", "5"]))

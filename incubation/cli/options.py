@@ -276,6 +276,19 @@ def _add_data_and_model_options(p: argparse.ArgumentParser) -> list[argparse.Act
     ]
 
 
+class _TimmAmp(argparse.Action):
+    """timm's --amp: autocast in float16 (timm's --amp-dtype default) unless --amp-dtype names a
+    dtype, before or after it. Here autocast is always on, in bfloat16 by default, so the flag
+    only gives a timm command line timm's dtype."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, "float16")
+
+
 def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     """The `Recipe` fields that have flags (generated: dest = the field's name, type = the checking
     type of this module it names), then the options of a run that are not the recipe's."""
@@ -283,6 +296,8 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> list[argparse.Action]:
     add = group.add_argument
     return [add(*f.metadata["flags"], dest=f.name, type=globals()[f.metadata["type"]], default=None,
                 help=f.metadata["help"]) for f in RECIPE_OPTIONS] + [
+        add("--amp", action=_TimmAmp, dest="amp_dtype", default=None, help="timm's: autocast in float16 unless "
+            "--amp-dtype says otherwise (without it: --amp-dtype, default bfloat16, where it applies)"),
         add("--model-ema", action="store_true", help="keep an EMA of the weights (final_ema.*, ema_eval_acc)"),
         add("--grad-accum-steps", "--accum-steps", dest="accum_steps", type=positive_int, default=1,
             help="gradient accumulation micro-batches per step"),
