@@ -122,8 +122,8 @@ def bench_providers(providers: list[str], ours, images, labels, amp, device, qui
                     log: Callable = print, rounds: Optional[int] = None) -> dict:
     """provider -> (status, facts or reason). On GPU one provider at a time (memory); on CPU all
     of them prepared first, then timed in `rounds` interleaved rounds (default 7, 3 when quick; median of
-    the rounds, each round's time kept as round_ms) so that a change of load on a shared machine does not
-    favour whichever ran first. Each result is
+    the rounds, each round's time kept as round_ms, the order reversed every other round) so that
+    neither a change of load on a shared machine nor the position in a round favours a provider. Each result is
     logged as soon as it is measured (a run cut short keeps what it measured in its log)."""
     gpu = device.type == "cuda"
     groups = [[p] for p in providers] if gpu else [providers]
@@ -143,8 +143,8 @@ def bench_providers(providers: list[str], ours, images, labels, amp, device, qui
                                      describe_error(exc))
                 free_memory(device)
         times = {p: [] for p in live}
-        for _ in range(rounds):
-            for provider, (step, _) in live.items():
+        for r in range(rounds):   # the order reversed every other round: no provider always goes first
+            for provider, (step, _) in (reversed if r % 2 else iter)(list(live.items())):
                 if provider in results:
                     continue  # failed in an earlier round
                 try:  # warm=0: prepare_provider ran the warm-up steps
