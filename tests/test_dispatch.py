@@ -427,3 +427,29 @@ def test_the_report_shows_enough_digits_for_the_margin_rule():
     assert "cpp 14.31 ms, eager 14.84 ms" in won and won.endswith("-> cpp")
     assert "cpp 14.52 ms, eager 14.84 ms" in lost and lost.endswith("-> eager")
     assert "0.964x" in won and "0.978x" in lost and "0.97" in lost
+
+
+@pytest.mark.usefixtures("fresh", "fake_clock")
+def test_a_repeated_call_is_served_from_the_memo_until_a_decision_changes(monkeypatch):
+    calls = []
+    ops.register("layer_norm", "eager", costing(1e-3))
+    _only("layer_norm", fake=costing(0.5e-3, calls=calls))
+    decided = []
+    decide = DISPATCH._decide
+    monkeypatch.setattr(DISPATCH, "_decide", lambda *a: decided.append(a[0].name) or decide(*a))
+    x = torch.randn(64, 32)
+    for _ in range(3):
+        ops.layer_norm(x, None, None)
+    assert decided == ["layer_norm"] and len(calls) >= 3   # measured once, then served: the fake won
+    ops.layer_norm(torch.randn(60, 32), None, None)       # a new shape: one look-up of its signature
+    assert decided == ["layer_norm"] * 2
+    slower = []
+    ops.register("layer_norm", "fake", costing(2e-3, calls=slower), devices=("cpu",))
+    ops.layer_norm(x, None, None)          # the file's decision, served by the function registered now
+    assert decided == ["layer_norm"] * 3 and len(slower) == 1
+    DISPATCH.clear_decisions(memory_only=False)
+    ops.layer_norm(x, None, None)          # measured again: eager wins now
+    measured = len(slower)
+    ops.layer_norm(x, None, None)
+    assert decided == ["layer_norm"] * 4 and len(slower) == measured   # the fake ran only while measured
+    assert _decisions()["layer_norm float32 rows=64 c=32 w=none b=none fwd"]["choice"] == "eager"
