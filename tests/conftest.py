@@ -1,4 +1,6 @@
 """Test-session set-up shared by every test file."""
+import contextlib
+import io
 import os
 import subprocess
 import tempfile
@@ -64,9 +66,6 @@ def tiny_run(tiny_pipeline, tmp_path_factory):
     once for the tests that read it (test_cli checks its stages and report; test_pipeline compares
     the other ways of running with it). The eager backend and one thread, as test_pipeline's other
     ways run: no measured kernel choice, and the same float sums in every job."""
-    import contextlib
-    import io
-
     from incubation import cli
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     printed = io.StringIO()
