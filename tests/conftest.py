@@ -55,8 +55,9 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(folder, tiny):
-    """The options of `incubation run` that the tests of the whole tiny pipeline share: K = 2, the
-    first 16 training images (2 steps an epoch: every stage still trains, evaluates and saves)."""
+    """The options of `incubation run` that the tests of the whole tiny pipeline share: K = 2, 16 of
+    the 48 training images (a fixed draw; 2 steps an epoch: every stage still trains, evaluates and
+    saves)."""
     return ("--data", folder, "--modules", "2", "--limit-train", "16", *tiny)
 
 
