@@ -1,4 +1,6 @@
 """Test-session set-up shared by every test file."""
+import contextlib
+import io
 import os
 import subprocess
 import tempfile
@@ -49,6 +51,30 @@ def tiny():
     """Options that make a training command of the `incubation` CLI tiny, quiet and CPU-bound
     (with the `folder` data set: 14 x 14 images, batches of 8)."""
     return ("--img-size", "14", "--batch-size", "8", "--no-progress", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(folder, tiny):
+    """The options of `incubation run` that the tests of the whole tiny pipeline share: K = 2, 16 of
+    the 48 training images (a fixed draw; 2 steps an epoch: every stage still trains, evaluates and
+    saves)."""
+    return ("--data", folder, "--modules", "2", "--limit-train", "16", *tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_pipeline, tmp_path_factory):
+    """(run directory, what it printed) of one `incubation run` with the tiny_pipeline options, run
+    once for the tests that read it (test_cli checks its stages and report; test_pipeline compares
+    the other ways of running with it). The eager backend and one thread, as test_pipeline's other
+    ways run: no measured kernel choice, and the same float sums in every job."""
+    from incubation import cli
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setenv("INCUBATION_BACKEND", "eager")
+        patch.setenv("OMP_NUM_THREADS", "1")
+        assert cli.main(["run", "--out", str(out), *tiny_pipeline]) == 0
+    return out, printed.getvalue()
 
 
 @pytest.fixture(scope="session")

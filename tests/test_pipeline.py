@@ -169,23 +169,24 @@ def _same(a, b):
 
 
 @pytest.mark.slow
-def test_every_way_of_running_gives_the_same_weights(tiny, run_cli, folder, tmp_path, monkeypatch):
+def test_every_way_of_running_gives_the_same_weights(tiny_run, tiny_pipeline, run_cli, tmp_path, monkeypatch):
+    """`incubation run` (serial: the shared tiny_run, eager, one thread) against --parallel 2, the
+    stages one by one and the Python API, each with the same options, backend and thread count."""
     import torch
     monkeypatch.setenv("INCUBATION_BACKEND", "eager")   # no measured kernel choice between the runs
     monkeypatch.setenv("OMP_NUM_THREADS", "1")          # CPU results depend on the thread count: one for every job
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                             # and for the stages run in this process
     try:
-        _run_every_way(tmp_path, run_cli, ["--data", folder, "--modules", "2", *tiny])
+        _run_every_way(tmp_path, run_cli, list(tiny_pipeline))
     finally:
         torch.set_num_threads(threads)
-    serial = _weights(tmp_path / "serial")
+    serial = _weights(tiny_run[0])
     for other in ("parallel", "by-hand", "api"):
         _same(serial, _weights(tmp_path / other))
 
 
 def _run_every_way(tmp_path, run_cli, common):
-    assert run_cli("run", "--out", tmp_path / "serial", *common) == 0
     assert run_cli("run", "--out", tmp_path / "parallel", "--parallel", "2", *common) == 0
     by_hand = tmp_path / "by-hand"
     for stage in (["meta"], ["incubate", "--module", "1"], ["incubate", "--module", "0"], ["assemble"], ["e2e"]):

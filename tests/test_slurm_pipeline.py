@@ -90,7 +90,9 @@ def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_c
     out = tmp_path / "run"
     (out / "incubate-1").mkdir(parents=True)
     (out / "incubate-1" / "checkpoint.json").write_text("{damaged")  # incubate-1 cannot resume
-    run = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM, "--wait")
+    # meta and incubate-0 need only finish: one process each, one epoch of 2 steps (16 images)
+    short = ("--modules", "2", "--epochs", "1", "--limit-train", "16", "--workers", "0")
+    run = _incubation("run", "--data", folder, "--out", out, *short, *tiny, *SLURM, "--wait")
     assert run.returncode == 1
     error = run.stderr.strip().splitlines()
     assert len(error) == 1 and "incubate-1 failed (exit 1)" in error[0] and "checkpoint" in error[0]
@@ -103,7 +105,7 @@ def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_c
     # after the fix, a rerun submits only what is left; cancel stops it (held back by --begin, so
     # that the tiny incubate-1 cannot finish before the cancel: that race failed this test)
     (out / "incubate-1" / "checkpoint.json").unlink()
-    rerun = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM, "--slurm-option", "begin=now+600")
+    rerun = _incubation("run", "--data", folder, "--out", out, *short, *tiny, *SLURM, "--slurm-option", "begin=now+600")
     assert rerun.returncode == 0, rerun.stderr
     submitted = [line.split(":")[0] for line in rerun.stdout.splitlines() if ": Slurm job " in line]
     assert submitted == ["incubate-1", "assemble", "e2e", "report"]
