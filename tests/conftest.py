@@ -137,7 +137,7 @@ def slurm_cluster(tmp_path_factory):
 # the test files that take longest on CPU (measured with --durations), longest first; the two
 # Slurm files stay next to each other (one worker, one test cluster)
 LONGEST_FIRST = ("test_study.py", "test_slurm_pipeline.py", "test_slurm.py", "test_readme.py", "test_benchmarks.py",
-                 "test_cli.py", "test_compile_check.py")
+                 "test_cli.py", "test_pipeline.py", "test_compile_check.py")
 
 
 def _keep(config, items, keep):
@@ -161,7 +161,8 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         _keep(config, items, lambda item: not item.get_closest_marker("gpu"))
     # the files with the longest tests first, each file kept whole (its module fixtures run once):
-    # xdist's workers then end on short tests instead of one waiting for the study at the tail
+    # xdist's workers then end on short tests instead of one waiting for the study at the tail;
+    # test_cli and test_pipeline side by side, so that one worker runs their shared tiny_run
     first = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))
     shard = os.environ.get("INCUBATION_TEST_SHARD")
