@@ -197,10 +197,10 @@ def _run_every_way(tmp_path, run_cli, common):
 def test_the_recipe_options_are_generated_from_the_schema():
     from incubation.recipe import OPTIONS, Recipe
     meta = cli.build_parser()._subparsers._group_actions[0].choices["meta"]
-    actions = {a.dest: a for a in meta._actions}
+    actions = {tuple(a.option_strings): a for a in meta._actions}   # (timm's --amp shares --amp-dtype's dest)
     for f in OPTIONS:
-        action = actions[f.name]
-        assert tuple(action.option_strings) == f.metadata["flags"] and action.help == f.metadata["help"]
+        action = actions[f.metadata["flags"]]
+        assert action.dest == f.name and action.help == f.metadata["help"]
         assert action.default is None   # None: the preset's value
     args = meta.parse_args(["--smoothing", "0.2", "--aa", "none", "--model-ema-decay", "0.99", "-b", "4"])
     spec = cli.spec_from_args(args)
