@@ -47,7 +47,7 @@ install: $(STAMP)
 # Re-runs only when the pins, the build files or the C++/CUDA sources change.
 $(STAMP): requirements.txt setup.py pyproject.toml $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	$(PY) -c "import incubation; print(incubation.ops.format_backends('cpu'))"
 	touch $(STAMP)
