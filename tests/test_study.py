@@ -1,5 +1,6 @@
 """incubation bench study: budgets matched in FLOPs for every method, the report's arithmetic, and
 a miniature study run end to end (parallel job processes, resume, refusal of other settings)."""
+import collections
 import dataclasses
 import json
 import os
@@ -23,7 +24,8 @@ MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets"
 def _apollo_flops(target, steps, seed, batch=128):
     """Training FLOPs of an Apollo run: full-depth cost of each step's sampled depth."""
     model = study._apollo(target, steps, seed)
-    return sum(3 * target.replace(depth=model.depth_at(s)).flops_per_image() * batch for s in range(steps))
+    depths = collections.Counter(model.depth_at(s) for s in range(steps))   # (integer FLOPs: exact sums)
+    return sum(n * 3 * target.replace(depth=d).flops_per_image() * batch for d, n in depths.items())
 
 
 def _steps(spec, stage, num_train):
