@@ -1,5 +1,6 @@
 """incubation bench study: budgets matched in FLOPs for every method, the report's arithmetic, and
 a miniature study run end to end (parallel job processes, resume, refusal of other settings)."""
+import collections
 import dataclasses
 import json
 import os
@@ -8,19 +9,23 @@ import pytest
 
 from incubation import bench, deep, pipeline
 from incubation.bench import assembly, study
+from incubation.bench.study_report import markdown
 from incubation.launch import check_graph
 from incubation.presets import get_preset
 from incubation.train import epochs_to_steps
 from incubation.train.checkpoint import load_checkpoint
 
-MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets", "1,2", "--seeds", "2",
+# one budget, two seeds (the std over seeds): each stage is a process (~7 CPU-s, mostly imports), so
+# the budget sweep's report is checked on made-up points (test_the_report_of_a_budget_sweep)
+MINI = ["--depth", "4", "--width", "16", "--heads", "2", "--K", "2", "--budgets", "2", "--seeds", "2",
         "--limit-train", "768", "--limit-eval", "128", "--val-size", "256", "--no-progress"]
 
 
 def _apollo_flops(target, steps, seed, batch=128):
     """Training FLOPs of an Apollo run: full-depth cost of each step's sampled depth."""
     model = study._apollo(target, steps, seed)
-    return sum(3 * target.replace(depth=model.depth_at(s)).flops_per_image() * batch for s in range(steps))
+    depths = collections.Counter(model.depth_at(s) for s in range(steps))   # (integer FLOPs: exact sums)
+    return sum(n * 3 * target.replace(depth=d).flops_per_image() * batch for d, n in depths.items())
 
 
 def _steps(spec, stage, num_train):
@@ -87,6 +92,11 @@ def test_the_study_graph_is_the_pipelines(tmp_path):
     assert argv["apollo/b1-s0/grow"][2:4] == ["incubation.cli", "grow"]
     assert argv["lemon/b1-s0/lemon"][2:4] == ["incubation.bench.study", "_lemon"]
     assert _option(argv["lemon-small/b1-s0/e2e"], "--depth") == "2"
+    # some of the methods: their jobs only, with the meta model that the Deep Incubation variants share
+    jobs, _ = study.plan(dataclasses.replace(cfg, methods=["deep-lemon", "e2e"]), str(tmp_path / "some"), 768)
+    assert [j.name for j in jobs if "/b1-s0/" in j.name] == [
+        "deep/b1-s0/meta", "deep-lemon/b1-s0/incubate-0", "deep-lemon/b1-s0/incubate-1", "deep-lemon/b1-s0/assemble",
+        "e2e/b1-s0/e2e"]
     # a finished stage is left out, and named as done
     os.makedirs(os.path.join(out, "deep", "b1-s0", "meta"))
     with open(os.path.join(out, "deep", "b1-s0", "meta", "final.json"), "w") as f:
@@ -113,6 +123,38 @@ def test_cost_to_reach_interpolates_along_the_curve():
     assert study._cost_to_reach(curve, 85.0, "flops") == {"cost": 3.0, "bound": "="}
     assert study._cost_to_reach(curve, 79.0, "flops") == {"cost": 1.0, "bound": "<="}
     assert study._cost_to_reach(curve, 90.0, "flops") is None
+
+
+def test_the_report_of_a_budget_sweep():
+    """summarise and markdown over two budgets (seed 0 at 1, two seeds at 2), on made-up points: a
+    row per budget, E2E's FLOPs for the same accuracy along E2E's curve, the cost to reach E2E's top."""
+    cfg = study.StudyConfig(budgets=[1, 2], seeds=2, methods=["e2e", "deep"])
+    made_up = {("e2e", 1.0, 0): (80.0, 10.0, 4.0), ("e2e", 2.0, 0): (84.0, 20.0, 8.0), ("e2e", 2.0, 1): (86.0, 20.0, 10.0),
+               ("deep", 1.0, 0): (83.0, 10.0, 3.0), ("deep", 2.0, 0): (86.0, 20.0, 6.0), ("deep", 2.0, 1): (88.0, 20.0, 6.0)}
+    points = [{"method": m, "budget": b, "seed": s, "acc": acc, "test_acc": acc - 1, "flops": flops, "wall_s": 2 * wall,
+               "wall_s_k_machines": wall} for (m, b, s), (acc, flops, wall) in made_up.items()]
+    summary = study.summarise(cfg, points)
+    e2e, incubated = summary["e2e"], summary["deep"]
+    assert [(r["budget"], r["seeds"], r["acc"], r["flops"]) for r in e2e["curve"]] == [(1.0, 1, 80.0, 10.0), (2.0, 2, 85.0, 20.0)]
+    assert e2e["curve"][0]["acc_std"] is None and e2e["curve"][1]["acc_std"] == pytest.approx(2 ** 0.5)
+    assert e2e["curve"][1]["test_acc"] == 84.0 and e2e["curve"][1]["wall_s_k_machines"] == 9.0
+    # deep's 83 % at budget 1: E2E gets there at 10 + 3/5 x 10 = 16 FLOPs; its 87 % is beyond E2E's curve
+    assert incubated["curve"][0]["e2e_flops_ratio"] == {"cost": pytest.approx(16.0), "bound": "=", "ratio": pytest.approx(1.6)}
+    assert incubated["curve"][1]["e2e_flops_ratio"] is None
+    # E2E's 85 % at budget 2: deep's curve reaches it half way, at 15 FLOPs and 4.5 s on K machines
+    assert incubated["to_e2e_acc"]["flops"] == {"cost": pytest.approx(15.0), "bound": "=", "speedup": pytest.approx(20 / 15)}
+    assert incubated["to_e2e_acc"]["wall_s_k_machines"]["speedup"] == pytest.approx(9.0 / 4.5)
+    assert e2e["to_e2e_acc"]["flops"]["speedup"] == pytest.approx(1.0)
+    md = markdown({"config": dataclasses.asdict(cfg), "budget_unit_flops": 10.0, "summary": summary})
+    assert "| method | 1 ep | 2 ep |" in md
+    assert "| Deep Incubation | 83.00 (1.60x) | 87.00 ± 1.41 (beyond E2E's curve) |" in md
+    assert "| E2E | 80.00 | 85.00 ± 1.41 |" in md
+    # without E2E among the methods: no comparison with it, and the tables still come out
+    alone = dataclasses.replace(cfg, methods=["deep"])
+    summary = study.summarise(alone, [p for p in points if p["method"] == "deep"])
+    assert list(summary) == ["deep"] and "to_e2e_acc" not in summary["deep"]
+    md = markdown({"config": dataclasses.asdict(alone), "budget_unit_flops": 10.0, "summary": summary})
+    assert "| Deep Incubation | 83.00 | 87.00 ± 1.41 |" in md
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -144,7 +186,7 @@ def test_miniature_study_end_to_end(mini_study):
     cfg = study.StudyConfig(**result["config"])
     unit = result["budget_unit_flops"]
     points = {(p["method"], p["budget"], p["seed"]): p for p in result["points"]}
-    assert set(points) == {(m, b, s) for m in study.METHODS for b, s in [(1.0, 0), (2.0, 0), (2.0, 1)]}
+    assert set(points) == {(m, b, s) for m in study.METHODS for b, s in [(2.0, 0), (2.0, 1)]}
     for (method, budget, seed), p in points.items():
         # the budget is met to within the rounding of each stage's steps (one step per stage)
         stages = [pipeline.read_stage(d) for d in study.method_dirs(cfg, out, method, budget, seed)]
@@ -276,19 +318,22 @@ def test_incubation_bench_runs_the_study(tmp_path, capsys):
     assert "study_config.json not found" in capsys.readouterr().err
 
 
-def test_a_failing_job_is_named_and_its_dependents_skipped(tmp_path, capsys):
+def test_a_failing_job_is_named_and_its_dependents_skipped(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "study")
     args = ["run", "--out", out, *MINI[:MINI.index("--budgets")], "--budgets", "1", "--seeds", "1",
             "--methods", "deep", "--limit-train", "768", "--limit-eval", "128", "--val-size", "256", "--no-progress"]
-    assert study.main(args) == 0
-    for job in ("incubate-0", "assemble"):
-        os.remove(os.path.join(out, "deep", "b1-s0", job, "final.json"))
+    cfg = study.StudyConfig(depth=4, width=16, heads=2, K=2, budgets=[1], seeds=1, methods=["deep"], limit_train=768,
+                            limit_eval=128, val_size=256)
+    # the point's meta model, trained here (the study's jobs would do so in a process each), then damaged
+    monkeypatch.setenv("INCUBATION_BACKEND", "eager")
+    spec = study.point_specs(cfg, out, len(study.data(cfg, out).train_set), 1.0, 0)["deep"]
+    pipeline.run_stage(spec, "meta")
     with open(os.path.join(out, "deep", "b1-s0", "meta", "final.safetensors"), "r+b") as f:
-        f.truncate(100)  # the meta model the incubation reads is damaged
+        f.truncate(100)  # the meta model the incubations read is damaged
     capsys.readouterr()
     assert study.main(args) == 1
     err = capsys.readouterr().err
-    assert "study jobs failed: deep/b1-s0/incubate-0 (exit 1, see " in err and "Traceback" not in err
-    assert "deep/b1-s0/assemble (a job it needs failed)" in err
+    assert "study jobs failed: " in err and "Traceback" not in err   # both incubations fail, in either order
+    assert "deep/b1-s0/incubate-0 (exit 1, see " in err and "deep/b1-s0/assemble (a job it needs failed)" in err
     log = open(os.path.join(out, "deep", "b1-s0", "incubate-0", "log.txt")).read()
     assert "final.safetensors" in log  # the job's own error names the damaged file
