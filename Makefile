@@ -40,6 +40,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m compileall -q incubation   # once, for every process the tests start (PYTHONDONTWRITEBYTECODE may be set)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 install: $(STAMP)

@@ -21,6 +21,9 @@ os.environ.setdefault("INCUBATION_CACHE_DIR", tempfile.mkdtemp(prefix="incubatio
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    # and so do the processes the tests start (the CLI's jobs, README snippets, benchmarks), unless
+    # the test sets a count: on all cores each, beside the other workers, their threads would spin
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def pytest_report_header(config):

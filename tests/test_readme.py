@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
@@ -20,10 +19,8 @@ def test_readme_has_python_snippets():
 @pytest.mark.slow
 @pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
 def test_readme_snippet_runs(code, tmp_path):
-    # the snippet gets this process's share of the cores (tests/conftest.py): under xdist, torch's default of
-    # every core in each snippet would oversubscribe them (OpenMP threads spinning for a turn)
-    env = {**os.environ, "PYTHONPATH": str(README.parent), "INCUBATION_CACHE_DIR": str(tmp_path / "cache"),
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # (under xdist the snippet gets this worker's share of the cores: OMP_NUM_THREADS, tests/conftest.py)
+    env = {**os.environ, "PYTHONPATH": str(README.parent), "INCUBATION_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"README snippet failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
