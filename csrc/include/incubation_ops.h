@@ -3,7 +3,9 @@
 // naming the op and the argument) before any kernel touches memory, and output helpers.
 #pragma once
 
-#include <ATen/ATen.h>
+// the headers of what is used, not ATen/ATen.h (every op's declaration: seconds more per file)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
 
