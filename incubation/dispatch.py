@@ -374,26 +374,22 @@ class Dispatcher:
             chosen = self.chosen.get(memo)
             if chosen is None:
                 chosen = self.chosen[memo] = self._implementation(op, self._decide(op, args, device).choice)
-            backend, fn, check = chosen
-            reason = check and check(*args)
-            if not reason:
-                return fn
-            _note(op.name, backend, reason)   # this call differs from the measured one (e.g. strides)
-            return op.eager
-        forced = self.forced or _backend_variable()
-        if forced and forced != "auto":
-            return self._forced_impl(op, self.current_backend(), device.type, args)
-        if self.measuring:
-            return op.eager
-        if torch.compiler.is_compiling():
-            choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
         else:
-            choice = self._decide(op, args, device).choice
-        backend, fn, check = self._implementation(op, choice)
+            forced = self.forced or _backend_variable()
+            if forced and forced != "auto":
+                return self._forced_impl(op, self.current_backend(), device.type, args)
+            if self.measuring:
+                return op.eager
+            if torch.compiler.is_compiling():
+                choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
+            else:
+                choice = self._decide(op, args, device).choice
+            chosen = self._implementation(op, choice)
+        backend, fn, check = chosen
         reason = check and check(*args)
         if not reason:
             return fn
-        _note(op.name, backend, reason)
+        _note(op.name, backend, reason)   # this call differs from the measured one (e.g. strides)
         return op.eager
 
     def _implementation(self, op: Op, choice: str) -> tuple[str, Callable, Optional[Callable]]:
