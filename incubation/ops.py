@@ -110,11 +110,12 @@ def _overlapping(t: torch.Tensor) -> bool:
     increasing order, must reach past every element the smaller ones span."""
     if t.is_contiguous():
         return False
-    span = 0
-    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n > 1), key=lambda p: p[1]):
-        if stride <= span:
-            return True
-        span += (size - 1) * stride
+    span, strides, sizes = 0, t.stride(), t.shape
+    for d in sorted(range(t.ndim), key=strides.__getitem__):   # dims by stride (int keys: dynamo traces it)
+        if sizes[d] > 1:
+            if strides[d] <= span:
+                return True
+            span += (sizes[d] - 1) * strides[d]
     return False
 
 
@@ -125,7 +126,7 @@ def _eager_attention(q, k, v, scale):
     # SDPA's CPU kernel returns 0 for a query row holding NaN or inf: such a row must be NaN. The
     # fix-up (exactly 0 for a finite row) costs ~10 % of the attention with its backward, so it runs
     # only when q holds a non-finite value (one read of q), or unconditionally in a compiled graph.
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or not torch.isfinite(q.detach().sum())):
+    if q.device.type == "cpu" and (torch.compiler.is_compiling() or not math.isfinite(q.detach().sum().item())):
         out = out + (q * 0).sum(-1, keepdim=True)
     return out
 
