@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_training import QUIET, easy_data, tiny_vit
+from tiny_training import QUIET, Recording, easy_data, tiny_vit
 
 from incubation import ops
 from incubation.train import CheckpointError, TrainConfig, evaluate, load_checkpoint, lr_at, save_checkpoint, train
@@ -140,20 +140,6 @@ def test_data_order_does_not_depend_on_loader_workers(tmp_path):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
-class Recording(torch.utils.data.Dataset):
-    """A data set that records, in order, the indices the engine reads from it."""
-
-    def __init__(self, data):
-        self.data, self.read = data, []
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, i):
-        self.read.append(i)
-        return self.data[i]
-
-
 def test_repeated_augmentation_order_is_deits(tmp_path):
     """Each image R times in a row, cut to the data set's length (DeiT's RASampler), the same
     order for the same seed, and a run resumed mid-epoch reads on in that order. (That the copies
@@ -163,7 +149,7 @@ def test_repeated_augmentation_order_is_deits(tmp_path):
     def run(out, hooks=()):
         data = Recording(easy_data(36))
         train(tiny_vit(), data, None, cfg, tmp_path / out, hooks=list(hooks))
-        return data.read
+        return data.reads
 
     epoch = run("a")
     assert len(epoch) == 36 and all(epoch[3 * k] == epoch[3 * k + 1] == epoch[3 * k + 2] for k in range(12))
