@@ -65,18 +65,17 @@ def tiny_pipeline(folder, tiny):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_pipeline, tmp_path_factory):
+def tiny_run(tiny_pipeline, run_cli, tmp_path_factory):
     """(run directory, what it printed) of one `incubation run` with the tiny_pipeline options, run
     once for the tests that read it (test_cli checks its stages and report; test_pipeline compares
     the other ways of running with it). The eager backend and one thread, as test_pipeline's other
     ways run: no measured kernel choice, and the same float sums in every job."""
-    from incubation import cli
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setenv("INCUBATION_BACKEND", "eager")
         patch.setenv("OMP_NUM_THREADS", "1")
-        assert cli.main(["run", "--out", str(out), *tiny_pipeline]) == 0
+        assert run_cli("run", "--out", out, *tiny_pipeline) == 0
     return out, printed.getvalue()
 
 
