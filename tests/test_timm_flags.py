@@ -240,6 +240,13 @@ def test_resume_from_another_runs_checkpoint_replays_the_run(tmp_path):
         train(tiny_vit(), easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / "killed")),
               tmp_path / "y", stage="meta")
     assert cli.main(["run", "--resume", str(tmp_path / "killed")]) == 2
+    # a checkpoint in the stage's own directory is one of its outputs: refused before anything is written
+    before = {f.name: f.read_bytes() for f in (tmp_path / "killed").iterdir()}
+    for given in ("killed", "killed/checkpoint.json", "killed/../killed/checkpoint"):
+        with pytest.raises(CheckpointError, match="this stage's own directory"):
+            train(tiny_vit(), easy_data(), None, dataclasses.replace(cfg, resume_from=str(tmp_path / given)),
+                  tmp_path / "killed")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "killed").iterdir()} == before
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..utils import atomic_write, json_dumps
+from ..utils import atomic_write, json_dumps, same_file
 from .checkpoint import (
     CheckpointError,
     _prefix,
@@ -189,6 +189,10 @@ class Checkpointer:
         prefix, place, given = self.prefix, self.place, self.cfg.resume_from
         if given is not None:   # --resume PATH: another run's checkpoint of this stage (read only)
             prefix = os.path.join(given, "checkpoint") if os.path.isdir(given) else _prefix(given)
+            if same_file([self.out_dir], [os.path.dirname(prefix) or "."]):   # its files are this stage's outputs
+                raise CheckpointError(f"resume from {given}: it is in this stage's own directory {self.out_dir}, "
+                                      "whose checkpoints the stage writes over; leave out --resume to resume "
+                                      "there, or resume from a copy elsewhere")
         elif place.rank == 0:
             recover_checkpoint(prefix)
         barrier(place.world)
