@@ -1,7 +1,9 @@
 """Test-session set-up shared by every test file."""
 import contextlib
+import fcntl
 import io
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -31,22 +33,49 @@ def pytest_report_header(config):
         return "no CUDA device: the tests marked gpu (the CUDA backends' combinations) are not collected"
 
 
+def once_per_session(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name` that make(folder) fills, made once for the whole test session: under
+    pytest-xdist the workers share it (in the session's common temporary root, under a lock), so
+    that a costly module or session fixture whose tests the workers split between them (worksteal
+    hands a worker the tail of another's queue) is not computed once per worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent   # each worker's basetemp is a folder of the session's
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also on an error
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def session_folder(tmp_path_factory):
+    """`once_per_session` for the fixtures of a test file: session_folder(name, make) -> folder."""
+    return lambda name, make: once_per_session(tmp_path_factory, name, make)
+
+
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
     """A tiny ImageFolder data set for the CLI tests, as `--data` wants it ("folder:<root>"):
-    root/{train,val}/<class>/*.png, three classes told apart by which third is bright."""
+    root/{train,val}/<class>/*.png, three classes told apart by which third is bright. One for the
+    session (the workers too: the runs they share name it)."""
     np = pytest.importorskip("numpy")
     image = pytest.importorskip("PIL.Image")
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 6)):
-        for c in range(3):
-            os.makedirs(root / split / f"class{c}")
-            for j in range(n):
-                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                img[:, c * 5:(c + 1) * 5] += 150
-                image.fromarray(img).save(root / split / f"class{c}" / f"{j}.png")
-    return f"folder:{root}"
+
+    def make(root):
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 16), ("val", 6)):
+            for c in range(3):
+                os.makedirs(root / split / f"class{c}")
+                for j in range(n):
+                    img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                    img[:, c * 5:(c + 1) * 5] += 150
+                    image.fromarray(img).save(root / split / f"class{c}" / f"{j}.png")
+    return f"folder:{once_per_session(tmp_path_factory, 'images', make)}"
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +96,18 @@ def tiny_pipeline(folder, tiny):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_pipeline, run_cli, tmp_path_factory):
     """(run directory, what it printed) of one `incubation run` with the tiny_pipeline options, run
-    once for the tests that read it (test_cli checks its stages and report; test_pipeline compares
+    once in the session (`once_per_session`) for the tests that read it (test_cli checks its stages and report; test_pipeline compares
     the other ways of running with it). The eager backend and one thread, as test_pipeline's other
     ways run: no measured kernel choice, and the same float sums in every job."""
-    out = tmp_path_factory.mktemp("tiny-run") / "run"
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setenv("INCUBATION_BACKEND", "eager")
-        patch.setenv("OMP_NUM_THREADS", "1")
-        assert run_cli("run", "--out", out, *tiny_pipeline) == 0
-    return out, printed.getvalue()
+    def make(folder):
+        printed = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+            patch.setenv("INCUBATION_BACKEND", "eager")
+            patch.setenv("OMP_NUM_THREADS", "1")
+            assert run_cli("run", "--out", folder / "run", *tiny_pipeline) == 0
+        (folder / "printed.txt").write_text(printed.getvalue())
+    folder = once_per_session(tmp_path_factory, "tiny-run", make)
+    return folder / "run", (folder / "printed.txt").read_text()
 
 
 @pytest.fixture(scope="session")

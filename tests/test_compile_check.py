@@ -30,19 +30,20 @@ def _bundled_tools():
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def records(session_folder):
     if _bundled_tools() is None:
         pytest.skip("Triton's bundled ptxas / cuobjdump (triton/backends/nvidia/bin) are absent")
-    out = tmp_path_factory.mktemp("compile_check")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(out / "cache")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    start = time.perf_counter()
-    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--quick",
-                          "--dtypes", "bf16,fp16", "--quiet", "--json", str(out / "compile.json")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    print(run.stdout[-3000:], run.stderr[-3000:], f"compile_check took {time.perf_counter() - start:.0f} s")
-    assert run.returncode == 0, run.stderr[-3000:]
+    def compile_all(out):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(out / "cache")
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "compile_check.py"), "--quick",
+                              "--dtypes", "bf16,fp16", "--quiet", "--json", str(out / "compile.json")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        print(run.stdout[-3000:], run.stderr[-3000:], f"compile_check took {time.perf_counter() - start:.0f} s")
+        assert run.returncode == 0, run.stderr[-3000:]
+    out = session_folder("compile_check", compile_all)   # xdist's workers share it
     with open(out / "compile.json") as f:
         return json.load(f)
 
