@@ -24,11 +24,21 @@ SLURM = ("--launcher", "slurm", "--cpus-per-task", "incubate:2", "--cpus-per-tas
 
 
 def _incubation(*argv, wait=True):
-    """`incubation ARGV` in a process: its CompletedProcess, or the Popen with wait=False."""
+    """`incubation ARGV` in a process (the runs a user waits on: the jobs outlive a call): its
+    CompletedProcess, or the Popen with wait=False."""
     argv = [sys.executable, "-m", "incubation.cli", *map(str, argv)]
     if not wait:
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _here(capsys, *argv):
+    """`incubation ARGV` in this process (status, cancel, a refused run: no process start to pay
+    for): (exit status, stdout, stderr)."""
+    from incubation import cli
+    status = cli.main([str(a) for a in argv])
+    printed = capsys.readouterr()
+    return status, printed.out, printed.err
 
 
 def _weights(out):
@@ -53,7 +63,8 @@ def local_run(tmp_path_factory, folder, tiny):
 
 
 @pytest.mark.slurm
-def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, local_run, folder, tiny, tmp_path):
+def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, local_run, folder, tiny, tmp_path,
+                                                                 capsys):
     out = tmp_path / "run"
     t0 = time.monotonic()
     run = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM, "--wait", wait=False)
@@ -67,11 +78,11 @@ def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, l
     kept = [line for line in (out / "incubate-0" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["step"] <= step]
     # meanwhile: a second run on this out dir refuses, naming a job still queued or running
-    second = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM)
-    assert second.returncode == 1 and "is still" in second.stderr and "as Slurm job" in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1
-    status = _incubation("status", "--out", out)
-    assert status.returncode == 0 and [line.split()[0] for line in status.stdout.splitlines()] == [*STAGES, "report"]
+    code, _, error = _here(capsys, "run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM)
+    assert code == 1 and "is still" in error and "as Slurm job" in error
+    assert len(error.strip().splitlines()) == 1
+    code, printed, _ = _here(capsys, "status", "--out", out)
+    assert code == 0 and [line.split()[0] for line in printed.splitlines()] == [*STAGES, "report"]
     stdout, stderr = run.communicate(timeout=900)
     print(f"tiny pipeline, --launcher slurm: {time.monotonic() - t0:.0f} s (one requeue)")
     assert run.returncode == 0, stderr
@@ -86,7 +97,8 @@ def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, l
 
 
 @pytest.mark.slurm
-def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_cluster, folder, tiny, tmp_path):
+def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_cluster, folder, tiny, tmp_path,
+                                                                          capsys):
     out = tmp_path / "run"
     (out / "incubate-1").mkdir(parents=True)
     (out / "incubate-1" / "checkpoint.json").write_text("{damaged")  # incubate-1 cannot resume
@@ -100,17 +112,18 @@ def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_c
     assert rows["incubate-1"].state == "failed" and "checkpoint" in rows["incubate-1"].last_line
     assert {rows[n].state for n in ("assemble", "e2e", "report")} == {"cancelled"}
     assert {rows[n].state for n in ("meta", "incubate-0")} == {"done"}
-    status = _incubation("status", "--out", out).stdout
+    status = _here(capsys, "status", "--out", out)[1]
     assert "failed (exit 1)" in status and rows["incubate-1"].last_line in status
     # after the fix, a rerun submits only what is left; cancel stops it (held back by --begin, so
     # that the tiny incubate-1 cannot finish before the cancel: that race failed this test)
     (out / "incubate-1" / "checkpoint.json").unlink()
-    rerun = _incubation("run", "--data", folder, "--out", out, *short, *tiny, *SLURM, "--slurm-option", "begin=now+600")
-    assert rerun.returncode == 0, rerun.stderr
-    submitted = [line.split(":")[0] for line in rerun.stdout.splitlines() if ": Slurm job " in line]
+    code, printed, error = _here(capsys, "run", "--data", folder, "--out", out, *short, *tiny, *SLURM,
+                                 "--slurm-option", "begin=now+600")
+    assert code == 0, error
+    submitted = [line.split(":")[0] for line in printed.splitlines() if ": Slurm job " in line]
     assert submitted == ["incubate-1", "assemble", "e2e", "report"]
-    cancel = _incubation("cancel", "--out", out)
-    assert cancel.returncode == 0 and "cancelled: incubate-1" in cancel.stdout
+    code, printed, _ = _here(capsys, "cancel", "--out", out)
+    assert code == 0 and "cancelled: incubate-1" in printed
     rows = {r.name: r for r in slurm_status.wait(str(out), poll_s=0.5, timeout_s=60)}
     assert {rows[n].state for n in ("incubate-1", "assemble", "e2e", "report")} == {"cancelled"}
     assert rows["meta"].state == "done"
