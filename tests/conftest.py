@@ -96,18 +96,18 @@ def tiny_pipeline(folder, tiny):
 @pytest.fixture(scope="session")
 def tiny_run(tiny_pipeline, run_cli, tmp_path_factory):
     """(run directory, what it printed) of one `incubation run` with the tiny_pipeline options, run
-    once in the session (`once_per_session`) for the tests that read it (test_cli checks its stages and report; test_pipeline compares
-    the other ways of running with it). The eager backend and one thread, as test_pipeline's other
+    once in the session (`once_per_session`) for the tests that read it (test_cli checks its stages
+    and report; test_pipeline compares the other ways of running with it). The eager backend and one thread, as test_pipeline's other
     ways run: no measured kernel choice, and the same float sums in every job."""
-    def make(folder):
+    def make(directory):
         printed = io.StringIO()
         with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
             patch.setenv("INCUBATION_BACKEND", "eager")
             patch.setenv("OMP_NUM_THREADS", "1")
-            assert run_cli("run", "--out", folder / "run", *tiny_pipeline) == 0
-        (folder / "printed.txt").write_text(printed.getvalue())
-    folder = once_per_session(tmp_path_factory, "tiny-run", make)
-    return folder / "run", (folder / "printed.txt").read_text()
+            assert run_cli("run", "--out", directory / "run", *tiny_pipeline) == 0
+        (directory / "printed.txt").write_text(printed.getvalue())
+    directory = once_per_session(tmp_path_factory, "tiny-run", make)
+    return directory / "run", (directory / "printed.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -194,8 +194,8 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         _keep(config, items, lambda item: not item.get_closest_marker("gpu"))
     # the files with the longest tests first, each file kept whole (its module fixtures run once):
-    # xdist's workers then end on short tests instead of one waiting for the study at the tail;
-    # test_cli and test_pipeline side by side, so that one worker runs their shared tiny_run
+    # xdist's workers then end on short tests instead of one waiting for the study at the tail
+    # (a fixture that worksteal's split of a file would compute on both workers: once_per_session)
     first = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: first.get(item.path.name, len(first)))
     shard = os.environ.get("INCUBATION_TEST_SHARD")
