@@ -336,9 +336,13 @@ class Dispatcher:
         for env, records in _read_file().items():
             mine = self.decisions.setdefault(env, {})
             for r in records.values():
-                if r["choice"] in self.devices:   # a backend this process knows
-                    mine.setdefault(_key_from_file(r["key"]), Decision(r["choice"], dict(r.get("ms", {})),
-                                                              dict(r.get("refused", {}))))
+                key = _key_from_file(r["key"])
+                op = self.ops.get(key[0])
+                # kept if it chose a backend this process knows and weighed every backend the op has
+                # now: a backend registered or built since (a plug-in, the extension) is measured anew
+                weighed = {"eager", *r.get("ms", {}), *r.get("refused", {})}
+                if r["choice"] in self.devices and op is not None and weighed >= op.impls.keys():
+                    mine.setdefault(key, Decision(r["choice"], dict(r.get("ms", {})), dict(r.get("refused", {}))))
 
     def _save_file(self) -> None:
         """Merge this process's measured decisions into the file (best effort, atomic)."""

@@ -168,6 +168,24 @@ def test_decisions_round_trip_through_the_cache_file(fresh):
 
 
 @pytest.mark.usefixtures("fake_clock")
+def test_a_backend_registered_after_a_decision_was_saved_is_measured_for_it(fresh):
+    ops.register("layer_norm", "eager", costing(1e-3))
+    _only("layer_norm", fake=costing(0.5e-3))
+    x = torch.randn(64, 32)
+    ops.layer_norm(x, None, None)
+    assert next(iter(_decisions().values()))["choice"] == "fake"
+    calls = []   # a new process with a plug-in besides: the file's decision never weighed it
+    ops.register("layer_norm", "plugin", costing(0.1e-3, calls=calls), devices=("cpu",))
+    DISPATCH.clear_decisions()
+    ops.layer_norm(x, None, None)
+    assert calls and next(iter(_decisions().values()))["choice"] == "plugin"
+    calls.clear()   # and the decision saved then, which weighed it, is read back without measuring
+    DISPATCH.clear_decisions()
+    ops.layer_norm(x, None, None)
+    assert len(calls) == 1 and next(iter(_decisions().values()))["choice"] == "plugin"
+
+
+@pytest.mark.usefixtures("fake_clock")
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "someone-else/3", "environments": {}}),
                                      json.dumps({"format": dispatch.CACHE_FORMAT, "environments": {"e": {"k": 3}}})])
 def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning(fresh, content):
