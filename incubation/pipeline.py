@@ -42,6 +42,7 @@ from .recipe import EMA_DECAY, Recipe
 from .recipe import OPTIONS as RECIPE_OPTIONS
 from .timm_compat import timm_config
 from .train import TrainConfig
+from .train.distributed import auto_device
 from .utils import atomic_write, is_inside, json_dumps, json_value, read_json_object, versions
 
 __all__ = ["Stage", "STAGES", "RunSpec", "jobs", "finished", "stage_argv", "run_stage", "run", "num_modules",
@@ -378,7 +379,7 @@ class Context:
         if os.environ.get("RANK", "0") != "0":
             return
         name = stage if module is None else f"{stage} {module}"
-        device = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        device = "cuda" if auto_device(cfg.device).startswith("cuda") else "cpu"
         say(f"{name}: {cfg.steps} steps of {cfg.batch_size} images, {cfg.opt} at peak lr {cfg.lr:.4g} "
             f"(warmup {cfg.warmup_steps} steps, {cfg.sched} schedule to {cfg.min_lr:.3g}), {cfg.precision(device)}")
         directory = stage_dir(self.run_dir, stage, module)

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from incubation.train.distributed import auto_device
 from incubation.utils import versions
 
 # why the benchmarks never time the Triton backend on CPU tensors
@@ -62,7 +63,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 def resolve_device(name: Optional[str]) -> torch.device:
     """'cuda' / 'cpu' / None (cuda when available)."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(auto_device(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     if device.type not in ("cuda", "cpu"):

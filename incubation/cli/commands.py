@@ -49,6 +49,7 @@ from ..presets import PRESETS, get_preset
 from ..report import write_report
 from ..timm_compat import from_timm
 from ..train.checkpoint import load_checkpoint, refuse_overwriting
+from ..train.distributed import auto_device
 from ..weights import OFFICIAL_MODELS, build_model
 from . import launching
 from .exits import EXIT_STATUS, UsageError, exit_status, run_main
@@ -196,7 +197,7 @@ def _tune_models(args) -> list[torch.nn.Module]:
 
 
 def _cmd_tune(args):
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(auto_device(args.device))
     if ops.current_backend() != "auto":
         raise ValueError(f"INCUBATION_BACKEND={ops.current_backend()} forces a backend: nothing to measure")
     t0, made = time.time(), {}

@@ -8,6 +8,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -131,9 +132,13 @@ def join_process_group() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local
 
 
+def auto_device(name: Optional[str]) -> str:
+    """The device `name` means: "auto" (or None) is cuda when torch sees a GPU, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name
+
+
 def device_of(name: str, world: int, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = auto_device(name)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {name!r} requested but CUDA is not available")
