@@ -133,8 +133,8 @@ def join_process_group() -> tuple[int, int, int]:
 
 
 def auto_device(name: Optional[str]) -> str:
-    """The device `name` means: "auto" (or None) is cuda when torch sees a GPU, else cpu."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name in (None, "auto") else name
+    """The device `name` means: "auto" (or none given) is cuda when torch sees a GPU, else cpu."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if not name or name == "auto" else name
 
 
 def device_of(name: str, world: int, local_rank: int) -> torch.device:
