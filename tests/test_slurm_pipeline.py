@@ -32,11 +32,10 @@ def _incubation(*argv, wait=True):
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-def _here(capsys, *argv):
+def _here(run_cli, capsys, *argv):
     """`incubation ARGV` in this process (status, cancel, a refused run: no process start to pay
     for): (exit status, stdout, stderr)."""
-    from incubation import cli
-    status = cli.main([str(a) for a in argv])
+    status = run_cli(*argv)
     printed = capsys.readouterr()
     return status, printed.out, printed.err
 
@@ -64,7 +63,7 @@ def local_run(tmp_path_factory, folder, tiny):
 
 @pytest.mark.slurm
 def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, local_run, folder, tiny, tmp_path,
-                                                                 capsys):
+                                                                 run_cli, capsys):
     out = tmp_path / "run"
     t0 = time.monotonic()
     run = _incubation("run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM, "--wait", wait=False)
@@ -78,10 +77,10 @@ def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, l
     kept = [line for line in (out / "incubate-0" / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["step"] <= step]
     # meanwhile: a second run on this out dir refuses, naming a job still queued or running
-    code, _, error = _here(capsys, "run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM)
+    code, _, error = _here(run_cli, capsys, "run", "--data", folder, "--out", out, *RUN, *tiny, *SLURM)
     assert code == 1 and "is still" in error and "as Slurm job" in error
     assert len(error.strip().splitlines()) == 1
-    code, printed, _ = _here(capsys, "status", "--out", out)
+    code, printed, _ = _here(run_cli, capsys, "status", "--out", out)
     assert code == 0 and [line.split()[0] for line in printed.splitlines()] == [*STAGES, "report"]
     stdout, stderr = run.communicate(timeout=900)
     print(f"tiny pipeline, --launcher slurm: {time.monotonic() - t0:.0f} s (one requeue)")
@@ -98,7 +97,7 @@ def test_requeued_pipeline_on_slurm_ends_bit_identical_to_local(slurm_cluster, l
 
 @pytest.mark.slurm
 def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_cluster, folder, tiny, tmp_path,
-                                                                          capsys):
+                                                                          run_cli, capsys):
     out = tmp_path / "run"
     (out / "incubate-1").mkdir(parents=True)
     (out / "incubate-1" / "checkpoint.json").write_text("{damaged")  # incubate-1 cannot resume
@@ -112,17 +111,17 @@ def test_failed_stage_cancels_what_needs_it_and_a_rerun_submits_the_rest(slurm_c
     assert rows["incubate-1"].state == "failed" and "checkpoint" in rows["incubate-1"].last_line
     assert {rows[n].state for n in ("assemble", "e2e", "report")} == {"cancelled"}
     assert {rows[n].state for n in ("meta", "incubate-0")} == {"done"}
-    status = _here(capsys, "status", "--out", out)[1]
+    status = _here(run_cli, capsys, "status", "--out", out)[1]
     assert "failed (exit 1)" in status and rows["incubate-1"].last_line in status
     # after the fix, a rerun submits only what is left; cancel stops it (held back by --begin, so
     # that the tiny incubate-1 cannot finish before the cancel: that race failed this test)
     (out / "incubate-1" / "checkpoint.json").unlink()
-    code, printed, error = _here(capsys, "run", "--data", folder, "--out", out, *short, *tiny, *SLURM,
+    code, printed, error = _here(run_cli, capsys, "run", "--data", folder, "--out", out, *short, *tiny, *SLURM,
                                  "--slurm-option", "begin=now+600")
     assert code == 0, error
     submitted = [line.split(":")[0] for line in printed.splitlines() if ": Slurm job " in line]
     assert submitted == ["incubate-1", "assemble", "e2e", "report"]
-    code, printed, _ = _here(capsys, "cancel", "--out", out)
+    code, printed, _ = _here(run_cli, capsys, "cancel", "--out", out)
     assert code == 0 and "cancelled: incubate-1" in printed
     rows = {r.name: r for r in slurm_status.wait(str(out), poll_s=0.5, timeout_s=60)}
     assert {rows[n].state for n in ("incubate-1", "assemble", "e2e", "report")} == {"cancelled"}
