@@ -79,9 +79,10 @@ def _tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: int = 0) -> t
 
 
 def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    device = ref.device   # (each .device builds a torch.device: read it once)
     for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}")
 
 
 def _vector(name: str, t, size: int, what: str) -> None:
@@ -126,7 +127,7 @@ def _eager_attention(q, k, v, scale):
     # SDPA's CPU kernel returns 0 for a query row holding NaN or inf: such a row must be NaN. The
     # fix-up (exactly 0 for a finite row) costs ~10 % of the attention with its backward, so it runs
     # only when q holds a non-finite value (one read of q), or unconditionally in a compiled graph.
-    if q.device.type == "cpu" and (torch.compiler.is_compiling() or not math.isfinite(q.detach().sum().item())):
+    if q.is_cpu and (torch.compiler.is_compiling() or not math.isfinite(q.detach().sum().item())):
         out = out + (q * 0).sum(-1, keepdim=True)
     return out
 
@@ -136,8 +137,10 @@ def _eager_attention(q, k, v, scale):
 _AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu") if torch.amp.is_autocast_available(d))
 
 
-def _autocast_on(device_type: str) -> bool:
-    """torch.is_autocast_enabled for any device type."""
+def _autocast_on(t: torch.Tensor) -> bool:
+    """torch.is_autocast_enabled for t's device type, whatever it is."""
+    # (t.device.type builds a string, 0.3 us a call: is_cuda / is_cpu answer the common two)
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
     return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
@@ -149,7 +152,7 @@ def _eager_layer_norm(x, weight, bias, eps):
     # (.to only where the dtype differs: each call of it costs a dispatch even when it returns self)
     w = weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    if _autocast_on(x.device.type):   # autocast would return fp32: keep x's dtype
+    if _autocast_on(x):   # autocast would return fp32: keep x's dtype
         with _without_autocast(x.device.type):
             return F.layer_norm(x, (x.shape[-1],), w, b, eps)
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
@@ -320,12 +323,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         if tuple(residual.shape) != expected:
             raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
     _same_device("x", x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
-    autocast = _autocast_on(x.device.type)
+    autocast = _autocast_on(x)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, layer_scale = (
             None if t is None else t.to(dtype) for t in (x, weight, bias, layer_scale))
-    else:
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or (
+            layer_scale is not None and layer_scale.dtype != x.dtype):   # (the loop only to name it)
         for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
             if t is not None and t.dtype != x.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
