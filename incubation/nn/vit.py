@@ -350,8 +350,7 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.linear(x, self.fc1.weight, self.fc1.bias, "gelu")
-        return self.drop1(h) if self.training and self.drop1.p > 0 else h   # (an identity's call: ~2 us)
+        return self.drop1(ops.linear(x, self.fc1.weight, self.fc1.bias, "gelu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(ops.linear(self.hidden(x), self.fc2.weight, self.fc2.bias))
@@ -374,18 +373,16 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def _stochastic(self) -> bool:
-        return self.training and (self.drop_path1.drop_prob > 0 or self.attn.proj_drop.p > 0)
+        return self.training and (self.drop_path1.drop_prob > 0 or self.attn.proj_drop.p > 0)   # else: identities, not called
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn, mlp = self.attn, self.mlp
-        stochastic = self._stochastic()   # else dropout and drop path are identities, not called (~2 us each)
         branch = ops.linear(attn.attend(self.norm1(x)), attn.proj.weight, attn.proj.bias,
                             layer_scale=_gamma(self.ls1))
-        if stochastic:
-            branch = self.drop_path1(attn.proj_drop(branch))
-        h, x = ops.add_layer_norm(branch, x, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        h, x = ops.add_layer_norm(self.drop_path1(attn.proj_drop(branch)) if self._stochastic() else branch, x,
+                                  self.norm2.weight, self.norm2.bias, self.norm2.eps)
         hidden = mlp.hidden(h)
-        if stochastic:
+        if self._stochastic():
             out = ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2))
             return x + self.drop_path2(mlp.drop2(out))
         return ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2), residual=x)
