@@ -97,8 +97,9 @@ def tiny_pipeline(folder, tiny):
 def tiny_run(tiny_pipeline, run_cli, tmp_path_factory):
     """(run directory, what it printed) of one `incubation run` with the tiny_pipeline options, run
     once in the session (`once_per_session`) for the tests that read it (test_cli checks its stages
-    and report; test_pipeline compares the other ways of running with it). The eager backend and one thread, as test_pipeline's other
-    ways run: no measured kernel choice, and the same float sums in every job."""
+    and report; test_pipeline compares the other ways of running with it). The eager backend and one
+    thread, as test_pipeline's other ways run: no measured kernel choice, and the same float sums in
+    every job."""
     def make(directory):
         printed = io.StringIO()
         with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):

@@ -376,13 +376,13 @@ class Block(nn.Module):
         return self.training and (self.drop_path1.drop_prob > 0 or self.attn.proj_drop.p > 0)   # else: identities, not called
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn, mlp = self.attn, self.mlp
+        attn, mlp, stochastic = self.attn, self.mlp, self._stochastic()
         branch = ops.linear(attn.attend(self.norm1(x)), attn.proj.weight, attn.proj.bias,
                             layer_scale=_gamma(self.ls1))
-        h, x = ops.add_layer_norm(self.drop_path1(attn.proj_drop(branch)) if self._stochastic() else branch, x,
+        h, x = ops.add_layer_norm(self.drop_path1(attn.proj_drop(branch)) if stochastic else branch, x,
                                   self.norm2.weight, self.norm2.bias, self.norm2.eps)
         hidden = mlp.hidden(h)
-        if self._stochastic():
+        if stochastic:
             out = ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2))
             return x + self.drop_path2(mlp.drop2(out))
         return ops.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, layer_scale=_gamma(self.ls2), residual=x)
