@@ -1,11 +1,10 @@
 """How `incubation.ops` chooses a backend for each call: capability first, then measurement.
 
-Every op is declared once, in ops.py, as an `Op`: its eager reference, how a call is keyed
-(`rows` and `key`), and its backends by name (`impls`: backend -> (function, capability
-check), the functions those of `incubation.kernels.*` and `incubation.extension`). The one
-`Dispatcher`, `DISPATCH`, owns all mutable state: the ops, the forced backend, the decisions
-(in memory and in their file) and the notes the report shows. A capability check returns
-None when its backend can serve the call, else the reason.
+Every op is declared once, in ops.py, as an `Op`: its validation, eager reference, how a call
+is keyed (`rows`, `key`) and its backends (`impls`: backend -> (function, capability check:
+None when it can serve the call, else the reason)). The one `Dispatcher`, `DISPATCH`, owns all
+mutable state: the ops, the forced backend, the decisions (in memory and in their file) and
+the notes the report shows.
 
 Per call (`DISPATCH.select`):
 - A forced backend (`INCUBATION_BACKEND`, `use_backend`) serves it, or raises BackendError
@@ -18,10 +17,10 @@ Per call (`DISPATCH.select`):
   eager's first, so a kernel that is broken on this machine is refused instead of chosen. A
   non-eager backend wins only if it beats eager by MARGIN. Measuring leaves no trace: the
   caller's graph, RNG and saved-tensor hooks (activation checkpointing) never see it.
-- A repeated call (the same op, device, thread count, shapes, dtypes, flags and need for
-  gradients) costs one lookup in `chosen`, the memo of what the first such call was served by;
-  the chosen backend's capability check still runs (strides may differ). The memo is cleared
-  whenever a decision is made, replaced or forgotten.
+- A repeated call (the same op, device, thread count, shapes, dtypes and flags) costs one
+  lookup in `chosen`, the memo of what served the first such call (keyed by the need for
+  gradients too where that changes it); the chosen backend's capability check still runs
+  (strides may differ). The memo is cleared whenever a decision is made or forgotten.
 - Inside torch.compile / torch.export the decision is read at trace time and never measured:
   the graph serves every batch size, so a backend serves there only where it won every
   measured rows bucket of the signature (`incubation tune` measures them); with no decision,
@@ -35,7 +34,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -44,7 +42,7 @@ import torch
 
 from .errors import IncubationError
 from .measure import MARGIN, measure, outputs
-from .utils import user_cache_dir
+from .utils import cpu_name, user_cache_dir
 
 __all__ = ["BackendError", "Op", "Decision", "Dispatcher", "DISPATCH", "BACKENDS", "MARGIN", "pow2"]
 
@@ -63,8 +61,7 @@ _BY_NAME = {**{name: d for d, name in _DTYPE_NAMES.items()}, "none": None}
 
 
 def _part_name(part) -> object:
-    """A signature part as the report and the decision file show it: a key holds dtypes and None
-    (cheap to build at every call), the file their names."""
+    """A signature part as the report and the decision file show it (a key holds dtypes and None)."""
     if part is None:
         return "none"
     return (_DTYPE_NAMES.get(part) or str(part).replace("torch.", "")) if isinstance(part, torch.dtype) else part
@@ -84,15 +81,16 @@ class Op:
     """An op that `incubation.ops` dispatches. A call's signature is (name, pow2(rows(*args)),
     *key(*args), gradients?): `rows` is the size that varies with the batch, `key` the rest
     (dtype first, then what `fields` names, for the report; dtypes as torch.dtype, an absent
-    tensor as None). `call_key` is the cheaper key of the dispatcher's memo: the same facts with
-    the shapes whole (no rows arithmetic), built from tensor attributes only (`t is not None and
-    t.dtype`, not a helper call: it runs at every call)."""
+    tensor as None). `validate(*public arguments)` is the public function's input check: it
+    raises naming the argument, else returns (device, args, call), `args` as the backends take
+    them and `call` the facts it read on the way (shapes whole, dtypes, flags: all that `rows`
+    and `key` read), which key the dispatcher's memo without reading a tensor again."""
     name: str
     eager: Callable
+    validate: Callable[..., tuple]
     rows: Callable[..., int]
     key: Callable[..., tuple]
     fields: tuple[str, ...]
-    call_key: Callable[..., tuple]   # the call's exact shapes, dtypes and flags: what `key` and `rows` read
     rows_field: str = "rows"
     impls: dict = field(default_factory=dict)   # backend -> (function, capability check or None)
     reports: dict = field(default_factory=dict)  # backend -> function(device type) -> {kernel: calls}
@@ -123,19 +121,6 @@ class Decision:
             if self.ms.get("eager") else None
         versus = f" (best kernel at {ratio:.3f}x eager; it must be < {1 - MARGIN:.2f}x)" if ratio is not None else ""
         return f"{times}{versus} -> {self.choice}"
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def cache_path() -> str:
@@ -202,6 +187,7 @@ def _needs_grad(args: tuple) -> bool:
 # per-call budget); CPython's backing dict of encoded names answers the same in 30 ns.
 _ENVIRON, _BACKEND_VARIABLE = os.environ._data, os.environ.encodekey("INCUBATION_BACKEND")
 _META = torch.device("meta")
+_is_compiling = torch.compiler.is_compiling   # (one attribute lookup less per call; dynamo knows the function)
 
 
 def _backend_variable() -> Optional[str]:
@@ -229,9 +215,9 @@ class Dispatcher:
         self.tuning = False                         # inside tune(): measure even under several ranks
         self.remeasured: Optional[set] = None       # inside tune(fresh=True): the signatures measured anew
         self.measuring = False
-        # (op, device, threads, gradients?, op.call_key) -> (backend, function, capability check or None):
-        # what select returned for that exact call, so that a repeated call costs one dict lookup.
-        # Cleared whenever a decision is made, replaced or forgotten.
+        # (op, device, threads, gradients?, the call's facts from op.validate) -> (backend, function,
+        # capability check or None): what served that exact call, so that a repeated call costs one
+        # dict lookup. Cleared whenever a decision is made, replaced or forgotten.
         self.chosen: dict[tuple, tuple] = {}
 
     # ---- the ops and their backends --------------------------------------------------
@@ -285,7 +271,7 @@ class Dispatcher:
         if device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available on this machine"
         if backend == "triton" and device_type == "cpu":
-            if not _interpreting():
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
                 return "Triton needs CUDA tensors (set TRITON_INTERPRET=1 to run it on CPU for testing)"
             if not forced:
                 return "the Triton interpreter runs on CPU only when forced (it is for testing, not speed)"
@@ -323,7 +309,7 @@ class Dispatcher:
             if device.type == "cuda":
                 name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
             else:
-                name = _cpu_name()
+                name = cpu_name()
             env = (f"{device.type}: {name} | torch {torch.__version__} | triton {triton_version} "
                    f"| incubation {__version__}" + (f" | {threads} threads" if device.type == "cpu" else ""))
             self.environments[(device, threads)] = env
@@ -367,34 +353,54 @@ class Dispatcher:
         return op.describe(key) if op else " ".join(map(str, key))
 
     # ---- selection ---------------------------------------------------------------------
-    def select(self, op: Op, device: torch.device, args: tuple) -> Callable:
-        """The implementation that serves this call of `op` (see the module docstring)."""
-        if device == _META:   # shapes only, no numbers: eager's shape rules serve every backend
-            return op.eager
-        if (self.forced is None and _ENVIRON.get(_BACKEND_VARIABLE) is None and not torch.compiler.is_compiling()
-                and not self.measuring and self.remeasured is None):
-            # auto, run by Python: the memo first (the whole cost of a repeated call)
-            memo = (op.name, device, torch.get_num_threads(), _needs_grad(args), op.call_key(*args))
+    def select(self, op: Op, device: torch.device, args: tuple, call: tuple) -> Callable:
+        """The implementation that serves this call of `op` (see the module docstring); `device`,
+        `args` and `call` are what `op.validate` returned for it."""
+        if (self.forced is None and not self.measuring and self.remeasured is None
+                and _ENVIRON.get(_BACKEND_VARIABLE) is None and not _is_compiling()):
+            # auto, run by Python: the memo (the whole cost of a repeated call), first for a call
+            # served alike with and without gradients (then their need is not read: 1 us in place)
+            memo = (op.name, device, torch.get_num_threads(), call)
             chosen = self.chosen.get(memo)
             if chosen is None:
-                chosen = self.chosen[memo] = self._implementation(op, self._decide(op, args, device).choice)
+                grad = _needs_grad(args)
+                chosen = self.chosen.get((memo, grad)) or self._memoize(op, device, args, memo, grad)
         else:
-            forced = self.forced or _backend_variable()
-            if forced and forced != "auto":
-                return self._forced_impl(op, self.current_backend(), device.type, args)
-            if self.measuring:
-                return op.eager
-            if torch.compiler.is_compiling():
-                choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
-            else:
-                choice = self._decide(op, args, device).choice
-            chosen = self._implementation(op, choice)
+            chosen = self._unmemoized(op, device, args)
         backend, fn, check = chosen
         reason = check and check(*args)
         if not reason:
             return fn
         _note(op.name, backend, reason)   # this call differs from the measured one (e.g. strides)
         return op.eager
+
+    def _memoize(self, op: Op, device: torch.device, args: tuple, memo: tuple, grad: bool) -> tuple:
+        """Decide the call (measuring if need be) and memoize what serves it: under `memo` if
+        it is served alike with and without gradients, else under (memo, grad). A call with
+        gradients also decides its forward alone (the cheaper measurement) to know that."""
+        if device == _META:   # shapes only: eager's shape rules serve every backend
+            chosen = self.chosen[memo] = ("eager", op.eager, None)
+            return chosen
+        chosen = self._implementation(op, self._decide(op, args, device, grad).choice)
+        other = self._decide(op, args, device, not grad, measure_now=grad)
+        served_alike = other is not None and self._implementation(op, other.choice) == chosen
+        self.chosen[memo if served_alike else (memo, grad)] = chosen
+        return chosen
+
+    def _unmemoized(self, op: Op, device: torch.device, args: tuple) -> tuple:
+        """select's answer where the memo does not serve: forced, measuring or compiling."""
+        if device == _META:
+            return "eager", op.eager, None
+        forced = self.forced or _backend_variable()
+        if forced and forced != "auto":
+            return forced, self._forced_impl(op, self.current_backend(), device.type, args), None
+        if self.measuring:
+            return "eager", op.eager, None
+        if _is_compiling():
+            choice = _graph_choice(op.name, str(device), (*op.key(*args), _needs_grad(args)))
+        else:
+            choice = self._decide(op, args, device, _needs_grad(args)).choice
+        return self._implementation(op, choice)
 
     def _implementation(self, op: Op, choice: str) -> tuple[str, Callable, Optional[Callable]]:
         """The backend that serves a call decided for `choice`, its function and capability check
@@ -425,9 +431,10 @@ class Dispatcher:
                     candidates.append(backend)
         return candidates, refused
 
-    def _decide(self, op: Op, args: tuple, device: torch.device) -> Decision:
-        """The decision for this call's signature: cached, or measured now."""
-        grad = _needs_grad(args)
+    def _decide(self, op: Op, args: tuple, device: torch.device, grad: bool,
+                measure_now: bool = True) -> Optional[Decision]:
+        """The decision for this call's signature with or without gradients: cached, or measured
+        now (measure_now=False: None instead of measuring)."""
         key = (op.name, pow2(op.rows(*args)), *op.key(*args), grad)
         if not self.loaded:
             self._load_file()
@@ -438,6 +445,8 @@ class Dispatcher:
         candidates, refused = self._candidates(op, args, device)
         if not candidates:
             decision = Decision("eager", {}, refused)   # nothing to measure; not worth a file write
+        elif not measure_now:
+            return None
         elif _distributed() and not self.tuning:   # no rank measures alone: all run eager here
             decision = Decision("eager", {}, {**refused, **{b: "not measured: under several ranks only the "
                                                             "signatures of ops.tune + ops.share_decisions are"

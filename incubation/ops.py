@@ -78,11 +78,13 @@ def _tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: int = 0) -> t
     return t
 
 
-def _same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+def _same_device(ref_name: str, ref: torch.Tensor, **others) -> torch.device:
+    """The device of every tensor given (None: absent), or ValueError naming the odd one."""
     device = ref.device   # (each .device builds a torch.device: read it once)
     for name, t in others.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}")
+    return device
 
 
 def _vector(name: str, t, size: int, what: str) -> None:
@@ -175,16 +177,37 @@ def _eager_linear(x, weight, bias, activation, layer_scale, residual):
 
 
 # --------------------------------------------------------------------------------------
-# public ops
-# --------------------------------------------------------------------------------------
-def _attention_key(q, k, v, scale):
-    return q.dtype, q.shape[2], k.shape[2], q.shape[3]
+# public ops. Each op: its validation (`_*_call`: errors naming the argument, then the device, the backends'
+# arguments and the call's exact facts, read once: what the dispatcher's memo is keyed by),
+# its signature for the decisions (`rows`, `key`), its backends, and the public function.
+
+def _attention_call(q, k, v, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, t, ndim=4)
+    q_shape, k_shape, dtype = q.shape, k.shape, q.dtype
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    if q_shape[:2] != k_shape[:2] or q_shape[3] != k_shape[3]:
+        raise ValueError(f"q {tuple(q_shape)} and k {tuple(k_shape)} must agree in batch, heads "
+                         "and head dim (shapes are (B, H, N, D))")
+    if not (dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {dtype}, {k.dtype}, {v.dtype}")
+    device = _same_device("q", q, k=k, v=v)
+    if q_shape[3] == 0:   # empty batches, heads or sequences are fine; an empty head is a mistake
+        raise ValueError(f"q, k and v have head dim 0 (shapes {tuple(q_shape)}, {tuple(k_shape)}, "
+                         "(B, H, N, D)): attention needs D >= 1")
+    if scale is None:   # SDPA's default bit for bit (timm calls SDPA): D ** -0.5 is 1 ulp off at D=32
+        scale = 1.0 / math.sqrt(q_shape[3])
+    elif not _positive(scale):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return device, (q, k, v, float(scale)), (dtype, q_shape, k_shape)
 
 
 ATTENTION = DISPATCH.add(Op(
-    "attention", _eager_attention, rows=lambda q, k, v, scale: q.shape[0] * q.shape[1], key=_attention_key,
-    call_key=lambda q, k, v, scale: (q.dtype, q.shape, k.shape), fields=("n", "nk", "d"), rows_field="bh",
-    impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check)}))
+    "attention", _eager_attention, validate=_attention_call,
+    rows=lambda q, k, v, scale: q.shape[0] * q.shape[1],
+    key=lambda q, k, v, scale: (q.dtype, q.shape[2], k.shape[2], q.shape[3]), fields=("n", "nk", "d"),
+    rows_field="bh", impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check)}))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -199,25 +222,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     merged for the output projection) is a view, not a copy; eager (SDPA) returns what SDPA returns. Code must rely on
     the shape and values only, never on out.is_contiguous(). The gradient arriving in the
     backward may have any strides."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _tensor(name, t, ndim=4)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads "
-                         "and head dim (shapes are (B, H, N, D))")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _same_device("q", q, k=k, v=v)
-    if q.shape[3] == 0:   # empty batches, heads or sequences are fine; an empty head is a mistake
-        raise ValueError(f"q, k and v have head dim 0 (shapes {tuple(q.shape)}, {tuple(k.shape)}, "
-                         "(B, H, N, D)): attention needs D >= 1")
-    if scale is None:   # SDPA's default bit for bit (timm calls SDPA): D ** -0.5 is 1 ulp off at D=32
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not _positive(scale):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    args = (q, k, v, float(scale))
-    return DISPATCH.select(ATTENTION, q.device, args)(*args)
+    device, args, call = _attention_call(q, k, v, scale)
+    return DISPATCH.select(ATTENTION, device, args, call)(*args)
 
 
 def _rows(x, *_) -> int:
@@ -229,14 +235,18 @@ def _dtype(t: Optional[torch.Tensor]) -> Optional[torch.dtype]:
     return None if t is None else t.dtype
 
 
-def _layer_norm_key(x, weight, bias, eps):
-    return x.dtype, x.shape[-1], _dtype(weight), _dtype(bias)
+def _layer_norm_call(x, weight, bias, eps):
+    _tensor("x", x, min_ndim=1)
+    shape = x.shape
+    _vector("weight", weight, shape[-1], "x's last dimension")
+    _vector("bias", bias, shape[-1], "x's last dimension")
+    device = _same_device("x", x, weight=weight, bias=bias)
+    return device, (x, weight, bias, _eps(eps)), (x.dtype, shape, _dtype(weight), _dtype(bias))
 
 
 LAYER_NORM = DISPATCH.add(Op(
-    "layer_norm", _eager_layer_norm, rows=_rows, key=_layer_norm_key,
-    call_key=lambda x, weight, bias, eps: (x.dtype, x.shape, weight is not None and weight.dtype,
-                                           bias is not None and bias.dtype), fields=("c", "w", "b"),
+    "layer_norm", _eager_layer_norm, validate=_layer_norm_call, rows=_rows,
+    key=lambda x, weight, bias, eps: (x.dtype, x.shape[-1], _dtype(weight), _dtype(bias)), fields=("c", "w", "b"),
     impls={"triton": triton_norm and (triton_norm.layer_norm, triton_norm.check_layer_norm),
            "cpp": extension and (extension.layer_norm, extension.check_layer_norm),
            "cuda": extension and (extension.layer_norm, extension.check_layer_norm)}))
@@ -245,23 +255,27 @@ LAYER_NORM = DISPATCH.add(Op(
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the last dimension; the output has x's dtype (statistics in fp32)."""
+    device, args, call = _layer_norm_call(x, weight, bias, eps)
+    return DISPATCH.select(LAYER_NORM, device, args, call)(*args)
+
+
+def _add_layer_norm_call(x, residual, weight, bias, eps):
     _tensor("x", x, min_ndim=1)
-    _vector("weight", weight, x.shape[-1], "x's last dimension")
-    _vector("bias", bias, x.shape[-1], "x's last dimension")
-    _same_device("x", x, weight=weight, bias=bias)
-    args = (x, weight, bias, _eps(eps))
-    return DISPATCH.select(LAYER_NORM, x.device, args)(*args)
-
-
-def _add_layer_norm_key(x, residual, weight, bias, eps):
-    return x.dtype, x.shape[-1], _dtype(weight), _dtype(bias), _dtype(residual)
+    shape = x.shape
+    if residual is not None:
+        _tensor("residual", residual)
+        if residual.shape != shape:
+            raise ValueError(f"residual must have x's shape {tuple(shape)}, got {tuple(residual.shape)}")
+    _vector("weight", weight, shape[-1], "x's last dimension")
+    _vector("bias", bias, shape[-1], "x's last dimension")
+    device = _same_device("x", x, residual=residual, weight=weight, bias=bias)
+    return (device, (x, residual, weight, bias, _eps(eps)),
+            (x.dtype, shape, _dtype(weight), _dtype(bias), _dtype(residual)))
 
 
 ADD_LAYER_NORM = DISPATCH.add(Op(
-    "add_layer_norm", _eager_add_layer_norm, rows=_rows, key=_add_layer_norm_key,
-    call_key=lambda x, residual, weight, bias, eps: (x.dtype, x.shape, weight is not None and weight.dtype,
-                                                     bias is not None and bias.dtype,
-                                                     residual is not None and residual.dtype),
+    "add_layer_norm", _eager_add_layer_norm, validate=_add_layer_norm_call, rows=_rows,
+    key=lambda x, residual, weight, bias, eps: (x.dtype, x.shape[-1], _dtype(weight), _dtype(bias), _dtype(residual)),
     fields=("c", "w", "b", "res"),
     impls={"triton": triton_norm and (triton_norm.add_layer_norm, triton_norm.check_add_layer_norm),
            "cpp": extension and (extension.add_layer_norm, extension.check_add_layer_norm),
@@ -271,27 +285,50 @@ ADD_LAYER_NORM = DISPATCH.add(Op(
 def add_layer_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """summed = x + residual (x alone if residual is None); returns (layer_norm(summed), summed)."""
+    device, args, call = _add_layer_norm_call(x, residual, weight, bias, eps)
+    return DISPATCH.select(ADD_LAYER_NORM, device, args, call)(*args)
+
+
+def _linear_call(x, weight, bias, activation, layer_scale, residual):
+    """(The facts end with whether autocast is on: then the inputs are cast to its dtype here.)"""
     _tensor("x", x, min_ndim=1)
+    _tensor("weight", weight, ndim=2)
+    shape, weight_shape = x.shape, weight.shape
+    out_features, in_features = weight_shape
+    if shape[-1] != in_features:
+        raise ValueError(f"x's last dimension ({shape[-1]}) must equal weight's in_features "
+                         f"({in_features}); weight has shape {tuple(weight_shape)}")
+    _vector("bias", bias, out_features, "weight's out_features")
+    _vector("layer_scale", layer_scale, out_features, "weight's out_features")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if residual is not None:
         _tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    _vector("weight", weight, x.shape[-1], "x's last dimension")
-    _vector("bias", bias, x.shape[-1], "x's last dimension")
-    _same_device("x", x, residual=residual, weight=weight, bias=bias)
-    args = (x, residual, weight, bias, _eps(eps))
-    return DISPATCH.select(ADD_LAYER_NORM, x.device, args)(*args)
-
-
-def _linear_key(x, weight, bias, activation, layer_scale, residual):
-    return x.dtype, weight.shape[1], weight.shape[0], _dtype(bias), activation, _dtype(layer_scale), _dtype(residual)
+        expected = (*shape[:-1], out_features)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
+    device = _same_device("x", x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
+    autocast = _autocast_on(x)
+    if autocast:
+        dtype = torch.get_autocast_dtype(device.type)
+        x, weight, bias, layer_scale = (None if t is None else t.to(dtype) for t in (x, weight, bias, layer_scale))
+    else:
+        dtype = x.dtype
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype) or (
+                layer_scale is not None and layer_scale.dtype != dtype):   # (the loop only to name it)
+            for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
+                if t is not None and t.dtype != dtype:
+                    raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype} (outside autocast "
+                                    "all linear inputs must share a dtype)")
+    return (device, (x, weight, bias, activation, layer_scale, residual),
+            (dtype, shape, weight_shape, bias is not None, activation, layer_scale is not None, _dtype(residual),
+             autocast))
 
 
 LINEAR = DISPATCH.add(Op(
-    "linear", _eager_linear, rows=_rows, key=_linear_key,
-    call_key=lambda x, weight, bias, activation, layer_scale, residual: (
-        x.dtype, x.shape, weight.shape, bias is not None and bias.dtype, activation,
-        layer_scale is not None and layer_scale.dtype, residual is not None and residual.dtype),
+    "linear", _eager_linear, validate=_linear_call, rows=_rows,
+    key=lambda x, weight, bias, activation, layer_scale, residual: (
+        x.dtype, weight.shape[1], weight.shape[0], _dtype(bias), activation, _dtype(layer_scale), _dtype(residual)),
     fields=("in", "out", "bias", "act", "ls", "res"),
     impls={"triton": triton_linear and (triton_linear.linear, triton_linear.check),
            "cpp": extension and (extension.linear, extension.check_linear),
@@ -307,38 +344,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     activation is None or "gelu" (exact erf GELU, as timm). Under torch.autocast the inputs
     are cast to the autocast dtype, as autocast does for F.linear; the residual keeps its
     dtype and the sum follows PyTorch's type promotion (an fp32 residual stream stays fp32)."""
-    _tensor("x", x, min_ndim=1)
-    _tensor("weight", weight, ndim=2)
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x's last dimension ({x.shape[-1]}) must equal weight's in_features "
-                         f"({in_features}); weight has shape {tuple(weight.shape)}")
-    _vector("bias", bias, out_features, "weight's out_features")
-    _vector("layer_scale", layer_scale, out_features, "weight's out_features")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if residual is not None:
-        _tensor("residual", residual)
-        expected = (*x.shape[:-1], out_features)
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
-    _same_device("x", x, weight=weight, bias=bias, layer_scale=layer_scale, residual=residual)
-    autocast = _autocast_on(x)
-    if autocast:
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, layer_scale = (
-            None if t is None else t.to(dtype) for t in (x, weight, bias, layer_scale))
-    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype) or (
-            layer_scale is not None and layer_scale.dtype != x.dtype):   # (the loop only to name it)
-        for name, t in (("weight", weight), ("bias", bias), ("layer_scale", layer_scale)):
-            if t is not None and t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype} (outside autocast "
-                                "all linear inputs must share a dtype)")
-    args = (x, weight, bias, activation, layer_scale, residual)
-    if autocast:
-        with _without_autocast(x.device.type):
-            return DISPATCH.select(LINEAR, x.device, args)(*args)
-    return DISPATCH.select(LINEAR, x.device, args)(*args)
+    device, args, call = _linear_call(x, weight, bias, activation, layer_scale, residual)
+    if call[-1]:   # under autocast: the inputs are cast already, the kernels run without it
+        with _without_autocast(device.type):
+            return DISPATCH.select(LINEAR, device, args, call)(*args)
+    return DISPATCH.select(LINEAR, device, args, call)(*args)
 
 
 OPS = tuple(DISPATCH.ops)

@@ -19,6 +19,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def user_cache_dir() -> str:
     """Where downloads and measurements (dispatch decisions, tuned kernel configs) are kept:
     $INCUBATION_CACHE_DIR, else $XDG_CACHE_HOME/incubation (default ~/.cache/incubation)."""

@@ -105,10 +105,12 @@ def test_wrong_or_failing_kernels_are_refused_when_measured():
     x = torch.randn(8, 32, requires_grad=True)
     out = ops.layer_norm(x, None, None)
     torch.testing.assert_close(out, EAGER_LN(x, None, None, 1e-6))
-    (entry,) = _decisions().values()
-    assert entry["choice"] == "eager"
-    assert "differs from eager" in entry["refused"]["wrong"]
-    assert "failed when measured (RuntimeError: illegal memory access)" in entry["refused"]["broken"]
+    decisions = _decisions()   # a call with gradients decides its forward alone too
+    assert sorted(decisions) == [f"layer_norm float32 rows=8 c=32 w=none b=none {m}" for m in ("fwd", "fwd+bwd")]
+    for entry in decisions.values():
+        assert entry["choice"] == "eager"
+        assert "differs from eager" in entry["refused"]["wrong"]
+        assert "failed when measured (RuntimeError: illegal memory access)" in entry["refused"]["broken"]
     assert "broken refused: failed when measured" in ops.format_backends("cpu")
 
 
@@ -127,9 +129,19 @@ def test_gradients_are_compared_too():
         return EAGER_LN(WrongGrad.apply(x), w, b, eps)
     ops.register("layer_norm", "eager", costing(1e-3))
     _only("layer_norm", fake=costing(1e-6, wrong_backward))
-    ops.layer_norm(torch.randn(8, 32, requires_grad=True), None, None)
-    (entry,) = _decisions().values()
+    x, r = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+    (want,) = torch.autograd.grad((EAGER_LN(x, None, None, 1e-6) * r).sum(), x)
+    for _ in range(2):   # the second call is served from the memo: with gradients, by eager
+        (got,) = torch.autograd.grad((ops.layer_norm(x, None, None) * r).sum(), x)
+        torch.testing.assert_close(got, want)   # eager's gradient, not the fake's double
+    entry = _decisions()["layer_norm float32 rows=8 c=32 w=none b=none fwd+bwd"]
     assert entry["choice"] == "eager" and "result 1 differs" in entry["refused"]["fake"]
+    # its forward alone is right and faster: it serves calls without gradients, the memo tells them apart
+    assert _decisions()["layer_norm float32 rows=8 c=32 w=none b=none fwd"]["choice"] == "fake"
+    COST.clear()
+    with torch.no_grad():
+        ops.layer_norm(x, None, None)
+    assert COST == [1e-6]
 
 
 @pytest.mark.usefixtures("fresh", "fake_clock")
@@ -452,22 +464,39 @@ def test_a_repeated_call_is_served_from_the_memo_until_a_decision_changes(monkey
     calls = []
     ops.register("layer_norm", "eager", costing(1e-3))
     _only("layer_norm", fake=costing(0.5e-3, calls=calls))
-    decided = []
+    decided = []   # a memo miss decides its signature and looks up the one with gradients (not measured)
     decide = DISPATCH._decide
-    monkeypatch.setattr(DISPATCH, "_decide", lambda *a: decided.append(a[0].name) or decide(*a))
+    monkeypatch.setattr(DISPATCH, "_decide", lambda *a, **k: decided.append(a[0].name) or decide(*a, **k))
     x = torch.randn(64, 32)
     for _ in range(3):
         ops.layer_norm(x, None, None)
-    assert decided == ["layer_norm"] and len(calls) >= 3   # measured once, then served: the fake won
+    assert decided == ["layer_norm"] * 2 and len(calls) >= 3   # measured once, then served: the fake won
     ops.layer_norm(torch.randn(60, 32), None, None)       # a new shape: one look-up of its signature
-    assert decided == ["layer_norm"] * 2
+    assert decided == ["layer_norm"] * 4
     slower = []
     ops.register("layer_norm", "fake", costing(2e-3, calls=slower), devices=("cpu",))
     ops.layer_norm(x, None, None)          # the file's decision, served by the function registered now
-    assert decided == ["layer_norm"] * 3 and len(slower) == 1
+    assert decided == ["layer_norm"] * 6 and len(slower) == 1
     DISPATCH.clear_decisions(memory_only=False)
     ops.layer_norm(x, None, None)          # measured again: eager wins now
     measured = len(slower)
     ops.layer_norm(x, None, None)
-    assert decided == ["layer_norm"] * 4 and len(slower) == measured   # the fake ran only while measured
+    assert decided == ["layer_norm"] * 8 and len(slower) == measured   # the fake ran only while measured
     assert _decisions()["layer_norm float32 rows=64 c=32 w=none b=none fwd"]["choice"] == "eager"
+
+
+@pytest.mark.usefixtures("fresh", "fake_clock")
+def test_a_call_served_alike_with_and_without_gradients_does_not_read_their_need(monkeypatch):
+    ops.register("layer_norm", "eager", costing(1e-3))
+    _only("layer_norm", fake=costing(0.5e-3))
+    x = torch.randn(16, 32, requires_grad=True)
+    ops.layer_norm(x, None, None)   # decides fwd+bwd and, measured too, fwd alone: the fake wins both
+    assert {d["choice"] for d in _decisions().values()} == {"fake"} and len(_decisions()) == 2
+    reads = []
+    needs_grad = dispatch._needs_grad
+    monkeypatch.setattr(dispatch, "_needs_grad", lambda args: reads.append(1) or needs_grad(args))
+    COST.clear()
+    ops.layer_norm(x, None, None)
+    with torch.no_grad():
+        ops.layer_norm(x, None, None)
+    assert COST == [0.5e-3] * 2 and reads == []

@@ -13,7 +13,6 @@ import gc
 import json
 import math
 import os
-import platform
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -21,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from incubation.train.distributed import auto_device
-from incubation.utils import versions
+from incubation.utils import cpu_name, versions
 
 # why the benchmarks never time the Triton backend on CPU tensors
 TRITON_ON_CPU = "Triton runs on CPU tensors only under its interpreter, which is for testing, not timing"
@@ -192,17 +191,6 @@ class PeakRSS:
 # --------------------------------------------------------------------------------------
 # environment
 # --------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict:
     """Machine, date, commit and versions of the run (recorded in the JSON and RESULTS.md)."""
     from incubation import ops
@@ -213,8 +201,8 @@ def environment(device: torch.device) -> dict:
         "commit": code["commit"],
         "dirty": code["dirty"],
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "cpu": _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

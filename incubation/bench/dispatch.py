@@ -5,12 +5,16 @@ directly, for every op at a size where the kernel itself takes little time.
     incubation bench dispatch --quick        # shorter timing
 
 Three loops per op, each CALLS calls, interleaved over rounds (median): `direct` calls the function
-that `auto` chose; `dispatched` asks the dispatcher first (`DISPATCH.select`: the signature tuple,
-the decision lookup, the chosen backend's capability check) and then calls what it returns;
-`public` is the public call (`ops.linear(...)`: input validation, then the same). Dispatch
-overhead = dispatched - direct: what `auto` adds, against the issue's target of at most 2 us
-(issue 24 item 3). Validation = public - dispatched, paid in every mode (auto or forced), is shown
-beside it. The decision is made (measured) before timing.
+that `auto` chose; `dispatched` asks the dispatcher first (`DISPATCH.select`: the memo key from the
+call's facts, the need for gradients and the thread count, its lookup, the chosen backend's
+capability check) and then calls what it returns; `public` is the public call (`ops.linear(...)`:
+the input validation `op.validate`, which also returns the facts it read (shapes, dtypes, flags),
+then the same). Dispatch overhead = dispatched - direct: what `auto` adds, against the issue's
+target of at most 2 us (issue 24 item 3). Validation = public - dispatched, paid in every mode
+(auto or forced), is shown beside it. The decision is made (measured) before timing. The rows
+without gradients run first: their memo entry is still keyed by the need for gradients (read at
+each call); a call with gradients also decides its forward alone, so where both choose alike
+(the rows with gradients) one entry serves both and that need is not read.
 """
 from __future__ import annotations
 
@@ -41,14 +45,14 @@ ROUNDS = 21
 
 
 def _calls(device: torch.device, grad: bool) -> dict[str, tuple]:
-    """op -> (public function, its arguments, the dispatcher's argument tuple), small sizes."""
+    """op -> (public function, its arguments, its op.validate arguments), small sizes."""
     def t(*shape):
         return torch.randn(*shape, device=device).requires_grad_(grad)
     x, r, w, b = t(4, 8, 32), t(4, 8, 32), t(32), t(32)
     q, k, v = t(2, 2, 8, 16), t(2, 2, 8, 16), t(2, 2, 8, 16)
     weight, bias = t(48, 32), t(48)
     return {
-        "attention": (ops.attention, (q, k, v), (q, k, v, 0.25)),
+        "attention": (ops.attention, (q, k, v), (q, k, v, None)),
         "layer_norm": (ops.layer_norm, (x, w, b), (x, w, b, 1e-6)),
         "add_layer_norm": (ops.add_layer_norm, (x, r, w, b), (x, r, w, b, 1e-6)),
         "linear": (ops.linear, (x, weight, bias, "gelu"), (x, weight, bias, "gelu", None, None)),
@@ -62,10 +66,10 @@ def _loop(fn, args):
     return run
 
 
-def _dispatched_loop(op, device, args):
+def _dispatched_loop(op, device, args, call):
     def run():
         for _ in range(CALLS):
-            DISPATCH.select(op, device, args)(*args)
+            DISPATCH.select(op, device, args, call)(*args)
     return run
 
 
@@ -73,13 +77,14 @@ def measure(device: torch.device, quick: bool) -> list[dict]:
     rows = []
     for grad in (False, True):
         with torch.no_grad() if not grad else contextlib.nullcontext():
-            for name, (public, args, dispatched) in _calls(device, grad).items():
+            for name, (public, args, validated) in _calls(device, grad).items():
                 public(*args)   # decides (measures) the signature first
                 op = DISPATCH.ops[name]
-                chosen = DISPATCH.select(op, device, dispatched)
+                _, dispatched, call = op.validate(*validated)
+                chosen = DISPATCH.select(op, device, dispatched, call)
                 backend = next(b for b, (fn, _) in op.impls.items() if fn is chosen)
                 loops = {"direct": _loop(chosen, dispatched),
-                         "dispatched": _dispatched_loop(op, device, dispatched),
+                         "dispatched": _dispatched_loop(op, device, dispatched, call),
                          "public": _loop(public, args)}
                 us = {k: [] for k in loops}
                 for _ in range(1 if quick else ROUNDS):   # interleaved: a change of load hits all three
