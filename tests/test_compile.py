@@ -74,7 +74,7 @@ def _expected(backend: str, depth: int) -> dict[str, int]:
     if backend in ("cpp", "cuda"):   # GELU / layer-scale / residual linears (proj, fc1, fc2); the norms
         return {"incubation.linear_epilogue_fwd": 3 * depth, "incubation.add_layer_norm_fwd": depth,
                 "incubation.layer_norm_fwd": depth + 1}
-    return {"incubation.triton_linear": 4 * depth + 1, "incubation.triton_attention": depth,   # + patch embedding
+    return {"incubation.triton_linear": 4 * depth, "incubation.triton_attention": depth,
             "incubation.triton_add_layer_norm": 2 * depth + 1}
 
 

@@ -297,8 +297,9 @@ def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens. The conv with stride = kernel is a GEMM over
-    unfolded patches, so it runs through `ops.linear`; the weight keeps Conv2d's layout."""
+    """Non-overlapping patches -> tokens: a conv with stride = kernel, as timm's. (Run as a GEMM
+    over unfolded patches through `ops.linear` it was slower on the CPU: the unfold copy and a
+    GEMM against oneDNN's convolution, 0.75 ms of the demo's 40 ms forward at batch 128.)"""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True):
         super().__init__()
@@ -311,10 +312,7 @@ class PatchEmbed(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.proj.in_channels or tuple(x.shape[2:]) != self.img_size:
             raise ValueError(f"expected images of shape (B, {self.proj.in_channels}, {self.img_size[0]}, "
                              f"{self.img_size[1]}), got {tuple(x.shape)}")
-        (gh, gw), (ph, pw) = self.grid_size, self.patch_size
-        patches = x.reshape(x.shape[0], x.shape[1], gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
-        patches = patches.reshape(x.shape[0], gh * gw, x.shape[1] * ph * pw)  # no -1: B may be 0
-        return ops.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
