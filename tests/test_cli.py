@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from incubation import cli
+from incubation.launch import forkserver
 from incubation.train.checkpoint import load_checkpoint
 
 pytest.importorskip("torchvision")
@@ -132,17 +133,20 @@ def test_incubate_all_in_parallel_processes(tiny, run_cli, folder, meta_run, tmp
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-def _children(pid) -> list:
-    """The pids whose parent is `pid` (the field after the state in /proc/<pid>/stat)."""
-    found = []
+def _descendants(pid) -> list:
+    """The pids whose parent is `pid`, or whose parent's is, and so on (the field after the state in
+    /proc/<pid>/stat): the jobs, and the fork server whose forks they are where it serves them."""
+    parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:  # it ended meanwhile
             continue
-        if ppid == pid:
-            found.append(int(entry))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
     return found
 
 
@@ -155,8 +159,9 @@ def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(t
     parent = subprocess.Popen(argv, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert parent.stdout.readline().startswith("incubate-0: started")
     assert parent.stdout.readline().startswith("incubate-1: started")
-    children = _children(parent.pid)
-    assert len(children) == 2
+    children = _descendants(parent.pid)
+    forked = forkserver.enabled()
+    assert len(children) == 2 + forked   # the two jobs (and their fork server)
     parent.terminate()
     _, err = parent.communicate(timeout=60)
     assert parent.returncode == 143 and err == "incubation incubate: interrupted\n"

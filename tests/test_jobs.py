@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
+import torch
 
 from incubation import cli
 from incubation.launch import local as jobs
@@ -62,18 +64,27 @@ def test_failure_names_its_log_and_dependents_are_skipped(tmp_path):
 
 
 # a parent running three jobs, two at once; each child writes its pid, then sleeps. The second
-# ignores SIGTERM and SIGINT: only the SIGKILL after the grace period ends it.
+# ignores SIGTERM and SIGINT: only the SIGKILL after the grace period ends it. The jobs are
+# `python -c` processes, or (argv[3] "fork") `python -m` modules that the fork server forks.
 PARENT = """
-import sys
+import os, sys
 from incubation import cli
 from incubation.launch import local as jobs
-sleeper = "import os, time; print(os.getpid(), flush=True); time.sleep(float(%r))"
+sleeper = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(float(sys.argv[1]))"
 stubborn = "import os, signal; [signal.signal(s, signal.SIG_IGN) for s in (2, 15)]; " + sleeper
-out, seconds = sys.argv[1], sys.argv[2]
-todo = [jobs.Job(name, [sys.executable, "-c", code % seconds], f"{out}/{name}.log")
-        for name, code in (("a", sleeper), ("b", stubborn), ("c", sleeper))]
+out, seconds, form = sys.argv[1], sys.argv[2], sys.argv[3]
+todo = []
+for name, code in (("a", sleeper), ("b", stubborn), ("c", sleeper)):
+    if form == "fork":
+        with open(f"{out}/job_{name}.py", "w") as f:
+            f.write(code)
+        sys.path.insert(0, out)
+        os.environ["PYTHONPATH"] = os.pathsep.join([out, os.environ["PYTHONPATH"]])
+    argv = ["-m", f"job_{name}"] if form == "fork" else ["-c", code]
+    todo.append(jobs.Job(name, [sys.executable, *argv, seconds], f"{out}/{name}.log"))
 sys.exit(cli.run_main("parent", lambda: print(jobs.run_jobs(todo, 2, report=print, grace_s=1.0).done)))
 """
+FORMS = pytest.mark.parametrize("form", ["process", "fork"])
 
 
 def _pids(logs, timeout=60):
@@ -96,9 +107,10 @@ def _gone(pid) -> bool:
         return True
 
 
+@FORMS
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_the_parent_ends_every_child(tmp_path, signum):
-    parent = subprocess.Popen(_py(PARENT) + [str(tmp_path), "600"], env=ENV, stdout=subprocess.PIPE,
+def test_a_signal_to_the_parent_ends_every_child(tmp_path, signum, form):
+    parent = subprocess.Popen(_py(PARENT) + [str(tmp_path), "600", form], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     pids = _pids([tmp_path / "a.log", tmp_path / "b.log"])
     parent.send_signal(signum)
@@ -109,14 +121,16 @@ def test_a_signal_to_the_parent_ends_every_child(tmp_path, signum):
     if signum == signal.SIGINT:
         return
     # a rerun starts from scratch with nobody else writing
-    rerun = subprocess.run(_py(PARENT) + [str(tmp_path), "0"], env=ENV, capture_output=True, text=True, timeout=60)
+    rerun = subprocess.run(_py(PARENT) + [str(tmp_path), "0", form], env=ENV, capture_output=True, text=True,
+                           timeout=60)
     assert rerun.returncode == 0 and rerun.stdout.strip().endswith("]"), rerun.stderr
     assert sorted(eval(rerun.stdout.strip().splitlines()[-1])) == ["a", "b", "c"]
 
 
+@FORMS
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_children_die_with_a_sigkilled_parent(tmp_path):
-    parent = subprocess.Popen(_py(PARENT) + [str(tmp_path), "600"], env=ENV, stdout=subprocess.PIPE,
+def test_children_die_with_a_sigkilled_parent(tmp_path, form):
+    parent = subprocess.Popen(_py(PARENT) + [str(tmp_path), "600", form], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     pids = _pids([tmp_path / "a.log", tmp_path / "b.log"])
     parent.kill()   # nothing to forward: the kernel ends the children
@@ -125,6 +139,69 @@ def test_children_die_with_a_sigkilled_parent(tmp_path):
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(_gone(pid) for pid in pids)
+
+
+PROBE = """
+import os, random, sys, torch
+print(os.getppid(), os.getcwd(), os.environ["OMP_NUM_THREADS"], torch.get_num_threads(), random.random(), sys.argv[1:])
+print(sys.stdin.read() == "", flush=True)
+how = sys.argv[1]
+if how == "exit":
+    sys.exit(3)
+if how == "message":
+    sys.exit("probe: the input is damaged")
+if how == "raise":
+    raise RuntimeError("probe failed")
+if how == "kill":
+    os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fork server serves machines without CUDA only")
+@pytest.mark.parametrize("server", ["1", "0"])
+def test_a_forked_job_is_the_process_its_command_line_would_start(tmp_path, monkeypatch, server):
+    """`python -m module` jobs of this interpreter are forked by the fork server (their parent is
+    not this process) and get what a new process would: cwd, thread count, their own random seed,
+    argv, stdin /dev/null, exit statuses, the traceback in their log; INCUBATION_FORK_SERVER=0
+    starts them as processes."""
+    (tmp_path / "probe_job.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("INCUBATION_FORK_SERVER", server)
+    monkeypatch.chdir(tmp_path)
+    hows = ["ok", "again", "exit", "message", "raise", "kill"]
+    todo = [jobs.Job(how, [sys.executable, "-m", "probe_job", how, "x y"], str(tmp_path / f"{how}.log")) for how in hows]
+    outcome = jobs.run_jobs(todo, parallel=2)
+    assert sorted(outcome.done) == ["again", "ok"]
+    assert {name: f.returncode for name, f in outcome.failed.items()} == {"exit": 3, "message": 1, "raise": 1, "kill": -9}
+    assert outcome.failed["message"].last_line == "probe: the input is damaged"
+    assert outcome.failed["raise"].last_line == "RuntimeError: probe failed"
+    lines = {how: open(tmp_path / f"{how}.log").read().splitlines() for how in hows}
+    firsts = {how: lines[how][0].split(" ", 4) for how in hows}
+    for how, (ppid, cwd, omp, threads, rest) in firsts.items():
+        assert (ppid == str(os.getpid())) == (server == "0"), how   # forked: the server is the parent
+        assert (cwd, omp, threads) == (str(tmp_path), "1", "1") and rest.endswith(f"['{how}', 'x y']")
+        assert lines[how][1] == "True"   # stdin: /dev/null
+    assert firsts["ok"][4].split()[0] != firsts["again"][4].split()[0]   # each its own random seed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fork server serves machines without CUDA only")
+def test_a_job_whose_fork_server_dies_fails_and_says_so(tmp_path, monkeypatch):
+    (tmp_path / "waiting_job.py").write_text("import os, time; print(os.getppid(), os.getpid(), flush=True); "
+                                             "time.sleep(60)")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), ENV["PYTHONPATH"]]))
+    monkeypatch.delenv("INCUBATION_FORK_SERVER", raising=False)
+    job = jobs.Job("waiting", [sys.executable, "-m", "waiting_job"], str(tmp_path / "log.txt"))
+    killer = threading.Thread(target=lambda: os.kill(_pids([job.log])[0], signal.SIGKILL))
+    killer.start()
+    outcome = jobs.run_jobs([job], parallel=1)
+    killer.join()
+    failure = outcome.failed["waiting"]
+    assert failure.returncode == -signal.SIGKILL and "fork server ended" in failure.last_line
+    pid, deadline = int(open(job.log).read().split()[1]), time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:   # the job dies with its server
+        time.sleep(0.05)
+    assert _gone(pid)
 
 
 def test_local_launcher_runs_several_ranks_under_torchrun(tmp_path):

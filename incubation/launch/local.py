@@ -8,24 +8,22 @@ its exit status, the last line of its log and the log's path; the jobs that need
 not) are skipped. If the parent is interrupted (SIGINT, SIGTERM, or an exception) every child gets
 the same signal, a short grace period, then SIGKILL: no job keeps writing behind a rerun's back.
 If the parent itself is killed (SIGKILL, where nothing can be forwarded), Linux kills its children
-(PR_SET_PDEATHSIG): they never run on as orphans.
+(PR_SET_PDEATHSIG): they never run on as orphans. On a machine without CUDA, `python -m` jobs are
+forked by a fork server that has imported torch, timm and incubation once (`forkserver`).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence
 
-from . import Job, check_graph
+from . import Job, check_graph, forkserver
 
 __all__ = ["Job", "Failure", "Outcome", "Interrupted", "LocalLauncher", "run_jobs", "thread_budget", "last_line"]
 
@@ -87,9 +85,13 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
     # the user's OMP_NUM_THREADS, if set, is kept: CPU results depend on the thread count, so the same
     # count for every job makes serial and --parallel runs bit-identical
     threads = os.environ.get("OMP_NUM_THREADS") or str(thread_budget(parallel))
-    running: dict = {}                        # name -> (job, Popen, slot)
+    running: dict = {}                        # name -> (job, Popen or Forked, slot)
     ended: queue.Queue = queue.Queue()        # names of exited children, from one waiter thread each
     report = report or (lambda job, what: None)
+    server = None
+    if any(forkserver.serves(j.argv, j.env, j.resources.nodes * j.resources.tasks_per_node) for j in pending) \
+            and forkserver.enabled():   # started now: it imports while the first jobs wait
+        server = forkserver.ForkServer({**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     previous = _raise_on_signals()
     try:
         while pending or running:
@@ -102,7 +104,7 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
                 elif len(running) < parallel and all(n in succeeded for n in job.needs):
                     pending.remove(job)
                     slot = min(set(range(parallel)) - {r[2] for r in running.values()})
-                    running[job.name] = (job, _start(job, threads, ended, _gpu_env(slot, parallel)), slot)
+                    running[job.name] = (job, _start(job, threads, ended, _gpu_env(slot, parallel), server), slot)
                     report(job, "started")
             if not running:
                 break
@@ -119,6 +121,8 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
         raise
     finally:
         _restore(previous)
+        if server is not None:
+            server.close()
     return outcome
 
 
@@ -133,28 +137,19 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count()
 
 
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the forked child before exec: get SIGKILL when the parent dies (Linux's PR_SET_PDEATHSIG;
-    elsewhere children outlive a SIGKILLed parent)."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _start(job: Job, threads: str, ended: queue.Queue, gpu_env: dict) -> subprocess.Popen:
+def _start(job: Job, threads: str, ended: queue.Queue, gpu_env: dict, server: Optional[forkserver.ForkServer]):
+    """Start the job: forked by `server` where it serves the job, else as a new process."""
     os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
     tasks = job.resources.nodes * job.resources.tasks_per_node
     if tasks > 1:   # its ranks share this job's cores
         threads = str(max(1, int(threads) // tasks))
     # torch sizes its intra-op pool from OMP_NUM_THREADS: N jobs on all cores each would oversubscribe
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **gpu_env, **job.env}
+    if server is not None and forkserver.serves(job.argv, job.env, tasks):
+        return server.start(job.argv, env, job.log, lambda: ended.put(job.name))
     with open(job.log, "a") as log:  # the child holds its own copy of the descriptor
         proc = subprocess.Popen(_local_argv(job), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=functools.partial(_die_with_parent, os.getpid()) if _LIBC else None)
+                                preexec_fn=functools.partial(forkserver.die_with_parent, os.getpid()))
 
     def wait():  # a thread per child: the parent sleeps in one queue.get instead of polling
         proc.wait()
