@@ -215,9 +215,9 @@ class Dispatcher:
         self.tuning = False                         # inside tune(): measure even under several ranks
         self.remeasured: Optional[set] = None       # inside tune(fresh=True): the signatures measured anew
         self.measuring = False
-        # (op, device, threads, gradients?, the call's facts from op.validate) -> (backend, function,
-        # capability check or None): what served that exact call, so that a repeated call costs one
-        # dict lookup. Cleared whenever a decision is made, replaced or forgotten.
+        # (op, device, threads, the call's facts from op.validate), with the need for gradients where it
+        # changes the choice -> (backend, function, capability check or None): what served that exact
+        # call, so that a repeated call costs one dict lookup. Cleared whenever a decision changes.
         self.chosen: dict[tuple, tuple] = {}
 
     # ---- the ops and their backends --------------------------------------------------

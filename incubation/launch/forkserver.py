@@ -237,4 +237,8 @@ class ForkServer:
             self.process.stdin.close()
         except OSError:
             pass
-        self.process.wait()
+        try:   # it ends at the end of its input, once its imports are done
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
