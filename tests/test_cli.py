@@ -159,9 +159,8 @@ def test_sigterm_to_incubate_all_parallel_leaves_no_child_and_a_rerun_finishes(t
     parent = subprocess.Popen(argv, env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert parent.stdout.readline().startswith("incubate-0: started")
     assert parent.stdout.readline().startswith("incubate-1: started")
-    children = _descendants(parent.pid)
-    forked = forkserver.enabled()
-    assert len(children) == 2 + forked   # the two jobs (and their fork server)
+    children = _descendants(parent.pid)   # the two jobs, their fork server, what a job runs (git) meanwhile
+    assert len(children) >= 2 + forkserver.enabled()
     parent.terminate()
     _, err = parent.communicate(timeout=60)
     assert parent.returncode == 143 and err == "incubation incubate: interrupted\n"
