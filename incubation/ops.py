@@ -177,9 +177,10 @@ def _eager_linear(x, weight, bias, activation, layer_scale, residual):
 
 
 # --------------------------------------------------------------------------------------
-# public ops. Each op: its validation (`_*_call`: errors naming the argument, then the device, the backends'
-# arguments and the call's exact facts, read once: what the dispatcher's memo is keyed by),
-# its signature for the decisions (`rows`, `key`), its backends, and the public function.
+# public ops. Each has its validation (`_*_call`: errors naming the argument, else the device,
+# the backends' arguments and the call's facts, each read once: what the dispatcher's memo is
+# keyed by), its signature for the decisions (`rows`, `key`), its backends, its public function.
+# --------------------------------------------------------------------------------------
 
 def _attention_call(q, k, v, scale):
     for name, t in (("q", q), ("k", k), ("v", v)):
