@@ -61,6 +61,10 @@ AREAS = [
                                                                  "tests/test_triton_linear.py"],
      "overlapping_views or nan_query or meta_device or sizes_beyond or far_from_zero or huge_rows or "
      "inside_activation_checkpointing or in_place_then_backward"),
+    ("local launcher", "SIGTERM / SIGINT to the parent of running jobs (one of them ignoring both), SIGKILL of "
+     "the parent, the fork server killed under a job, exit statuses (codes, messages, tracebacks, signals), "
+     "what a forked job gets (environment, cwd, threads, seeds, argv, stdin); jobs as processes and as forks",
+     ["tests/test_jobs.py"], "signal_to_the_parent or sigkilled or forked or fork_server_dies"),
 ]
 
 
