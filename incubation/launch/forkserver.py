@@ -6,7 +6,7 @@ A forked job gets what a new process of the job's command line would: its enviro
 directory, log (stdout and stderr, appended; stdin /dev/null), thread count, fresh Python and
 NumPy random seeds, `sys.argv`, and an exit status (a signal's as a negative status). The server
 dies with the launcher and the jobs with the server (PR_SET_PDEATHSIG), so none runs on as an
-orphan. It serves only machines without CUDA: a process that has touched the CUDA driver cannot
+orphan. It serves only Linux machines without CUDA: a process that has touched the CUDA driver cannot
 fork a child that uses it, and the server's imports are not checked on a GPU machine. Jobs that
 need another interpreter, several ranks or environment variables of their own run as plain
 processes; `INCUBATION_FORK_SERVER=0` runs every job so.
@@ -47,7 +47,9 @@ def die_with_parent(parent: int) -> None:
 
 def enabled() -> bool:
     """Whether jobs may run as forks here (see the module docstring)."""
-    if os.environ.get("INCUBATION_FORK_SERVER", "1") == "0" or not hasattr(os, "fork"):
+    # Linux only: PR_SET_PDEATHSIG ends the forks with the server, and macOS's frameworks are not safe
+    # to use in a fork of a process that loaded them
+    if os.environ.get("INCUBATION_FORK_SERVER", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     import torch
     return not torch.cuda.is_available()
