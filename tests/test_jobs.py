@@ -208,7 +208,8 @@ def test_local_launcher_runs_several_ranks_under_torchrun(tmp_path):
     from incubation.launch import Resources
     from incubation.launch.local import LocalLauncher
     script = tmp_path / "ranks.py"
-    script.write_text("import os; print(os.environ['RANK'], os.environ['WORLD_SIZE'], flush=True)")
+    # one write a line: the two ranks append to one log at once (print's pieces could interleave)
+    script.write_text("import os; os.write(1, f\"{os.environ['RANK']} {os.environ['WORLD_SIZE']}\\n\".encode())")
     job = jobs.Job("ranks", [sys.executable, str(script)], str(tmp_path / "log.txt"),
                    resources=Resources(tasks_per_node=2))
     outcome = LocalLauncher(1).launch([job])
