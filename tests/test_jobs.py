@@ -74,12 +74,12 @@ sleeper = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(floa
 stubborn = "import os, signal; [signal.signal(s, signal.SIG_IGN) for s in (2, 15)]; " + sleeper
 out, seconds, form = sys.argv[1], sys.argv[2], sys.argv[3]
 todo = []
+if form == "fork":   # where the jobs' modules are written
+    os.environ["PYTHONPATH"] = os.pathsep.join([out, os.environ["PYTHONPATH"]])
 for name, code in (("a", sleeper), ("b", stubborn), ("c", sleeper)):
     if form == "fork":
         with open(f"{out}/job_{name}.py", "w") as f:
             f.write(code)
-        sys.path.insert(0, out)
-        os.environ["PYTHONPATH"] = os.pathsep.join([out, os.environ["PYTHONPATH"]])
     argv = ["-m", f"job_{name}"] if form == "fork" else ["-c", code]
     todo.append(jobs.Job(name, [sys.executable, *argv, seconds], f"{out}/{name}.log"))
 sys.exit(cli.run_main("parent", lambda: print(jobs.run_jobs(todo, 2, report=print, grace_s=1.0).done)))

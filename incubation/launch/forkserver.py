@@ -55,9 +55,12 @@ def enabled() -> bool:
     return not torch.cuda.is_available()
 
 
-def serves(argv, env: dict, tasks: int) -> bool:
-    """Whether a job with this command line, extra environment and rank count may run as a fork."""
-    return tasks <= 1 and not env and len(argv) >= 3 and argv[0] == sys.executable and argv[1] == "-m"
+def serves(job) -> bool:
+    """Whether a `launch.Job` may run as a fork: `python -m` of this interpreter, one process,
+    no environment of its own."""
+    r, argv = job.resources, job.argv
+    return (r.nodes * r.tasks_per_node <= 1 and not job.env and len(argv) >= 3 and argv[0] == sys.executable
+            and argv[1] == "-m")
 
 
 # --------------------------------------------------------------------------------------
@@ -67,8 +70,7 @@ def serve(launcher: int) -> None:
     """The server's main loop: requests (one JSON line each) on stdin, reports on stdout."""
     die_with_parent(launcher)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the launcher stops the jobs; this reports their ends
-    global _REPORTS
-    _REPORTS = os.dup(1)
+    reports, server = os.dup(1), os.getpid()
     os.dup2(2, 1)   # what the imports print must not mix with the reports
     for name in PRELOAD:
         try:
@@ -88,27 +90,23 @@ def serve(launcher: int) -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
-                server = os.getpid()
                 pid = os.fork()
                 if pid == 0:
-                    _child(request, server)
+                    _child(request, server, reports)
                 children[pid] = request["id"]
-                _report({"id": request["id"], "pid": pid})
+                _report(reports, {"id": request["id"], "pid": pid})
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            _report({"id": children.pop(pid), "status": os.waitstatus_to_exitcode(status)})
+            _report(reports, {"id": children.pop(pid), "status": os.waitstatus_to_exitcode(status)})
 
 
-_REPORTS = 1   # the server's report pipe
+def _report(reports: int, message: dict) -> None:
+    os.write(reports, (json.dumps(message) + "\n").encode())
 
 
-def _report(message: dict) -> None:
-    os.write(_REPORTS, (json.dumps(message) + "\n").encode())
-
-
-def _child(request: dict, server: int) -> None:
+def _child(request: dict, server: int, reports: int) -> None:
     """In the forked child: become the job's process, run its module, exit with its status."""
     code = 1
     try:
@@ -117,7 +115,7 @@ def _child(request: dict, server: int) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         for fd, target in ((null, 0), (log, 1), (log, 2)):
             os.dup2(fd, target)
-        for fd in (log, null, _REPORTS):
+        for fd in (log, null, reports):
             os.close(fd)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)

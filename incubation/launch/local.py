@@ -89,9 +89,8 @@ def run_jobs(jobs: Iterable[Job], parallel: int, done: Iterable[str] = (),
     ended: queue.Queue = queue.Queue()        # names of exited children, from one waiter thread each
     report = report or (lambda job, what: None)
     server = None
-    if any(forkserver.serves(j.argv, j.env, j.resources.nodes * j.resources.tasks_per_node) for j in pending) \
-            and forkserver.enabled():   # started now: it imports while the first jobs wait
-        server = forkserver.ForkServer({**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    if any(forkserver.serves(j) for j in pending) and forkserver.enabled():   # now: it imports while jobs wait
+        server = forkserver.ForkServer(_environment(threads))
     previous = _raise_on_signals()
     try:
         while pending or running:
@@ -137,15 +136,20 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count()
 
 
+def _environment(threads: str, extra: Optional[dict] = None) -> dict:
+    """A job's environment: this one's, its thread count and `extra`. (torch sizes its intra-op pool
+    from OMP_NUM_THREADS: N jobs on all cores each would oversubscribe.)"""
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **(extra or {})}
+
+
 def _start(job: Job, threads: str, ended: queue.Queue, gpu_env: dict, server: Optional[forkserver.ForkServer]):
     """Start the job: forked by `server` where it serves the job, else as a new process."""
     os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
     tasks = job.resources.nodes * job.resources.tasks_per_node
     if tasks > 1:   # its ranks share this job's cores
         threads = str(max(1, int(threads) // tasks))
-    # torch sizes its intra-op pool from OMP_NUM_THREADS: N jobs on all cores each would oversubscribe
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **gpu_env, **job.env}
-    if server is not None and forkserver.serves(job.argv, job.env, tasks):
+    env = _environment(threads, {**gpu_env, **job.env})
+    if server is not None and forkserver.serves(job):
         return server.start(job.argv, env, job.log, lambda: ended.put(job.name))
     with open(job.log, "a") as log:  # the child holds its own copy of the descriptor
         proc = subprocess.Popen(_local_argv(job), stdout=log, stderr=subprocess.STDOUT, env=env,
