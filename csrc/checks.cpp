@@ -117,4 +117,41 @@ int64_t check_epilogue(const char* op, const Tensor& y, const OptTensor& bias, c
   return n;
 }
 
+static void check_heads(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dimensions (B, H, N, D), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type(), " (they must match)");
+  TORCH_CHECK(t.size(0) == ref.size(0) && t.size(1) == ref.size(1) && t.size(3) == ref.size(3), op, ": ", name,
+              " ", t.sizes(), " and ", ref_name, " ", ref.sizes(), " must agree in batch, heads and head dim");
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1 || t.numel() == 0, op, ": ", name, "'s last dimension must have stride 1, got strides ",
+              t.strides());
+}
+
+void check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  check_heads(op, "q", q, "q", q);
+  check_dtype(op, "q", q);
+  check_heads(op, "k", k, "q", q);
+  check_heads(op, "v", v, "q", q);
+  TORCH_CHECK(v.size(2) == k.size(2), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(2) > 0 && q.size(3) > 0, op, ": keys and the head dim must be non-empty, got q ", q.sizes(),
+              " and k ", k.sizes());
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), op, ": scale must be a positive finite number, got ", scale);
+}
+
+void check_attention_saved(const char* op, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                           const Tensor& q) {
+  check_heads(op, "grad_out", grad_out, "q", q);
+  check_heads(op, "out", out, "q", q);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op, ": grad_out ", grad_out.sizes(),
+              " and out ", out.sizes(), " must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.device() == q.device() && lse.scalar_type() == stats_dtype(q), op, ": lse must be ",
+              stats_dtype(q), " on ", q.device(), ", got ", lse.scalar_type(), " on ", lse.device());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              op, ": lse must have shape (B, H, N) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), "), got ",
+              lse.sizes());
+  check_contiguous(op, "lse", lse);
+}
+
 }  // namespace incubation

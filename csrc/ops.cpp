@@ -29,6 +29,14 @@ TORCH_LIBRARY(incubation, m) {
   // -> (grad_y, grad_bias, grad_layer_scale); the residual's gradient is grad itself
   m.def("linear_epilogue_bwd(Tensor grad, Tensor y, Tensor? bias, Tensor? layer_scale, bool gelu,"
         " bool bias_grad, bool scale_grad) -> (Tensor, Tensor, Tensor)");
+  // softmax(q k^T * scale) v for (B, H, N, D) q and (B, H, Nk, D) k, v, read through their
+  // strides (the last one 1) -> (out, lse): out (B, H, N, D) with (B, N, H, D) memory, lse the
+  // rows' log-sum-exp of the scaled scores (float32; float64 for float64), NaN for a query
+  // holding NaN or inf (its output row is NaN). CPU only.
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  // -> (grad_q, grad_k, grad_v), each with (B, N, H, D) memory
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

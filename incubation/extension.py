@@ -12,9 +12,10 @@ never imports the dispatcher):
     linear                     -> the GEMM by F.linear, then incubation::linear_epilogue_fwd
                                   for bias + GELU / layer scale / residual
                                   (backward: incubation::linear_epilogue_bwd, fused dGELU)
+    attention (CPU only)       -> incubation::attention_fwd, softmax(q k^T * scale) v one head
+                                  and one query row at a time (backward: incubation::attention_bwd,
+                                  from the saved log-sum-exp)
     check_*                    -> None when the kernels can serve a call, else why not
-
-attention is not in the extension (the Triton and eager backends serve it).
 
 Importing this module raises ImportError when incubation._C is missing or cannot run on
 this machine; `incubation.ops.backends()` reports the reason.
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 
 from . import double_backward
 
-__all__ = ["DTYPES", "CUDA_MAX_FEATURES", "with_cuda", "layer_norm", "add_layer_norm", "linear",
-           "check_layer_norm", "check_add_layer_norm", "check_linear"]
+__all__ = ["DTYPES", "CUDA_MAX_FEATURES", "with_cuda", "layer_norm", "add_layer_norm", "linear", "attention",
+           "check_layer_norm", "check_add_layer_norm", "check_linear", "check_attention"]
 
 # dtypes the kernels are compiled for, per device type (float64 on CPU: exact reference tests)
 DTYPES = {
@@ -112,6 +113,22 @@ def _linear_epilogue_fwd_fake(y, bias, layer_scale, residual, gelu):
 def _linear_epilogue_bwd_fake(grad, y, bias, layer_scale, gelu, bias_grad, scale_grad):
     n = y.shape[-1]
     return y.new_empty(y.shape), _optional_output(y, n, bias_grad), _optional_output(y, n, scale_grad)
+
+
+def _heads_last(t: torch.Tensor, n: int) -> torch.Tensor:
+    """A (B, H, n, D) tensor with (B, n, H, D) memory, as the attention kernels return."""
+    b, h, _, d = t.shape
+    return t.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+@torch.library.register_fake("incubation::attention_fwd")
+def _attention_fwd_fake(q, k, v, scale):
+    return _heads_last(q, q.shape[2]), q.new_empty(q.shape[:3], dtype=_stats_dtype(q))
+
+
+@torch.library.register_fake("incubation::attention_bwd")
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return _heads_last(q, q.shape[2]), _heads_last(k, k.shape[2]), _heads_last(v, v.shape[2])
 
 
 # --------------------------------------------------------------------------------------
@@ -205,12 +222,36 @@ def _linear_epilogue_backward(ctx, grad):
             residual_grad if need_residual else None, None)
 
 
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None
+    if double_backward.needed():
+        # (the math itself: SDPA's CPU kernel has no second derivative)
+        dq, dk, dv = double_backward.eager_grads(
+            lambda q, k, v: torch.softmax((q * ctx.scale) @ k.transpose(-2, -1), -1) @ v, (q, k, v),
+            ctx.needs_input_grad[:3], (grad_out,))
+    else:
+        dq, dk, dv = _lib.attention_bwd(_rows_contiguous(grad_out), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
 torch.library.register_autograd("incubation::layer_norm_fwd", _layer_norm_backward,
                                 setup_context=_layer_norm_setup)
 torch.library.register_autograd("incubation::add_layer_norm_fwd", _add_layer_norm_backward,
                                 setup_context=_add_layer_norm_setup)
 torch.library.register_autograd("incubation::linear_epilogue_fwd", _linear_epilogue_backward,
                                 setup_context=_linear_epilogue_setup)
+torch.library.register_autograd("incubation::attention_fwd", _attention_backward, setup_context=_attention_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,6 +286,16 @@ def linear(x, weight, bias, activation, layer_scale, residual):
                                     None if residual is None else residual.contiguous(), gelu)
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its last dimension is strided (the attention kernels read
+    rows of D contiguous values through the other strides)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def attention(q, k, v, scale):
+    return _lib.attention_fwd(_rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v), scale)[0]
+
+
 def _unsupported(x: torch.Tensor, residual: Optional[torch.Tensor], features: int,
                  norm: bool = False) -> Optional[str]:
     """Why the kernels cannot take x (and residual), or None."""
@@ -274,3 +325,11 @@ def check_add_layer_norm(x, residual, weight, bias, eps):
 
 def check_linear(x, weight, bias, activation, layer_scale, residual):
     return _unsupported(x, residual, weight.shape[0])
+
+
+def check_attention(q, k, v, scale):
+    if not q.is_cpu:
+        return "the attention kernel runs on the CPU only (Triton serves CUDA tensors)"
+    if k.shape[2] == 0:
+        return "there are no keys (k and v have N = 0)"
+    return _unsupported(q, None, q.shape[-1])

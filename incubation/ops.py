@@ -208,7 +208,8 @@ ATTENTION = DISPATCH.add(Op(
     "attention", _eager_attention, validate=_attention_call,
     rows=lambda q, k, v, scale: q.shape[0] * q.shape[1],
     key=lambda q, k, v, scale: (q.dtype, q.shape[2], k.shape[2], q.shape[3]), fields=("n", "nk", "d"),
-    rows_field="bh", impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check)}))
+    rows_field="bh", impls={"triton": triton_attention and (triton_attention.attention, triton_attention.check),
+                            "cpp": extension and (extension.attention, extension.check_attention)}))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:

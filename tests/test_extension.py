@@ -91,9 +91,34 @@ def test_opcheck_all_ops(device, dtype):
         (L.linear_epilogue_fwd, (x, None, None, r, False)),
         (L.linear_epilogue_bwd, (g, x.detach(), b.detach(), w.detach(), True, True, True)),
     ]
+    if device == "cpu":   # attention: (B, H, N, D) heads, the ViT's strided views of qkv included
+        qkv = make((2, 5, 3, 2, 8), dtype, device).requires_grad_()
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out, lse = L.attention_fwd(q.detach(), k.detach(), v.detach(), 0.3)
+        cases += [(L.attention_fwd, (q, k, v, 0.3)),
+                  (L.attention_fwd, (make((1, 2, 3, 8), dtype, device), k[:1], v[:1], 1.0)),
+                  (L.attention_bwd, (make((2, 2, 5, 8), dtype, device), q.detach(), k.detach(), v.detach(), out, lse,
+                                     0.3))]
     for op, args in cases:
         results = torch.library.opcheck(op, args)
         assert all(v == "SUCCESS" for v in results.values()), f"{op}: {results}"
+
+
+def _attention_error_cases(q, out, lse):
+    return [
+        (L.attention_fwd, (q[0], q, q, 0.3), r"q must have 4 dimensions \(B, H, N, D\)"),
+        (L.attention_fwd, (q, q.double(), q, 0.3), "k has dtype Double but q has Float"),
+        (L.attention_fwd, (q, q[:, :2], q[:, :2], 0.3), "must agree in batch, heads and head dim"),
+        (L.attention_fwd, (q, q, q[:, :, :4], 0.3), "k and v must have the same shape"),
+        (L.attention_fwd, (q, q[:, :, :0], q[:, :, :0], 0.3), "keys and the head dim must be non-empty"),
+        (L.attention_fwd, (q, q, q.transpose(2, 3).contiguous().transpose(2, 3), 0.3),
+         "v's last dimension must have stride 1"),
+        (L.attention_fwd, (q, q, q, 0.0), "scale must be a positive finite number"),
+        (L.attention_fwd, (q.to(torch.int32), q, q, 0.3), "q must be float32"),
+        (L.attention_bwd, (q, q, q, q, out, lse.double(), 0.3), "lse must be Float"),
+        (L.attention_bwd, (q, q, q, q, out, lse[:, :, :4], 0.3), r"lse must have shape \(B, H, N\)"),
+        (L.attention_bwd, (q[:, :, :4], q, q, q, out, lse, 0.3), "must have q's shape"),
+    ]
 
 
 def _error_cases(device):
@@ -120,6 +145,10 @@ def _error_cases(device):
         (L.linear_epilogue_bwd, (x, x, None, None, True, False, True), "scale_grad=True needs a layer_scale"),
         (L.linear_epilogue_bwd, (x.t(), x, None, None, True, False, False), "grad must have y's shape"),
     ]
+    if device == "cpu":   # attention has CPU kernels only
+        q = torch.randn(2, 3, 5, 8, **f32)
+        attn_out, lse = L.attention_fwd(q, q, q, 0.3)
+        cases += _attention_error_cases(q, attn_out, lse)
     if device == "cuda":
         cases += [
             (L.layer_norm_fwd, (x, w.cpu(), None, EPS), "weight is on cpu but x is on cuda"),
@@ -141,12 +170,12 @@ def test_raw_ops_reject_bad_input_with_clear_errors(device):
 def test_backends_report_cpp_on_cpu():
     with ops.use_backend("auto"):
         report = ops.backends("cpu")
-    for op in ("layer_norm", "add_layer_norm", "linear"):
+    for op in ("layer_norm", "add_layer_norm", "linear", "attention"):
         assert "cpp" in report[op]["candidates"], report[op]
-    assert "cpp" not in report["attention"]["candidates"]
     if not extension.with_cuda:
         with ops.use_backend("cuda"):
-            assert "without its CUDA kernels" in ops.backends("cuda")["layer_norm"]["refused"]["cuda"]
+            reason = ops.backends("cuda")["layer_norm"]["refused"]["cuda"]
+            assert "without its CUDA kernels" in reason or "no CUDA device" in reason, reason
 
 
 def test_check_refuses_mixed_dtypes_and_auto_falls_back():

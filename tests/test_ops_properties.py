@@ -8,7 +8,8 @@ bfloat16), strides (transposed, sliced, expanded inputs) and NaN/Inf inputs:
 - the same output positions are non-finite as eager's;
 - elsewhere its error against a float64 reference is at most 2x eager's plus an atol for
   the dtype (docs/DESIGN.md's rule), for outputs and for every gradient (finite inputs).
-attention has no CPU kernel: ops.attention is checked against SDPA itself.
+attention's eager backend is also checked against SDPA itself (bit for bit, but for the NaN
+rows of a non-finite query).
 Strided 1-D parameters (weight[::2], expanded biases) are tested with the kernels, not here.
 """
 import math
@@ -30,6 +31,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("INCUBATION_PROPERTY_EXAMPLE
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}   # times the output's scale
 LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+HEAD_LAYOUTS = LAYOUTS + ("heads",)   # "heads": (B, N, H, D) memory seen as (B, H, N, D), the ViT's
 
 
 def _fused(op: str) -> list[str]:
@@ -49,7 +51,9 @@ class Input:
         if layout == "expanded" and (len(shape) < 2 or shape[0] == 0):
             layout = "contiguous"
         self.layout = layout
-        if layout == "transposed":
+        if layout == "heads":
+            base_shape = (shape[0], shape[2], shape[1], shape[3])
+        elif layout == "transposed":
             base_shape = shape[:-2] + (shape[-1], shape[-2])
         elif layout == "sliced":
             base_shape = shape[:-1] + (2 * shape[-1],)
@@ -71,6 +75,8 @@ class Input:
             return t[..., ::2]
         if self.layout == "expanded":
             return t.expand(self.shape)
+        if self.layout == "heads":
+            return t.permute(0, 2, 1, 3)
         return t
 
     def leaf(self, dtype=None, grad=False) -> torch.Tensor:
@@ -118,7 +124,7 @@ def _check(op: str, fn, inputs: dict, refused_when: bool, grad: bool, seed: int)
 
     LayerNorm gradients are not compared for one feature: the exact d x is 0, reached by
     cancelling terms scaled by 1/sqrt(eps), so every float result (eager's too) is noise."""
-    dtype = inputs["x"].dtype
+    dtype = next(iter(inputs.values())).dtype
     with ops.use_backend("eager"):
         eager, eager_leaves = _call(fn, inputs, grad=grad)
         ref, ref_leaves = _call(fn, inputs, dtype=torch.float64, grad=grad)
@@ -206,10 +212,10 @@ def test_linear_matches_eager(lead, k, n, dtype, layouts, bias, gelu, layer_scal
 @given(b=st.sampled_from([0, 1, 3]), h=st.sampled_from([0, 1, 2]), n=st.sampled_from([0, 1, 5, 17]),
        nk=st.sampled_from([1, 5, 17]), d=st.sampled_from([1, 8, 32]), dtype=dtypes, vit_layout=st.booleans(),
        scale=st.sampled_from([None, 0.3]), nonfinite=specials, seed=seeds)
-def test_attention_matches_sdpa(b, h, n, nk, d, dtype, vit_layout, scale, nonfinite, seed):
-    """No CPU kernel serves attention: ops.attention must be SDPA exactly (values, NaN/Inf,
-    gradients), on the (B, N, H, D) -> (B, H, N, D) views the ViT passes too, except where SDPA's
-    CPU kernel hides a non-finite query: that query's row is NaN (issue 25 defect 3)."""
+def test_eager_attention_matches_sdpa(b, h, n, nk, d, dtype, vit_layout, scale, nonfinite, seed):
+    """The eager backend of attention is SDPA exactly (values, NaN/Inf, gradients), on the (B, N,
+    H, D) -> (B, H, N, D) views the ViT passes too, except where SDPA's CPU kernel hides a
+    non-finite query: that query's row is NaN (issue 25 defect 3)."""
     gen = _gen(seed)
 
     def make(nn, special=()):
@@ -221,8 +227,12 @@ def test_attention_matches_sdpa(b, h, n, nk, d, dtype, vit_layout, scale, nonfin
         return t.permute(0, 2, 1, 3) if vit_layout else t.permute(0, 2, 1, 3).contiguous()
 
     q, k, v = make(n, nonfinite), make(nk), make(nk)
+    def eager(*a):
+        with ops.use_backend("eager"):
+            return ops.attention(*a, scale=scale)
+
     outs = []
-    for fn in (lambda *a: ops.attention(*a, scale=scale), lambda *a: F.scaled_dot_product_attention(*a, scale=scale)):
+    for fn in (eager, lambda *a: F.scaled_dot_product_attention(*a, scale=scale)):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = fn(*leaves)
         grads = torch.autograd.grad(out.float().sum(), leaves) if out.numel() and not nonfinite else ()
@@ -232,6 +242,22 @@ def test_attention_matches_sdpa(b, h, n, nk, d, dtype, vit_layout, scale, nonfin
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@SETTINGS
+@given(b=st.sampled_from([0, 1, 3]), h=st.sampled_from([0, 1, 2]), n=st.sampled_from([0, 1, 5, 17]),
+       nk=st.sampled_from([0, 1, 5, 17, 40]), d=st.sampled_from([1, 8, 13, 32]), dtype=dtypes,
+       layouts=st.tuples(*[st.sampled_from(HEAD_LAYOUTS)] * 3), scale=st.sampled_from([None, 0.3, 2.0]),
+       nonfinite=specials, seed=seeds)
+def test_attention_matches_eager(b, h, n, nk, d, dtype, layouts, scale, nonfinite, seed):
+    """The CPU kernel of attention against eager (SDPA), q holding NaN / Inf included (its rows
+    NaN, as eager's); no keys is refused."""
+    gen = _gen(seed)
+    inputs = {"q": Input((b, h, n, d), dtype, layouts[0], gen, nonfinite),
+              "k": Input((b, h, nk, d), dtype, layouts[1], gen),
+              "v": Input((b, h, nk, d), dtype, layouts[2], gen)}
+    _check("attention", lambda q, k, v: ops.attention(q, k, v, scale), inputs, refused_when=nk == 0,
+           grad=not nonfinite and nk > 0, seed=seed)
 
 
 def test_head_dim_zero_is_refused_clearly():

@@ -48,6 +48,11 @@ int64_t check_layer_norm_fwd(const char* op, const Tensor& x, const OptTensor& r
 int64_t check_layer_norm_bwd(const char* op, const Tensor& grad_out, const OptTensor& grad_input, const Tensor& input,
                              const Tensor& mean, const Tensor& rstd, const OptTensor& weight);
 int64_t check_epilogue(const char* op, const Tensor& y, const OptTensor& bias, const OptTensor& scale);
+// q (B, H, N, D), k and v (B, H, Nk, D) of one dtype and device, last strides 1, Nk and D >= 1
+void check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale);
+// grad_out and out shaped as q, lse (B, H, N) in stats_dtype(q), contiguous
+void check_attention_saved(const char* op, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                           const Tensor& q);
 
 // ------------------------------------------------------------------------------------
 // outputs
