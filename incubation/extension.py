@@ -115,20 +115,20 @@ def _linear_epilogue_bwd_fake(grad, y, bias, layer_scale, gelu, bias_grad, scale
     return y.new_empty(y.shape), _optional_output(y, n, bias_grad), _optional_output(y, n, scale_grad)
 
 
-def _heads_last(t: torch.Tensor, n: int) -> torch.Tensor:
-    """A (B, H, n, D) tensor with (B, n, H, D) memory, as the attention kernels return."""
-    b, h, _, d = t.shape
-    return t.new_empty((b, n, h, d)).transpose(1, 2)
+def _heads_last(like: torch.Tensor) -> torch.Tensor:
+    """A tensor of like's (B, H, N, D) shape with (B, N, H, D) memory, as the attention kernels return."""
+    b, h, n, d = like.shape
+    return like.new_empty((b, n, h, d)).transpose(1, 2)
 
 
 @torch.library.register_fake("incubation::attention_fwd")
 def _attention_fwd_fake(q, k, v, scale):
-    return _heads_last(q, q.shape[2]), q.new_empty(q.shape[:3], dtype=_stats_dtype(q))
+    return _heads_last(q), q.new_empty(q.shape[:3], dtype=_stats_dtype(q))
 
 
 @torch.library.register_fake("incubation::attention_bwd")
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, scale):
-    return _heads_last(q, q.shape[2]), _heads_last(k, k.shape[2]), _heads_last(v, v.shape[2])
+    return _heads_last(q), _heads_last(k), _heads_last(v)
 
 
 # --------------------------------------------------------------------------------------

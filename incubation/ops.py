@@ -2,7 +2,7 @@
 
 Public ops (all differentiable):
 
-    attention(q, k, v, scale=None)                       -> (B, H, N, D) (a (B, N, H, D) layout on Triton)
+    attention(q, k, v, scale=None)                       -> (B, H, N, D) ((B, N, H, D) memory on Triton, cpp)
     layer_norm(x, weight, bias, eps=1e-6)                -> normed
     add_layer_norm(x, residual, weight, bias, eps=1e-6)  -> (normed, summed)
     linear(x, weight, bias=None, activation=None, *, layer_scale=None, residual=None)
@@ -215,15 +215,16 @@ ATTENTION = DISPATCH.add(Op(
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v for (B, H, N, D) tensors; scale defaults to 1 / sqrt(D).
 
-    Layouts: q, k, v may have any strides. The Triton backend reads them through their strides,
-    so the views the ViT takes of its qkv projection (qkv.reshape(B, N, 3, H, D).permute(2, 0, 3,
-    1, 4)) are read without copies, as are transposed or expanded (stride 0) ones; the other
-    backends accept them too. The result has shape (B, H, N, D) on every backend; its memory
-    layout is the backend's: Triton returns a tensor (not a view) whose memory is (B, N, H, D),
-    strides (N*H*D, D, H*D, 1), so that `out.transpose(1, 2).reshape(B, N, H * D)` (the heads
-    merged for the output projection) is a view, not a copy; eager (SDPA) returns what SDPA returns. Code must rely on
-    the shape and values only, never on out.is_contiguous(). The gradient arriving in the
-    backward may have any strides."""
+    Layouts: q, k, v may have any strides. The Triton and cpp backends read them through their
+    strides, so the views the ViT takes of its qkv projection (qkv.reshape(B, N, 3, H, D).permute(
+    2, 0, 3, 1, 4)) are read without copies, as are transposed or expanded (stride 0) ones (cpp
+    copies a last dimension whose stride is not 1); eager accepts them too. The result has shape
+    (B, H, N, D) on every backend; its memory layout is the backend's: Triton and cpp return
+    (B, N, H, D) memory, strides (N*H*D, D, H*D, 1), so that
+    `out.transpose(1, 2).reshape(B, N, H * D)` (the heads merged for the output projection) is a
+    view, not a copy; eager (SDPA) returns what SDPA returns. Code must rely on the shape and
+    values only, never on out.is_contiguous(). The gradient arriving in the backward may have
+    any strides."""
     device, args, call = _attention_call(q, k, v, scale)
     return DISPATCH.select(ATTENTION, device, args, call)(*args)
 

@@ -169,9 +169,9 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return lanes_sum(total);
 }
 
-// the (B, N, H, D) memory of a (B, H, N, D) result
-at::Tensor heads_last(const at::Tensor& like, int64_t n, const at::ScalarType dtype) {
-  return at::empty({like.size(0), n, like.size(1), like.size(3)}, like.options().dtype(dtype)).transpose(1, 2);
+// a tensor of like's (B, H, N, D) shape and dtype with (B, N, H, D) memory
+at::Tensor heads_last(const at::Tensor& like) {
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options()).transpose(1, 2);
 }
 
 template <typename scalar_t>
@@ -272,7 +272,7 @@ void attention_bwd_kernel(const at::Tensor& dout_, const at::Tensor& q_, const a
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      double scale) {
   check_attention("incubation::attention_fwd", q, k, v, scale);
-  auto out = heads_last(q, q.size(2), q.scalar_type());
+  auto out = heads_last(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(stats_dtype(q)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd", [&] {
     attention_fwd_kernel<scalar_t>(q, k, v, scale, out, lse);
@@ -287,9 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   constexpr const char* op = "incubation::attention_bwd";
   check_attention(op, q, k, v, scale);
   check_attention_saved(op, grad_out, out, lse, q);
-  auto dq = heads_last(q, q.size(2), q.scalar_type());
-  auto dk = heads_last(k, k.size(2), k.scalar_type());
-  auto dv = heads_last(v, v.size(2), v.scalar_type());
+  auto dq = heads_last(q), dk = heads_last(k), dv = heads_last(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd", [&] {
     attention_bwd_kernel<scalar_t>(grad_out, q, k, v, out, lse, scale, dq, dk, dv);
   });
