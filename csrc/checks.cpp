@@ -125,8 +125,8 @@ static void check_heads(const char* op, const char* name, const Tensor& t, const
               ref_name, " has ", ref.scalar_type(), " (they must match)");
   TORCH_CHECK(t.size(0) == ref.size(0) && t.size(1) == ref.size(1) && t.size(3) == ref.size(3), op, ": ", name,
               " ", t.sizes(), " and ", ref_name, " ", ref.sizes(), " must agree in batch, heads and head dim");
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1 || t.numel() == 0, op, ": ", name, "'s last dimension must have stride 1, got strides ",
-              t.strides());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1 || t.numel() == 0, op, ": ", name,
+              "'s last dimension must have stride 1, got strides ", t.strides());
 }
 
 void check_attention(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
