@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from incubation import cli
+from incubation.launch import forkserver
 from incubation.launch import local as jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,6 +203,19 @@ def test_a_job_whose_fork_server_dies_fails_and_says_so(tmp_path, monkeypatch):
     while not _gone(pid) and time.monotonic() < deadline:   # the job dies with its server
         time.sleep(0.05)
     assert _gone(pid)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fork server serves machines without CUDA only")
+def test_a_fork_server_that_does_not_fork_in_time_is_stopped(tmp_path, monkeypatch):
+    """A server that hangs (here: still importing when the limit, shrunk to 0.2 s, is reached) is
+    killed; its job fails and its log says why, instead of the launcher waiting forever."""
+    monkeypatch.setattr(forkserver, "START_TIMEOUT_S", 0.2)
+    monkeypatch.delenv("INCUBATION_FORK_SERVER", raising=False)
+    job = jobs.Job("late", [sys.executable, "-m", "json.tool", "--help"], str(tmp_path / "log.txt"))
+    outcome = jobs.run_jobs([job], parallel=1)
+    failure = outcome.failed["late"]
+    assert failure.returncode == -signal.SIGKILL
+    assert "stopped after 0.2 s without forking a job" in failure.last_line
 
 
 def test_local_launcher_runs_several_ranks_under_torchrun(tmp_path):

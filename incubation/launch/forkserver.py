@@ -31,6 +31,9 @@ import traceback
 from typing import Callable, Optional
 
 PRELOAD = ("torch", "timm", "incubation.cli", "incubation.train", "incubation.pipeline")
+# a server that has not forked a job this long after being asked hangs (in its imports, say): it is
+# stopped, and its jobs fail saying so
+START_TIMEOUT_S = 300.0
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 _PR_SET_PDEATHSIG = 1
 
@@ -199,6 +202,7 @@ class ForkServer:
                                         stderr=subprocess.DEVNULL, env=env)   # (its imports' warnings: once)
         self.jobs: dict[int, Forked] = {}
         self.ids = itertools.count()
+        self.stalled = False
         threading.Thread(target=self._read, daemon=True).start()
 
     def start(self, argv, env: dict, log: str, on_exit: Callable[[], None]) -> Forked:
@@ -210,7 +214,10 @@ class ForkServer:
             self.process.stdin.flush()
         except OSError:
             self._lost(forked)
-        forked.started.wait()   # the pid, once the server has imported and forked
+        if not forked.started.wait(START_TIMEOUT_S):   # the pid, once the server has imported and forked
+            self.stalled = True
+            self.process.kill()   # its reader then sees the end and fails every job (_lost)
+            forked.started.wait()
         return forked
 
     def _read(self) -> None:
@@ -227,8 +234,9 @@ class ForkServer:
 
     def _lost(self, forked: Forked) -> None:
         if forked.returncode is None:
+            why = f", stopped after {START_TIMEOUT_S:g} s without forking a job" if self.stalled else ""
             with open(forked.log, "a") as log:
-                log.write(f"incubation: the local launcher's fork server ended (exit {self.process.poll()}) "
+                log.write(f"incubation: the local launcher's fork server ended (exit {self.process.poll()}{why}) "
                           "before this job did; rerun, or set INCUBATION_FORK_SERVER=0\n")
             forked.end(-signal.SIGKILL)
 
