@@ -133,11 +133,6 @@ struct HeadScratch {
   }
 };
 
-template <typename acc_t>
-inline acc_t lanes_sum(const Vectorized<acc_t>& v) {
-  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return a + b; }, v);
-}
-
 // the largest of s[0:n), n a whole number of vectors; NaN if any is NaN
 template <typename acc_t>
 inline acc_t row_max(const acc_t* s, int64_t n) {
@@ -157,7 +152,7 @@ inline acc_t exp_shifted(acc_t* s, int64_t n, acc_t shift) {
     p.store(s + j);
     total = total + p;
   }
-  return lanes_sum(total);
+  return lane_sum(total);
 }
 
 // a . b over n values, a whole number of vectors
@@ -166,7 +161,7 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   using Vec = Vectorized<acc_t>;
   Vec total(acc_t(0));
   for (int64_t c = 0; c < n; c += Vec::size()) total = at::vec::fmadd(Vec::loadu(a + c), Vec::loadu(b + c), total);
-  return lanes_sum(total);
+  return lane_sum(total);
 }
 
 // a tensor of like's (B, H, N, D) shape and dtype with (B, N, H, D) memory
